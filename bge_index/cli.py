@@ -1,0 +1,352 @@
+"""The `bge-index` command: a thin Typer layer over the library.
+
+The only module that prints. It turns flags (with BGE_INDEX_* environment
+fallbacks) into library calls, shows progress on stderr, results on stdout,
+and maps library errors to exit codes: 0 ok, 1 failure, 2 usage.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from bge_index import __version__
+from bge_index.documents import FieldNames, InputError, QueryFileError, Skipped, read_queries
+from bge_index.encoder import DEFAULT_MODEL, ModelError
+from bge_index.pipeline import (IndexOptions, IndexProgress, IndexSearch, IndexSummary, OutputFolderError, Query,
+                                QueryResult, StrictModeError, build_index)
+from bge_index.search import NoColbertVectors, ScoreWeights
+from bge_index.shards import IndexFormatError, index_size_bytes, read_manifest
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+SNIPPET_CHARS = 90
+
+app = typer.Typer(
+    name="bge-index",
+    help="Index documents into BGE-M3 sparse + dense vectors (Parquet shards) and search them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+stdout = Console(highlight=False, soft_wrap=True)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class Mode(str, Enum):
+    hybrid = "hybrid"
+    dense = "dense"
+    sparse = "sparse"
+    colbert = "colbert"
+
+
+class Dtype(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class SearchFormat(str, Enum):
+    table = "table"
+    json = "json"
+    jsonl = "jsonl"
+    tsv = "tsv"
+    trec = "trec"
+
+
+class InfoFormat(str, Enum):
+    table = "table"
+    json = "json"
+
+
+def _check_device(value: str) -> str:
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+        raise typer.BadParameter(f"{value!r}: use auto, cpu, cuda, cuda:N or mps")
+    return value
+
+
+def _fail(message: str, code: int = EXIT_FAILURE) -> typer.Exit:
+    stderr.print(f"bge-index: error: {escape(message)}")
+    return typer.Exit(code)
+
+
+def _run(action):
+    """Run a library call, turning its errors into one clear line and an exit code."""
+    try:
+        return action()
+    except InputError as error:
+        raise _fail(str(error), EXIT_USAGE) from None
+    except (ModelError, IndexFormatError, OutputFolderError, StrictModeError, QueryFileError,
+            NoColbertVectors) as error:
+        raise _fail(str(error)) from None
+    except KeyboardInterrupt:
+        stderr.print("bge-index: interrupted")
+        raise typer.Exit(130) from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        stdout.print(f"bge-index {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    """Index documents into BGE-M3 sparse + dense vectors (Parquet shards) and search them."""
+
+
+# ---------------------------------------------------------------------------
+# index
+
+
+@app.command()
+def index(
+    paths: Annotated[list[str], typer.Argument(help="Files, folders (recursive), globs, or - for JSONL on stdin.",
+                                               show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", envvar="BGE_INDEX_OUT", help="Index folder to write.")],
+    model: Annotated[str, typer.Option(envvar="BGE_INDEX_MODEL", help="Hub id or local model folder.")] = DEFAULT_MODEL,
+    device: Annotated[str, typer.Option(envvar="BGE_INDEX_DEVICE", callback=_check_device,
+                                        help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    dtype: Annotated[Dtype, typer.Option(envvar="BGE_INDEX_DTYPE", help="auto: fp16 on CUDA, fp32 elsewhere.")] = Dtype.auto,
+    batch_tokens: Annotated[int, typer.Option(min=1, envvar="BGE_INDEX_BATCH_TOKENS",
+                                              help="Padded tokens per forward pass.")] = 16384,
+    max_length: Annotated[int, typer.Option(min=2, envvar="BGE_INDEX_MAX_LENGTH",
+                                            help="Longer documents are truncated (and counted).")] = 8192,
+    shard_rows: Annotated[int, typer.Option(min=1, envvar="BGE_INDEX_SHARD_ROWS", help="Rows per shard file.")] = 100_000,
+    colbert: Annotated[bool, typer.Option("--colbert", help="Also store ColBERT multi-vectors.")] = False,
+    store_text: Annotated[bool, typer.Option("--store-text/--no-store-text", help="Keep document text in shards.")] = True,
+    id_field: Annotated[Optional[str], typer.Option(help="Id field/column (default: id, _id or docid).")] = None,
+    text_field: Annotated[Optional[str], typer.Option(help="Text field/column (default: text or contents).")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Any bad document fails the run (exit 1) before writing.")] = False,
+) -> None:
+    """Encode documents into an index folder of Parquet shards (replacing any index there atomically)."""
+    options = IndexOptions(model=model, device=device, dtype=dtype.value, batch_tokens=batch_tokens,
+                           max_length=max_length, shard_rows=shard_rows, colbert=colbert, store_text=store_text,
+                           strict=strict, fields=FieldNames.from_options(id_field, text_field))
+    with _IndexProgressDisplay() as display:
+        summary = _run(lambda: build_index(paths, out, options, on_skip=display.skipped, on_progress=display.update))
+    _print_index_summary(summary)
+
+
+class _IndexProgressDisplay:
+    """A live counter on stderr (only on a terminal); skipped records are printed above it."""
+
+    def __init__(self) -> None:
+        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                                 console=stderr, transient=True, disable=not stderr.is_terminal)
+        self.task = self.progress.add_task("loading model…", total=None)
+
+    def __enter__(self) -> "_IndexProgressDisplay":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def skipped(self, item: Skipped) -> None:
+        self.progress.console.print(f"{escape(item.location)}: skipped: {escape(item.reason)}")
+
+    def update(self, state: IndexProgress) -> None:
+        rate = state.documents / state.elapsed if state.elapsed else 0.0
+        token_rate = state.tokens / state.elapsed if state.elapsed else 0.0
+        self.progress.update(self.task, description=(
+            f"{state.documents:,} documents · {rate:,.1f} docs/s · {token_rate:,.0f} tokens/s"))
+
+
+def _print_index_summary(summary: IndexSummary) -> None:
+    skipped = sum(summary.skipped.values())
+    stdout.print(
+        f"Indexed {summary.documents:,} documents ({summary.tokens:,} tokens) into {summary.index_dir} "
+        f"in {summary.elapsed:.1f} s: {summary.documents_per_second:,.1f} docs/s, "
+        f"{summary.tokens_per_second:,.0f} tokens/s", markup=False)
+    reasons = ", ".join(f"{reason}: {count}" for reason, count in summary.skipped.most_common())
+    stdout.print(f"  skipped: {skipped:,}" + (f" ({reasons})" if reasons else ""), markup=False)
+    stdout.print(f"  truncated to {summary.max_length:,} tokens: {summary.truncated:,}", markup=False)
+    stdout.print(f"  shards: {summary.shards} ({_human_bytes(summary.bytes)}), model: {summary.model}", markup=False)
+    if summary.documents == 0:
+        stderr.print("bge-index: warning: no documents were indexed")
+
+
+def _human_bytes(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:,.1f} {unit}" if unit != "B" else f"{size} B"
+        value /= 1024
+    return f"{size} B"
+
+
+# ---------------------------------------------------------------------------
+# search
+
+
+@app.command()
+def search(
+    index_dir: Annotated[Path, typer.Argument(help="Index folder.", show_default=False)],
+    query: Annotated[Optional[str], typer.Argument(help="Query text (or use --queries).", show_default=False)] = None,
+    k: Annotated[int, typer.Option("-k", "--top-k", min=1, envvar="BGE_INDEX_K", help="Results per query.")] = 10,
+    mode: Annotated[Mode, typer.Option(envvar="BGE_INDEX_MODE", help="Scoring mode.")] = Mode.hybrid,
+    dense_weight: Annotated[float, typer.Option(help="Weight of the dense (cosine) score.")] = 1.0,
+    sparse_weight: Annotated[float, typer.Option(help="Weight of the sparse (lexical) score.")] = 0.3,
+    colbert_weight: Annotated[float, typer.Option(help="Weight of ColBERT MaxSim (colbert mode).")] = 1.0,
+    queries: Annotated[Optional[str], typer.Option("--queries", help="JSONL (_id/id + text) or TSV (id<TAB>text); - for stdin.")] = None,
+    output_format: Annotated[SearchFormat, typer.Option("--format", envvar="BGE_INDEX_FORMAT", help="Output format.")] = SearchFormat.table,
+    explain: Annotated[bool, typer.Option("--explain", help="Show the query tokens that matched, with their contributions.")] = False,
+    model: Annotated[Optional[str], typer.Option(envvar="BGE_INDEX_MODEL",
+                                                 help="Model to encode queries (must be the index's own).")] = None,
+    device: Annotated[str, typer.Option(envvar="BGE_INDEX_DEVICE", callback=_check_device)] = "auto",
+    dtype: Annotated[Dtype, typer.Option(envvar="BGE_INDEX_DTYPE")] = Dtype.auto,
+    run_tag: Annotated[str, typer.Option(help="Run name in the last TREC column.")] = "bge-index",
+) -> None:
+    """Search an index with one query or a file of queries."""
+    if (query is None) == (queries is None):
+        raise _fail("give either a query or --queries FILE (not both)", EXIT_USAGE)
+    query_list = [Query("1", query)] if query is not None else \
+        [Query(d.id, d.text) for d in _run(lambda: read_queries(queries))]
+    weights = ScoreWeights(dense_weight, sparse_weight, colbert_weight)
+
+    def run() -> list[QueryResult]:
+        opened = IndexSearch(index_dir, model=model, device=device, dtype=dtype.value)
+        return opened.search(query_list, k=k, mode=mode.value, weights=weights, explain=explain,
+                             with_text=output_format is not SearchFormat.trec)
+
+    results = _run(run)
+    printers = {SearchFormat.table: _print_table, SearchFormat.json: _print_json, SearchFormat.jsonl: _print_jsonl,
+                SearchFormat.tsv: _print_tsv, SearchFormat.trec: lambda r, m: _print_trec(r, run_tag)}
+    printers[output_format](results, mode.value)
+
+
+def _snippet(text: str | None) -> str:
+    if not text:
+        return ""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= SNIPPET_CHARS else flat[: SNIPPET_CHARS - 1] + "…"
+
+
+def _hit_json(result: QueryResult, ranked) -> dict:
+    record = {"query_id": result.query.id, "rank": ranked.rank, "id": ranked.id, "score": round(ranked.hit.score, 6),
+              "dense": round(ranked.hit.dense, 6), "sparse": round(ranked.hit.sparse, 6)}
+    if ranked.hit.colbert is not None:
+        record["colbert"] = round(ranked.hit.colbert, 6)
+    if ranked.text is not None:
+        record["text"] = ranked.text
+    if ranked.top_tokens:
+        record["tokens"] = [{"token": t, "contribution": round(c, 6)} for t, c in ranked.top_tokens]
+    return record
+
+
+def _print_table(results: list[QueryResult], mode: str) -> None:
+    for result in results:
+        table = Table(title=f"{escape(result.query.text)}  [dim]({mode})[/dim]", title_justify="left")
+        table.add_column("rank", justify="right")
+        table.add_column("score", justify="right")
+        table.add_column("id", overflow="fold")
+        table.add_column("snippet")
+        explain = any(r.top_tokens for r in result.hits)
+        if explain:
+            table.add_column("matching tokens (q_w·d_w)")
+        for ranked in result.hits:
+            row = [str(ranked.rank), f"{ranked.hit.score:.4f}", escape(ranked.id), escape(_snippet(ranked.text))]
+            if explain:
+                row.append(escape(", ".join(f"{t} {c:.3f}" for t, c in ranked.top_tokens)))
+            table.add_row(*row)
+        stdout.print(table)
+
+
+def _print_json(results: list[QueryResult], mode: str) -> None:
+    payload = [{"query_id": r.query.id, "query": r.query.text, "mode": mode,
+                "hits": [{k: v for k, v in _hit_json(r, h).items() if k != "query_id"} for h in r.hits]}
+               for r in results]
+    sys.stdout.write(json.dumps(payload, ensure_ascii=False, indent=2) + "\n")
+
+
+def _print_jsonl(results: list[QueryResult], mode: str) -> None:
+    for result in results:
+        for ranked in result.hits:
+            sys.stdout.write(json.dumps(_hit_json(result, ranked), ensure_ascii=False) + "\n")
+
+
+def _tsv_field(value: str) -> str:
+    return value.replace("\t", " ").replace("\n", " ")
+
+
+def _print_tsv(results: list[QueryResult], mode: str) -> None:
+    sys.stdout.write("query_id\trank\tid\tscore\tdense\tsparse\n")
+    for result in results:
+        for r in result.hits:
+            sys.stdout.write(f"{_tsv_field(result.query.id)}\t{r.rank}\t{_tsv_field(r.id)}\t{r.hit.score:.6f}\t"
+                             f"{r.hit.dense:.6f}\t{r.hit.sparse:.6f}\n")
+
+
+def _print_trec(results: list[QueryResult], run_tag: str) -> None:
+    # TREC run format: qid Q0 docid rank score tag (whitespace-separated, so no spaces in ids).
+    for result in results:
+        for r in result.hits:
+            sys.stdout.write(f"{_trec_token(result.query.id)} Q0 {_trec_token(r.id)} {r.rank} {r.hit.score:.6f} "
+                             f"{_trec_token(run_tag)}\n")
+
+
+def _trec_token(value: str) -> str:
+    return re.sub(r"\s", "_", value)
+
+
+# ---------------------------------------------------------------------------
+# info
+
+
+@app.command()
+def info(
+    index_dir: Annotated[Path, typer.Argument(help="Index folder.", show_default=False)],
+    output_format: Annotated[InfoFormat, typer.Option("--format", help="Output format.")] = InfoFormat.table,
+) -> None:
+    """Describe an index: model, dimensions, documents, shards, sizes, format version."""
+    manifest = _run(lambda: read_manifest(index_dir))
+    size = index_size_bytes(index_dir, manifest)
+    data = manifest.to_json()
+    data["index_dir"] = str(index_dir)
+    data["bytes"] = size
+    if output_format is InfoFormat.json:
+        sys.stdout.write(json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+        return
+    model = manifest.model
+    table = Table(title=f"bge-index {escape(str(index_dir))}", show_header=False, title_justify="left")
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    identity = f"revision {model['revision']}" if model.get("revision") else f"sha256 {model.get('sha256')}"
+    rows = [
+        ("format version", str(manifest.format_version)),
+        ("model", f"{model['name']} ({identity})"),
+        ("dtype / max length", f"{model.get('dtype')} / {model.get('max_length')}"),
+        ("dense", f"{manifest.dense_dim} × float16, normalised"),
+        ("sparse", f"vocabulary {manifest.vocab_size:,}, uint32 ids + float32 weights"),
+        ("colbert", f"{manifest.colbert_dim} × float16 per token" if manifest.has_colbert else "not stored"),
+        ("text", "stored" if manifest.store_text else "not stored"),
+        ("documents", f"{manifest.documents:,}"),
+        ("shards", f"{len(manifest.shards)}"),
+        ("size", _human_bytes(size)),
+        ("created", manifest.created),
+        ("updated", manifest.updated),
+        ("written by", f"bge-index {manifest.tool_version}"),
+    ]
+    for name, value in rows:
+        table.add_row(name, escape(value))
+    stdout.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

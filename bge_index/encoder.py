@@ -1,0 +1,414 @@
+"""The BGE-M3 model: finding and loading it, and turning texts into vectors.
+
+The only module that imports torch and transformers. It owns
+- where a model comes from (a local folder with the published layout, or a
+  hub id resolved through huggingface_hub and its cache) and its identity
+  (hub revision or a content hash of its files), recorded in index manifests;
+- the heads (`sparse_linear.pt`, `colbert_linear.pt`): required, never
+  randomly initialised;
+- tokenisation with explicit, counted truncation;
+- the forward pass and the three outputs, with FlagEmbedding's BGEM3FlagModel
+  semantics: dense = L2-normalised CLS state; sparse = relu(sparse_linear(H))
+  per token, special tokens and weights <= 0 dropped, max weight per token id;
+  ColBERT = L2-normalised colbert_linear(H[:, 1:]), first n_tokens - 1 kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import transformers
+from transformers import AutoModel, AutoTokenizer
+
+DEFAULT_MODEL = "BAAI/bge-m3"
+QUERY_MAX_LENGTH = 512
+SPARSE_HEAD_FILE = "sparse_linear.pt"
+COLBERT_HEAD_FILE = "colbert_linear.pt"
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "sentencepiece.bpe.model")
+# Files whose bytes define the vectors; hashed for the model's identity.
+_IDENTITY_FILES = ("config.json", *WEIGHT_FILES, SPARSE_HEAD_FILE, COLBERT_HEAD_FILE, "tokenizer.json", "sentencepiece.bpe.model")
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")
+_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class ModelError(Exception):
+    """The model cannot be found, is incomplete, or cannot run where asked."""
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What an index records about its model, so queries are encoded by the same one.
+
+    `name` is what to load it by again (hub id, or the folder's absolute path);
+    `revision` is the hub commit for hub models; `sha256` hashes the files
+    that define the vectors (local folders); `files` maps those files to
+    (size, mtime_ns) so an unchanged folder need not be hashed again.
+    """
+
+    name: str
+    revision: str | None
+    sha256: str | None
+    files: dict[str, tuple[int, int]]
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "revision": self.revision, "sha256": self.sha256,
+                "files": {k: list(v) for k, v in self.files.items()}}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ModelIdentity":
+        files = {k: (int(v[0]), int(v[1])) for k, v in (data.get("files") or {}).items()}
+        return cls(data["name"], data.get("revision"), data.get("sha256"), files)
+
+    def same_model(self, other: "ModelIdentity") -> bool:
+        if self.revision and other.revision:
+            return self.revision == other.revision
+        if self.sha256 and other.sha256:
+            return self.sha256 == other.sha256
+        return self.name == other.name
+
+    def describe(self) -> str:
+        if self.revision:
+            return f"{self.name} (revision {self.revision[:12]})"
+        if self.sha256:
+            return f"{self.name} (sha256 {self.sha256[:12]})"
+        return self.name
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """Token ids of one text, already truncated to the encoder's max length."""
+
+    ids: list[int]
+    truncated: bool
+
+
+@dataclass
+class EncodedBatch:
+    """Vectors for a batch, in the order the batch was given.
+
+    dense:   [B, D] float32, unit length.
+    sparse:  B pairs (token ids uint32 ascending, weights float32 > 0).
+    colbert: B arrays [n_tokens - 1, D_colbert] float32 of unit rows, or None.
+    """
+
+    dense: np.ndarray
+    sparse: list[tuple[np.ndarray, np.ndarray]]
+    colbert: list[np.ndarray] | None
+
+
+# ---------------------------------------------------------------------------
+# Finding the model
+
+
+def resolve_model_folder(model: str) -> tuple[Path, str | None]:
+    """A local folder as is, or a hub id through huggingface_hub's cache -> (folder, revision)."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelError(f"--model {model}: not a folder (expected config.json, weights, tokenizer, {SPARSE_HEAD_FILE})")
+        return path.resolve(), None
+    if not _looks_like_hub_id(model):
+        raise ModelError(f"--model {model}: no such folder")
+    return _download_from_hub(model)
+
+
+def _looks_like_hub_id(model: str) -> bool:
+    parts = model.split("/")
+    return len(parts) == 2 and all(parts) and not model.startswith((".", "~", os.sep))
+
+
+def _download_from_hub(repo_id: str) -> tuple[Path, str]:
+    from huggingface_hub import snapshot_download
+
+    common = ["config.json", *_TOKENIZER_FILES, SPARSE_HEAD_FILE, COLBERT_HEAD_FILE]
+    try:
+        # Prefer safetensors; fall back to the .bin only when the repo has no safetensors,
+        # so a repo carrying both is not downloaded twice.
+        folder = Path(snapshot_download(repo_id, allow_patterns=[*common, WEIGHT_FILES[0]]))
+        if not (folder / WEIGHT_FILES[0]).exists():
+            folder = Path(snapshot_download(repo_id, allow_patterns=[*common, WEIGHT_FILES[1]]))
+    except Exception as error:  # network, auth, missing repo: all end the same way for the user
+        raise ModelError(
+            f"--model {repo_id}: not a local folder, and the hub (or its local cache) could not provide it: "
+            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        ) from error
+    return folder, folder.name  # snapshot folders are named by commit hash
+
+
+def check_model_folder(folder: Path) -> None:
+    """Fail early, naming every missing piece, rather than deep inside transformers."""
+    missing = []
+    if not (folder / "config.json").exists():
+        missing.append("config.json")
+    if not any((folder / name).exists() for name in WEIGHT_FILES):
+        missing.append(" or ".join(WEIGHT_FILES))
+    if not any((folder / name).exists() for name in ("tokenizer.json", "sentencepiece.bpe.model")):
+        missing.append("tokenizer.json")
+    for head in (SPARSE_HEAD_FILE, COLBERT_HEAD_FILE):
+        if not (folder / head).exists():
+            missing.append(head)
+    if missing:
+        raise ModelError(f"model folder {folder} is missing {', '.join(missing)} (a BGE-M3 folder needs all of them)")
+
+
+def model_identity(folder: Path, name: str, revision: str | None, known: ModelIdentity | None = None) -> ModelIdentity:
+    """Identity of a model folder. Files unchanged since `known` (size and mtime) are not re-hashed."""
+    files = {}
+    for file_name in _IDENTITY_FILES:
+        path = folder / file_name
+        if path.exists():
+            stat = path.stat()
+            files[file_name] = (stat.st_size, stat.st_mtime_ns)
+    if revision is not None:
+        return ModelIdentity(name, revision, None, files)
+    if known is not None and known.sha256 and known.files == files:
+        return ModelIdentity(name, None, known.sha256, files)
+    digest = hashlib.sha256()
+    for file_name in sorted(files):
+        digest.update(file_name.encode() + b"\0")
+        with open(folder / file_name, "rb") as stream:
+            while chunk := stream.read(1 << 23):
+                digest.update(chunk)
+    return ModelIdentity(name, None, digest.hexdigest(), files)
+
+
+# ---------------------------------------------------------------------------
+# Device and dtype
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise ModelError(f"--device {device}: not a device (use auto, cpu, cuda, cuda:N or mps)") from error
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelError(f"--device {device}: CUDA is not available on this machine")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ModelError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present")
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelError(f"--device {device}: MPS is not available on this machine")
+    elif resolved.type not in ("cpu", "cuda", "mps"):
+        raise ModelError(f"--device {device}: unsupported device type (use auto, cpu, cuda, cuda:N or mps)")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in _TORCH_DTYPES:
+        raise ModelError(f"--dtype {dtype}: use one of {', '.join(DTYPE_CHOICES)}")
+    return _TORCH_DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, value in _TORCH_DTYPES.items() if value == dtype)
+
+
+# ---------------------------------------------------------------------------
+# The encoder
+
+
+class ModelMismatchError(ModelError):
+    """The model found is not the one an index was built with."""
+
+
+def load_encoder(model: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto",
+                 expected: ModelIdentity | None = None) -> "Encoder":
+    """Load tokenizer, encoder and both heads; fail with ModelError on anything missing.
+
+    With `expected` (an index's recorded model), a different model is refused
+    before its weights are loaded.
+    """
+    folder, revision = resolve_model_folder(model)
+    check_model_folder(folder)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    name = model if revision is not None else str(folder)
+    identity = model_identity(folder, name, revision, expected)
+    if expected is not None and not identity.same_model(expected):
+        raise ModelMismatchError(
+            f"the index was built with {expected.describe()}, but --model gives {identity.describe()}; "
+            "search with the index's own model (leave out --model), or build a new index with this one")
+    with _quiet_transformers():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+            # No pooler: BGE-M3 never uses it, and skipping it saves a matmul per batch.
+            network = AutoModel.from_pretrained(folder, dtype=torch_dtype, add_pooling_layer=False,
+                                                attn_implementation="sdpa")
+        except (OSError, ValueError, KeyError, RuntimeError) as error:
+            raise ModelError(f"cannot load the model in {folder}: {error}") from error
+    hidden = network.config.hidden_size
+    sparse_head = _load_head(folder / SPARSE_HEAD_FILE, hidden, out_features=1)
+    colbert_head = _load_head(folder / COLBERT_HEAD_FILE, hidden, out_features=None)
+    network.eval().to(torch_device)
+    return Encoder(tokenizer, network, sparse_head.to(torch_device, torch_dtype),
+                   colbert_head.to(torch_device, torch_dtype), torch_device, torch_dtype, identity)
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Loading chatter (unused pooler weights, etc.) is not for our users' terminals."""
+    level = transformers.logging.get_verbosity()
+    bars_were_enabled = transformers.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(level)
+        if bars_were_enabled:
+            transformers.logging.enable_progress_bar()
+
+
+def _load_head(path: Path, hidden: int, out_features: int | None) -> torch.nn.Linear:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ModelError(f"cannot read head {path}: {error}") from error
+    weight = state.get("weight") if isinstance(state, dict) else None
+    if weight is None or weight.ndim != 2 or weight.shape[1] != hidden:
+        shape = tuple(weight.shape) if weight is not None else None
+        raise ModelError(f"head {path} has weight shape {shape}, expected [out, {hidden}]")
+    if out_features is not None and weight.shape[0] != out_features:
+        raise ModelError(f"head {path} has {weight.shape[0]} outputs, expected {out_features}")
+    head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in state)
+    head.load_state_dict({k: v.float() for k, v in state.items()})
+    return head.eval()
+
+
+class Encoder:
+    """A loaded BGE-M3: tokenise texts, encode batches of token ids into vectors."""
+
+    def __init__(self, tokenizer, network, sparse_head: torch.nn.Linear, colbert_head: torch.nn.Linear,
+                 device: torch.device, dtype: torch.dtype, identity: ModelIdentity):
+        self.tokenizer = tokenizer
+        self.network = network
+        self.sparse_head = sparse_head
+        self.colbert_head = colbert_head
+        self.device = device
+        self.dtype = dtype
+        self.identity = identity
+        self.dense_dim = int(network.config.hidden_size)
+        self.colbert_dim = int(colbert_head.out_features)
+        # XLM-R position ids start after the padding index, so two positions are unusable.
+        self.model_max_length = int(network.config.max_position_embeddings) - 2
+        self.pad_id = int(tokenizer.pad_token_id)
+        self.eos_id = tokenizer.eos_token_id
+        # FlagEmbedding drops exactly these ids from sparse vectors.
+        special = {tokenizer.cls_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id}
+        self.special_ids = torch.tensor(sorted(i for i in special if i is not None), device=device)
+        self.vocab_size = max(len(tokenizer), int(network.config.vocab_size))
+        self._backend = _plain_backend(tokenizer)
+
+    # -- tokenisation ------------------------------------------------------
+
+    def effective_max_length(self, requested: int) -> int:
+        return max(2, min(requested, self.model_max_length))
+
+    def tokenize(self, texts: Sequence[str], max_length: int) -> list[Tokenized]:
+        """Token ids with <s> ... </s>; longer texts keep their head and the closing </s>.
+
+        Same ids as `tokenizer(text, truncation=True, max_length=max_length)`,
+        but the truncation is reported instead of silent.
+        """
+        max_length = self.effective_max_length(max_length)
+        if self._backend is not None:
+            all_ids = [encoding.ids for encoding in self._backend.encode_batch(list(texts), add_special_tokens=True)]
+        else:
+            all_ids = self.tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
+        return [self._truncate(ids, max_length) for ids in all_ids]
+
+    def _truncate(self, ids: list[int], max_length: int) -> Tokenized:
+        if len(ids) <= max_length:
+            return Tokenized(ids, False)
+        if ids[-1] == self.eos_id:
+            return Tokenized(ids[: max_length - 1] + ids[-1:], True)
+        return Tokenized(ids[:max_length], True)
+
+    def decode_token(self, token_id: int) -> str:
+        return self.tokenizer.convert_ids_to_tokens(int(token_id))
+
+    # -- encoding ----------------------------------------------------------
+
+    def encode_texts(self, texts: Sequence[str], max_length: int = QUERY_MAX_LENGTH, colbert: bool = False) -> EncodedBatch:
+        """Encode a few texts at once (queries): one padded batch."""
+        return self.encode_ids([t.ids for t in self.tokenize(texts, max_length)], colbert=colbert)
+
+    def encode_ids(self, batch: Sequence[Sequence[int]], colbert: bool = False) -> EncodedBatch:
+        """One forward pass over a padded batch of token id lists."""
+        input_ids, attention_mask = self._pad(batch)
+        with torch.inference_mode():
+            hidden = self.network(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, L, D]
+            dense = F.normalize(hidden[:, 0].float(), dim=-1)  # [B, D]
+            sparse = self._sparse(hidden, input_ids, attention_mask)
+            colbert_vectors = self._colbert(hidden, attention_mask) if colbert else None
+            return EncodedBatch(dense.cpu().numpy(), sparse, colbert_vectors)
+
+    def _pad(self, batch: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        lengths = [len(ids) for ids in batch]
+        input_ids = np.full((len(batch), max(lengths)), self.pad_id, dtype=np.int64)  # [B, L]
+        attention_mask = np.zeros_like(input_ids)
+        for row, ids in enumerate(batch):
+            input_ids[row, : len(ids)] = ids
+            attention_mask[row, : len(ids)] = 1
+        as_tensors = [torch.from_numpy(a) for a in (input_ids, attention_mask)]
+        if self.device.type == "cuda":
+            return tuple(t.pin_memory().to(self.device, non_blocking=True) for t in as_tensors)  # type: ignore[return-value]
+        return tuple(t.to(self.device) for t in as_tensors)  # type: ignore[return-value]
+
+    def _sparse(self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Max-pooled ReLU token weights per distinct token id, computed for the whole batch at once."""
+        batch_size = input_ids.shape[0]
+        weights = torch.relu(self.sparse_head(hidden)).squeeze(-1)  # [B, L], model dtype
+        keep = (weights > 0) & attention_mask.bool() & ~torch.isin(input_ids, self.special_ids)  # [B, L]
+        rows, positions = keep.nonzero(as_tuple=True)  # [K] each
+        token_ids = input_ids[rows, positions]  # [K]
+        token_weights = weights[rows, positions].float()  # [K]
+        # One key per (row, token id); sorted unique keys come out grouped by row, ids ascending.
+        keys = rows * self.vocab_size + token_ids  # [K] int64
+        unique_keys, slot = torch.unique(keys, sorted=True, return_inverse=True)  # [U], [K]
+        pooled = torch.zeros(unique_keys.shape[0], dtype=torch.float32, device=keys.device)
+        pooled.scatter_reduce_(0, slot, token_weights, reduce="amax", include_self=False)  # [U]
+        per_row = torch.bincount(unique_keys // self.vocab_size, minlength=batch_size).tolist()  # [B]
+        ids = (unique_keys % self.vocab_size).to(torch.int32).cpu().numpy().astype(np.uint32)
+        values = pooled.cpu().numpy()
+        bounds = np.cumsum([0, *per_row])
+        return [(ids[bounds[i]:bounds[i + 1]], values[bounds[i]:bounds[i + 1]]) for i in range(batch_size)]
+
+    def _colbert(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> list[np.ndarray]:
+        vectors = self.colbert_head(hidden[:, 1:])  # [B, L-1, Dc]: every token but <s>
+        vectors = vectors * attention_mask[:, 1:, None].to(vectors.dtype)
+        vectors = F.normalize(vectors.float(), dim=-1).cpu().numpy()
+        lengths = attention_mask.sum(dim=1).tolist()  # [B]
+        return [vectors[row, : lengths[row] - 1] for row in range(len(lengths))]
+
+
+def _plain_backend(tokenizer):
+    """A copy of the fast tokenizer's backend with no padding or truncation configured."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    from tokenizers import Tokenizer
+
+    plain = Tokenizer.from_str(backend.to_str())
+    plain.no_padding()
+    plain.no_truncation()
+    return plain

@@ -1,0 +1,34 @@
+"""Shared fixtures: a tiny BGE-M3-shaped checkpoint, built once per session, and no network."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_checkpoint import build_checkpoint  # noqa: E402
+
+# Tests never reach a model hub: huggingface_hub must answer from its cache or fail at once.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE_CORPUS = REPO / "sample_data" / "corpus"
+SAMPLE_QUERIES = REPO / "sample_data" / "queries.jsonl"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A random-weight checkpoint with BGE-M3's layout: hidden 32, 2 layers, 512 max tokens."""
+    return build_checkpoint(tmp_path_factory.mktemp("models") / "tiny-m3")
+
+
+@pytest.fixture(scope="session")
+def encoder(tiny_model):
+    from bge_index.encoder import load_encoder
+
+    return load_encoder(str(tiny_model), device="cpu", dtype="fp32")

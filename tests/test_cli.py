@@ -1,0 +1,358 @@
+"""End to end through the command line: index sample_data, read shards, search, every format, every error path."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import REPO, SAMPLE_CORPUS, SAMPLE_QUERIES
+from typer.testing import CliRunner
+
+from bge_index.cli import app
+from bge_index.shards import load_vectors, read_manifest
+
+runner = CliRunner()
+
+
+def invoke(*args, stdin: str | None = None, env: dict | None = None):
+    return runner.invoke(app, [str(a) for a in args], input=stdin, env=env)
+
+
+def expected_sample_ids() -> set[str]:
+    """The sample corpus ids, read here without bge-index."""
+    ids = {p.relative_to(SAMPLE_CORPUS).as_posix() for p in SAMPLE_CORPUS.rglob("*") if p.suffix in (".txt", ".md")}
+    ids |= {json.loads(line)["id"] for line in (SAMPLE_CORPUS / "articles.jsonl").read_text().splitlines() if line}
+    ids |= {json.loads(line)["docid"] for line in (SAMPLE_CORPUS / "faq.ndjson").read_text().splitlines() if line}
+    ids |= {json.loads(line)["_id"] for line in gzip.open(SAMPLE_CORPUS / "beir_corpus.jsonl.gz", "rt") if line.strip()}
+    ids |= {row["id"] for row in csv.DictReader(open(SAMPLE_CORPUS / "recipes.csv", newline=""))}
+    ids |= {row["id"] for row in csv.DictReader(open(SAMPLE_CORPUS / "stations.tsv", newline=""), delimiter="\t")}
+    ids |= set(pq.read_table(SAMPLE_CORPUS / "encyclopedia.parquet").column("id").to_pylist())
+    return ids
+
+
+@pytest.fixture(scope="module")
+def sample_index(tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("indexes") / "sample"
+    result = invoke("index", SAMPLE_CORPUS, "--out", out, "--model", tiny_model, "--colbert")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def search_json(index, query, *options):
+    result = invoke("search", index, query, "--format", "json", *options)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+# ---------------------------------------------------------------------------
+# Indexing
+
+
+def test_index_holds_every_sample_document_once(sample_index):
+    vectors = load_vectors(sample_index, read_manifest(sample_index))
+    ids = list(vectors.ids)
+    assert len(ids) == len(set(ids))
+    assert set(ids) == expected_sample_ids()
+    assert len(ids) >= 40
+
+
+def test_summary_reports_counts(tiny_model, tmp_path):
+    result = invoke("index", SAMPLE_CORPUS, "--out", tmp_path / "ix", "--model", tiny_model)
+    assert result.exit_code == 0, result.output
+    assert f"Indexed {len(expected_sample_ids())} documents" in result.stdout
+    assert "skipped: 0" in result.stdout and "truncated to 512 tokens: 0" in result.stdout
+    assert "shards: 1" in result.stdout
+
+
+def test_info_describes_the_index(sample_index, tiny_model):
+    result = invoke("info", sample_index, "--format", "json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["format_version"] == 1 and data["documents"] == len(expected_sample_ids())
+    assert data["model"]["name"] == str(tiny_model) and len(data["model"]["sha256"]) == 64
+    assert data["vectors"]["dense"]["dim"] == 32 and data["vectors"]["colbert"]["dim"] == 32
+    assert data["bytes"] > 0 and data["created"]
+    table = invoke("info", sample_index)
+    assert table.exit_code == 0 and "format version" in table.stdout and "documents" in table.stdout
+
+
+def test_batch_budget_and_input_order_do_not_change_vectors(tiny_model, tmp_path):
+    small = tmp_path / "small"
+    big = tmp_path / "big"
+    assert invoke("index", SAMPLE_CORPUS, "--out", small, "--model", tiny_model, "--batch-tokens", "64").exit_code == 0
+    files = sorted(p for p in SAMPLE_CORPUS.iterdir() if p.is_file())[::-1]
+    result = invoke("index", *files, SAMPLE_CORPUS / "notes", "--out", big, "--model", tiny_model,
+                    "--batch-tokens", "100000")
+    assert result.exit_code == 0, result.output
+    a, b = (load_vectors(d, read_manifest(d)) for d in (small, big))
+    rows_b = {doc_id: row for row, doc_id in enumerate(b.ids)}
+    matched = 0
+    for row_a, doc_id in enumerate(a.ids):
+        # Files named one by one keep their path as id; folder notes are relative to notes/.
+        row_b = rows_b.get(doc_id, rows_b.get(doc_id.removeprefix("notes/")))
+        assert row_b is not None, doc_id
+        np.testing.assert_allclose(a.dense[row_a].astype(np.float32), b.dense[row_b].astype(np.float32), atol=2e-3)
+        ids_a, w_a = a.sparse_row(row_a)
+        ids_b, w_b = b.sparse_row(row_b)
+        np.testing.assert_array_equal(ids_a, ids_b)
+        np.testing.assert_allclose(w_a, w_b, atol=1e-5)
+        matched += 1
+    assert matched == len(a.ids)
+
+
+def test_shard_rows_splits_the_index(tiny_model, tmp_path):
+    result = invoke("index", SAMPLE_CORPUS, "--out", tmp_path / "ix", "--model", tiny_model, "--shard-rows", "10")
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(tmp_path / "ix")
+    assert [s.rows for s in manifest.shards][:-1] == [10] * (len(manifest.shards) - 1)
+    assert sum(s.rows for s in manifest.shards) == len(expected_sample_ids())
+
+
+def test_reindex_replaces_the_index(tiny_model, tmp_path):
+    out = tmp_path / "ix"
+    assert invoke("index", SAMPLE_CORPUS, "--out", out, "--model", tiny_model).exit_code == 0
+    first = read_manifest(out)
+    assert invoke("index", SAMPLE_CORPUS / "articles.jsonl", "--out", out, "--model", tiny_model).exit_code == 0
+    second = read_manifest(out)
+    assert second.generation == first.generation + 1 and second.documents == 10
+    assert sorted(p.name for p in out.glob("shard-*")) == [s.file for s in second.shards]
+
+
+def test_stdin_jsonl_and_no_store_text(tiny_model, tmp_path):
+    lines = "\n".join(json.dumps({"id": f"s{i}", "text": f"the moon number {i}"}) for i in range(3))
+    result = invoke("index", "-", "--out", tmp_path / "ix", "--model", tiny_model, "--no-store-text", stdin=lines)
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(tmp_path / "ix")
+    assert manifest.documents == 3 and not manifest.store_text
+    assert "text" not in pq.read_schema(tmp_path / "ix" / manifest.shards[0].file).names
+    hits = search_json(tmp_path / "ix", "moon")[0]["hits"]
+    assert {h["id"] for h in hits} == {"s0", "s1", "s2"} and all("text" not in h for h in hits)
+
+
+def test_env_fallbacks(tiny_model, tmp_path):
+    result = invoke("index", SAMPLE_CORPUS / "faq.ndjson", env={"BGE_INDEX_MODEL": str(tiny_model),
+                                                                 "BGE_INDEX_OUT": str(tmp_path / "ix"),
+                                                                 "BGE_INDEX_SHARD_ROWS": "2"})
+    assert result.exit_code == 0, result.output
+    assert len(read_manifest(tmp_path / "ix").shards) == 3
+
+
+# ---------------------------------------------------------------------------
+# Bad input
+
+
+def write_bad_corpus(folder):
+    folder.mkdir()
+    (folder / "good.jsonl").write_text(
+        '{"id": "g1", "text": "the moon"}\n{"id": "g2", "text": "la lune"\n{"id": "g3", "text": ""}\n'
+        '{"id": "g4", "text": "der Mond"}\n', encoding="utf-8")
+    (folder / "binary.txt").write_bytes(b"\x00\x01\x02 not text")
+    (folder / "latin1.md").write_bytes("caf\xe9".encode("latin-1"))
+    (folder / "fine.txt").write_text("El pulpo tiene tres corazones.", encoding="utf-8")
+
+
+def test_bad_documents_are_skipped_and_reported(tiny_model, tmp_path):
+    write_bad_corpus(tmp_path / "in")
+    result = invoke("index", tmp_path / "in", "--out", tmp_path / "ix", "--model", tiny_model)
+    assert result.exit_code == 0, result.output
+    for expected in ("good.jsonl:2: skipped: malformed JSON", "good.jsonl:3: skipped: empty text",
+                     "binary.txt: skipped: binary file", "latin1.md: skipped: invalid UTF-8"):
+        assert expected in result.stderr
+    assert "skipped: 4" in result.stdout
+    assert set(load_vectors(tmp_path / "ix", read_manifest(tmp_path / "ix")).ids) == {"g1", "g4", "fine.txt"}
+
+
+def test_strict_fails_before_writing(tiny_model, tmp_path):
+    write_bad_corpus(tmp_path / "in")
+    result = invoke("index", tmp_path / "in", "--out", tmp_path / "ix", "--model", tiny_model, "--strict")
+    assert result.exit_code == 1
+    assert "--strict" in result.stderr
+    assert not (tmp_path / "ix" / "manifest.json").exists()
+    assert not list((tmp_path / "ix").glob("*.parquet")) if (tmp_path / "ix").exists() else True
+
+
+def test_strict_keeps_previous_index(tiny_model, tmp_path):
+    out = tmp_path / "ix"
+    assert invoke("index", SAMPLE_CORPUS / "faq.ndjson", "--out", out, "--model", tiny_model).exit_code == 0
+    before = sorted(p.name for p in out.iterdir())
+    write_bad_corpus(tmp_path / "in")
+    assert invoke("index", tmp_path / "in", "--out", out, "--model", tiny_model, "--strict").exit_code == 1
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert read_manifest(out).documents == 5
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["index", "no/such/path", "--out", "{tmp}/ix", "--model", "{model}"], 2, "no such file or folder: no/such/path"),
+    (["index", "{corpus}", "--out", "{tmp}/ix", "--model", "{tmp}/no-model"], 1, "no such folder"),
+    (["index", "{corpus}", "--out", "{tmp}/ix", "--model", "{model}", "--device", "tpu"], 2, "tpu"),
+    (["index", "{corpus}", "--out", "{tmp}/ix", "--model", "{model}", "--dtype", "fp8"], 2, "fp8"),
+    (["index", "{corpus}", "--model", "{model}"], 2, "--out"),
+    (["search", "{tmp}", "moon"], 1, "not a bge-index index"),
+    (["search", "{tmp}/missing", "moon"], 1, "no such index folder"),
+    (["info", "{tmp}"], 1, "not a bge-index index"),
+])
+def test_error_exit_codes(tiny_model, tmp_path, args, code, message):
+    filled = [a.format(tmp=tmp_path, model=tiny_model, corpus=SAMPLE_CORPUS) for a in args]
+    result = invoke(*filled)
+    assert result.exit_code == code, result.output
+    assert message in result.output
+
+
+def test_model_folder_without_sparse_head_fails_clearly(tiny_model, tmp_path):
+    shutil.copytree(tiny_model, tmp_path / "m")
+    (tmp_path / "m" / "sparse_linear.pt").unlink()
+    result = invoke("index", SAMPLE_CORPUS, "--out", tmp_path / "ix", "--model", tmp_path / "m")
+    assert result.exit_code == 1
+    assert "sparse_linear.pt" in result.stderr and "Traceback" not in result.output
+
+
+def test_refuses_to_write_into_a_folder_that_is_not_an_index(tiny_model, tmp_path):
+    (tmp_path / "precious.txt").write_text("keep me")
+    result = invoke("index", SAMPLE_CORPUS, "--out", tmp_path, "--model", tiny_model)
+    assert result.exit_code == 1 and "not a bge-index index" in result.stderr
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_search_refuses_a_different_model(sample_index, tiny_model, tmp_path):
+    import torch
+
+    other = tmp_path / "other-model"
+    shutil.copytree(tiny_model, other)
+    torch.save({k: v * 2 for k, v in torch.load(other / "sparse_linear.pt").items()}, other / "sparse_linear.pt")
+    result = invoke("search", sample_index, "moon", "--model", other)
+    assert result.exit_code == 1 and "built with" in result.stderr
+    assert invoke("search", sample_index, "moon", "--model", tiny_model).exit_code == 0
+
+
+# ---------------------------------------------------------------------------
+# Search
+
+
+def brute_force(index, encoder, query, mode, weights=(1.0, 0.3)):
+    """Score every document independently of search.py."""
+    vectors = load_vectors(index, read_manifest(index))
+    encoded = encoder.encode_texts([query])
+    q_dense = encoded.dense[0]
+    q_sparse = dict(zip(encoded.sparse[0][0].tolist(), encoded.sparse[0][1].tolist()))
+    scores = []
+    for row in range(len(vectors)):
+        dense = float(np.dot(vectors.dense[row].astype(np.float64), q_dense.astype(np.float64)))
+        ids, values = vectors.sparse_row(row)
+        sparse = sum(q_sparse.get(t, 0.0) * w for t, w in zip(ids.tolist(), values.tolist()))
+        score = {"dense": dense, "sparse": sparse}.get(mode, weights[0] * dense + weights[1] * sparse)
+        scores.append((score, str(vectors.ids[row])))
+    return scores
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse", "hybrid"])
+@pytest.mark.parametrize("query", ["How fast is the Moon moving away from Earth?", "Sauerteig Brot backen", "zzz"])
+def test_top_k_equals_brute_force(sample_index, encoder, mode, query):
+    hits = search_json(sample_index, query, "--mode", mode, "-k", "10")[0]["hits"]
+    scores = brute_force(sample_index, encoder, query, mode)
+    by_id = dict((doc_id, score) for score, doc_id in scores)
+    ranked = sorted(scores, key=lambda s: -s[0])
+    assert len(hits) == 10
+    kth = ranked[9][0]
+    for hit in hits:
+        assert hit["score"] == pytest.approx(by_id[hit["id"]], abs=1e-4)
+        assert by_id[hit["id"]] >= kth - 1e-4  # nothing outside the true top-10 (up to ties)
+    clear_winners = {doc_id for score, doc_id in ranked if score > kth + 1e-4}
+    assert clear_winners <= {h["id"] for h in hits}
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+
+
+def test_weights_change_hybrid_scores(sample_index):
+    default = search_json(sample_index, "moon tides")[0]["hits"][0]
+    assert default["score"] == pytest.approx(default["dense"] + 0.3 * default["sparse"], abs=1e-5)
+    custom = search_json(sample_index, "moon tides", "--dense-weight", "0.5", "--sparse-weight", "2")[0]["hits"][0]
+    assert custom["score"] == pytest.approx(0.5 * custom["dense"] + 2 * custom["sparse"], abs=1e-5)
+
+
+def test_colbert_mode(sample_index, tiny_model, tmp_path):
+    hits = search_json(sample_index, "moon tides", "--mode", "colbert", "-k", "5")[0]["hits"]
+    assert len(hits) == 5
+    for hit in hits:
+        assert hit["score"] == pytest.approx(hit["dense"] + 0.3 * hit["sparse"] + hit["colbert"], abs=1e-4)
+    plain = tmp_path / "plain"
+    assert invoke("index", SAMPLE_CORPUS / "faq.ndjson", "--out", plain, "--model", tiny_model).exit_code == 0
+    result = invoke("search", plain, "moon", "--mode", "colbert")
+    assert result.exit_code == 1 and "--colbert" in result.stderr
+
+
+def test_output_formats(sample_index):
+    table = invoke("search", sample_index, "moon tides", "-k", "3")
+    assert table.exit_code == 0 and "rank" in table.stdout and "snippet" in table.stdout
+    hits = search_json(sample_index, "moon tides", "-k", "3")[0]["hits"]
+    assert [h["rank"] for h in hits] == [1, 2, 3] and all(h["text"] for h in hits)
+    assert hits[0]["id"] in table.stdout
+
+    jsonl = invoke("search", sample_index, "moon tides", "-k", "3", "--format", "jsonl")
+    records = [json.loads(line) for line in jsonl.stdout.splitlines()]
+    assert [r["id"] for r in records] == [h["id"] for h in hits] and records[0]["query_id"] == "1"
+
+    tsv = invoke("search", sample_index, "moon tides", "-k", "3", "--format", "tsv").stdout.splitlines()
+    assert tsv[0].split("\t") == ["query_id", "rank", "id", "score", "dense", "sparse"]
+    assert [line.split("\t")[2] for line in tsv[1:]] == [h["id"] for h in hits]
+
+    trec = invoke("search", sample_index, "moon tides", "-k", "3", "--format", "trec").stdout.splitlines()
+    assert [line.split() for line in trec] == [
+        ["1", "Q0", h["id"], str(h["rank"]), f"{h['score']:.6f}", "bge-index"] for h in hits]
+
+
+def test_queries_file_jsonl_and_tsv(sample_index, tmp_path):
+    result = invoke("search", sample_index, "--queries", SAMPLE_QUERIES, "-k", "5", "--format", "trec")
+    assert result.exit_code == 0, result.output
+    query_ids = [json.loads(line)["_id"] for line in SAMPLE_QUERIES.read_text().splitlines() if line.strip()]
+    lines = [line.split() for line in result.stdout.splitlines()]
+    assert len(lines) == 5 * len(query_ids)
+    assert [line[0] for line in lines[::5]] == query_ids
+    tsv = tmp_path / "queries.tsv"
+    tsv.write_text("a\tthe moon\nb\tder Zug\n", encoding="utf-8")
+    result = invoke("search", sample_index, "--queries", tsv, "-k", "2", "--format", "jsonl")
+    assert [json.loads(line)["query_id"] for line in result.stdout.splitlines()] == ["a", "a", "b", "b"]
+
+
+def test_explain_shows_matching_tokens(sample_index):
+    table = invoke("search", sample_index, "moon tides", "-k", "2", "--explain")
+    assert table.exit_code == 0 and "matching tokens" in table.stdout
+    hit = search_json(sample_index, "the Moon", "-k", "1", "--mode", "sparse", "--explain")[0]["hits"][0]
+    contributions = [t["contribution"] for t in hit["tokens"]]
+    assert contributions == sorted(contributions, reverse=True) and all(c > 0 for c in contributions)
+    assert sum(contributions) <= hit["sparse"] + 1e-5
+
+
+@pytest.mark.parametrize("args, message", [
+    (["search", "{index}"], "either a query or --queries"),
+    (["search", "{index}", "moon", "--queries", "{queries}"], "either a query or --queries"),
+    (["search", "{index}", "moon", "--mode", "psychic"], "psychic"),
+    (["search", "{index}", "moon", "-k", "0"], "-k"),
+])
+def test_search_usage_errors_exit_2(sample_index, args, message):
+    result = invoke(*[a.format(index=sample_index, queries=SAMPLE_QUERIES) for a in args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+
+
+def test_malformed_queries_file_names_the_line(sample_index, tmp_path):
+    bad = tmp_path / "q.jsonl"
+    bad.write_text('{"_id": "1", "text": "moon"}\n{"_id": "2"}\n', encoding="utf-8")
+    result = invoke("search", sample_index, "--queries", bad)
+    assert result.exit_code == 1 and f"{bad}:2: no text field" in result.stderr
+
+
+def test_module_entry_point_runs_as_a_process(sample_index):
+    version = subprocess.run([sys.executable, "-m", "bge_index", "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and "bge-index" in version.stdout
+    search = subprocess.run([sys.executable, "-m", "bge_index", "search", str(sample_index), "moon", "--format", "jsonl",
+                             "-k", "2"], capture_output=True, text=True, cwd=REPO)
+    assert search.returncode == 0, search.stderr
+    assert len(search.stdout.splitlines()) == 2
+    usage = subprocess.run([sys.executable, "-m", "bge_index", "index"], capture_output=True, text=True)
+    assert usage.returncode == 2
