@@ -13,7 +13,6 @@ and one record at a time, so memory does not grow with the corpus.
 from __future__ import annotations
 
 import csv
-import glob
 import gzip
 import io
 import json
@@ -144,7 +143,7 @@ def _expander(arg: str) -> Callable[[], Iterable[InputFile]]:
     if path.is_file():
         return lambda: [InputFile(path, path.as_posix())]
     if _GLOB_CHARS & set(arg):
-        matches = sorted(glob.glob(arg, recursive=True))
+        matches = _glob(arg)
         if not matches:
             raise InputError(f"no files match {arg!r}")
         return lambda: _expand_matches(matches)
@@ -153,13 +152,70 @@ def _expander(arg: str) -> Callable[[], Iterable[InputFile]]:
     raise InputError(f"no such file or folder: {arg}")
 
 
-def _expand_matches(matches: list[str]) -> Iterator[InputFile]:
-    for match in matches:
-        path = Path(match)
-        if path.is_dir():
-            yield from _walk_folder(path)
-        elif path.is_file():
-            yield InputFile(path, path.as_posix())
+def _glob(pattern: str) -> list[Path]:
+    """Paths matching `pattern` (`*`, `?`, `[...]`, and `**` across folders), sorted.
+
+    Unlike glob.glob, symlinked folders are not followed, as in folder walks,
+    so a symlink loop cannot repeat files or trap the search.
+    """
+    parts = Path(pattern).parts
+    fixed = next((i for i, part in enumerate(parts) if _GLOB_CHARS & set(part)), len(parts))
+    base = Path(*parts[:fixed]) if fixed else Path(".")
+    matcher = _glob_regex(parts[fixed:])
+    if not base.is_dir():
+        return []
+    matches = []
+    for root, dirs, files in os.walk(base):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in [*dirs, *sorted(f for f in files if not f.startswith("."))]:
+            path = Path(root) / name
+            if matcher.fullmatch(path.relative_to(base).as_posix()):
+                matches.append(path)
+    return sorted(matches)
+
+
+def _glob_regex(parts: Sequence[str]) -> re.Pattern:
+    """A regex over '/'-joined relative paths: `**` spans folders, `*`, `?`, `[...]` stay within one."""
+    pieces = []
+    for index, part in enumerate(parts):
+        last = index == len(parts) - 1
+        if part == "**":
+            pieces.append(".*" if last else "(?:[^/]+/)*")
+        else:
+            pieces.append(_segment_regex(part) + ("" if last else "/"))
+    return re.compile("".join(pieces))
+
+
+def _segment_regex(segment: str) -> str:
+    out, i = [], 0
+    while i < len(segment):
+        char = segment[i]
+        close = segment.find("]", i + 2) if char == "[" else -1
+        if char == "*":
+            out.append("[^/]*")
+        elif char == "?":
+            out.append("[^/]")
+        elif close != -1:
+            body = segment[i + 1:close]
+            negate = body.startswith("!")
+            body = re.sub(r"([\\^\]])", r"\\\1", body[1:] if negate else body)
+            out.append(f"[{'^/' if negate else ''}{body}]")
+            i = close
+        else:
+            out.append(re.escape(char))
+        i += 1
+    return "".join(out)
+
+
+def _expand_matches(matches: list[Path]) -> Iterator[InputFile]:
+    seen: set[Path] = set()
+    for path in matches:
+        found = _walk_folder(path) if path.is_dir() else [InputFile(path, path.as_posix())] if path.is_file() else []
+        for input_file in found:
+            # `dir/**` matches a folder and the files inside it: read each file once.
+            if input_file.path not in seen:
+                seen.add(input_file.path)
+                yield input_file
 
 
 def _walk_folder(folder: Path) -> Iterator[InputFile]:
@@ -205,14 +261,21 @@ def _read_file(input_file: InputFile, fields: FieldNames) -> Iterator[DocumentOr
                     yield from _read_json_lines(stream, source, fields)
                 else:
                     yield from _read_table(stream, source, fields, delimiter="\t" if fmt == ".tsv" else ",")
-    except OSError as error:  # unreadable, vanished, or a corrupt/truncated gzip stream
-        yield Skipped(source, None, f"cannot read file: {_describe_os_error(error)}")
+    except _READ_ERRORS as error:  # unreadable, vanished, or a corrupt/truncated gzip stream
+        yield Skipped(source, None, f"cannot read file: {_describe_read_error(error)}")
 
 
-def _describe_os_error(error: OSError) -> str:
-    if isinstance(error, (gzip.BadGzipFile, EOFError)):
+# OSError: unreadable or vanished files and bad gzip headers; EOFError and
+# zlib.error: gzip streams cut short or damaged inside.
+_READ_ERRORS = (OSError, EOFError, zlib.error)
+
+
+def _describe_read_error(error: BaseException) -> str:
+    if isinstance(error, (gzip.BadGzipFile, EOFError, zlib.error)):
         return f"corrupt or truncated gzip data ({error})"
-    return error.strerror or str(error)
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error)
 
 
 def _open_binary(path: Path) -> BinaryIO:
@@ -250,8 +313,9 @@ def _read_json_lines(stream: BinaryIO, source: str, fields: FieldNames) -> Itera
             raw = next(lines)
         except StopIteration:
             return
-        except (EOFError, zlib.error, gzip.BadGzipFile) as error:
-            yield Skipped(source, line_number + 1, f"corrupt or truncated gzip data, rest of file skipped ({error})")
+        except _READ_ERRORS as error:
+            yield Skipped(source, line_number + 1,
+                          f"cannot read further, rest of file skipped: {_describe_read_error(error)}")
             return
         line_number += 1
         if not raw.strip():
@@ -397,16 +461,19 @@ def read_queries(path: str, stdin: BinaryIO | None = None) -> list[Document]:
         try:
             stream = _open_binary(Path(path))
         except OSError as error:
-            raise QueryFileError(f"--queries {path}: {_describe_os_error(error)}") from error
+            raise QueryFileError(f"--queries {path}: {_describe_read_error(error)}") from error
         source = path
     tsv = path != STDIN and format_of(Path(path)) in (".tsv", ".txt")
     with stream:
         records = _read_tsv_queries(stream, source) if tsv else _read_json_lines(stream, source, fields)
         queries = []
-        for item in records:
-            if isinstance(item, Skipped):
-                raise QueryFileError(f"{item.location}: {item.reason}")
-            queries.append(item)
+        try:
+            for item in records:
+                if isinstance(item, Skipped):
+                    raise QueryFileError(f"{item.location}: {item.reason}")
+                queries.append(item)
+        except _READ_ERRORS as error:
+            raise QueryFileError(f"--queries {path}: {_describe_read_error(error)}") from error
     if not queries:
         raise QueryFileError(f"--queries {path}: no queries found")
     return queries
@@ -422,7 +489,7 @@ def _read_tsv_queries(stream: BinaryIO, source: str) -> Iterator[DocumentOrSkipp
             yield Skipped(source, line_number, f"invalid UTF-8 at byte {error.start}")
             continue
         query_id, tab, text = line.partition("\t")
-        if not tab or not text.strip():
-            yield Skipped(source, line_number, "expected 'id<TAB>text'")
+        if not tab or not query_id.strip() or not text.strip():
+            yield Skipped(source, line_number, "expected 'id<TAB>text' with a non-empty id and text")
             continue
         yield Document(query_id, text, source, line_number)

@@ -1,0 +1,544 @@
+"""Scoring and exact top-k over hand-made IndexVectors, checked against brute force written here."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bge_index import search as search_module
+from bge_index.search import (
+    Hit,
+    NoColbertVectors,
+    QueryVectors,
+    ScoreWeights,
+    Searcher,
+    colbert_maxsim,
+    top_k,
+)
+from bge_index.shards import IndexVectors
+
+TOL = 1e-5
+VOCAB = 300
+DIM = 48
+N_DOCS = 2000
+
+
+# ---------------------------------------------------------------------------
+# building indexes and queries
+
+
+def make_vectors(dense: np.ndarray, sparse_rows: list[dict[int, float]]) -> IndexVectors:
+    """IndexVectors from dense rows (stored float16) and one {token: weight} dict per row (CSR, sorted ids)."""
+    n = dense.shape[0]
+    assert len(sparse_rows) == n
+    indptr, indices, values = [0], [], []
+    for row in sparse_rows:
+        for token in sorted(row):
+            indices.append(token)
+            values.append(row[token])
+        indptr.append(len(indices))
+    return IndexVectors(
+        ids=np.array([f"doc{i}" for i in range(n)], dtype=object),
+        dense=np.asarray(dense, dtype=np.float32).astype(np.float16),
+        sparse_indptr=np.array(indptr, dtype=np.int64),
+        sparse_indices=np.array(indices, dtype=np.uint32),
+        sparse_values=np.array(values, dtype=np.float32),
+        shard_starts=np.array([0, n], dtype=np.int64),
+    )
+
+
+def unit_rows(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def random_sparse(rng: np.random.Generator, max_tokens: int, vocab: int = VOCAB) -> dict[int, float]:
+    count = int(rng.integers(0, max_tokens + 1))
+    tokens = rng.choice(vocab, size=count, replace=False)
+    weights = rng.random(count).astype(np.float32) + np.float32(0.01)
+    # Python floats holding exact float32 values, so the brute force sees the stored numbers.
+    return {int(t): float(w) for t, w in zip(tokens, weights)}
+
+
+def make_query(dense: np.ndarray, sparse: dict[int, float], colbert: np.ndarray | None = None) -> QueryVectors:
+    tokens = sorted(sparse)
+    return QueryVectors(
+        dense=np.asarray(dense, dtype=np.float32),
+        sparse_ids=np.array(tokens, dtype=np.uint32),
+        sparse_weights=np.array([sparse[t] for t in tokens], dtype=np.float32),
+        colbert=colbert,
+    )
+
+
+def basis(d: int, *components: tuple[int, float]) -> np.ndarray:
+    v = np.zeros(d, dtype=np.float32)
+    for i, x in components:
+        v[i] = x
+    return v
+
+
+# ---------------------------------------------------------------------------
+# brute force, written independently of the package
+
+
+def brute_dense(index_dense: np.ndarray, q: np.ndarray) -> list[float]:
+    q32 = q.astype(np.float32)
+    return [float(np.dot(index_dense[i].astype(np.float32), q32)) for i in range(index_dense.shape[0])]
+
+
+def brute_sparse(doc_rows: list[dict[int, float]], q: dict[int, float]) -> list[float]:
+    scores = []
+    for row in doc_rows:
+        total = 0.0
+        for token, weight in q.items():
+            if token in row:
+                total += weight * row[token]
+        scores.append(total)
+    return scores
+
+
+def assert_top_k_matches(hits: list[Hit], expected: list[float], k: int) -> None:
+    """Hits equal the brute-force top-k: scores within TOL; rows exact unless within TOL of a tie."""
+    n = len(expected)
+    order = sorted(range(n), key=lambda r: (-expected[r], r))
+    assert len(hits) == min(k, n)
+    for pos, hit in enumerate(hits):
+        want = order[pos]
+        assert hit.score == pytest.approx(expected[want], abs=TOL), (pos, hit, want)
+        assert hit.score == pytest.approx(expected[hit.row], abs=TOL), (pos, hit)
+        near_tie = any(abs(expected[order[p]] - expected[want]) <= TOL for p in (pos - 1, pos + 1) if 0 <= p < n)
+        if not near_tie:
+            assert hit.row == want, (pos, hit, want)
+    assert len({h.row for h in hits}) == len(hits)
+    assert all(a.score >= b.score for a, b in zip(hits, hits[1:]))
+
+
+# ---------------------------------------------------------------------------
+# a random index shared by the exactness tests
+
+
+class RandomIndex:
+    def __init__(self, seed: int = 7):
+        rng = np.random.default_rng(seed)
+        self.dense = unit_rows(rng, N_DOCS, DIM)
+        self.sparse = [random_sparse(rng, 40) for _ in range(N_DOCS)]
+        self.vectors = make_vectors(self.dense, self.sparse)
+        self.searcher = Searcher(self.vectors, vocab_size=VOCAB)
+        self.queries = []
+        for _ in range(5):
+            q_dense = unit_rows(rng, 1, DIM)[0]
+            q_sparse = random_sparse(rng, 25)
+            q_sparse[int(rng.integers(VOCAB))] = 0.5  # never an empty query here
+            query = make_query(q_dense, q_sparse)
+            self.queries.append(
+                (query, brute_dense(self.vectors.dense, q_dense), brute_sparse(self.sparse, q_sparse))
+            )
+
+
+@pytest.fixture(scope="module")
+def random_index() -> RandomIndex:
+    return RandomIndex()
+
+
+def test_random_index_is_well_formed(random_index):
+    v = random_index.vectors
+    assert len(random_index.searcher) == N_DOCS
+    assert v.dense.dtype == np.float16 and v.dense.shape == (N_DOCS, DIM)
+    for row in (0, 1, N_DOCS - 1):
+        ids, weights = v.sparse_row(row)
+        assert list(ids) == sorted(random_index.sparse[row])
+        assert np.all(np.diff(ids.astype(np.int64)) > 0)
+
+
+@pytest.mark.parametrize("k", [10, 1, 37])
+def test_dense_mode_equals_brute_force(random_index, k):
+    for query, dense, sparse in random_index.queries:
+        hits = random_index.searcher.search(query, k=k, mode="dense")
+        assert_top_k_matches(hits, dense, k)
+        for hit in hits:
+            assert hit.dense == pytest.approx(dense[hit.row], abs=TOL)
+            assert hit.sparse == pytest.approx(sparse[hit.row], abs=TOL)
+            assert hit.score == hit.dense
+            assert hit.colbert is None
+
+
+@pytest.mark.parametrize("k", [10, 1, 37])
+def test_sparse_mode_equals_brute_force(random_index, k):
+    for query, dense, sparse in random_index.queries:
+        hits = random_index.searcher.search(query, k=k, mode="sparse")
+        assert_top_k_matches(hits, sparse, k)
+        assert hits[0].score > 0
+        for hit in hits:
+            assert hit.sparse == pytest.approx(sparse[hit.row], abs=TOL)
+            assert hit.dense == pytest.approx(dense[hit.row], abs=TOL)
+            assert hit.score == hit.sparse
+
+
+@pytest.mark.parametrize("weights", [ScoreWeights(), ScoreWeights(dense=0.5, sparse=2.0), ScoreWeights(1.0, 0.0)])
+def test_hybrid_mode_equals_brute_force(random_index, weights):
+    for query, dense, sparse in random_index.queries:
+        expected = [weights.dense * d + weights.sparse * s for d, s in zip(dense, sparse)]
+        hits = random_index.searcher.search(query, k=10, mode="hybrid", weights=weights)
+        assert_top_k_matches(hits, expected, 10)
+        for hit in hits:
+            assert hit.dense == pytest.approx(dense[hit.row], abs=TOL)
+            assert hit.sparse == pytest.approx(sparse[hit.row], abs=TOL)
+            assert hit.score == pytest.approx(weights.dense * hit.dense + weights.sparse * hit.sparse, abs=TOL)
+
+
+def test_hybrid_is_the_default_mode(random_index):
+    query = random_index.queries[0][0]
+    assert random_index.searcher.search(query) == random_index.searcher.search(query, k=10, mode="hybrid")
+
+
+def test_full_scans_equal_brute_force(random_index, monkeypatch):
+    # A tiny chunk size makes the float16 -> float32 scan cross many chunk borders (including a ragged last one).
+    monkeypatch.setattr(search_module, "_DENSE_CHUNK_ROWS", 7)
+    for query, dense, sparse in random_index.queries[:2]:
+        got_dense = random_index.searcher.dense_scores(query)
+        got_sparse = random_index.searcher.sparse_scores(query)
+        assert got_dense.shape == got_sparse.shape == (N_DOCS,)
+        np.testing.assert_allclose(got_dense, dense, atol=TOL, rtol=0)
+        np.testing.assert_allclose(got_sparse, sparse, atol=TOL, rtol=0)
+
+
+def test_per_hit_sparse_score_equals_full_scan_exactly(random_index):
+    query = random_index.queries[1][0]
+    full = random_index.searcher.sparse_scores(query)
+    for row in range(0, N_DOCS, 97):
+        assert random_index.searcher.sparse_score(query, row) == float(full[row])
+
+
+# ---------------------------------------------------------------------------
+# top_k and ties
+
+
+def test_top_k_orders_by_score_then_row():
+    scores = np.array([1.0, 3.0, 3.0, 2.0, 3.0], dtype=np.float32)
+    assert top_k(scores, 1).tolist() == [1]
+    assert top_k(scores, 2).tolist() == [1, 2]
+    assert top_k(scores, 3).tolist() == [1, 2, 4]
+    assert top_k(scores, 4).tolist() == [1, 2, 4, 3]
+    assert top_k(scores, 5).tolist() == [1, 2, 4, 3, 0]
+
+
+def test_top_k_tie_straddling_the_kth_position():
+    # Rows 1..4 tie; k=3 cuts through the tie and must keep the earliest rows.
+    scores = np.array([0.1, 0.5, 0.5, 0.5, 0.5, 0.9, 0.2], dtype=np.float32)
+    assert top_k(scores, 3).tolist() == [5, 1, 2]
+    assert top_k(scores, 2).tolist() == [5, 1]
+    # Same tie, rows given in reverse: the earlier row still wins.
+    scores = np.array([0.5, 0.5, 0.5, 0.9], dtype=np.float32)
+    assert top_k(scores, 2).tolist() == [3, 0]
+
+
+def test_top_k_many_ties_equals_sorting():
+    rng = np.random.default_rng(3)
+    scores = rng.integers(0, 6, size=1000).astype(np.float32)
+    expected = sorted(range(1000), key=lambda r: (-scores[r], r))
+    for k in (1, 2, 5, 100, 167, 500, 999, 1000):
+        assert top_k(scores, k).tolist() == expected[:k], k
+
+
+def test_top_k_bounds():
+    scores = np.array([0.2, 0.9, 0.5], dtype=np.float32)
+    assert top_k(scores, 10).tolist() == [1, 2, 0]
+    assert top_k(scores, 3).tolist() == [1, 2, 0]
+    assert top_k(scores, 0).tolist() == []
+    assert top_k(scores, -4).tolist() == []
+    assert top_k(np.zeros(0, dtype=np.float32), 5).tolist() == []
+
+
+def _tie_index() -> tuple[Searcher, QueryVectors]:
+    """8 rows: rows 2, 5, 6 identical and best in dense and sparse; the rest identical and worse."""
+    d = 8
+    best, other = basis(d, (0, 1.0)), basis(d, (1, 1.0))
+    best_rows = {2, 5, 6}
+    dense = np.stack([best if r in best_rows else other for r in range(8)])
+    sparse = [{3: 2.0, 9: 1.0} if r in best_rows else {3: 0.5} for r in range(8)]
+    searcher = Searcher(make_vectors(dense, sparse), vocab_size=20)
+    return searcher, make_query(basis(d, (0, 1.0)), {3: 1.0, 9: 1.0})
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse", "hybrid"])
+def test_search_ties_are_broken_by_row_order(mode):
+    searcher, query = _tie_index()
+    assert [h.row for h in searcher.search(query, k=2, mode=mode)] == [2, 5]  # tie straddles k
+    assert [h.row for h in searcher.search(query, k=3, mode=mode)] == [2, 5, 6]
+    assert [h.row for h in searcher.search(query, k=5, mode=mode)] == [2, 5, 6, 0, 1]  # second tie straddles k
+    hits = searcher.search(query, k=8, mode=mode)
+    assert [h.row for h in hits] == [2, 5, 6, 0, 1, 3, 4, 7]
+    assert hits[0].score == hits[1].score == hits[2].score
+    assert hits[3].score == hits[7].score < hits[2].score
+
+
+def test_search_k_beyond_n_and_k_not_positive():
+    searcher, query = _tie_index()
+    for mode in ("dense", "sparse", "hybrid"):
+        assert len(searcher.search(query, k=100, mode=mode)) == 8
+        assert searcher.search(query, k=0, mode=mode) == []
+        assert searcher.search(query, k=-1, mode=mode) == []
+
+
+# ---------------------------------------------------------------------------
+# empty sparse vectors
+
+
+def test_query_with_empty_sparse_vector(random_index):
+    rng = np.random.default_rng(11)
+    q_dense = unit_rows(rng, 1, DIM)[0]
+    query = make_query(q_dense, {})
+    searcher = random_index.searcher
+    dense = brute_dense(random_index.vectors.dense, q_dense)
+
+    scores = searcher.sparse_scores(query)
+    assert scores.shape == (N_DOCS,) and not scores.any()
+
+    hits = searcher.search(query, k=6, mode="sparse")
+    assert [h.row for h in hits] == [0, 1, 2, 3, 4, 5]  # all zero: row order
+    assert all(h.score == 0 and h.sparse == 0 for h in hits)
+    assert [h.dense for h in hits] == pytest.approx(dense[:6], abs=TOL)
+
+    weights = ScoreWeights(dense=2.0, sparse=0.3)
+    hybrid = searcher.search(query, k=10, mode="hybrid", weights=weights)
+    dense_hits = searcher.search(query, k=10, mode="dense")
+    assert [h.row for h in hybrid] == [h.row for h in dense_hits]
+    for h, d in zip(hybrid, dense_hits):
+        assert h.score == pytest.approx(2.0 * d.score, abs=TOL)
+        assert h.sparse == 0
+    assert_top_k_matches(hybrid, [2.0 * s for s in dense], 10)
+
+
+def test_index_without_any_sparse_tokens():
+    rng = np.random.default_rng(5)
+    dense = unit_rows(rng, 30, 8)
+    searcher = Searcher(make_vectors(dense, [{} for _ in range(30)]), vocab_size=50)
+    query = make_query(unit_rows(rng, 1, 8)[0], {1: 1.0, 7: 0.5})
+    assert not searcher.sparse_scores(query).any()
+    assert [h.row for h in searcher.search(query, k=4, mode="sparse")] == [0, 1, 2, 3]
+    assert searcher.sparse_contributions(query, 3) == []
+
+
+# ---------------------------------------------------------------------------
+# weights
+
+
+def test_score_weight_defaults():
+    assert (ScoreWeights().dense, ScoreWeights().sparse, ScoreWeights().colbert) == (1.0, 0.3, 1.0)
+
+
+def test_weights_change_the_order():
+    d = 4
+    # Row 0: perfect dense match, no shared tokens. Row 1: orthogonal, strong lexical match. Row 2: neither.
+    dense = np.stack([basis(d, (0, 1.0)), basis(d, (1, 1.0)), basis(d, (2, 1.0))])
+    sparse = [{}, {5: 2.0}, {6: 1.0}]
+    searcher = Searcher(make_vectors(dense, sparse), vocab_size=10)
+    query = make_query(basis(d, (0, 1.0)), {5: 1.0})
+
+    default = searcher.search(query, k=3, mode="hybrid")  # 1*1 + 0.3*0 = 1.0 vs 1*0 + 0.3*2 = 0.6
+    assert [h.row for h in default] == [0, 1, 2]
+    assert [h.score for h in default] == pytest.approx([1.0, 0.6, 0.0])
+
+    lexical = searcher.search(query, k=3, mode="hybrid", weights=ScoreWeights(dense=1.0, sparse=1.0))  # 1.0 vs 2.0
+    assert [h.row for h in lexical] == [1, 0, 2]
+    assert [h.score for h in lexical] == pytest.approx([2.0, 1.0, 0.0])
+    for h in lexical:
+        assert (h.dense, h.sparse) == pytest.approx({0: (1.0, 0.0), 1: (0.0, 2.0), 2: (0.0, 0.0)}[h.row])
+
+    dense_only = searcher.search(query, k=3, mode="hybrid", weights=ScoreWeights(dense=1.0, sparse=0.0))
+    assert [h.row for h in dense_only] == [0, 1, 2]
+    sparse_only = searcher.search(query, k=3, mode="hybrid", weights=ScoreWeights(dense=0.0, sparse=1.0))
+    assert [h.row for h in sparse_only] == [1, 0, 2]
+
+
+# ---------------------------------------------------------------------------
+# sparse contributions
+
+
+def _contribution_index(vocab_size: int = 20) -> Searcher:
+    dense = np.stack([basis(4, (0, 1.0)), basis(4, (1, 1.0))])
+    sparse = [{3: 4.0, 7: 0.25, 10: 3.0, 11: 1.0}, {2: 1.0}]
+    return Searcher(make_vectors(dense, sparse), vocab_size=vocab_size)
+
+
+def test_sparse_contributions_shared_tokens_sorted_by_contribution():
+    searcher = _contribution_index()
+    query = make_query(basis(4, (0, 1.0)), {3: 0.5, 7: 2.0, 10: 1.0, 15: 1.0})
+    contributions = searcher.sparse_contributions(query, 0)
+    assert contributions == [(10, 3.0), (3, 2.0), (7, 0.5)]
+    assert all(isinstance(t, int) and isinstance(c, float) for t, c in contributions)
+    assert searcher.sparse_contributions(query, 1) == []
+    assert searcher.sparse_score(query, 0) == pytest.approx(5.5)
+    assert searcher.sparse_scores(query).tolist() == pytest.approx([5.5, 0.0])
+
+
+def test_query_tokens_beyond_the_vocabulary_do_not_crash():
+    searcher = _contribution_index(vocab_size=20)
+    query = make_query(basis(4, (0, 1.0)), {3: 1.0, 25: 2.0, 1000: 3.0})
+    assert searcher.sparse_scores(query).tolist() == pytest.approx([4.0, 0.0])
+    assert searcher.sparse_contributions(query, 0) == [(3, 4.0)]
+    hits = searcher.search(query, k=2, mode="sparse")
+    assert [(h.row, h.score) for h in hits] == [(0, pytest.approx(4.0)), (1, 0.0)]
+    hybrid = searcher.search(query, k=2, mode="hybrid")
+    assert [h.row for h in hybrid] == [0, 1]
+
+
+# ---------------------------------------------------------------------------
+# ColBERT
+
+
+def test_colbert_maxsim_is_mean_of_best_dots():
+    rng = np.random.default_rng(2)
+    q = rng.standard_normal((5, 8)).astype(np.float32)
+    d = rng.standard_normal((9, 8)).astype(np.float32)
+    expected = sum(max(float(np.dot(qi, dj)) for dj in d) for qi in q) / len(q)
+    assert colbert_maxsim(q, d) == pytest.approx(expected, abs=TOL)
+    # float16 storage is accepted
+    d16 = d.astype(np.float16)
+    expected16 = sum(max(float(np.dot(qi, dj.astype(np.float32))) for dj in d16) for qi in q) / len(q)
+    assert colbert_maxsim(q, d16) == pytest.approx(expected16, abs=TOL)
+    # a hand-checked case: token 0 best matches doc token 1 (0.5), token 1 best matches doc token 0 (2.0)
+    q_small = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    d_small = np.array([[-1.0, 2.0], [0.5, -3.0]], dtype=np.float32)
+    assert colbert_maxsim(q_small, d_small) == pytest.approx((0.5 + 2.0) / 2)
+
+
+def test_colbert_maxsim_empty():
+    assert colbert_maxsim(np.zeros((0, 4), np.float32), np.ones((3, 4), np.float32)) == 0.0
+    assert colbert_maxsim(np.ones((2, 4), np.float32), np.zeros((0, 4), np.float32)) == 0.0
+
+
+def test_colbert_mode_without_vectors_raises():
+    searcher, query = _tie_index()
+    with pytest.raises(NoColbertVectors):
+        searcher.search(query, k=3, mode="colbert")
+    with_colbert = make_query(query.dense, {3: 1.0}, colbert=np.ones((2, 4), np.float32))
+    with pytest.raises(NoColbertVectors):
+        searcher.search(with_colbert, k=3, mode="colbert")
+    # and a query without ColBERT vectors cannot be re-ranked even with a fetch function
+    with pytest.raises(NoColbertVectors):
+        searcher.search(query, k=3, mode="colbert", fetch_colbert=lambda rows: [np.ones((1, 4))] * len(rows))
+
+
+def _colbert_case():
+    d = 4
+    dense = np.stack([
+        basis(d, (0, 1.0)),             # dense 1.0
+        basis(d, (0, 0.8), (1, 0.6)),   # dense ~0.8
+        basis(d, (0, 0.6), (1, 0.8)),   # dense ~0.6
+        basis(d, (1, 1.0)),             # dense 0.0
+    ])
+    sparse = [{}, {4: 1.0}, {}, {}]
+    searcher = Searcher(make_vectors(dense, sparse), vocab_size=10)
+    q_colbert = np.array([[1, 0, 0, 0], [0, 1, 0, 0]], dtype=np.float32)
+    query = make_query(basis(d, (0, 1.0)), {4: 1.0}, colbert=q_colbert)
+    doc_colbert = {
+        0: np.array([[-1, 0, 0, 0], [0, -1, 0, 0]], dtype=np.float16),  # maxsim 0: every best dot is 0
+        1: np.array([[1, 0, 0, 0], [0, 1, 0, 0]], dtype=np.float16),   # maxsim 1
+        2: np.array([[1, 0, 0, 0]], dtype=np.float16),                 # maxsim (1 + 0) / 2
+        3: np.array([[0, 0, 1, 0]], dtype=np.float16),                 # maxsim 0
+    }
+    return searcher, query, doc_colbert
+
+
+def test_colbert_rerank_changes_the_order():
+    searcher, query, doc_colbert = _colbert_case()
+    calls = []
+
+    def fetch(rows):
+        calls.append(list(rows))
+        return [doc_colbert[r] for r in rows]
+
+    hybrid = searcher.search(query, k=4, mode="hybrid")
+    assert [h.row for h in hybrid] == [1, 0, 2, 3]  # ~0.8 + 0.3 * 1, 1.0, ~0.6, 0
+    weights = ScoreWeights()
+    hits = searcher.search(query, k=4, mode="colbert", weights=weights, fetch_colbert=fetch)
+    assert calls == [[h.row for h in hybrid]]  # every row (fewer than the minimum candidates), in hybrid order
+
+    dense = brute_dense(searcher.vectors.dense, query.dense)
+    sparse = [0.0, 1.0, 0.0, 0.0]
+    expected = {}
+    for row in range(4):
+        maxsim = colbert_maxsim(query.colbert, doc_colbert[row])
+        expected[row] = weights.dense * dense[row] + weights.sparse * sparse[row] + weights.colbert * maxsim
+    for hit in hits:
+        assert hit.colbert == pytest.approx(colbert_maxsim(query.colbert, doc_colbert[hit.row]))
+        assert hit.dense == pytest.approx(dense[hit.row], abs=TOL)
+        assert hit.sparse == pytest.approx(sparse[hit.row], abs=TOL)
+        assert hit.score == pytest.approx(expected[hit.row], abs=TOL)
+        assert hit.score == pytest.approx(
+            weights.dense * hit.dense + weights.sparse * hit.sparse + weights.colbert * hit.colbert, abs=TOL)
+    # maxsim: row0 0.0 (best dots are 0), row1 1.0, row2 0.5, row3 0.0
+    # final: row1 ~1.1 + 1 = ~2.1, row2 ~0.6 + 0.5 = ~1.1, row0 1.0 + 0 = 1.0, row3 0
+    assert [h.colbert for h in sorted(hits, key=lambda h: h.row)] == pytest.approx([0.0, 1.0, 0.5, 0.0])
+    assert [h.row for h in hits] == [1, 2, 0, 3]
+    assert [h.row for h in hits] != [h.row for h in hybrid]
+
+    top2 = searcher.search(query, k=2, mode="colbert", weights=weights, fetch_colbert=fetch)
+    assert [h.row for h in top2] == [1, 2]
+
+
+def test_colbert_weight_zero_keeps_the_hybrid_order():
+    searcher, query, doc_colbert = _colbert_case()
+    fetch = lambda rows: [doc_colbert[r] for r in rows]  # noqa: E731
+    weights = ScoreWeights(dense=1.0, sparse=0.3, colbert=0.0)
+    hits = searcher.search(query, k=4, mode="colbert", weights=weights, fetch_colbert=fetch)
+    hybrid = searcher.search(query, k=4, mode="hybrid", weights=weights)
+    assert [h.row for h in hits] == [h.row for h in hybrid]
+    assert [h.score for h in hits] == pytest.approx([h.score for h in hybrid], abs=TOL)
+
+
+def test_colbert_ties_after_rerank_in_row_order():
+    d = 4
+    dense = np.stack([basis(d, (1, 1.0)), basis(d, (0, 1.0)), basis(d, (1, 1.0))])  # hybrid: row 1 first
+    searcher = Searcher(make_vectors(dense, [{}, {}, {}]), vocab_size=10)
+    query = make_query(basis(d, (0, 1.0)), {}, colbert=np.array([[1, 0, 0, 0]], dtype=np.float32))
+    doc = {0: np.array([[1, 0, 0, 0]], np.float32), 1: np.array([[0, 0, 0, 0]], np.float32),
+           2: np.array([[1, 0, 0, 0]], np.float32)}
+    # final scores: row0 0 + 1 = 1, row1 1 + 0 = 1, row2 0 + 1 = 1 -> all tied: row order
+    hits = searcher.search(query, k=3, mode="colbert", fetch_colbert=lambda rows: [doc[r] for r in rows])
+    assert [h.score for h in hits] == pytest.approx([1.0, 1.0, 1.0])
+    assert [h.row for h in hits] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("k", [3, 20])
+def test_colbert_candidates_are_the_hybrid_top(random_index, k):
+    rng = np.random.default_rng(13)
+    query, dense, sparse = random_index.queries[2]
+    query = QueryVectors(query.dense, query.sparse_ids, query.sparse_weights,
+                         colbert=rng.standard_normal((6, 8)).astype(np.float32))
+    doc_colbert = {}
+    requested = []
+
+    def fetch(rows):
+        requested.append(list(rows))
+        for r in rows:
+            doc_colbert.setdefault(r, np.random.default_rng(r).standard_normal((5, 8)).astype(np.float16))
+        return [doc_colbert[r] for r in rows]
+
+    weights = ScoreWeights()
+    hits = random_index.searcher.search(query, k=k, mode="colbert", weights=weights, fetch_colbert=fetch)
+    assert len(requested) == 1
+    n_candidates = max(k * 10, 100)
+    hybrid = [weights.dense * d + weights.sparse * s for d, s in zip(dense, sparse)]
+    order = sorted(range(N_DOCS), key=lambda r: (-hybrid[r], r))
+    assert len(requested[0]) == n_candidates
+    # The candidates are the hybrid top, best first (rows exact unless within TOL of a tie).
+    gap = hybrid[order[n_candidates - 1]] - hybrid[order[n_candidates]]
+    if gap > TOL:
+        assert set(requested[0]) == set(order[:n_candidates])
+    assert [hybrid[r] for r in requested[0]] == pytest.approx([hybrid[r] for r in order[:n_candidates]], abs=TOL)
+
+    assert len(hits) == k
+    final = {r: hybrid[r] + weights.colbert * colbert_maxsim(query.colbert, doc_colbert[r]) for r in requested[0]}
+    expected_rows = sorted(final, key=lambda r: (-final[r], r))[:k]
+    assert [h.score for h in hits] == pytest.approx([final[r] for r in expected_rows], abs=TOL)
+    assert [h.row for h in hits] == expected_rows
+    assert all(a.score >= b.score for a, b in zip(hits, hits[1:]))
+
+
+@pytest.mark.parametrize("mode", ["bm25", "", "Dense", "colbert "])
+def test_unknown_mode_raises(mode):
+    searcher, query = _tie_index()
+    with pytest.raises(ValueError, match="unknown mode"):
+        searcher.search(query, k=3, mode=mode)
