@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import sys
+import time
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -23,12 +25,13 @@ from rich.table import Table
 from bge_index import __version__
 from bge_index.documents import FieldNames, InputError, QueryFileError, Skipped, read_queries
 from bge_index.encoder import DEFAULT_MODEL, ModelError
-from bge_index.pipeline import (IndexOptions, IndexProgress, IndexSearch, IndexSummary, OutputFolderError, Query,
-                                QueryResult, StrictModeError, build_index)
+from bge_index.lock import IndexLockedError
+from bge_index.pipeline import (IndexEvents, IndexMismatchError, IndexOptions, IndexProgress, IndexSearch, IndexSummary,
+                                InvalidOptionError, OutputFolderError, Query, QueryResult, StrictModeError, build_index)
 from bge_index.search import NoColbertVectors, ScoreWeights
-from bge_index.shards import IndexFormatError, index_size_bytes, read_manifest
+from bge_index.shards import IndexFormatError, index_size_bytes, read_manifest, verify_index
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_TEMPFAIL = 0, 1, 2, 75  # 75: EX_TEMPFAIL, index busy
 SNIPPET_CHARS = 90
 
 app = typer.Typer(
@@ -84,10 +87,12 @@ def _run(action):
     """Run a library call, turning its errors into one clear line and an exit code."""
     try:
         return action()
-    except InputError as error:
+    except (InputError, InvalidOptionError) as error:
         raise _fail(str(error), EXIT_USAGE) from None
+    except IndexLockedError as error:
+        raise _fail(str(error), EXIT_TEMPFAIL) from None
     except (ModelError, IndexFormatError, OutputFolderError, StrictModeError, QueryFileError,
-            NoColbertVectors) as error:
+            NoColbertVectors, IndexMismatchError) as error:
         raise _fail(str(error)) from None
     except KeyboardInterrupt:
         stderr.print("bge-index: interrupted")
@@ -114,7 +119,7 @@ def _main(version: Annotated[bool, typer.Option("--version", callback=_version, 
 def index(
     paths: Annotated[list[str], typer.Argument(help="Files, folders (recursive), globs, or - for JSONL on stdin.",
                                                show_default=False)],
-    out: Annotated[Path, typer.Option("--out", "-o", envvar="BGE_INDEX_OUT", help="Index folder to write.")],
+    out: Annotated[Path, typer.Option("--out", "-o", envvar="BGE_INDEX_OUT", help="Index folder to create or update.")],
     model: Annotated[str, typer.Option(envvar="BGE_INDEX_MODEL", help="Hub id or local model folder.")] = DEFAULT_MODEL,
     device: Annotated[str, typer.Option(envvar="BGE_INDEX_DEVICE", callback=_check_device,
                                         help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
@@ -124,58 +129,135 @@ def index(
     max_length: Annotated[int, typer.Option(min=2, envvar="BGE_INDEX_MAX_LENGTH",
                                             help="Longer documents are truncated (and counted).")] = 8192,
     shard_rows: Annotated[int, typer.Option(min=1, envvar="BGE_INDEX_SHARD_ROWS", help="Rows per shard file.")] = 100_000,
+    chunk_tokens: Annotated[Optional[int], typer.Option(min=3, envvar="BGE_INDEX_CHUNK_TOKENS",
+                                                        help="Split documents into passages of N tokens.")] = None,
+    chunk_overlap: Annotated[int, typer.Option(min=0, envvar="BGE_INDEX_CHUNK_OVERLAP",
+                                               help="Tokens shared by consecutive passages.")] = 0,
     colbert: Annotated[bool, typer.Option("--colbert", help="Also store ColBERT multi-vectors.")] = False,
     store_text: Annotated[bool, typer.Option("--store-text/--no-store-text", help="Keep document text in shards.")] = True,
     id_field: Annotated[Optional[str], typer.Option(help="Id field/column (default: id, _id or docid).")] = None,
     text_field: Annotated[Optional[str], typer.Option(help="Text field/column (default: text or contents).")] = None,
+    keep_missing: Annotated[bool, typer.Option("--keep-missing", help="Keep indexed documents missing from the inputs.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Report what would be added/updated/removed; write nothing.")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="If another run holds the index, wait for it instead of exiting 75.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Any bad document fails the run (exit 1) before writing.")] = False,
+    report: Annotated[Optional[Path], typer.Option(envvar="BGE_INDEX_REPORT", help="Write the run summary as JSON here.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
+    progress_every: Annotated[float, typer.Option(min=0.1, envvar="BGE_INDEX_PROGRESS_SECONDS",
+                                                  help="Seconds between progress lines when stderr is not a terminal.")] = 30.0,
 ) -> None:
-    """Encode documents into an index folder of Parquet shards (replacing any index there atomically)."""
+    """Create or update an index: encode new and changed documents, retire changed and missing ones."""
+    if chunk_tokens is not None and chunk_overlap >= chunk_tokens - 2:
+        raise _fail(f"--chunk-overlap {chunk_overlap} must be smaller than --chunk-tokens minus 2", EXIT_USAGE)
     options = IndexOptions(model=model, device=device, dtype=dtype.value, batch_tokens=batch_tokens,
                            max_length=max_length, shard_rows=shard_rows, colbert=colbert, store_text=store_text,
-                           strict=strict, fields=FieldNames.from_options(id_field, text_field))
-    with _IndexProgressDisplay() as display:
-        summary = _run(lambda: build_index(paths, out, options, on_skip=display.skipped, on_progress=display.update))
-    _print_index_summary(summary)
+                           strict=strict, fields=FieldNames.from_options(id_field, text_field),
+                           chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap, keep_missing=keep_missing,
+                           dry_run=dry_run, wait=wait)
+    stop = _StopRequests()
+    with stop, _IndexDisplay(quiet, progress_every) as display:
+        summary = _run(lambda: build_index(paths, out, options, events=display, should_stop=stop.requested))
+    if report is not None:
+        report.write_text(json.dumps(summary.to_json(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if not quiet:
+        _print_index_summary(summary)
+    if summary.interrupted:
+        raise typer.Exit(128 + (stop.signal_number or signal.SIGINT))
 
 
-class _IndexProgressDisplay:
-    """A live counter on stderr (only on a terminal); skipped records are printed above it."""
+class _StopRequests:
+    """SIGINT/SIGTERM ask the run to stop at the next batch boundary; a second one stops at once."""
 
     def __init__(self) -> None:
-        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                                 console=stderr, transient=True, disable=not stderr.is_terminal)
-        self.task = self.progress.add_task("loading model…", total=None)
+        self.signal_number: int | None = None
+        self._previous: dict[int, object] = {}
 
-    def __enter__(self) -> "_IndexProgressDisplay":
-        self.progress.start()
+    def requested(self) -> bool:
+        return self.signal_number is not None
+
+    def _handle(self, signal_number: int, _frame) -> None:
+        if self.signal_number is not None:
+            raise KeyboardInterrupt
+        self.signal_number = signal_number
+        stderr.print(f"bge-index: {signal.Signals(signal_number).name} received: finishing the current batch "
+                     "and saving what is done (send it again to abort)")
+
+    def __enter__(self) -> "_StopRequests":
+        for signal_number in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signal_number] = signal.signal(signal_number, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
-        self.progress.stop()
+        for signal_number, handler in self._previous.items():
+            signal.signal(signal_number, handler)
+
+
+class _IndexDisplay(IndexEvents):
+    """Progress on stderr: a live line on a terminal, else a plain line every `every` seconds (cron logs).
+
+    Skipped records and warnings are printed as they come, unless quiet.
+    """
+
+    def __init__(self, quiet: bool, every: float) -> None:
+        self.quiet = quiet
+        self.every = every
+        self.live = stderr.is_terminal and not quiet
+        self.last_line = time.monotonic()
+        self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                                 console=stderr, transient=True, disable=not self.live)
+        self.task = self.bar.add_task("reading documents…", total=None)
+
+    def __enter__(self) -> "_IndexDisplay":
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.stop()
 
     def skipped(self, item: Skipped) -> None:
-        self.progress.console.print(f"{escape(item.location)}: skipped: {escape(item.reason)}")
+        if not self.quiet:
+            self.bar.console.print(f"{escape(item.location)}: skipped: {escape(item.reason)}")
 
-    def update(self, state: IndexProgress) -> None:
-        rate = state.documents / state.elapsed if state.elapsed else 0.0
+    def warning(self, message: str) -> None:
+        if not self.quiet:
+            self.bar.console.print(f"bge-index: warning: {escape(message)}")
+
+    def progress_line(self, state: IndexProgress) -> str:
+        rate = state.encoded / state.elapsed if state.elapsed else 0.0
         token_rate = state.tokens / state.elapsed if state.elapsed else 0.0
-        self.progress.update(self.task, description=(
-            f"{state.documents:,} documents · {rate:,.1f} docs/s · {token_rate:,.0f} tokens/s"))
+        return (f"{state.documents:,} documents read, {state.encoded:,} encoded · {rate:,.1f} docs/s · "
+                f"{token_rate:,.0f} tokens/s")
+
+    def progress(self, state: IndexProgress) -> None:
+        if self.live:
+            self.bar.update(self.task, description=self.progress_line(state))
+        elif not self.quiet and time.monotonic() - self.last_line >= self.every:
+            self.last_line = time.monotonic()
+            stderr.print(f"bge-index: {time.strftime('%H:%M:%S')} {self.progress_line(state)} "
+                         f"({state.elapsed:,.0f} s)", markup=False)
 
 
 def _print_index_summary(summary: IndexSummary) -> None:
-    skipped = sum(summary.skipped.values())
+    verb = "Would change" if summary.dry_run else "Interrupted; saved" if summary.interrupted else "Updated"
     stdout.print(
-        f"Indexed {summary.documents:,} documents ({summary.tokens:,} tokens) into {summary.index_dir} "
-        f"in {summary.elapsed:.1f} s: {summary.documents_per_second:,.1f} docs/s, "
-        f"{summary.tokens_per_second:,.0f} tokens/s", markup=False)
+        f"{verb} {summary.index_dir}: {summary.added:,} added, {summary.updated:,} updated, "
+        f"{summary.unchanged:,} unchanged, {summary.removed:,} removed", markup=False)
+    if not summary.dry_run:
+        stdout.print(f"  encoded {summary.rows:,} rows ({summary.tokens:,} tokens) in {summary.elapsed:.1f} s: "
+                     f"{summary.documents_per_second:,.1f} docs/s, {summary.tokens_per_second:,.0f} tokens/s",
+                     markup=False)
+    skipped = sum(summary.skipped.values())
     reasons = ", ".join(f"{reason}: {count}" for reason, count in summary.skipped.most_common())
     stdout.print(f"  skipped: {skipped:,}" + (f" ({reasons})" if reasons else ""), markup=False)
+    if summary.duplicates:
+        stdout.print(f"  duplicate ids (last occurrence kept): {summary.duplicates:,}", markup=False)
     stdout.print(f"  truncated to {summary.max_length:,} tokens: {summary.truncated:,}", markup=False)
-    stdout.print(f"  shards: {summary.shards} ({_human_bytes(summary.bytes)}), model: {summary.model}", markup=False)
-    if summary.documents == 0:
-        stderr.print("bge-index: warning: no documents were indexed")
+    if not summary.dry_run:
+        state = "" if summary.wrote else ", nothing to write"
+        stdout.print(f"  index: {summary.live_rows:,} rows in {summary.shards} shards ({_human_bytes(summary.bytes)})"
+                     f"{state}; model: {summary.model}", markup=False)
+    if summary.interrupted:
+        stdout.print("  stopped early: run the same command again to finish", markup=False)
 
 
 def _human_bytes(size: int) -> str:
@@ -203,6 +285,7 @@ def search(
     queries: Annotated[Optional[str], typer.Option("--queries", help="JSONL (_id/id + text) or TSV (id<TAB>text); - for stdin.")] = None,
     output_format: Annotated[SearchFormat, typer.Option("--format", envvar="BGE_INDEX_FORMAT", help="Output format.")] = SearchFormat.table,
     explain: Annotated[bool, typer.Option("--explain", help="Show the query tokens that matched, with their contributions.")] = False,
+    group_by_doc: Annotated[bool, typer.Option("--group-by-doc", help="Rank documents by their best passage (chunked indexes).")] = False,
     model: Annotated[Optional[str], typer.Option(envvar="BGE_INDEX_MODEL",
                                                  help="Model to encode queries (must be the index's own).")] = None,
     device: Annotated[str, typer.Option(envvar="BGE_INDEX_DEVICE", callback=_check_device)] = "auto",
@@ -219,7 +302,7 @@ def search(
     def run() -> list[QueryResult]:
         opened = IndexSearch(index_dir, model=model, device=device, dtype=dtype.value)
         return opened.search(query_list, k=k, mode=mode.value, weights=weights, explain=explain,
-                             with_text=output_format is not SearchFormat.trec)
+                             with_text=output_format is not SearchFormat.trec, group_by_doc=group_by_doc)
 
     results = _run(run)
     printers = {SearchFormat.table: _print_table, SearchFormat.json: _print_json, SearchFormat.jsonl: _print_jsonl,
@@ -239,6 +322,8 @@ def _hit_json(result: QueryResult, ranked) -> dict:
               "dense": round(ranked.hit.dense, 6), "sparse": round(ranked.hit.sparse, 6)}
     if ranked.hit.colbert is not None:
         record["colbert"] = round(ranked.hit.colbert, 6)
+    if ranked.passage_id is not None:
+        record["passage"] = ranked.passage_id
     if ranked.text is not None:
         record["text"] = ranked.text
     if ranked.top_tokens:
@@ -332,8 +417,12 @@ def info(
         ("sparse", f"vocabulary {manifest.vocab_size:,}, uint32 ids + float32 weights"),
         ("colbert", f"{manifest.colbert_dim} × float16 per token" if manifest.has_colbert else "not stored"),
         ("text", "stored" if manifest.store_text else "not stored"),
-        ("documents", f"{manifest.documents:,}"),
+        ("chunking", f"{manifest.chunking['tokens']} tokens, overlap {manifest.chunking['overlap']}"
+                     if manifest.chunking else "off (one row per document)"),
+        ("rows", f"{manifest.documents:,} live ({sum(s.deleted_rows for s in manifest.shards):,} deleted, "
+                 "awaiting compaction)"),
         ("shards", f"{len(manifest.shards)}"),
+        ("state", f"{manifest.state}, generation {manifest.generation}"),
         ("size", _human_bytes(size)),
         ("created", manifest.created),
         ("updated", manifest.updated),
@@ -342,6 +431,21 @@ def info(
     for name, value in rows:
         table.add_row(name, escape(value))
     stdout.print(table)
+
+
+@app.command()
+def verify(
+    index_dir: Annotated[Path, typer.Argument(help="Index folder.", show_default=False)],
+) -> None:
+    """Check every shard and deletion set against the manifest: sizes, checksums, schema, rows, duplicate ids."""
+    problems = _run(lambda: verify_index(index_dir))
+    for problem in problems:
+        stderr.print(f"bge-index: damaged: {escape(problem)}")
+    if problems:
+        raise typer.Exit(EXIT_FAILURE)
+    manifest = _run(lambda: read_manifest(index_dir))
+    stdout.print(f"{index_dir}: OK ({manifest.documents:,} rows in {len(manifest.shards)} shards, "
+                 f"generation {manifest.generation}, {manifest.state})", markup=False)
 
 
 def main() -> None:

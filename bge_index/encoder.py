@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -90,6 +91,15 @@ class Tokenized:
 
     ids: list[int]
     truncated: bool
+
+
+@dataclass(frozen=True)
+class Passage:
+    """One chunk of a long text: its token ids (with <s> and </s>) and its character span [start, end)."""
+
+    ids: list[int]
+    start: int
+    end: int
 
 
 @dataclass
@@ -229,6 +239,45 @@ class ModelMismatchError(ModelError):
     """The model found is not the one an index was built with."""
 
 
+@dataclass(frozen=True)
+class ModelInfo:
+    """What can be known of a model without loading its weights."""
+
+    folder: Path
+    identity: ModelIdentity
+    model_max_length: int
+    dense_dim: int
+    colbert_dim: int
+    vocab_size: int
+
+    def effective_max_length(self, requested: int) -> int:
+        return effective_max_length(requested, self.model_max_length)
+
+
+def effective_max_length(requested: int, model_max_length: int) -> int:
+    """Token budget per text: what was asked, within what the model's positions allow (at least <s></s>)."""
+    return max(2, min(requested, model_max_length))
+
+
+def identify_model(model: str, known: ModelIdentity | None = None) -> ModelInfo:
+    """Find a model and describe it without loading its weights.
+
+    `known` (an index's recorded identity) spares re-hashing files whose size and mtime it already lists.
+    """
+    folder, revision = resolve_model_folder(model)
+    check_model_folder(folder)
+    name = model if revision is not None else str(folder)
+    identity = model_identity(folder, name, revision, known)
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        max_positions, hidden, vocab = (int(config[k]) for k in ("max_position_embeddings", "hidden_size", "vocab_size"))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ModelError(f"{folder / 'config.json'}: unreadable model config ({error})") from error
+    colbert_dim = _load_head(folder / COLBERT_HEAD_FILE, hidden, out_features=None).out_features
+    # XLM-R position ids start after the padding index, so two positions are unusable.
+    return ModelInfo(folder, identity, max_positions - 2, hidden, colbert_dim, vocab)
+
+
 def load_encoder(model: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto",
                  expected: ModelIdentity | None = None) -> "Encoder":
     """Load tokenizer, encoder and both heads; fail with ModelError on anything missing.
@@ -236,16 +285,14 @@ def load_encoder(model: str = DEFAULT_MODEL, device: str = "auto", dtype: str = 
     With `expected` (an index's recorded model), a different model is refused
     before its weights are loaded.
     """
-    folder, revision = resolve_model_folder(model)
-    check_model_folder(folder)
-    torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
-    name = model if revision is not None else str(folder)
-    identity = model_identity(folder, name, revision, expected)
+    info = identify_model(model, known=expected)
+    folder, identity = info.folder, info.identity
     if expected is not None and not identity.same_model(expected):
         raise ModelMismatchError(
             f"the index was built with {expected.describe()}, but --model gives {identity.describe()}; "
-            "search with the index's own model (leave out --model), or build a new index with this one")
+            "use the index's own model (leave out --model), or build a new index with this one")
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
     with _quiet_transformers():
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -314,13 +361,13 @@ class Encoder:
         # FlagEmbedding drops exactly these ids from sparse vectors.
         special = {tokenizer.cls_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id}
         self.special_ids = torch.tensor(sorted(i for i in special if i is not None), device=device)
-        self.vocab_size = max(len(tokenizer), int(network.config.vocab_size))
+        self.vocab_size = int(network.config.vocab_size)
         self._backend = _plain_backend(tokenizer)
 
     # -- tokenisation ------------------------------------------------------
 
     def effective_max_length(self, requested: int) -> int:
-        return max(2, min(requested, self.model_max_length))
+        return effective_max_length(requested, self.model_max_length)
 
     def tokenize(self, texts: Sequence[str], max_length: int) -> list[Tokenized]:
         """Token ids with <s> ... </s>; longer texts keep their head and the closing </s>.
@@ -341,6 +388,32 @@ class Encoder:
         if ids[-1] == self.eos_id:
             return Tokenized(ids[: max_length - 1] + ids[-1:], True)
         return Tokenized(ids[:max_length], True)
+
+    def passages(self, text: str, chunk_tokens: int, overlap: int) -> list[Passage]:
+        """Split a text on token boundaries into passages of at most `chunk_tokens` tokens (with <s>, </s>).
+
+        Consecutive passages share `overlap` tokens; each keeps the character
+        span of its tokens in `text`, so the passage is `text[start:end]`.
+        """
+        chunk_tokens = self.effective_max_length(chunk_tokens)
+        body = chunk_tokens - 2  # room left by <s> and </s>
+        if not 0 <= overlap < body:
+            raise ValueError(f"chunk overlap must be between 0 and {body - 1} tokens for {chunk_tokens}-token chunks")
+        if self._backend is None:
+            raise ModelError("chunking needs a fast (Rust) tokenizer with character offsets")
+        encoding = self._backend.encode(text, add_special_tokens=False)
+        ids, offsets = encoding.ids, encoding.offsets
+        cls_id, eos_id = self.tokenizer.cls_token_id, self.eos_id
+        passages = []
+        start = 0
+        while True:
+            end = min(start + body, len(ids))
+            char_start = offsets[start][0] if ids else 0
+            char_end = offsets[end - 1][1] if ids else len(text)
+            passages.append(Passage([cls_id, *ids[start:end], eos_id], char_start, char_end))
+            if end >= len(ids):
+                return passages
+            start = end - overlap
 
     def decode_token(self, token_id: int) -> str:
         return self.tokenizer.convert_ids_to_tokens(int(token_id))

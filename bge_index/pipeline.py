@@ -1,11 +1,19 @@
 """Where the stages meet: documents -> token batches -> vectors -> shards, and queries -> vectors -> hits.
 
-Indexing streams: documents are read a window at a time, tokenised, sorted
-by length inside the window and cut into batches under a padded-token budget
-(so a batch of short texts holds many rows and a long text rides alone), then
-written back in input order. Nothing grows with the corpus but counters.
+Indexing streams: documents are read a window at a time, tokenised (or cut
+into passages), sorted by length inside the window and cut into batches
+under a padded-token budget (a batch of short texts holds many rows, a long
+text rides alone), then written back in input order.
 
-The CLI drives these functions and is told what happens through callbacks;
+Runs are incremental: a document whose id and content hash are already in
+the index is not encoded again; a changed one is re-encoded and its old rows
+retired; one missing from the inputs is removed (unless kept). The encoder
+is loaded only when something needs encoding, so a no-change re-run costs
+hashing alone, and it writes nothing at all. A stop request (SIGINT/SIGTERM)
+is honoured at the next batch boundary: what is done is committed, removals
+are left for a complete run.
+
+The CLI drives these functions and hears what happens through `IndexEvents`;
 nothing here prints.
 """
 
@@ -13,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,10 +29,12 @@ import numpy as np
 
 from bge_index import __version__
 from bge_index.documents import Document, FieldNames, Skipped, iter_documents
-from bge_index.encoder import QUERY_MAX_LENGTH, Encoder, ModelIdentity, dtype_name, load_encoder
+from bge_index.encoder import (QUERY_MAX_LENGTH, Encoder, ModelIdentity, ModelInfo, dtype_name, identify_model,
+                               load_encoder, resolve_device, resolve_dtype)
+from bge_index.lock import LOCK_FILE, IndexLock
 from bge_index.search import Hit, QueryVectors, ScoreWeights, Searcher
-from bge_index.shards import (IndexFormatError, IndexWriter, Manifest, RowBatch, index_size_bytes, is_index,
-                              load_vectors, read_manifest, read_rows)
+from bge_index.shards import (IndexFormatError, IndexWriter, Manifest, RowBatch, RowLocation, content_hash,
+                              index_size_bytes, is_index, iter_live_keys, load_vectors, read_manifest, read_rows)
 
 WINDOW_DOCUMENTS = 2048
 MAX_BATCH_ROWS = 512
@@ -42,6 +52,14 @@ class OutputFolderError(Exception):
     """--out names a folder that holds something other than an index."""
 
 
+class IndexMismatchError(Exception):
+    """The index was built with other settings than this run asks for."""
+
+
+class InvalidOptionError(Exception):
+    """Options that cannot work together (a usage error)."""
+
+
 @dataclass(frozen=True)
 class IndexOptions:
     model: str
@@ -54,11 +72,17 @@ class IndexOptions:
     store_text: bool = True
     strict: bool = False
     fields: FieldNames = FieldNames()
+    chunk_tokens: int | None = None
+    chunk_overlap: int = 0
+    keep_missing: bool = False
+    dry_run: bool = False
+    wait: bool = False
 
 
 @dataclass
 class IndexProgress:
-    documents: int
+    documents: int  # seen so far, unchanged ones included
+    encoded: int
     tokens: int
     elapsed: float
 
@@ -66,95 +90,439 @@ class IndexProgress:
 @dataclass
 class IndexSummary:
     index_dir: Path
-    documents: int = 0
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    removed: int = 0
+    duplicates: int = 0
+    rows: int = 0  # rows encoded (passages, when chunked)
     tokens: int = 0
     truncated: int = 0
     skipped: Counter = field(default_factory=Counter)
     shards: int = 0
+    live_rows: int = 0
     bytes: int = 0
+    generation: int = 0
     elapsed: float = 0.0
+    load_seconds: float = 0.0
+    encode_seconds: float = 0.0
     max_length: int = 0
     model: str = ""
+    interrupted: bool = False
+    dry_run: bool = False
+    wrote: bool = False
+
+    @property
+    def encoded(self) -> int:
+        return self.added + self.updated
 
     @property
     def documents_per_second(self) -> float:
-        return self.documents / self.elapsed if self.elapsed > 0 else 0.0
+        return self.encoded / self.elapsed if self.elapsed > 0 else 0.0
 
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / self.elapsed if self.elapsed > 0 else 0.0
 
+    def to_json(self) -> dict:
+        return {
+            "index_dir": str(self.index_dir),
+            "status": "interrupted" if self.interrupted else "dry-run" if self.dry_run else "complete",
+            "documents": {"added": self.added, "updated": self.updated, "unchanged": self.unchanged,
+                          "removed": self.removed, "duplicates": self.duplicates,
+                          "skipped": sum(self.skipped.values()), "truncated": self.truncated},
+            "skipped_by_reason": dict(self.skipped),
+            "encoded": {"rows": self.rows, "tokens": self.tokens},
+            "timings": {"total_seconds": round(self.elapsed, 3), "model_load_seconds": round(self.load_seconds, 3),
+                        "encode_seconds": round(self.encode_seconds, 3),
+                        "documents_per_second": round(self.documents_per_second, 3),
+                        "tokens_per_second": round(self.tokens_per_second, 1)},
+            "model": self.model,
+            "max_length": self.max_length,
+            "index": {"generation": self.generation, "live_rows": self.live_rows, "shards": self.shards,
+                      "bytes": self.bytes, "written": self.wrote},
+        }
 
-def _no_op(*_args) -> None:
-    return None
+
+class IndexEvents:
+    """What an index run reports as it goes; the CLI overrides these to print."""
+
+    def skipped(self, item: Skipped) -> None:
+        """A record that could not be indexed."""
+
+    def warning(self, message: str) -> None:
+        """Something the user should know that does not stop the run."""
+
+    def progress(self, state: IndexProgress) -> None:
+        """Called after every encoded batch."""
+
+
+def _never() -> bool:
+    return False
 
 
 # ---------------------------------------------------------------------------
 # Indexing
 
 
-def build_index(inputs: Sequence[str], index_dir: Path, options: IndexOptions,
-                on_skip: Callable[[Skipped], None] = _no_op,
-                on_progress: Callable[[IndexProgress], None] = _no_op,
-                encoder: Encoder | None = None) -> IndexSummary:
-    """Index `inputs` into `index_dir`, replacing any index there in one atomic step."""
-    previous = _previous_manifest(index_dir)
+def build_index(inputs: Sequence[str], index_dir: Path, options: IndexOptions, events: IndexEvents = IndexEvents(),
+                encoder: Encoder | None = None, should_stop: Callable[[], bool] = _never) -> IndexSummary:
+    """Bring the index in `index_dir` up to date with `inputs` (creating it if needed)."""
+    _refuse_foreign_folder(index_dir)
     documents = iter_documents(inputs, options.fields)  # raises InputError before any work
-    encoder = encoder or load_encoder(options.model, options.device, options.dtype)
-    max_length = encoder.effective_max_length(options.max_length)
-    manifest = Manifest(
-        model={**encoder.identity.to_json(), "dtype": dtype_name(encoder.dtype), "max_length": max_length},
-        dense_dim=encoder.dense_dim,
-        colbert_dim=encoder.colbert_dim if options.colbert else None,
-        vocab_size=encoder.vocab_size,
-        store_text=options.store_text,
-        generation=(previous.generation + 1) if previous else 1,
-        tool_version=__version__,
-    )
-    summary = IndexSummary(index_dir, max_length=max_length, model=encoder.identity.describe())
-    writer = IndexWriter(index_dir, manifest, options.shard_rows)
-    started = time.perf_counter()
-    try:
-        for window in _windows(documents, summary, options.strict, on_skip):
-            writer.write(_encode_window(encoder, window, max_length, options, summary))
-            summary.elapsed = time.perf_counter() - started
-            on_progress(IndexProgress(summary.documents, summary.tokens, summary.elapsed))
-        manifest = writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
-    summary.elapsed = time.perf_counter() - started
-    summary.shards = len(manifest.shards)
-    summary.bytes = index_size_bytes(index_dir, manifest)
-    return summary
+    if options.dry_run:
+        return _IndexRun(index_dir, options, events, encoder, should_stop).run(documents)
+    with IndexLock(index_dir, wait=options.wait, on_wait=events.warning):
+        return _IndexRun(index_dir, options, events, encoder, should_stop).run(documents)
 
 
-def _previous_manifest(index_dir: Path) -> Manifest | None:
-    if is_index(index_dir):
-        return read_manifest(index_dir)
-    if index_dir.exists() and (not index_dir.is_dir() or any(index_dir.iterdir())):
+def _refuse_foreign_folder(index_dir: Path) -> None:
+    if is_index(index_dir) or not index_dir.exists():
+        return
+    if not index_dir.is_dir() or any(p.name != LOCK_FILE for p in index_dir.iterdir()):
         raise OutputFolderError(f"--out {index_dir}: exists and is not a bge-index index; "
                                 "refusing to write into it (choose an empty or new folder)")
-    return None
 
 
-def _windows(items: Iterable[Document | Skipped], summary: IndexSummary, strict: bool,
-             on_skip: Callable[[Skipped], None]) -> Iterator[list[Document]]:
-    """Documents in windows of WINDOW_DOCUMENTS; skipped records reported and counted on the way."""
-    window: list[Document] = []
-    for item in items:
-        if isinstance(item, Skipped):
-            if strict:
-                raise StrictModeError(item)
-            summary.skipped[item.category] += 1
-            on_skip(item)
-            continue
-        window.append(item)
-        if len(window) >= WINDOW_DOCUMENTS:
-            yield window
-            window = []
-    if window:
-        yield window
+@dataclass
+class _Existing:
+    """A document in the previous state: its content hash and live rows."""
+
+    hash: str
+    rows: list[RowLocation]
+
+
+@dataclass
+class _Seen:
+    """A document id met in this run: where, and what became of it."""
+
+    where: str
+    outcome: str  # "unchanged", "pending" (in the window), "added" or "updated" (written)
+    window_slot: int | None = None
+
+
+@dataclass
+class _Pending:
+    document: Document
+    hash: str
+    replaces: list[RowLocation]
+
+
+class _IndexRun:
+    """State of one index run; `run` drives it from documents to a committed manifest."""
+
+    def __init__(self, index_dir: Path, options: IndexOptions, events: IndexEvents, encoder: Encoder | None,
+                 should_stop: Callable[[], bool]):
+        self.index_dir = index_dir
+        self.options = options
+        self.events = events
+        self.encoder = encoder
+        self.should_stop = should_stop
+        self.summary = IndexSummary(index_dir, dry_run=options.dry_run)
+        self.window: list[_Pending | None] = []
+        self.seen: dict[str, _Seen] = {}
+        self.new_rows: dict[str, list[RowLocation]] = {}
+        self.existing: dict[str, _Existing] = {}
+        self.writer: IndexWriter | None = None
+        self.started = time.perf_counter()
+        self.deleted_any = False
+
+    # -- setup ----------------------------------------------------------------
+
+    def run(self, documents: Iterable[Document | Skipped]) -> IndexSummary:
+        previous = read_manifest(self.index_dir) if is_index(self.index_dir) else None
+        info = identify_model(self.options.model, known=ModelIdentity.from_json(previous.model) if previous else None)
+        manifest = self._wanted_manifest(info, previous)
+        if previous is not None:
+            _check_compatible(self.index_dir, previous, manifest)
+            self.existing = self._load_existing(previous)
+        self.summary.max_length = manifest.model["max_length"]
+        self.summary.model = info.identity.describe()
+        self.manifest = manifest
+        if not self.options.dry_run:
+            self.writer = IndexWriter(self.index_dir, manifest, self.options.shard_rows, base=previous)
+        try:
+            self._consume(documents)
+            self._finish(previous)
+        except BaseException:
+            if self.writer is not None:
+                self.writer.abort()
+            raise
+        return self.summary
+
+    def _wanted_manifest(self, info: ModelInfo, previous: Manifest | None) -> Manifest:
+        options = self.options
+        max_length = info.effective_max_length(options.max_length)
+        chunking = None
+        if options.chunk_tokens is not None:
+            tokens = info.effective_max_length(options.chunk_tokens)
+            if not 0 <= options.chunk_overlap < tokens - 2:
+                raise InvalidOptionError(f"--chunk-overlap must be between 0 and {tokens - 3} "
+                                         f"for {tokens}-token chunks")
+            chunking = {"tokens": tokens, "overlap": options.chunk_overlap}
+        precision = dtype_name(resolve_dtype(options.dtype, resolve_device(options.device)))
+        return Manifest(
+            model={**info.identity.to_json(), "dtype": precision, "max_length": max_length},
+            dense_dim=info.dense_dim,
+            colbert_dim=info.colbert_dim if options.colbert else None,
+            vocab_size=info.vocab_size,
+            store_text=options.store_text,
+            chunking=chunking,
+            generation=(previous.generation + 1) if previous else 1,
+            tool_version=__version__,
+        )
+
+    def _load_existing(self, previous: Manifest) -> dict[str, _Existing]:
+        existing: dict[str, _Existing] = {}
+        for doc_id, hash_, location in iter_live_keys(self.index_dir, previous):
+            entry = existing.get(doc_id)
+            if entry is None:
+                existing[doc_id] = _Existing(hash_, [location])
+            else:
+                entry.rows.append(location)
+        return existing
+
+    # -- the stream -------------------------------------------------------------
+
+    def _consume(self, documents: Iterable[Document | Skipped]) -> None:
+        for item in documents:
+            if self.should_stop():
+                self.summary.interrupted = True
+                return
+            if isinstance(item, Skipped):
+                if self.options.strict:
+                    raise StrictModeError(item)
+                self.summary.skipped[item.category] += 1
+                self.events.skipped(item)
+                continue
+            self._consider(item)
+            if len(self.window) >= WINDOW_DOCUMENTS:
+                self._flush_window()
+                if self.summary.interrupted:
+                    return
+        self._flush_window()
+
+    def _consider(self, document: Document) -> None:
+        where = f"{document.source}:{document.line}" if document.line is not None else document.source
+        hash_ = content_hash(document.text)
+        prior = self.seen.get(document.id)
+        if prior is not None:
+            self._forget(document.id, prior, where)
+        old = self.existing.get(document.id)
+        if old is not None and old.hash == hash_:
+            self.seen[document.id] = _Seen(where, "unchanged")
+            self.summary.unchanged += 1
+            return
+        self.seen[document.id] = _Seen(where, "pending", len(self.window))
+        self.window.append(_Pending(document, hash_, old.rows if old else []))
+
+    def _forget(self, doc_id: str, prior: _Seen, where: str) -> None:
+        """A later occurrence of an id wins: undo what the earlier one did in this run."""
+        self.events.warning(f"duplicate id {doc_id!r}: {where} replaces the earlier occurrence at {prior.where}")
+        self.summary.duplicates += 1
+        if prior.outcome == "pending":
+            self.window[prior.window_slot] = None
+        elif prior.outcome in ("added", "updated", "unchanged"):
+            setattr(self.summary, prior.outcome, getattr(self.summary, prior.outcome) - 1)
+        for location in self.new_rows.pop(doc_id, []):
+            self._delete(location)
+
+    def _flush_window(self) -> None:
+        pending = [p for p in self.window if p is not None]
+        self.window = []
+        if not pending:
+            return
+        if self.options.dry_run:
+            for item in pending:
+                outcome = "updated" if item.replaces else "added"
+                self.seen[item.document.id].outcome = outcome
+                setattr(self.summary, outcome, getattr(self.summary, outcome) + 1)
+            return
+        rows, done = self._encode(pending)
+        if rows is None:
+            return
+        locations = self.writer.write(rows)
+        by_document: dict[str, list[RowLocation]] = {}
+        for doc_id, location in zip(rows.doc_ids or rows.ids, locations):
+            by_document.setdefault(doc_id, []).append(location)
+        for item in done:
+            doc_id = item.document.id
+            for location in item.replaces:
+                self._delete(location)
+            self.existing.pop(doc_id, None)
+            self.new_rows[doc_id] = by_document[doc_id]
+            outcome = "updated" if item.replaces else "added"
+            self.seen[doc_id].outcome = outcome
+            setattr(self.summary, outcome, getattr(self.summary, outcome) + 1)
+        for item in pending[len(done):]:
+            # Not reached before the stop: the previous state still holds them.
+            self.seen[item.document.id].outcome = "not reached"
+
+    def _delete(self, location: RowLocation) -> None:
+        self.writer.delete(location)
+        self.deleted_any = True
+
+    # -- encoding ---------------------------------------------------------------
+
+    def _load_encoder(self) -> Encoder:
+        if self.encoder is None:
+            started = time.perf_counter()
+            self.encoder = load_encoder(self.options.model, self.options.device, self.options.dtype)
+            self.summary.load_seconds = time.perf_counter() - started
+        return self.encoder
+
+    def _encode(self, pending: list[_Pending]) -> tuple[RowBatch | None, list[_Pending]]:
+        """Encode the window's documents; on a stop request, only the documents finished so far."""
+        encoder = self._load_encoder()
+        rows = _RowsOfWindow(encoder, pending, self.options, self.summary.max_length, self.manifest.chunking)
+        self.summary.truncated += rows.truncated
+        lengths = [len(ids) for ids in rows.token_ids]
+        finished = np.zeros(len(lengths), dtype=bool)
+        for batch in token_budget_batches(lengths, self.options.batch_tokens):
+            started = time.perf_counter()
+            encoded = encoder.encode_ids([rows.token_ids[i] for i in batch], colbert=self.options.colbert)
+            self.summary.encode_seconds += time.perf_counter() - started
+            rows.place(batch, encoded)
+            finished[batch] = True
+            self.summary.rows += len(batch)
+            self.summary.tokens += sum(lengths[i] for i in batch)
+            self.summary.elapsed = time.perf_counter() - self.started
+            self.events.progress(IndexProgress(len(self.seen), self.summary.encoded + int(finished.sum()),
+                                               self.summary.tokens, self.summary.elapsed))
+            if self.should_stop() and not finished.all():
+                self.summary.interrupted = True
+                break
+        return rows.complete_documents(finished)
+
+    # -- the end ---------------------------------------------------------------
+
+    def _finish(self, previous: Manifest | None) -> None:
+        complete = not self.summary.interrupted
+        if complete and not self.options.keep_missing:
+            for doc_id, old in list(self.existing.items()):
+                if doc_id not in self.seen:
+                    self.summary.removed += 1
+                    if self.writer is not None:
+                        for location in old.rows:
+                            self._delete(location)
+        changed = self.summary.rows > 0 or self.deleted_any
+        needs_commit = previous is None or changed or (complete and previous.state != "complete")
+        if self.writer is not None and needs_commit:
+            final = self.writer.commit(state="complete" if complete else "partial")
+            self.summary.wrote = True
+        else:
+            final = previous
+        if final is not None and (self.writer is not None or previous is not None):
+            self.summary.generation = final.generation
+            self.summary.shards = len(final.shards)
+            self.summary.live_rows = final.documents
+            self.summary.bytes = index_size_bytes(self.index_dir, final) if is_index(self.index_dir) else 0
+        self.summary.elapsed = time.perf_counter() - self.started
+
+
+def _check_compatible(index_dir: Path, previous: Manifest, wanted: Manifest) -> None:
+    """An index is only ever extended with the settings that built it."""
+    recorded = ModelIdentity.from_json(previous.model)
+    asked = ModelIdentity.from_json(wanted.model)
+    differences = []
+    if not recorded.same_model(asked):
+        differences.append(f"model {recorded.describe()} (this run: {asked.describe()})")
+    for key, label in (("dtype", "dtype"), ("max_length", "max length")):
+        if previous.model.get(key) != wanted.model.get(key):
+            differences.append(f"{label} {previous.model.get(key)} (this run: {wanted.model.get(key)})")
+    if previous.chunking != wanted.chunking:
+        differences.append(f"chunking {_describe_chunking(previous.chunking)} "
+                           f"(this run: {_describe_chunking(wanted.chunking)})")
+    if previous.colbert_dim != wanted.colbert_dim:
+        differences.append(f"ColBERT vectors {'on' if previous.has_colbert else 'off'} "
+                           f"(this run: {'on' if wanted.has_colbert else 'off'})")
+    if previous.store_text != wanted.store_text:
+        differences.append(f"text {'stored' if previous.store_text else 'not stored'} "
+                           f"(this run: {'stored' if wanted.store_text else 'not stored'})")
+    if differences:
+        raise IndexMismatchError(
+            f"{index_dir} was built with " + "; ".join(differences)
+            + ". An index is never extended with other settings: use a new --out for these, "
+              "or repeat the index's own settings (bge-index info shows them).")
+
+
+def _describe_chunking(chunking: dict | None) -> str:
+    return "off" if not chunking else f"{chunking['tokens']} tokens, overlap {chunking['overlap']}"
+
+
+class _RowsOfWindow:
+    """The rows a window of documents becomes (one per document, or one per passage), and their vectors."""
+
+    def __init__(self, encoder: Encoder, pending: list[_Pending], options: IndexOptions, max_length: int,
+                 chunking: dict | None):
+        self.pending = pending
+        self.options = options
+        self.owner: list[int] = []  # row -> position in `pending`
+        self.token_ids: list[list[int]] = []
+        self.texts: list[str] = []
+        self.spans: list[tuple[int, int]] = []
+        self.truncated = 0
+        if chunking:
+            for position, item in enumerate(pending):
+                text = item.document.text
+                for passage in encoder.passages(text, chunking["tokens"], chunking["overlap"]):
+                    self._add(position, passage.ids, text[passage.start:passage.end], (passage.start, passage.end))
+        else:
+            tokenized = encoder.tokenize([p.document.text for p in pending], max_length)
+            self.truncated = sum(t.truncated for t in tokenized)
+            for position, (item, tokens) in enumerate(zip(pending, tokenized)):
+                self._add(position, tokens.ids, item.document.text, (0, len(item.document.text)))
+        self.dense = np.empty((len(self.token_ids), encoder.dense_dim), dtype=np.float32)
+        self.sparse: list = [None] * len(self.token_ids)
+        self.colbert: list | None = [None] * len(self.token_ids) if options.colbert else None
+
+    def _add(self, position: int, ids: list[int], text: str, span: tuple[int, int]) -> None:
+        self.owner.append(position)
+        self.token_ids.append(ids)
+        self.texts.append(text)
+        self.spans.append(span)
+
+    def place(self, batch: list[int], encoded) -> None:
+        self.dense[batch] = encoded.dense
+        for slot, row in enumerate(batch):
+            self.sparse[row] = encoded.sparse[slot]
+            if self.colbert is not None:
+                self.colbert[row] = encoded.colbert[slot]
+
+    def complete_documents(self, finished: np.ndarray) -> tuple[RowBatch | None, list[_Pending]]:
+        """Rows of the documents all of whose rows are encoded, in input order (a prefix of the window)."""
+        done_positions = set(range(len(self.pending)))
+        for row in np.flatnonzero(~finished).tolist():
+            done_positions.discard(self.owner[row])
+        # Keep input order: the finished documents up to the first unfinished one.
+        cut = next((p for p in range(len(self.pending)) if p not in done_positions), len(self.pending))
+        rows = [r for r in range(len(self.owner)) if self.owner[r] < cut]
+        if not rows:
+            return None, []
+        chunked = self.options.chunk_tokens is not None
+        docs = [self.pending[self.owner[r]].document for r in rows]
+        chunk_numbers = _chunk_numbers([self.owner[r] for r in rows]) if chunked else None
+        return RowBatch(
+            ids=[f"{d.id}#{n}" for d, n in zip(docs, chunk_numbers)] if chunked else [d.id for d in docs],
+            content_hashes=[self.pending[self.owner[r]].hash for r in rows],
+            texts=[self.texts[r] for r in rows] if self.options.store_text else None,
+            dense=self.dense[rows],
+            sparse=[self.sparse[r] for r in rows],
+            colbert=[self.colbert[r] for r in rows] if self.colbert is not None else None,
+            doc_ids=[d.id for d in docs] if chunked else None,
+            chunks=chunk_numbers,
+            spans=[self.spans[r] for r in rows] if chunked else None,
+        ), self.pending[:cut]
+
+
+def _chunk_numbers(owners: list[int]) -> list[int]:
+    """0, 1, 2... within each run of rows that belong to the same document."""
+    numbers, previous, count = [], None, 0
+    for owner in owners:
+        count = count + 1 if owner == previous else 0
+        numbers.append(count)
+        previous = owner
+    return numbers
 
 
 def token_budget_batches(lengths: Sequence[int], batch_tokens: int, max_rows: int = MAX_BATCH_ROWS) -> list[list[int]]:
@@ -177,27 +545,6 @@ def token_budget_batches(lengths: Sequence[int], batch_tokens: int, max_rows: in
     return batches
 
 
-def _encode_window(encoder: Encoder, window: list[Document], max_length: int, options: IndexOptions,
-                   summary: IndexSummary) -> RowBatch:
-    tokenized = encoder.tokenize([d.text for d in window], max_length)
-    lengths = [len(t.ids) for t in tokenized]
-    dense = np.empty((len(window), encoder.dense_dim), dtype=np.float32)
-    sparse: list = [None] * len(window)
-    colbert: list | None = [None] * len(window) if options.colbert else None
-    for batch in token_budget_batches(lengths, options.batch_tokens):
-        encoded = encoder.encode_ids([tokenized[i].ids for i in batch], colbert=options.colbert)
-        dense[batch] = encoded.dense
-        for slot, position in enumerate(batch):
-            sparse[position] = encoded.sparse[slot]
-            if colbert is not None and encoded.colbert is not None:
-                colbert[position] = encoded.colbert[slot]
-    summary.documents += len(window)
-    summary.tokens += sum(lengths)
-    summary.truncated += sum(t.truncated for t in tokenized)
-    texts = [d.text for d in window] if options.store_text else None
-    return RowBatch([d.id for d in window], texts, dense, sparse, colbert)
-
-
 # ---------------------------------------------------------------------------
 # Searching
 
@@ -215,6 +562,7 @@ class RankedDocument:
     hit: Hit
     text: str | None = None
     top_tokens: tuple[tuple[str, float], ...] = ()
+    passage_id: str | None = None  # with --group-by-doc: the best passage of the document
 
 
 @dataclass(frozen=True)
@@ -231,7 +579,8 @@ class IndexSearch:
         self.manifest = read_manifest(index_dir)
         recorded = ModelIdentity.from_json(self.manifest.model)
         self.encoder = load_encoder(model or recorded.name, device, dtype, expected=recorded)
-        self.searcher = Searcher(load_vectors(index_dir, self.manifest), self.manifest.vocab_size)
+        self.vectors = load_vectors(index_dir, self.manifest)
+        self.searcher = Searcher(self.vectors, self.manifest.vocab_size)
 
     def encode_queries(self, texts: Sequence[str], colbert: bool = False) -> list[QueryVectors]:
         vectors: list[QueryVectors] = []
@@ -245,23 +594,28 @@ class IndexSearch:
 
     def search(self, queries: Sequence[Query], k: int = 10, mode: str = "hybrid",
                weights: ScoreWeights = ScoreWeights(), explain: bool = False,
-               with_text: bool = True) -> list[QueryResult]:
+               with_text: bool = True, group_by_doc: bool = False) -> list[QueryResult]:
         if mode == "colbert" and not self.manifest.has_colbert:
             raise IndexFormatError(f"{self.index_dir} has no ColBERT vectors: rebuild it with --colbert, "
                                    "or search with --mode hybrid|dense|sparse")
         query_vectors = self.encode_queries([q.text for q in queries], colbert=(mode == "colbert"))
         results = []
         for query, vectors in zip(queries, query_vectors):
-            hits = self.searcher.search(vectors, k, mode, weights, fetch_colbert=self._fetch_colbert)
-            results.append(QueryResult(query, self._describe(vectors, hits, explain, with_text)))
+            hits = self.searcher.search(vectors, k, mode, weights, fetch_colbert=self._fetch_colbert,
+                                        group_by_doc=group_by_doc)
+            results.append(QueryResult(query, self._describe(vectors, hits, explain, with_text, group_by_doc)))
         return results
 
-    def _fetch_colbert(self, rows: Sequence[int]) -> list[np.ndarray]:
-        return read_rows(self.index_dir, self.manifest, rows, "colbert")
+    def _locations(self, rows: Sequence[int]) -> list[tuple[int, int]]:
+        return [(int(self.vectors.row_shard[r]), int(self.vectors.row_local[r])) for r in rows]
 
-    def _describe(self, query: QueryVectors, hits: list[Hit], explain: bool, with_text: bool) -> list[RankedDocument]:
+    def _fetch_colbert(self, rows: Sequence[int]) -> list[np.ndarray]:
+        return read_rows(self.index_dir, self.manifest, self._locations(rows), "colbert")
+
+    def _describe(self, query: QueryVectors, hits: list[Hit], explain: bool, with_text: bool,
+                  grouped: bool) -> list[RankedDocument]:
         rows = [h.row for h in hits]
-        texts = read_rows(self.index_dir, self.manifest, rows, "text") \
+        texts = read_rows(self.index_dir, self.manifest, self._locations(rows), "text") \
             if with_text and self.manifest.store_text and rows else [None] * len(rows)
         ranked = []
         for rank, (hit, text) in enumerate(zip(hits, texts), start=1):
@@ -269,5 +623,11 @@ class IndexSearch:
             if explain:
                 tokens = tuple((self.encoder.decode_token(token), weight)
                                for token, weight in self.searcher.sparse_contributions(query, hit.row)[:8])
-            ranked.append(RankedDocument(rank, str(self.searcher.vectors.ids[hit.row]), hit, text, tokens))
+            row_id = str(self.vectors.ids[hit.row])
+            if grouped:
+                doc_ids = self.vectors.doc_ids
+                doc_id = str(doc_ids[hit.row]) if doc_ids is not None else row_id
+                ranked.append(RankedDocument(rank, doc_id, hit, text, tokens, row_id))
+            else:
+                ranked.append(RankedDocument(rank, row_id, hit, text, tokens))
         return ranked

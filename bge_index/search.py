@@ -84,6 +84,7 @@ class Searcher:
         counts = np.diff(vectors.sparse_indptr)
         # Row number of every stored (token, weight) pair: [nnz]; lets one bincount sum all rows.
         self._sparse_rows = np.repeat(np.arange(len(vectors), dtype=np.int64), counts)
+        self._documents: _DocumentGroups | None = None
 
     def __len__(self) -> int:
         return len(self.vectors)
@@ -131,7 +132,12 @@ class Searcher:
     # -- ranking -----------------------------------------------------------
 
     def search(self, query: QueryVectors, k: int = 10, mode: str = "hybrid", weights: ScoreWeights = ScoreWeights(),
-               fetch_colbert: Callable[[Sequence[int]], list[np.ndarray]] | None = None) -> list[Hit]:
+               fetch_colbert: Callable[[Sequence[int]], list[np.ndarray]] | None = None,
+               group_by_doc: bool = False) -> list[Hit]:
+        """The k best rows, or with `group_by_doc` the best row of each of the k best documents.
+
+        A document's score is the score of its best passage (row); exact for dense, sparse and hybrid.
+        """
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r} (use {', '.join(MODES)})")
         dense = self.dense_scores(query) if mode != "sparse" else None  # [N]
@@ -142,9 +148,18 @@ class Searcher:
             ranking = sparse
         else:
             ranking = weights.dense * dense + weights.sparse * sparse
+        groups = self._document_groups() if group_by_doc else None
         if mode == "colbert":
-            return self._colbert_rerank(query, ranking, k, weights, fetch_colbert)
-        return [self._hit(query, int(row), float(ranking[row]), dense, sparse) for row in top_k(ranking, k)]
+            hits = self._colbert_rerank(query, ranking, k, weights, fetch_colbert)
+            return groups.best_hits(hits, k) if groups is not None else hits[:k]
+        rows = groups.top_rows(ranking, k) if groups is not None else top_k(ranking, k)
+        return [self._hit(query, int(row), float(ranking[row]), dense, sparse) for row in rows]
+
+    def _document_groups(self) -> "_DocumentGroups":
+        if self._documents is None:
+            doc_ids = self.vectors.doc_ids if self.vectors.doc_ids is not None else self.vectors.ids
+            self._documents = _DocumentGroups(doc_ids)
+        return self._documents
 
     def _hit(self, query: QueryVectors, row: int, score: float,
              dense: np.ndarray | None, sparse: np.ndarray | None) -> Hit:
@@ -166,7 +181,42 @@ class Searcher:
             score = weights.dense * dense + weights.sparse * sparse + weights.colbert * colbert
             hits.append(Hit(row, float(score), dense, sparse, colbert))
         hits.sort(key=lambda h: (-h.score, h.row))
-        return hits[:k]
+        return hits
+
+
+class _DocumentGroups:
+    """Rows grouped by document (passages of one document), groups numbered in order of first appearance."""
+
+    def __init__(self, doc_ids: np.ndarray):
+        _, first_row, group = np.unique(doc_ids, return_index=True, return_inverse=True)
+        order_of_first = np.argsort(first_row, kind="stable")
+        renumber = np.empty_like(order_of_first)
+        renumber[order_of_first] = np.arange(len(order_of_first))
+        self.group_of_row = renumber[group.reshape(-1)]  # [N]
+        self.rows_by_group = np.argsort(self.group_of_row, kind="stable")  # [N], rows ascending within a group
+        self.starts = np.searchsorted(self.group_of_row[self.rows_by_group], np.arange(len(order_of_first)))
+
+    def top_rows(self, scores: np.ndarray, k: int) -> list[int]:
+        """Best row of each of the k best groups; a group scores as its best row (ties: earlier group, row)."""
+        if len(scores) == 0:
+            return []
+        best = np.maximum.reduceat(scores[self.rows_by_group], self.starts)  # [groups]
+        ends = np.append(self.starts[1:], len(scores))
+        rows = []
+        for group in top_k(best, k).tolist():
+            members = self.rows_by_group[self.starts[group]:ends[group]]
+            rows.append(int(members[np.argmax(scores[members])]))
+        return rows
+
+    def best_hits(self, hits: list[Hit], k: int) -> list[Hit]:
+        """Hits already ranked best first: keep the first of each group, k groups at most."""
+        seen, kept = set(), []
+        for hit in hits:
+            group = int(self.group_of_row[hit.row])
+            if group not in seen:
+                seen.add(group)
+                kept.append(hit)
+        return kept[:k]
 
 
 def colbert_maxsim(query_vectors: np.ndarray, doc_vectors: np.ndarray) -> float:

@@ -1,19 +1,27 @@
-"""The on-disk index format: Parquet shards plus a versioned manifest.
+"""The on-disk index format: Parquet shards, deletion sets and a versioned manifest.
 
 The only module that imports pyarrow, so it also reads Parquet *input* files
 for documents.py. An index folder holds
 
-    manifest.json                      format version, model, dims, shard list
-    shard-GGGGGG-NNNNN.parquet         at most `shard_rows` rows each
+    manifest.json                              format version, model, dims, shard list
+    shard-GGGGGG-NNNNN.parquet                 at most `shard_rows` rows each, never modified
+    shard-GGGGGG-NNNNN.deleted-HHHHHH.npy      rows of that shard no longer live (uint32)
+    .lock                                      the writer's lock (see lock.py)
 
-Shard columns: `id` string; `text` string (unless text is not stored);
-`dense` fixed_size_list<float16>[D]; `sparse` struct{indices: list<uint32>,
+Shard columns: `id` string; `content_hash` string (of the document text, for
+incremental runs); with chunking `doc_id` string, `chunk` int32, `char_start`
+and `char_end` int64; `text` string (unless text is not stored); `dense`
+fixed_size_list<float16>[D]; `sparse` struct{indices: list<uint32>,
 values: list<float32>} with indices ascending (the layout Milvus bulk import
 reads); optional `colbert` list<fixed_size_list<float16>[Dc]>.
 
-Every file is written to a temporary name and renamed into place, and the
-manifest is renamed last: a reader that starts from manifest.json only ever
-sees a complete index, the old one or the new one.
+Shards are immutable: an updated or removed document is masked out by its
+shard's deletion set, and a shard more than half dead is compacted into a
+new one. Every file is written to a temporary name, fsynced and renamed into
+place, and the manifest is renamed last: a reader that starts from
+manifest.json sees the previous state or the new one, never a mix. Files of
+the previous state are kept until the next write, so a reader that has just
+read the old manifest can still open its shards.
 """
 
 from __future__ import annotations
@@ -24,10 +32,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import tempfile
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -39,16 +48,29 @@ FORMAT_NAME = "bge-index"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 SHARD_PATTERN = re.compile(r"^shard-(\d{6})-(\d{5})\.parquet$")
+DELETED_PATTERN = re.compile(r"^shard-(\d{6})-(\d{5})\.deleted-(\d{6})\.npy$")
+COMPACT_WHEN_DEAD = 0.5  # a shard with more than this fraction of deleted rows is rewritten
 _ROW_GROUP_ROWS = 1024
 _ROW_GROUP_BYTES = 64 << 20  # bounds memory when rows are large (ColBERT vectors of long documents)
+CHUNK_COLUMNS = ("doc_id", "chunk", "char_start", "char_end")
 
 
 class IndexFormatError(Exception):
-    """A folder that is not an index, or an index this version cannot read, or a damaged shard."""
+    """A folder that is not an index, or an index this version cannot read, or a damaged file."""
 
 
 class UnreadableParquet(Exception):
     """An input Parquet file that cannot be read."""
+
+
+def fault_point(name: str) -> None:
+    """Crash-test hook: die by SIGKILL here when BGE_INDEX_FAULT_AT names this point.
+
+    The crash-safety tests use it to kill a real run at exact places (mid
+    shard, after a shard, before and after the manifest switch).
+    """
+    if os.environ.get("BGE_INDEX_FAULT_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass(frozen=True)
@@ -57,6 +79,13 @@ class ShardInfo:
     rows: int
     bytes: int
     sha256: str
+    deleted_file: str | None = None
+    deleted_rows: int = 0
+    deleted_sha256: str | None = None
+
+    @property
+    def live_rows(self) -> int:
+        return self.rows - self.deleted_rows
 
 
 @dataclass
@@ -68,9 +97,11 @@ class Manifest:
     colbert_dim: int | None
     vocab_size: int
     store_text: bool
-    documents: int = 0
+    chunking: dict | None = None  # {"tokens": N, "overlap": M} when documents are split into passages
+    documents: int = 0  # live rows (passages, when chunked)
     shards: list[ShardInfo] = field(default_factory=list)
     generation: int = 0
+    state: str = "complete"  # "partial" after an interrupted run: rerun to finish
     created: str = ""
     updated: str = ""
     tool_version: str = ""
@@ -83,6 +114,7 @@ class Manifest:
             "created": self.created,
             "updated": self.updated,
             "generation": self.generation,
+            "state": self.state,
             "tool_version": self.tool_version,
             "model": self.model,
             "vectors": {
@@ -90,6 +122,7 @@ class Manifest:
                 "sparse": {"vocab_size": self.vocab_size, "indices": "uint32", "values": "float32"},
                 "colbert": None if self.colbert_dim is None else {"dim": self.colbert_dim, "dtype": "float16"},
             },
+            "chunking": self.chunking,
             "store_text": self.store_text,
             "documents": self.documents,
             "shards": [asdict(s) for s in self.shards],
@@ -105,9 +138,11 @@ class Manifest:
             colbert_dim=None if colbert is None else int(colbert["dim"]),
             vocab_size=int(vectors["sparse"]["vocab_size"]),
             store_text=bool(data["store_text"]),
+            chunking=data.get("chunking"),
             documents=int(data["documents"]),
             shards=[ShardInfo(**s) for s in data["shards"]],
             generation=int(data.get("generation", 0)),
+            state=data.get("state", "complete"),
             created=data.get("created", ""),
             updated=data.get("updated", ""),
             tool_version=data.get("tool_version", ""),
@@ -117,6 +152,11 @@ class Manifest:
     @property
     def has_colbert(self) -> bool:
         return self.colbert_dim is not None
+
+    def files(self) -> set[str]:
+        """Every file this manifest refers to."""
+        names = {s.file for s in self.shards}
+        return names | {s.deleted_file for s in self.shards if s.deleted_file}
 
 
 def utc_now() -> str:
@@ -154,11 +194,12 @@ def read_manifest(index_dir: Path) -> Manifest:
         raise IndexFormatError(f"{path}: damaged manifest (missing or bad {error})") from error
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def _write_atomically(path: Path, write) -> None:
+    """Write through `write(stream)` to a temporary file, fsync it, rename it over `path`."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as stream:
-            stream.write(data)
+            write(stream)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(tmp, path)
@@ -189,12 +230,20 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def content_hash(text: str) -> str:
+    """What incremental runs compare: 128 bits of BLAKE2b over the document text."""
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
 # ---------------------------------------------------------------------------
 # Writing
 
 
-def shard_schema(dense_dim: int, colbert_dim: int | None, store_text: bool) -> pa.Schema:
-    fields = [pa.field("id", pa.string(), nullable=False)]
+def shard_schema(dense_dim: int, colbert_dim: int | None, store_text: bool, chunked: bool) -> pa.Schema:
+    fields = [pa.field("id", pa.string(), nullable=False), pa.field("content_hash", pa.string(), nullable=False)]
+    if chunked:
+        fields += [pa.field("doc_id", pa.string(), nullable=False), pa.field("chunk", pa.int32(), nullable=False),
+                   pa.field("char_start", pa.int64(), nullable=False), pa.field("char_end", pa.int64(), nullable=False)]
     if store_text:
         fields.append(pa.field("text", pa.string()))
     fields.append(pa.field("dense", pa.list_(pa.float16(), dense_dim), nullable=False))
@@ -207,15 +256,26 @@ def shard_schema(dense_dim: int, colbert_dim: int | None, store_text: bool) -> p
     return pa.schema(fields, metadata={"bge_index_format_version": str(FORMAT_VERSION)})
 
 
+def manifest_schema(manifest: Manifest) -> pa.Schema:
+    return shard_schema(manifest.dense_dim, manifest.colbert_dim, manifest.store_text, manifest.chunking is not None)
+
+
 @dataclass
 class RowBatch:
-    """Rows ready to store. dense: [B, D] float; sparse: B (ids, weights); colbert: B [n, Dc] or None."""
+    """Rows ready to store. dense: [B, D] float; sparse: B (ids, weights); colbert: B [n, Dc] or None.
+
+    With chunking, `doc_ids`, `chunks` and `spans` (char start, end) say which passage of which document a row is.
+    """
 
     ids: list[str]
+    content_hashes: list[str]
     texts: list[str] | None
     dense: np.ndarray
     sparse: list[tuple[np.ndarray, np.ndarray]]
     colbert: list[np.ndarray] | None = None
+    doc_ids: list[str] | None = None
+    chunks: list[int] | None = None
+    spans: list[tuple[int, int]] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -236,7 +296,14 @@ def _fixed_list_array(matrix: np.ndarray, dim: int) -> pa.Array:
 
 def rows_to_table(rows: RowBatch, schema: pa.Schema) -> pa.Table:
     dense_dim = schema.field("dense").type.list_size
-    columns: dict[str, pa.Array] = {"id": pa.array(rows.ids, type=pa.string())}
+    columns: dict[str, pa.Array] = {"id": pa.array(rows.ids, type=pa.string()),
+                                    "content_hash": pa.array(rows.content_hashes, type=pa.string())}
+    if "doc_id" in schema.names:
+        assert rows.doc_ids is not None and rows.chunks is not None and rows.spans is not None
+        columns["doc_id"] = pa.array(rows.doc_ids, type=pa.string())
+        columns["chunk"] = pa.array(rows.chunks, type=pa.int32())
+        columns["char_start"] = pa.array([s[0] for s in rows.spans], type=pa.int64())
+        columns["char_end"] = pa.array([s[1] for s in rows.spans], type=pa.int64())
     if "text" in schema.names:
         columns["text"] = pa.array(rows.texts, type=pa.string())
     columns["dense"] = _fixed_list_array(rows.dense, dense_dim)
@@ -254,22 +321,37 @@ def rows_to_table(rows: RowBatch, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(list(columns.values()), schema=schema)
 
 
-class IndexWriter:
-    """Writes a new generation of shards into `index_dir`; `commit` publishes it.
+@dataclass(frozen=True)
+class RowLocation:
+    """Where a row lives: shard file name and row number inside it."""
 
-    Until `commit` renames the new manifest into place, readers keep seeing
-    the previous index (or no index). `abort` removes what this writer wrote.
-    Memory stays bounded: rows are buffered only up to one row group.
+    file: str
+    row: int
+
+
+class IndexWriter:
+    """Builds the next generation of an index on top of `base` (the current manifest, if any).
+
+    New rows go to new shards; rows of existing or new shards are retired
+    with `delete`; `commit` writes deletion sets, compacts mostly-dead
+    shards, publishes the manifest and then removes files that neither the
+    new nor the previous manifest names (leftovers of crashed runs included).
+    Until `commit` renames the manifest, readers see `base`. `abort` removes
+    what this writer wrote. Memory stays bounded: rows are buffered only up
+    to one row group.
     """
 
-    def __init__(self, index_dir: Path, manifest: Manifest, shard_rows: int):
+    def __init__(self, index_dir: Path, manifest: Manifest, shard_rows: int, base: Manifest | None = None):
         if shard_rows < 1:
             raise ValueError("shard_rows must be at least 1")
         self.index_dir = index_dir
         self.manifest = manifest
+        self.base = base
         self.shard_rows = shard_rows
-        self.schema = shard_schema(manifest.dense_dim, manifest.colbert_dim, manifest.store_text)
-        self.shards: list[ShardInfo] = []
+        self.schema = manifest_schema(manifest)
+        self.carried: list[ShardInfo] = list(base.shards) if base else []
+        self.shards: list[ShardInfo] = []  # written by this writer
+        self._deletions: dict[str, set[int]] = {}
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
         self._pending_bytes = 0
@@ -281,12 +363,21 @@ class IndexWriter:
     def shard_name(self, number: int) -> str:
         return f"shard-{self.manifest.generation:06d}-{number:05d}.parquet"
 
-    def write(self, rows: RowBatch) -> None:
-        table = rows_to_table(rows, self.schema)
+    # -- rows in ------------------------------------------------------------
+
+    def write(self, rows: RowBatch) -> list[RowLocation]:
+        """Append rows; returns where each one will live once committed."""
+        return self._write_table(rows_to_table(rows, self.schema))
+
+    def _write_table(self, table: pa.Table) -> list[RowLocation]:
+        locations = []
         start = 0
         while start < table.num_rows:
             room = self.shard_rows - self._shard_row_count - self._pending_rows
             piece = table.slice(start, room)
+            first_row = self._shard_row_count + self._pending_rows
+            name = self.shard_name(len(self.shards))
+            locations += [RowLocation(name, first_row + i) for i in range(piece.num_rows)]
             self._pending.append(piece)
             self._pending_rows += piece.num_rows
             self._pending_bytes += piece.nbytes
@@ -296,6 +387,11 @@ class IndexWriter:
                 self._close_shard()
             elif self._pending_rows >= _ROW_GROUP_ROWS or self._pending_bytes >= _ROW_GROUP_BYTES:
                 self._flush_row_group()
+        return locations
+
+    def delete(self, location: RowLocation) -> None:
+        """Retire a row of an existing shard or of one written by this writer."""
+        self._deletions.setdefault(location.file, set()).add(location.row)
 
     def _flush_row_group(self) -> None:
         if not self._pending_rows:
@@ -305,13 +401,14 @@ class IndexWriter:
             self._writer = pq.ParquetWriter(
                 self._shard_path, self.schema, compression="zstd",
                 # Float vectors neither dictionary-encode nor have useful min/max statistics.
-                use_dictionary=["id", "text"] if "text" in self.schema.names else ["id"],
-                write_statistics=["id"],
+                use_dictionary=["id", "text", "doc_id"], write_statistics=["id"],
+                write_page_checksum=True,
             )
         group = pa.concat_tables(self._pending)
         self._writer.write_table(group, row_group_size=group.num_rows)
         self._shard_row_count += group.num_rows
         self._pending, self._pending_rows, self._pending_bytes = [], 0, 0
+        fault_point("row-group-written")
 
     def _close_shard(self) -> None:
         if self._writer is None:
@@ -324,20 +421,61 @@ class IndexWriter:
         os.replace(self._shard_path, final)
         self.shards.append(ShardInfo(final.name, self._shard_row_count, final.stat().st_size, file_sha256(final)))
         self._writer, self._shard_path, self._shard_row_count = None, None, 0
+        fault_point("shard-written")
 
-    def commit(self) -> Manifest:
-        """Finish the last shard, publish the manifest, then delete shards no manifest names."""
+    # -- publishing ---------------------------------------------------------
+
+    def commit(self, state: str = "complete") -> Manifest:
+        """Finish shards, apply deletions, publish the manifest, remove files nobody refers to."""
         self._flush_row_group()
         self._close_shard()
+        kept = self._apply_deletions(self.carried) + self._apply_deletions(list(self.shards))
+        # Compaction above may have opened new shards; they are complete and live.
+        self._flush_row_group()
+        self._close_shard()
+        written = {s.file for s in kept}
+        kept += [s for s in self.shards if s.file not in written and s.file not in self._deletions]
         now = utc_now()
-        self.manifest.shards = list(self.shards)
-        self.manifest.documents = sum(s.rows for s in self.shards)
-        self.manifest.created = self.manifest.created or now
+        self.manifest.shards = kept
+        self.manifest.documents = sum(s.live_rows for s in kept)
+        self.manifest.state = state
+        self.manifest.created = (self.base.created if self.base else "") or now
         self.manifest.updated = now
-        _write_atomically(self.index_dir / MANIFEST_FILE,
-                          (json.dumps(self.manifest.to_json(), indent=2, ensure_ascii=False) + "\n").encode())
-        self._remove_unlisted_files()
+        fault_point("before-manifest")
+        payload = (json.dumps(self.manifest.to_json(), indent=2, ensure_ascii=False) + "\n").encode()
+        _write_atomically(self.index_dir / MANIFEST_FILE, lambda stream: stream.write(payload))
+        fault_point("after-manifest")
+        self._remove_unreferenced_files()
         return self.manifest
+
+    def _apply_deletions(self, shards: list[ShardInfo]) -> list[ShardInfo]:
+        """Shards with their deletion sets brought up to date; dead shards dropped, mostly-dead ones compacted."""
+        kept = []
+        for shard in shards:
+            new = self._deletions.get(shard.file)
+            if not new:
+                kept.append(shard)
+                continue
+            deleted = new | set(read_deleted_rows(self.index_dir, shard).tolist())
+            if len(deleted) >= shard.rows:
+                continue
+            if len(deleted) > COMPACT_WHEN_DEAD * shard.rows:
+                self._compact(shard, deleted)
+                continue
+            kept.append(self._write_deletion_set(shard, deleted))
+        return kept
+
+    def _compact(self, shard: ShardInfo, deleted: set[int]) -> None:
+        live = np.setdiff1d(np.arange(shard.rows), np.fromiter(deleted, dtype=np.int64))
+        table = _open_shard(self.index_dir, shard).read().take(pa.array(live))
+        self._write_table(table.cast(self.schema))
+
+    def _write_deletion_set(self, shard: ShardInfo, deleted: set[int]) -> ShardInfo:
+        stem = shard.file.removesuffix(".parquet")
+        path = self.index_dir / f"{stem}.deleted-{self.manifest.generation:06d}.npy"
+        rows = np.array(sorted(deleted), dtype=np.uint32)
+        _write_atomically(path, lambda stream: np.save(stream, rows, allow_pickle=False))
+        return replace(shard, deleted_file=path.name, deleted_rows=len(rows), deleted_sha256=file_sha256(path))
 
     def abort(self) -> None:
         if self._writer is not None:
@@ -348,12 +486,12 @@ class IndexWriter:
             (self.index_dir / shard.file).unlink(missing_ok=True)
         self._writer, self._shard_path, self.shards = None, None, []
 
-    def _remove_unlisted_files(self) -> None:
-        keep = {s.file for s in self.manifest.shards}
+    def _remove_unreferenced_files(self) -> None:
+        keep = self.manifest.files() | (self.base.files() if self.base else set())
         for path in self.index_dir.iterdir():
-            stale_shard = SHARD_PATTERN.match(path.name) and path.name not in keep
-            stale_temp = path.name.startswith(".shard-") and path.name.endswith(".tmp")
-            if stale_shard or stale_temp:
+            ours = SHARD_PATTERN.match(path.name) or DELETED_PATTERN.match(path.name) or \
+                (path.name.startswith(".") and path.name.endswith(".tmp"))
+            if ours and path.name not in keep:
                 path.unlink(missing_ok=True)
 
 
@@ -361,15 +499,74 @@ class IndexWriter:
 # Reading an index
 
 
+def read_deleted_rows(index_dir: Path, shard: ShardInfo) -> np.ndarray:
+    """The sorted deleted row numbers of a shard (empty when none)."""
+    if not shard.deleted_file:
+        return np.zeros(0, dtype=np.uint32)
+    path = index_dir / shard.deleted_file
+    try:
+        rows = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise IndexFormatError(f"{path}: damaged or missing deletion set ({error})") from error
+    if rows.ndim != 1 or len(rows) != shard.deleted_rows:
+        raise IndexFormatError(f"{path}: damaged deletion set ({len(rows)} rows, manifest says {shard.deleted_rows})")
+    return rows
+
+
+def live_mask(index_dir: Path, shard: ShardInfo) -> np.ndarray:
+    """[rows] bool: True for rows that are not deleted."""
+    mask = np.ones(shard.rows, dtype=bool)
+    mask[read_deleted_rows(index_dir, shard)] = False
+    return mask
+
+
+def _open_shard(index_dir: Path, shard: ShardInfo) -> pq.ParquetFile:
+    path = index_dir / shard.file
+    try:
+        size = path.stat().st_size
+    except OSError as error:
+        raise IndexFormatError(f"{path}: damaged or missing shard ({error.strerror})") from error
+    if size != shard.bytes:
+        raise IndexFormatError(f"{path}: damaged shard ({size} bytes, manifest says {shard.bytes})")
+    try:
+        parquet = pq.ParquetFile(path, page_checksum_verification=True)
+    except (OSError, pa.ArrowException) as error:
+        raise IndexFormatError(f"{path}: damaged or missing shard ({error})") from error
+    if parquet.metadata.num_rows != shard.rows:
+        raise IndexFormatError(f"{path}: damaged shard ({parquet.metadata.num_rows} rows, manifest says {shard.rows})")
+    return parquet
+
+
+def _read_columns(index_dir: Path, shard: ShardInfo, columns: list[str]) -> pa.Table:
+    try:
+        return _open_shard(index_dir, shard).read(columns=columns)
+    except (OSError, pa.ArrowException) as error:
+        raise IndexFormatError(f"{index_dir / shard.file}: damaged shard ({error})") from error
+
+
+def iter_live_keys(index_dir: Path, manifest: Manifest) -> Iterator[tuple[str, str, RowLocation]]:
+    """(document id, content hash, location) of every live row, shard by shard."""
+    id_column = "doc_id" if manifest.chunking else "id"
+    for shard in manifest.shards:
+        table = _read_columns(index_dir, shard, [id_column, "content_hash"])
+        mask = live_mask(index_dir, shard)
+        ids = table.column(id_column).to_pylist()
+        hashes = table.column("content_hash").to_pylist()
+        for row in np.flatnonzero(mask).tolist():
+            yield ids[row], hashes[row], RowLocation(shard.file, row)
+
+
 @dataclass
 class IndexVectors:
-    """All dense and sparse vectors of an index, row-aligned with `ids`.
+    """All live dense and sparse vectors of an index, row-aligned with `ids`.
 
     dense:          [N, D] float16
     sparse_indptr:  [N + 1] int64, CSR row pointers into the two arrays below
     sparse_indices: [nnz] uint32 token ids (ascending within a row)
     sparse_values:  [nnz] float32 weights
-    shard_starts:   [n_shards + 1] global row number where each shard begins
+    row_shard:      [N] int32 shard number (in manifest order) of each row
+    row_local:      [N] int64 row number inside that shard
+    doc_ids:        [N] document id of each row when the index is chunked, else None
     """
 
     ids: np.ndarray
@@ -377,7 +574,9 @@ class IndexVectors:
     sparse_indptr: np.ndarray
     sparse_indices: np.ndarray
     sparse_values: np.ndarray
-    shard_starts: np.ndarray
+    row_shard: np.ndarray
+    row_local: np.ndarray
+    doc_ids: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -387,54 +586,52 @@ class IndexVectors:
         return self.sparse_indices[start:end], self.sparse_values[start:end]
 
 
-def _open_shard(index_dir: Path, shard: ShardInfo) -> pq.ParquetFile:
-    path = index_dir / shard.file
-    try:
-        parquet = pq.ParquetFile(path)
-    except (OSError, pa.ArrowException) as error:
-        raise IndexFormatError(f"{path}: damaged or missing shard ({error})") from error
-    if parquet.metadata.num_rows != shard.rows:
-        raise IndexFormatError(f"{path}: damaged shard ({parquet.metadata.num_rows} rows, manifest says {shard.rows})")
-    return parquet
-
-
 def load_vectors(index_dir: Path, manifest: Manifest) -> IndexVectors:
-    """Read ids, dense and sparse columns of every shard into flat arrays."""
-    ids, dense, indptr_parts, indices, values = [], [], [], [], []
+    """Read ids, dense and sparse columns of every live row into flat arrays."""
+    chunked = manifest.chunking is not None
+    columns = ["id", "dense", "sparse"] + (["doc_id"] if chunked else [])
+    ids, doc_ids, dense, indptr_parts, indices, values, row_shard, row_local = [], [], [], [], [], [], [], []
     nnz = 0
-    for shard in manifest.shards:
-        try:
-            table = _open_shard(index_dir, shard).read(columns=["id", "dense", "sparse"])
-        except (OSError, pa.ArrowException) as error:
-            raise IndexFormatError(f"{index_dir / shard.file}: damaged shard ({error})") from error
+    for number, shard in enumerate(manifest.shards):
+        table = _read_columns(index_dir, shard, columns)
+        mask = live_mask(index_dir, shard)
+        if not mask.all():
+            table = table.filter(pa.array(mask))
         ids.append(np.asarray(table.column("id").to_pylist(), dtype=object))
-        dense_list = table.column("dense").combine_chunks()
-        dense.append(dense_list.flatten().to_numpy(zero_copy_only=False).reshape(-1, manifest.dense_dim))
+        if chunked:
+            doc_ids.append(np.asarray(table.column("doc_id").to_pylist(), dtype=object))
+        dense.append(table.column("dense").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+                     .reshape(-1, manifest.dense_dim))
         sparse = table.column("sparse").combine_chunks()
         for name, out in (("indices", indices), ("values", values)):
             out.append(sparse.field(name).flatten().to_numpy(zero_copy_only=False))
         offsets = sparse.field("indices").offsets.to_numpy().astype(np.int64)
         indptr_parts.append(offsets[1:] - offsets[0] + nnz)
         nnz += int(offsets[-1] - offsets[0])
-    row_counts = [s.rows for s in manifest.shards]
+        row_shard.append(np.full(table.num_rows, number, dtype=np.int32))
+        row_local.append(np.flatnonzero(mask).astype(np.int64))
+
+    def joined(parts, empty):
+        return np.concatenate(parts) if parts else empty
+
     return IndexVectors(
-        ids=np.concatenate(ids) if ids else np.zeros(0, dtype=object),
-        dense=np.concatenate(dense) if dense else np.zeros((0, manifest.dense_dim), dtype=np.float16),
+        ids=joined(ids, np.zeros(0, dtype=object)),
+        dense=joined(dense, np.zeros((0, manifest.dense_dim), dtype=np.float16)),
         sparse_indptr=np.concatenate([np.zeros(1, dtype=np.int64), *indptr_parts]),
-        sparse_indices=np.concatenate(indices) if indices else np.zeros(0, dtype=np.uint32),
-        sparse_values=np.concatenate(values) if values else np.zeros(0, dtype=np.float32),
-        shard_starts=np.concatenate([[0], np.cumsum(row_counts)]).astype(np.int64),
+        sparse_indices=joined(indices, np.zeros(0, dtype=np.uint32)),
+        sparse_values=joined(values, np.zeros(0, dtype=np.float32)),
+        row_shard=joined(row_shard, np.zeros(0, dtype=np.int32)),
+        row_local=joined(row_local, np.zeros(0, dtype=np.int64)),
+        doc_ids=joined(doc_ids, np.zeros(0, dtype=object)) if chunked else None,
     )
 
 
-def read_rows(index_dir: Path, manifest: Manifest, rows: Sequence[int], column: str) -> list:
-    """Values of one column for the given global row numbers, reading only the row groups that hold them."""
-    starts = np.concatenate([[0], np.cumsum([s.rows for s in manifest.shards])])
-    wanted: dict[int, object] = {}
+def read_rows(index_dir: Path, manifest: Manifest, locations: Sequence[tuple[int, int]], column: str) -> list:
+    """Values of one column at (shard number, row in shard) locations, reading only the row groups that hold them."""
+    wanted: dict[tuple[int, int], object] = {}
     by_shard: dict[int, list[int]] = {}
-    for row in rows:
-        shard_number = int(np.searchsorted(starts, row, side="right") - 1)
-        by_shard.setdefault(shard_number, []).append(int(row - starts[shard_number]))
+    for shard_number, local in locations:
+        by_shard.setdefault(int(shard_number), []).append(int(local))
     for shard_number, local_rows in by_shard.items():
         shard = manifest.shards[shard_number]
         parquet = _open_shard(index_dir, shard)
@@ -450,8 +647,8 @@ def read_rows(index_dir: Path, manifest: Manifest, rows: Sequence[int], column: 
                 raise IndexFormatError(f"{index_dir / shard.file}: damaged shard ({error})") from error
             for local in group_rows:
                 value = values[local - int(group_starts[group])]
-                wanted[int(starts[shard_number]) + local] = _colbert_matrix(value) if column == "colbert" else value.as_py()
-    return [wanted[int(r)] for r in rows]
+                wanted[(shard_number, local)] = _colbert_matrix(value) if column == "colbert" else value.as_py()
+    return [wanted[(int(s), int(r))] for s, r in locations]
 
 
 def _colbert_matrix(value: pa.Scalar) -> np.ndarray:
@@ -462,7 +659,69 @@ def _colbert_matrix(value: pa.Scalar) -> np.ndarray:
 
 
 def index_size_bytes(index_dir: Path, manifest: Manifest) -> int:
-    return sum(s.bytes for s in manifest.shards) + (index_dir / MANIFEST_FILE).stat().st_size
+    deletion_sets = sum((index_dir / s.deleted_file).stat().st_size for s in manifest.shards if s.deleted_file)
+    return sum(s.bytes for s in manifest.shards) + deletion_sets + (index_dir / MANIFEST_FILE).stat().st_size
+
+
+# ---------------------------------------------------------------------------
+# Verification
+
+
+def verify_index(index_dir: Path) -> list[str]:
+    """Check every file against the manifest; returns one line per problem (empty: all good).
+
+    Checks: each shard's size and SHA-256, that Parquet can read every page
+    (page checksums included), row counts, the schema, each deletion set's
+    checksum and range, the manifest's live-row total, and duplicate live ids.
+    """
+    manifest = read_manifest(index_dir)
+    problems: list[str] = []
+    expected_schema = manifest_schema(manifest)
+    seen_ids: dict[str, str] = {}
+    live_total = 0
+    for shard in manifest.shards:
+        path = index_dir / shard.file
+        problem = _verify_file(path, shard.bytes, shard.sha256, "shard")
+        if problem:
+            problems.append(problem)
+            continue
+        try:
+            table = _read_columns(index_dir, shard, expected_schema.names)
+        except IndexFormatError as error:
+            problems.append(str(error))
+            continue
+        if not table.schema.equals(expected_schema, check_metadata=False):
+            problems.append(f"{path}: damaged shard (schema differs from the manifest's)")
+            continue
+        if shard.deleted_file:
+            problem = _verify_file(index_dir / shard.deleted_file, None, shard.deleted_sha256, "deletion set")
+            if problem:
+                problems.append(problem)
+                continue
+        try:
+            mask = live_mask(index_dir, shard)
+        except (IndexFormatError, IndexError) as error:
+            problems.append(f"{index_dir / shard.deleted_file}: damaged deletion set ({error})")
+            continue
+        live_total += int(mask.sum())
+        ids = table.column("id").to_pylist()
+        for row in np.flatnonzero(mask).tolist():
+            if ids[row] in seen_ids:
+                problems.append(f"{path}: duplicate id {ids[row]!r} (also live in {seen_ids[ids[row]]})")
+            seen_ids[ids[row]] = shard.file
+    if live_total != manifest.documents and not problems:
+        problems.append(f"{index_dir / MANIFEST_FILE}: says {manifest.documents} live rows, shards hold {live_total}")
+    return problems
+
+
+def _verify_file(path: Path, size: int | None, sha256: str | None, kind: str) -> str | None:
+    if not path.is_file():
+        return f"{path}: missing {kind}"
+    if size is not None and path.stat().st_size != size:
+        return f"{path}: damaged {kind} ({path.stat().st_size} bytes, manifest says {size})"
+    if sha256 is not None and file_sha256(path) != sha256:
+        return f"{path}: damaged {kind} (SHA-256 differs from the manifest's)"
+    return None
 
 
 # ---------------------------------------------------------------------------

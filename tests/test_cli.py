@@ -66,9 +66,9 @@ def test_index_holds_every_sample_document_once(sample_index):
 def test_summary_reports_counts(tiny_model, tmp_path):
     result = invoke("index", SAMPLE_CORPUS, "--out", tmp_path / "ix", "--model", tiny_model)
     assert result.exit_code == 0, result.output
-    assert f"Indexed {len(expected_sample_ids())} documents" in result.stdout
+    assert f"{len(expected_sample_ids())} added, 0 updated, 0 unchanged, 0 removed" in result.stdout
     assert "skipped: 0" in result.stdout and "truncated to 512 tokens: 0" in result.stdout
-    assert "shards: 1" in result.stdout
+    assert f"index: {len(expected_sample_ids())} rows in 1 shards" in result.stdout
 
 
 def test_info_describes_the_index(sample_index, tiny_model):
@@ -80,7 +80,7 @@ def test_info_describes_the_index(sample_index, tiny_model):
     assert data["vectors"]["dense"]["dim"] == 32 and data["vectors"]["colbert"]["dim"] == 32
     assert data["bytes"] > 0 and data["created"]
     table = invoke("info", sample_index)
-    assert table.exit_code == 0 and "format version" in table.stdout and "documents" in table.stdout
+    assert table.exit_code == 0 and "format version" in table.stdout and "rows" in table.stdout
 
 
 def test_batch_budget_and_input_order_do_not_change_vectors(tiny_model, tmp_path):
@@ -115,14 +115,16 @@ def test_shard_rows_splits_the_index(tiny_model, tmp_path):
     assert sum(s.rows for s in manifest.shards) == len(expected_sample_ids())
 
 
-def test_reindex_replaces_the_index(tiny_model, tmp_path):
+def test_rerun_with_fewer_inputs_removes_the_missing_documents(tiny_model, tmp_path):
     out = tmp_path / "ix"
     assert invoke("index", SAMPLE_CORPUS, "--out", out, "--model", tiny_model).exit_code == 0
     first = read_manifest(out)
-    assert invoke("index", SAMPLE_CORPUS / "articles.jsonl", "--out", out, "--model", tiny_model).exit_code == 0
+    result = invoke("index", SAMPLE_CORPUS / "articles.jsonl", "--out", out, "--model", tiny_model)
+    assert result.exit_code == 0, result.output
+    assert f"0 added, 0 updated, 10 unchanged, {first.documents - 10} removed" in result.stdout
     second = read_manifest(out)
     assert second.generation == first.generation + 1 and second.documents == 10
-    assert sorted(p.name for p in out.glob("shard-*")) == [s.file for s in second.shards]
+    assert set(load_vectors(out, second).ids) == {f"art-{i:03d}" for i in range(1, 11)}
 
 
 def test_stdin_jsonl_and_no_store_text(tiny_model, tmp_path):

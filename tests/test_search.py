@@ -43,7 +43,8 @@ def make_vectors(dense: np.ndarray, sparse_rows: list[dict[int, float]]) -> Inde
         sparse_indptr=np.array(indptr, dtype=np.int64),
         sparse_indices=np.array(indices, dtype=np.uint32),
         sparse_values=np.array(values, dtype=np.float32),
-        shard_starts=np.array([0, n], dtype=np.int64),
+        row_shard=np.zeros(n, dtype=np.int32),
+        row_local=np.arange(n, dtype=np.int64),
     )
 
 

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from bge_index.shards import (FORMAT_VERSION, MANIFEST_FILE, IndexFormatError, IndexWriter, Manifest, RowBatch,
-                              file_sha256, load_vectors, read_manifest, read_rows)
+                              RowLocation, file_sha256, load_vectors, read_manifest, read_rows, verify_index)
 
 DIM, COLBERT_DIM = 8, 4
 
@@ -24,8 +24,8 @@ def make_rows(start: int, count: int, colbert: bool = False, seed: int = 0) -> R
         sparse.append((ids, rng.random(len(ids)).astype(np.float32) + 0.01))
     colbert_vectors = [rng.normal(size=(1 + i % 3, COLBERT_DIM)).astype(np.float32) for i in range(count)] \
         if colbert else None
-    return RowBatch([f"doc-{start + i}" for i in range(count)], [f"text {start + i}" for i in range(count)],
-                    dense, sparse, colbert_vectors)
+    return RowBatch([f"doc-{start + i}" for i in range(count)], [f"hash-{start + i}" for i in range(count)],
+                    [f"text {start + i}" for i in range(count)], dense, sparse, colbert_vectors)
 
 
 def new_manifest(colbert: bool = False, store_text: bool = True, generation: int = 1) -> Manifest:
@@ -61,7 +61,7 @@ def test_round_trip_splits_shards_and_keeps_every_row(tmp_path):
 def test_schema_is_the_documented_one(tmp_path):
     manifest = write_index(tmp_path, [make_rows(0, 3, colbert=True)], colbert=True)
     schema = pq.read_schema(tmp_path / manifest.shards[0].file)
-    assert schema.names == ["id", "text", "dense", "sparse", "colbert"]
+    assert schema.names == ["id", "content_hash", "text", "dense", "sparse", "colbert"]
     assert str(schema.field("dense").type) == f"fixed_size_list<element: halffloat>[{DIM}]"
     assert str(schema.field("sparse").type) == "struct<indices: list<element: uint32> not null, values: list<element: float> not null>"
     assert str(schema.field("colbert").type) == f"list<element: fixed_size_list<element: halffloat>[{COLBERT_DIM}]>"
@@ -79,24 +79,72 @@ def test_read_rows_fetches_text_and_colbert_across_shards(tmp_path):
     batches = [make_rows(0, 9, colbert=True)]
     write_index(tmp_path, batches, shard_rows=4, colbert=True)
     manifest = read_manifest(tmp_path)
-    assert read_rows(tmp_path, manifest, [8, 0, 5], "text") == ["text 8", "text 0", "text 5"]
-    matrices = read_rows(tmp_path, manifest, [5, 1], "colbert")
+    # (shard number, row in shard) with 4 rows a shard: rows 8, 0 and 5 of the input.
+    assert read_rows(tmp_path, manifest, [(2, 0), (0, 0), (1, 1)], "text") == ["text 8", "text 0", "text 5"]
+    matrices = read_rows(tmp_path, manifest, [(1, 1), (0, 1)], "colbert")
     for got, row in zip(matrices, [5, 1]):
         np.testing.assert_allclose(got, batches[0].colbert[row].astype(np.float16).astype(np.float32))
 
 
-def test_readers_see_old_index_until_commit_and_old_shards_go_after(tmp_path):
-    write_index(tmp_path, [make_rows(0, 4)], generation=1)
-    old_files = {p.name for p in tmp_path.glob("shard-*.parquet")}
-    writer = IndexWriter(tmp_path, new_manifest(generation=2), shard_rows=2)
+def test_readers_see_old_index_until_commit(tmp_path):
+    base = write_index(tmp_path, [make_rows(0, 4)], generation=1)
+    writer = IndexWriter(tmp_path, new_manifest(generation=2), shard_rows=2, base=base)
     writer.write(make_rows(100, 6))
+    for row in range(4):
+        writer.delete(RowLocation(base.shards[0].file, row))
     # New shards exist on disk but the manifest still describes the old index.
     assert read_manifest(tmp_path).documents == 4
     assert list(load_vectors(tmp_path, read_manifest(tmp_path)).ids) == [f"doc-{i}" for i in range(4)]
     writer.commit()
-    assert read_manifest(tmp_path).documents == 6
-    assert not old_files & {p.name for p in tmp_path.glob("shard-*.parquet")}
+    assert list(load_vectors(tmp_path, read_manifest(tmp_path)).ids) == [f"doc-{i}" for i in range(100, 106)]
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_files_of_two_generations_ago_are_removed(tmp_path):
+    first = write_index(tmp_path, [make_rows(0, 4)], generation=1)
+    second_writer = IndexWriter(tmp_path, new_manifest(generation=2), shard_rows=10, base=first)
+    second_writer.write(make_rows(10, 2))
+    for row in range(4):
+        second_writer.delete(RowLocation(first.shards[0].file, row))
+    second = second_writer.commit()
+    # The previous state's files stay for readers that just read the old manifest...
+    assert (tmp_path / first.shards[0].file).exists()
+    third_writer = IndexWriter(tmp_path, new_manifest(generation=3), shard_rows=10, base=second)
+    third_writer.write(make_rows(20, 1))
+    third_writer.commit()
+    # ...and go once a newer state replaces that one.
+    assert not (tmp_path / first.shards[0].file).exists()
+    assert (tmp_path / second.shards[0].file).exists()
+
+
+def test_deletion_sets_mask_rows_and_compaction_rewrites_mostly_dead_shards(tmp_path):
+    base = write_index(tmp_path, [make_rows(0, 10)], shard_rows=5)  # two shards of 5
+    writer = IndexWriter(tmp_path, new_manifest(generation=2), shard_rows=5, base=base)
+    writer.delete(RowLocation(base.shards[0].file, 1))  # 1 of 5 dead: a deletion set
+    for row in (0, 2, 3):
+        writer.delete(RowLocation(base.shards[1].file, row))  # 3 of 5 dead: compacted
+    manifest = writer.commit()
+    assert manifest.documents == 6
+    first = manifest.shards[0]
+    assert first.file == base.shards[0].file and first.deleted_rows == 1
+    assert first.deleted_sha256 == file_sha256(tmp_path / first.deleted_file)
+    assert base.shards[1].file not in {s.file for s in manifest.shards}
+    ids = list(load_vectors(tmp_path, read_manifest(tmp_path)).ids)
+    assert ids == ["doc-0", "doc-2", "doc-3", "doc-4", "doc-6", "doc-9"]
+    assert verify_index(tmp_path) == []
+
+
+def test_verify_names_the_damaged_file(tmp_path):
+    manifest = write_index(tmp_path, [make_rows(0, 6)], shard_rows=3)
+    assert verify_index(tmp_path) == []
+    damaged = tmp_path / manifest.shards[1].file
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    problems = verify_index(tmp_path)
+    assert len(problems) == 1 and manifest.shards[1].file in problems[0] and "SHA-256" in problems[0]
+    damaged.unlink()
+    assert "missing shard" in verify_index(tmp_path)[0]
 
 
 def test_abort_leaves_previous_index_untouched(tmp_path):
