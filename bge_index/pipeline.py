@@ -34,7 +34,7 @@ from bge_index.encoder import (QUERY_MAX_LENGTH, Encoder, ModelIdentity, ModelIn
 from bge_index.lock import LOCK_FILE, IndexLock
 from bge_index.search import Hit, QueryVectors, ScoreWeights, Searcher
 from bge_index.shards import (IndexFormatError, IndexWriter, Manifest, RowBatch, RowLocation, content_hash,
-                              index_size_bytes, is_index, iter_live_keys, load_vectors, read_manifest, read_rows)
+                              index_size_bytes, is_index, is_index_data_file, iter_live_keys, load_vectors, read_manifest, read_rows)
 
 WINDOW_DOCUMENTS = 2048
 MAX_BATCH_ROWS = 512
@@ -179,7 +179,9 @@ def build_index(inputs: Sequence[str], index_dir: Path, options: IndexOptions, e
 def _refuse_foreign_folder(index_dir: Path) -> None:
     if is_index(index_dir) or not index_dir.exists():
         return
-    if not index_dir.is_dir() or any(p.name != LOCK_FILE for p in index_dir.iterdir()):
+    # A crashed first build leaves shards and a lock but no manifest: that folder is ours to finish.
+    if not index_dir.is_dir() or any(p.name != LOCK_FILE and not is_index_data_file(p.name)
+                                     for p in index_dir.iterdir()):
         raise OutputFolderError(f"--out {index_dir}: exists and is not a bge-index index; "
                                 "refusing to write into it (choose an empty or new folder)")
 
@@ -354,9 +356,11 @@ class _IndexRun:
             outcome = "updated" if item.replaces else "added"
             self.seen[doc_id].outcome = outcome
             setattr(self.summary, outcome, getattr(self.summary, outcome) + 1)
-        for item in pending[len(done):]:
-            # Not reached before the stop: the previous state still holds them.
-            self.seen[item.document.id].outcome = "not reached"
+        finished_ids = {item.document.id for item in done}
+        for item in pending:
+            if item.document.id not in finished_ids:
+                # Not reached before the stop: the previous state still holds them.
+                self.seen[item.document.id].outcome = "not reached"
 
     def _delete(self, location: RowLocation) -> None:
         self.writer.delete(location)
@@ -490,13 +494,9 @@ class _RowsOfWindow:
                 self.colbert[row] = encoded.colbert[slot]
 
     def complete_documents(self, finished: np.ndarray) -> tuple[RowBatch | None, list[_Pending]]:
-        """Rows of the documents all of whose rows are encoded, in input order (a prefix of the window)."""
-        done_positions = set(range(len(self.pending)))
-        for row in np.flatnonzero(~finished).tolist():
-            done_positions.discard(self.owner[row])
-        # Keep input order: the finished documents up to the first unfinished one.
-        cut = next((p for p in range(len(self.pending)) if p not in done_positions), len(self.pending))
-        rows = [r for r in range(len(self.owner)) if self.owner[r] < cut]
+        """Rows of the documents all of whose rows are encoded, in input order, and those documents."""
+        unfinished = {self.owner[row] for row in np.flatnonzero(~finished).tolist()}
+        rows = [r for r in range(len(self.owner)) if self.owner[r] not in unfinished]
         if not rows:
             return None, []
         chunked = self.options.chunk_tokens is not None
@@ -512,7 +512,7 @@ class _RowsOfWindow:
             doc_ids=[d.id for d in docs] if chunked else None,
             chunks=chunk_numbers,
             spans=[self.spans[r] for r in rows] if chunked else None,
-        ), self.pending[:cut]
+        ), [p for position, p in enumerate(self.pending) if position not in unfinished]
 
 
 def _chunk_numbers(owners: list[int]) -> list[int]:

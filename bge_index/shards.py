@@ -489,10 +489,14 @@ class IndexWriter:
     def _remove_unreferenced_files(self) -> None:
         keep = self.manifest.files() | (self.base.files() if self.base else set())
         for path in self.index_dir.iterdir():
-            ours = SHARD_PATTERN.match(path.name) or DELETED_PATTERN.match(path.name) or \
-                (path.name.startswith(".") and path.name.endswith(".tmp"))
-            if ours and path.name not in keep:
+            if is_index_data_file(path.name) and path.name not in keep:
                 path.unlink(missing_ok=True)
+
+
+def is_index_data_file(name: str) -> bool:
+    """Shards, deletion sets and temporary files: what a writer (or a crashed one) leaves in an index folder."""
+    return bool(SHARD_PATTERN.match(name) or DELETED_PATTERN.match(name)
+                or (name.startswith(".") and name.endswith(".tmp")))
 
 
 # ---------------------------------------------------------------------------

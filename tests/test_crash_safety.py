@@ -1,0 +1,142 @@
+"""Real processes killed mid-run: SIGKILL at exact points and at random times, SIGINT/SIGTERM at a batch boundary.
+
+After any kill the index is the previous complete state or the new one,
+never a mix; the next run completes the work; no row is lost and no id
+appears twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO
+
+from bge_index.shards import is_index, load_vectors, read_manifest, read_rows, verify_index
+
+
+def write_corpus(path, n, edit=(), drop=(), extra=0):
+    with path.open("w", encoding="utf-8") as out:
+        for i in range(n + extra):
+            if i in drop:
+                continue
+            text = f"document {i} about the moon, the tides and train number {i % 17}" + (" (edited)" if i in edit else "")
+            out.write(json.dumps({"id": f"d{i}", "text": text}) + "\n")
+
+
+def expected_state(n, edit=(), drop=(), extra=0):
+    return {f"d{i}": f"document {i} about the moon, the tides and train number {i % 17}" + (" (edited)" if i in edit else "")
+            for i in range(n + extra) if i not in drop}
+
+
+def index_command(corpus, out, model, *extra):
+    return [sys.executable, "-m", "bge_index", "index", str(corpus), "--out", str(out), "--model", str(model),
+            "--shard-rows", "10", *extra]
+
+
+def run(command, fault=None, **kwargs):
+    env = dict(os.environ)
+    env.pop("BGE_INDEX_FAULT_AT", None)
+    if fault:
+        env["BGE_INDEX_FAULT_AT"] = fault
+    return subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO, **kwargs)
+
+
+def state(out):
+    """{id: text} of the index's live rows, after checking the files against the manifest."""
+    if not is_index(out):
+        return None
+    assert verify_index(out) == []
+    manifest = read_manifest(out)
+    vectors = load_vectors(out, manifest)
+    ids = list(vectors.ids)
+    assert len(ids) == len(set(ids)), "an id appears twice"
+    texts = read_rows(out, manifest, list(zip(vectors.row_shard, vectors.row_local)), "text")
+    return dict(zip(ids, texts))
+
+
+POINTS = ["row-group-written", "shard-written", "before-manifest", "after-manifest"]
+
+
+@pytest.mark.parametrize("point", ["shard-written", "before-manifest"])
+def test_sigkill_during_a_first_build(tiny_model, tmp_path, point):
+    corpus, out = tmp_path / "c.jsonl", tmp_path / "ix"
+    write_corpus(corpus, 35)
+    killed = run(index_command(corpus, out, tiny_model), fault=point)
+    assert killed.returncode == -signal.SIGKILL
+    assert state(out) is None  # nothing published yet: no index, not half of one
+    finished = run(index_command(corpus, out, tiny_model))
+    assert finished.returncode == 0, finished.stderr
+    assert state(out) == expected_state(35)
+    leftovers = {p.name for p in out.iterdir()} - read_manifest(out).files() - {"manifest.json", ".lock"}
+    assert leftovers == set()
+
+
+@pytest.mark.parametrize("point", POINTS)
+def test_sigkill_during_an_update(tiny_model, tmp_path, point):
+    corpus, out = tmp_path / "c.jsonl", tmp_path / "ix"
+    write_corpus(corpus, 35)
+    assert run(index_command(corpus, out, tiny_model)).returncode == 0
+    old = expected_state(35)
+    assert state(out) == old
+    change = dict(edit={3, 14, 30}, drop={5, 6}, extra=4)
+    write_corpus(corpus, 35, **change)
+    killed = run(index_command(corpus, out, tiny_model), fault=point)
+    assert killed.returncode == -signal.SIGKILL
+    new = expected_state(35, **change)
+    assert state(out) in (old, new)
+    if point == "after-manifest":
+        assert state(out) == new
+    finished = run(index_command(corpus, out, tiny_model))
+    assert finished.returncode == 0, finished.stderr
+    assert state(out) == new
+
+
+def test_sigkill_at_random_moments(tiny_model, tmp_path):
+    corpus, out = tmp_path / "c.jsonl", tmp_path / "ix"
+    write_corpus(corpus, 3000)
+    command = index_command(corpus, out, tiny_model, "--batch-tokens", "48")
+    command[command.index("--shard-rows") + 1] = "250"
+    for delay in (2.5, 4.0, 5.5):
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+        time.sleep(delay)
+        process.kill()
+        process.wait()
+        current = state(out)
+        assert current is None or current == expected_state(3000)
+    finished = run(command)
+    assert finished.returncode == 0, finished.stderr
+    assert state(out) == expected_state(3000)
+
+
+@pytest.mark.parametrize("signal_number, exit_code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_and_sigint_save_progress_and_the_next_run_resumes(tiny_model, tmp_path, signal_number, exit_code):
+    corpus, out = tmp_path / "c.jsonl", tmp_path / "ix"
+    write_corpus(corpus, 6000)
+    command = index_command(corpus, out, tiny_model, "--batch-tokens", "48", "--progress-every", "0.1")
+    command[command.index("--shard-rows") + 1] = "1000"
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    for line in process.stderr:
+        if "encoded" in line and not line.split("documents read, ")[1].startswith("0 encoded"):
+            break
+    process.send_signal(signal_number)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == exit_code, stderr
+    assert "stopped early" in stdout
+    saved = state(out)
+    assert saved is not None and 0 < len(saved) < 6000
+    everything = expected_state(6000)
+    assert all(everything[d] == t for d, t in saved.items())
+    assert read_manifest(out).state == "partial"
+    resumed_command = index_command(corpus, out, tiny_model, "--batch-tokens", "4096")
+    resumed_command[resumed_command.index("--shard-rows") + 1] = "1000"
+    resumed = run(resumed_command)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{6000 - len(saved):,} added, 0 updated, {len(saved):,} unchanged, 0 removed" in resumed.stdout
+    assert state(out) == everything
+    assert read_manifest(out).state == "complete"
