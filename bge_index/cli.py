@@ -202,7 +202,7 @@ class _IndexDisplay(IndexEvents):
         self.quiet = quiet
         self.every = every
         self.live = stderr.is_terminal and not quiet
-        self.last_line = time.monotonic()
+        self.last_line = float("-inf")  # the first progress line comes at once, then one every `every` s
         self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                                  console=stderr, transient=True, disable=not self.live)
         self.task = self.bar.add_task("reading documents…", total=None)
