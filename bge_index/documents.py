@@ -46,6 +46,9 @@ class Skipped:
     source: str
     line: int | None
     reason: str
+    # True when documents may have been lost unseen (an unreadable or cut-off file, a file skipped whole):
+    # an incremental run must not take their absence as removal.
+    hides_documents: bool = False
 
     @property
     def location(self) -> str:
@@ -262,7 +265,7 @@ def _read_file(input_file: InputFile, fields: FieldNames) -> Iterator[DocumentOr
                 else:
                     yield from _read_table(stream, source, fields, delimiter="\t" if fmt == ".tsv" else ",")
     except _READ_ERRORS as error:  # unreadable, vanished, or a corrupt/truncated gzip stream
-        yield Skipped(source, None, f"cannot read file: {_describe_read_error(error)}")
+        yield Skipped(source, None, f"cannot read file: {_describe_read_error(error)}", hides_documents=True)
 
 
 # OSError: unreadable or vanished files and bad gzip headers; EOFError and
@@ -289,7 +292,7 @@ def _read_whole_file(path: Path, doc_id: str, source: str) -> Iterator[DocumentO
         with _open_binary(path) as stream:
             data = stream.read()
     except (EOFError, zlib.error) as error:
-        yield Skipped(source, None, f"corrupt or truncated gzip data ({error})")
+        yield Skipped(source, None, f"corrupt or truncated gzip data ({error})", hides_documents=True)
         return
     if b"\x00" in data:
         yield Skipped(source, None, "binary file (contains NUL bytes)")
@@ -315,7 +318,8 @@ def _read_json_lines(stream: BinaryIO, source: str, fields: FieldNames) -> Itera
             return
         except _READ_ERRORS as error:
             yield Skipped(source, line_number + 1,
-                          f"cannot read further, rest of file skipped: {_describe_read_error(error)}")
+                          f"cannot read further, rest of file skipped: {_describe_read_error(error)}",
+                          hides_documents=True)
             return
         line_number += 1
         if not raw.strip():
@@ -377,12 +381,12 @@ def _read_table(stream: BinaryIO, source: str, fields: FieldNames, delimiter: st
     except StopIteration:
         return
     except csv.Error as error:
-        yield Skipped(source, 1, f"unreadable header row ({error})")
+        yield Skipped(source, 1, f"unreadable header row ({error})", hides_documents=True)
         return
     header = [name.strip() for name in header]
     missing = _missing_columns(header, fields)
     if missing:
-        yield Skipped(source, 1, f"{missing}; whole file skipped (header: {', '.join(header)})")
+        yield Skipped(source, 1, f"{missing}; whole file skipped (header: {', '.join(header)})", hides_documents=True)
         return
     row_start = reader.line_num + 1
     while True:
@@ -429,18 +433,18 @@ def _read_parquet(path: Path, source: str, fields: FieldNames) -> Iterator[Docum
     try:
         columns = shards.parquet_column_names(path)
     except shards.UnreadableParquet as error:
-        yield Skipped(source, None, str(error))
+        yield Skipped(source, None, str(error), hides_documents=True)
         return
     missing = _missing_columns(columns, fields)
     if missing:
-        yield Skipped(source, None, f"{missing}; whole file skipped")
+        yield Skipped(source, None, f"{missing}; whole file skipped", hides_documents=True)
         return
     wanted = [c for c in (*fields.id_fields, *fields.text_fields, fields.title_field) if c in columns]
     try:
         for row_number, record in enumerate(shards.iter_parquet_records(path, wanted), start=1):
             yield record_to_document(record, source, row_number, fields)
     except shards.UnreadableParquet as error:
-        yield Skipped(source, None, str(error))
+        yield Skipped(source, None, str(error), hides_documents=True)
 
 
 # ---------------------------------------------------------------------------

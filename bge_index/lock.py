@@ -29,11 +29,12 @@ class IndexLock:
     """Exclusive write lock on an index folder; use as a context manager."""
 
     def __init__(self, index_dir: Path, wait: bool = False, on_wait: Callable[[str], None] | None = None,
-                 poll_seconds: float = 0.5):
+                 poll_seconds: float = 0.5, should_stop: Callable[[], bool] | None = None):
         self.path = index_dir / LOCK_FILE
         self.wait = wait
         self.on_wait = on_wait
         self.poll_seconds = poll_seconds
+        self.should_stop = should_stop
         self._fd: int | None = None
 
     def __enter__(self) -> "IndexLock":
@@ -53,6 +54,9 @@ class IndexLock:
                 if not announced and self.on_wait is not None:
                     self.on_wait(f"waiting for {holder} to finish writing {self.path.parent}")
                     announced = True
+                if self.should_stop is not None and self.should_stop():
+                    os.close(fd)
+                    raise KeyboardInterrupt  # asked to stop before the run even began
                 time.sleep(self.poll_seconds)
         # We hold the lock: whatever the file said was written by a process that is gone.
         os.ftruncate(fd, 0)

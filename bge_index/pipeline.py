@@ -172,7 +172,7 @@ def build_index(inputs: Sequence[str], index_dir: Path, options: IndexOptions, e
     documents = iter_documents(inputs, options.fields)  # raises InputError before any work
     if options.dry_run:
         return _IndexRun(index_dir, options, events, encoder, should_stop).run(documents)
-    with IndexLock(index_dir, wait=options.wait, on_wait=events.warning):
+    with IndexLock(index_dir, wait=options.wait, on_wait=events.warning, should_stop=should_stop):
         return _IndexRun(index_dir, options, events, encoder, should_stop).run(documents)
 
 
@@ -188,7 +188,7 @@ def _refuse_foreign_folder(index_dir: Path) -> None:
 
 @dataclass
 class _Existing:
-    """A document in the previous state: its content hash and live rows."""
+    """A document in the previous state: its content hash and live rows (empty once this run replaced them)."""
 
     hash: str
     rows: list[RowLocation]
@@ -207,7 +207,8 @@ class _Seen:
 class _Pending:
     document: Document
     hash: str
-    replaces: list[RowLocation]
+    replaces: list[RowLocation]  # rows to retire once this document's rows are written
+    was_indexed: bool = False
 
 
 class _IndexRun:
@@ -228,6 +229,7 @@ class _IndexRun:
         self.writer: IndexWriter | None = None
         self.started = time.perf_counter()
         self.deleted_any = False
+        self.inputs_incomplete = False  # a file could not be read whole: absent ids are not removals
 
     # -- setup ----------------------------------------------------------------
 
@@ -295,6 +297,7 @@ class _IndexRun:
                 if self.options.strict:
                     raise StrictModeError(item)
                 self.summary.skipped[item.category] += 1
+                self.inputs_incomplete |= item.hides_documents
                 self.events.skipped(item)
                 continue
             self._consider(item)
@@ -308,26 +311,30 @@ class _IndexRun:
         where = f"{document.source}:{document.line}" if document.line is not None else document.source
         hash_ = content_hash(document.text)
         prior = self.seen.get(document.id)
-        if prior is not None:
-            self._forget(document.id, prior, where)
+        replaces = self._forget(document.id, prior, where) if prior is not None else []
         old = self.existing.get(document.id)
-        if old is not None and old.hash == hash_:
+        if old is not None and old.rows and not replaces and old.hash == hash_:
             self.seen[document.id] = _Seen(where, "unchanged")
             self.summary.unchanged += 1
             return
+        if old is not None:
+            replaces = old.rows + replaces
         self.seen[document.id] = _Seen(where, "pending", len(self.window))
-        self.window.append(_Pending(document, hash_, old.rows if old else []))
+        self.window.append(_Pending(document, hash_, replaces, was_indexed=old is not None))
 
-    def _forget(self, doc_id: str, prior: _Seen, where: str) -> None:
-        """A later occurrence of an id wins: undo what the earlier one did in this run."""
+    def _forget(self, doc_id: str, prior: _Seen, where: str) -> list[RowLocation]:
+        """A later occurrence of an id wins: undo the earlier one's outcome; returns the rows it wrote.
+
+        Those rows are retired only when the later occurrence's rows are written, so a stop in between
+        never leaves the document without rows.
+        """
         self.events.warning(f"duplicate id {doc_id!r}: {where} replaces the earlier occurrence at {prior.where}")
         self.summary.duplicates += 1
         if prior.outcome == "pending":
             self.window[prior.window_slot] = None
         elif prior.outcome in ("added", "updated", "unchanged"):
             setattr(self.summary, prior.outcome, getattr(self.summary, prior.outcome) - 1)
-        for location in self.new_rows.pop(doc_id, []):
-            self._delete(location)
+        return self.new_rows.pop(doc_id, [])
 
     def _flush_window(self) -> None:
         pending = [p for p in self.window if p is not None]
@@ -336,14 +343,16 @@ class _IndexRun:
             return
         if self.options.dry_run:
             for item in pending:
-                outcome = "updated" if item.replaces else "added"
+                outcome = "updated" if item.was_indexed else "added"
                 self.seen[item.document.id].outcome = outcome
                 setattr(self.summary, outcome, getattr(self.summary, outcome) + 1)
             return
         rows, done = self._encode(pending)
+        self._mark_not_reached(pending, done)
         if rows is None:
             return
         locations = self.writer.write(rows)
+        self.summary.rows += len(rows)
         by_document: dict[str, list[RowLocation]] = {}
         for doc_id, location in zip(rows.doc_ids or rows.ids, locations):
             by_document.setdefault(doc_id, []).append(location)
@@ -351,15 +360,18 @@ class _IndexRun:
             doc_id = item.document.id
             for location in item.replaces:
                 self._delete(location)
-            self.existing.pop(doc_id, None)
+            if doc_id in self.existing:
+                self.existing[doc_id].rows = []  # replaced: no longer the previous state's rows
             self.new_rows[doc_id] = by_document[doc_id]
-            outcome = "updated" if item.replaces else "added"
+            outcome = "updated" if item.was_indexed else "added"
             self.seen[doc_id].outcome = outcome
             setattr(self.summary, outcome, getattr(self.summary, outcome) + 1)
+
+    def _mark_not_reached(self, pending: list[_Pending], done: list[_Pending]) -> None:
         finished_ids = {item.document.id for item in done}
         for item in pending:
             if item.document.id not in finished_ids:
-                # Not reached before the stop: the previous state still holds them.
+                # Not reached before the stop: the rows it would replace stay live.
                 self.seen[item.document.id].outcome = "not reached"
 
     def _delete(self, location: RowLocation) -> None:
@@ -388,7 +400,6 @@ class _IndexRun:
             self.summary.encode_seconds += time.perf_counter() - started
             rows.place(batch, encoded)
             finished[batch] = True
-            self.summary.rows += len(batch)
             self.summary.tokens += sum(lengths[i] for i in batch)
             self.summary.elapsed = time.perf_counter() - self.started
             self.events.progress(IndexProgress(len(self.seen), self.summary.encoded + int(finished.sum()),
@@ -402,7 +413,10 @@ class _IndexRun:
 
     def _finish(self, previous: Manifest | None) -> None:
         complete = not self.summary.interrupted
-        if complete and not self.options.keep_missing:
+        if complete and not self.options.keep_missing and self.inputs_incomplete:
+            self.events.warning("some input files could not be read whole, so documents missing from this run "
+                                "are kept; the next run that reads every file will remove them")
+        elif complete and not self.options.keep_missing:
             for doc_id, old in list(self.existing.items()):
                 if doc_id not in self.seen:
                     self.summary.removed += 1
@@ -415,6 +429,8 @@ class _IndexRun:
             final = self.writer.commit(state="complete" if complete else "partial")
             self.summary.wrote = True
         else:
+            if self.writer is not None:
+                self.writer.remove_leftovers()
             final = previous
         if final is not None and (self.writer is not None or previous is not None):
             self.summary.generation = final.generation

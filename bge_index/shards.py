@@ -47,8 +47,8 @@ import pyarrow.parquet as pq
 FORMAT_NAME = "bge-index"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
-SHARD_PATTERN = re.compile(r"^shard-(\d{6})-(\d{5})\.parquet$")
-DELETED_PATTERN = re.compile(r"^shard-(\d{6})-(\d{5})\.deleted-(\d{6})\.npy$")
+SHARD_PATTERN = re.compile(r"^shard-(\d{6,})-(\d{5,})\.parquet$")
+DELETED_PATTERN = re.compile(r"^shard-(\d{6,})-(\d{5,})\.deleted-(\d{6,})\.npy$")
 COMPACT_WHEN_DEAD = 0.5  # a shard with more than this fraction of deleted rows is rewritten
 _ROW_GROUP_ROWS = 1024
 _ROW_GROUP_BYTES = 64 << 20  # bounds memory when rows are large (ColBERT vectors of long documents)
@@ -358,6 +358,7 @@ class IndexWriter:
         self._writer: pq.ParquetWriter | None = None
         self._shard_path: Path | None = None
         self._shard_row_count = 0
+        self._publishing = False
         index_dir.mkdir(parents=True, exist_ok=True)
 
     def shard_name(self, number: int) -> str:
@@ -443,6 +444,7 @@ class IndexWriter:
         self.manifest.updated = now
         fault_point("before-manifest")
         payload = (json.dumps(self.manifest.to_json(), indent=2, ensure_ascii=False) + "\n").encode()
+        self._publishing = True  # from here on, abort() first checks whether the switch happened
         _write_atomically(self.index_dir / MANIFEST_FILE, lambda stream: stream.write(payload))
         fault_point("after-manifest")
         self._remove_unreferenced_files()
@@ -466,9 +468,17 @@ class IndexWriter:
         return kept
 
     def _compact(self, shard: ShardInfo, deleted: set[int]) -> None:
-        live = np.setdiff1d(np.arange(shard.rows), np.fromiter(deleted, dtype=np.int64))
-        table = _open_shard(self.index_dir, shard).read().take(pa.array(live))
-        self._write_table(table.cast(self.schema))
+        """Copy a shard's live rows into new shards, one row group at a time (bounded memory)."""
+        mask = np.ones(shard.rows, dtype=bool)
+        mask[np.fromiter(deleted, dtype=np.int64)] = False
+        parquet = _open_shard(self.index_dir, shard)
+        start = 0
+        for group in range(parquet.num_row_groups):
+            table = parquet.read_row_group(group)
+            keep = mask[start:start + table.num_rows]
+            start += table.num_rows
+            if keep.any():
+                self._write_table(table.filter(pa.array(keep)).cast(self.schema))
 
     def _write_deletion_set(self, shard: ShardInfo, deleted: set[int]) -> ShardInfo:
         stem = shard.file.removesuffix(".parquet")
@@ -478,6 +488,9 @@ class IndexWriter:
         return replace(shard, deleted_file=path.name, deleted_rows=len(rows), deleted_sha256=file_sha256(path))
 
     def abort(self) -> None:
+        """Remove what this writer wrote, unless its manifest is already the published one."""
+        if self._publishing and self._published_generation() == self.manifest.generation:
+            return
         if self._writer is not None:
             self._writer.close()
         if self._shard_path is not None:
@@ -486,8 +499,20 @@ class IndexWriter:
             (self.index_dir / shard.file).unlink(missing_ok=True)
         self._writer, self._shard_path, self.shards = None, None, []
 
+    def _published_generation(self) -> int | None:
+        try:
+            return int(json.loads((self.index_dir / MANIFEST_FILE).read_text(encoding="utf-8"))["generation"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def remove_leftovers(self) -> None:
+        """Without a commit: delete files of crashed runs (and of states before `base`)."""
+        self._remove_files_outside(self.base.files() if self.base else set())
+
     def _remove_unreferenced_files(self) -> None:
-        keep = self.manifest.files() | (self.base.files() if self.base else set())
+        self._remove_files_outside(self.manifest.files() | (self.base.files() if self.base else set()))
+
+    def _remove_files_outside(self, keep: set[str]) -> None:
         for path in self.index_dir.iterdir():
             if is_index_data_file(path.name) and path.name not in keep:
                 path.unlink(missing_ok=True)
@@ -510,10 +535,10 @@ def read_deleted_rows(index_dir: Path, shard: ShardInfo) -> np.ndarray:
     path = index_dir / shard.deleted_file
     try:
         rows = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, EOFError) as error:
         raise IndexFormatError(f"{path}: damaged or missing deletion set ({error})") from error
-    if rows.ndim != 1 or len(rows) != shard.deleted_rows:
-        raise IndexFormatError(f"{path}: damaged deletion set ({len(rows)} rows, manifest says {shard.deleted_rows})")
+    if rows.ndim != 1 or len(rows) != shard.deleted_rows or (len(rows) and int(rows.max()) >= shard.rows):
+        raise IndexFormatError(f"{path}: damaged deletion set (rows do not match the manifest's)")
     return rows
 
 
@@ -704,8 +729,8 @@ def verify_index(index_dir: Path) -> list[str]:
                 continue
         try:
             mask = live_mask(index_dir, shard)
-        except (IndexFormatError, IndexError) as error:
-            problems.append(f"{index_dir / shard.deleted_file}: damaged deletion set ({error})")
+        except IndexFormatError as error:
+            problems.append(str(error))
             continue
         live_total += int(mask.sum())
         ids = table.column("id").to_pylist()

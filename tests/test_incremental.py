@@ -428,3 +428,61 @@ def test_hostile_corpus(tiny_model, tmp_path):
     assert reasons[("z_unreadable.txt", None)].startswith("cannot read file")
     assert any("duplicate id 'g1'" in w and "f_dup.jsonl:1" in w and "a_bad.jsonl:1" in w for w in events.warnings)
     assert sum(summary.skipped.values()) == len(events.skips) == 10
+
+
+# ---------------------------------------------------------------------------
+# Edge cases found in review
+
+
+def test_unreadable_input_file_does_not_remove_its_documents(tiny_model, tmp_path):
+    folder, out = tmp_path / "in", tmp_path / "ix"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", [{"id": "a1", "text": "moon"}, {"id": "a2", "text": "tides"}])
+    (folder / "b.jsonl.gz").write_bytes(gzip.compress(b'{"id": "b1", "text": "train"}\n'))
+    index(folder, out, tiny_model)
+    (folder / "b.jsonl.gz").write_bytes(b"this is not gzip at all")
+    result = index(folder, out, tiny_model)
+    assert "0 removed" in result.stdout and "could not be read whole" in result.stderr
+    assert set(live(out)) == {"a1", "a2", "b1"}
+    (folder / "b.jsonl.gz").unlink()
+    assert "1 removed" in index(folder, out, tiny_model).stdout
+
+
+def test_stop_between_two_occurrences_of_an_id_keeps_the_document(tiny_model, tmp_path, monkeypatch):
+    import bge_index.pipeline as pipeline
+
+    corpus, out = tmp_path / "c.jsonl", tmp_path / "ix"
+    write_jsonl(corpus, [{"id": "d", "text": "old text"}, {"id": "x", "text": "x"}])
+    index(corpus, out, tiny_model)
+    monkeypatch.setattr(pipeline, "WINDOW_DOCUMENTS", 2)
+    write_jsonl(corpus, [{"id": "d", "text": "first new text"}, {"id": "x", "text": "x"},
+                         {"id": "y", "text": "y"}, {"id": "d", "text": "second new text"}, {"id": "z", "text": "z"}])
+    seen = {"calls": 0}
+
+    def stop_after_the_second_d():
+        seen["calls"] += 1
+        return seen["calls"] > 5  # items d, x (window flushed, d written), y, d again: then stop
+
+    summary = build_index([str(corpus)], out, IndexOptions(model=str(tiny_model)), should_stop=stop_after_the_second_d)
+    assert summary.interrupted
+    assert live(out)["d"] == "first new text"  # never without rows
+    assert read_manifest(out).state == "partial"
+    index(corpus, out, tiny_model)
+    assert live(out) == {"d": "second new text", "x": "x", "y": "y", "z": "z"}
+
+
+def test_duplicate_across_windows_of_an_indexed_document_counts_as_updated(tiny_model, tmp_path, monkeypatch):
+    import bge_index.pipeline as pipeline
+
+    corpus, out = tmp_path / "c.jsonl", tmp_path / "ix"
+    write_jsonl(corpus, [{"id": "d", "text": "same text"}, {"id": "x", "text": "x"}])
+    index(corpus, out, tiny_model)
+    monkeypatch.setattr(pipeline, "WINDOW_DOCUMENTS", 2)
+    # d (changed) and e fill a window and are written; then d comes back with its indexed text.
+    write_jsonl(corpus, [{"id": "d", "text": "changed"}, {"id": "e", "text": "e"}, {"id": "x", "text": "x"},
+                         {"id": "d", "text": "same text"}])
+    summary = build_index([str(corpus)], out, IndexOptions(model=str(tiny_model)))
+    assert (summary.added, summary.updated, summary.unchanged, summary.duplicates) == (1, 1, 1, 1)
+    assert live(out) == {"d": "same text", "e": "e", "x": "x"}
+    dry = build_index([str(corpus)], out, IndexOptions(model=str(tiny_model), dry_run=True))
+    assert (dry.added, dry.updated, dry.unchanged) == (0, 0, 3)

@@ -192,3 +192,23 @@ def test_empty_index_loads(tmp_path):
     assert manifest.documents == 0 and manifest.shards == []
     vectors = load_vectors(tmp_path, read_manifest(tmp_path))
     assert len(vectors) == 0 and vectors.dense.shape == (0, DIM)
+
+
+def test_abort_after_the_switch_keeps_the_published_index(tmp_path):
+    writer = IndexWriter(tmp_path, new_manifest(), shard_rows=3)
+    writer.write(make_rows(0, 5))
+    writer.commit()
+    writer.abort()  # e.g. a second Ctrl-C landing during cleanup after the switch
+    assert verify_index(tmp_path) == []
+    assert read_manifest(tmp_path).documents == 5
+
+
+def test_damaged_deletion_set_is_a_clear_error(tmp_path):
+    base = write_index(tmp_path, [make_rows(0, 6)], shard_rows=6)
+    writer = IndexWriter(tmp_path, new_manifest(generation=2), shard_rows=6, base=base)
+    writer.delete(RowLocation(base.shards[0].file, 2))
+    manifest = writer.commit()
+    (tmp_path / manifest.shards[0].deleted_file).write_bytes(b"")
+    with pytest.raises(IndexFormatError, match="deletion set"):
+        load_vectors(tmp_path, read_manifest(tmp_path))
+    assert "deletion set" in verify_index(tmp_path)[0]
