@@ -25,6 +25,8 @@ from rich.table import Table
 from bge_index import __version__
 from bge_index.documents import FieldNames, InputError, QueryFileError, Skipped, read_queries
 from bge_index.encoder import DEFAULT_MODEL, ModelError
+from bge_index.evaluation import (EvaluationInputError, evaluate, parse_metrics, query_coverage, read_qrels,
+                                  write_trec_run)
 from bge_index.lock import IndexLockedError
 from bge_index.pipeline import (IndexEvents, IndexMismatchError, IndexOptions, IndexProgress, IndexSearch, IndexSummary,
                                 InvalidOptionError, OutputFolderError, Query, QueryResult, StrictModeError, build_index)
@@ -67,6 +69,16 @@ class SearchFormat(str, Enum):
     trec = "trec"
 
 
+class Fusion(str, Enum):
+    weighted = "weighted"
+    rrf = "rrf"
+
+
+class Normalize(str, Enum):
+    none = "none"
+    minmax = "minmax"
+
+
 class InfoFormat(str, Enum):
     table = "table"
     json = "json"
@@ -92,7 +104,7 @@ def _run(action):
     except IndexLockedError as error:
         raise _fail(str(error), EXIT_TEMPFAIL) from None
     except (ModelError, IndexFormatError, OutputFolderError, StrictModeError, QueryFileError,
-            NoColbertVectors, IndexMismatchError) as error:
+            NoColbertVectors, IndexMismatchError, EvaluationInputError) as error:
         raise _fail(str(error)) from None
     except KeyboardInterrupt:
         stderr.print("bge-index: interrupted")
@@ -286,6 +298,8 @@ def search(
     output_format: Annotated[SearchFormat, typer.Option("--format", envvar="BGE_INDEX_FORMAT", help="Output format.")] = SearchFormat.table,
     explain: Annotated[bool, typer.Option("--explain", help="Show the query tokens that matched, with their contributions.")] = False,
     group_by_doc: Annotated[bool, typer.Option("--group-by-doc", help="Rank documents by their best passage (chunked indexes).")] = False,
+    fusion: Annotated[Fusion, typer.Option(envvar="BGE_INDEX_FUSION", help="Hybrid: weighted sum, or reciprocal rank fusion (k=60).")] = Fusion.weighted,
+    normalize: Annotated[Normalize, typer.Option(help="Weighted hybrid: min-max normalise dense and sparse scores first.")] = Normalize.none,
     model: Annotated[Optional[str], typer.Option(envvar="BGE_INDEX_MODEL",
                                                  help="Model to encode queries (must be the index's own).")] = None,
     device: Annotated[str, typer.Option(envvar="BGE_INDEX_DEVICE", callback=_check_device)] = "auto",
@@ -302,7 +316,8 @@ def search(
     def run() -> list[QueryResult]:
         opened = IndexSearch(index_dir, model=model, device=device, dtype=dtype.value)
         return opened.search(query_list, k=k, mode=mode.value, weights=weights, explain=explain,
-                             with_text=output_format is not SearchFormat.trec, group_by_doc=group_by_doc)
+                             with_text=output_format is not SearchFormat.trec, group_by_doc=group_by_doc,
+                             fusion=fusion.value, normalize=None if normalize is Normalize.none else normalize.value)
 
     results = _run(run)
     printers = {SearchFormat.table: _print_table, SearchFormat.json: _print_json, SearchFormat.jsonl: _print_jsonl,
@@ -431,6 +446,69 @@ def info(
     for name, value in rows:
         table.add_row(name, escape(value))
     stdout.print(table)
+
+
+@app.command("eval")
+def evaluate_index(
+    index_dir: Annotated[Path, typer.Argument(help="Index folder.", show_default=False)],
+    queries: Annotated[str, typer.Option("--queries", help="Queries: BEIR queries.jsonl (_id + text) or TSV.")],
+    qrels: Annotated[Path, typer.Option("--qrels", help="Judgments: BEIR qrels.tsv (with header) or TREC qrels.")],
+    modes: Annotated[str, typer.Option(help="Comma-separated modes to compare.")] = "dense,sparse,hybrid",
+    metrics: Annotated[str, typer.Option(help="Comma-separated: ndcg@k, recall@k, precision@k, mrr@k, map, map@k.")]
+    = "ndcg@10,recall@100,mrr@10,map",
+    depth: Annotated[int, typer.Option(min=1, help="Documents retrieved per query (the run's length).")] = 1000,
+    runs: Annotated[Optional[Path], typer.Option("--runs", help="Also write a TREC run per mode into this folder.")] = None,
+    fusion: Annotated[Fusion, typer.Option(help="Hybrid fusion.")] = Fusion.weighted,
+    normalize: Annotated[Normalize, typer.Option(help="Weighted hybrid: min-max normalise first.")] = Normalize.none,
+    dense_weight: Annotated[float, typer.Option(help="Weight of the dense score.")] = 1.0,
+    sparse_weight: Annotated[float, typer.Option(help="Weight of the sparse score.")] = 0.3,
+    group_by_doc: Annotated[bool, typer.Option("--group-by-doc", help="Judge documents by their best passage.")] = False,
+    output_format: Annotated[InfoFormat, typer.Option("--format", help="Output format.")] = InfoFormat.table,
+    model: Annotated[Optional[str], typer.Option(envvar="BGE_INDEX_MODEL", help="Must be the index's own model.")] = None,
+    device: Annotated[str, typer.Option(envvar="BGE_INDEX_DEVICE", callback=_check_device)] = "auto",
+    dtype: Annotated[Dtype, typer.Option(envvar="BGE_INDEX_DTYPE")] = Dtype.auto,
+) -> None:
+    """Score retrieval quality per mode against relevance judgments (trec_eval's metric definitions)."""
+    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
+    unknown = [m for m in mode_list if m not in {x.value for x in Mode}]
+    if unknown or not mode_list:
+        raise _fail(f"--modes: unknown mode(s) {', '.join(unknown) or '(none)'} (use dense, sparse, hybrid, colbert)",
+                    EXIT_USAGE)
+    try:
+        metric_list = parse_metrics(metrics)
+    except EvaluationInputError as error:
+        raise _fail(f"--metrics: {error}", EXIT_USAGE) from None
+    judgments = _run(lambda: read_qrels(qrels))
+    query_list = [Query(d.id, d.text) for d in _run(lambda: read_queries(queries))]
+    weights = ScoreWeights(dense_weight, sparse_weight)
+    opened = _run(lambda: IndexSearch(index_dir, model=model, device=device, dtype=dtype.value))
+    table_rows = {}
+    for mode in mode_list:
+        results = _run(lambda: opened.search(query_list, k=depth, mode=mode, weights=weights, with_text=False,
+                                             group_by_doc=group_by_doc, fusion=fusion.value,
+                                             normalize=None if normalize is Normalize.none else normalize.value))
+        run = {r.query.id: [(h.id, h.hit.score) for h in r.hits] for r in results}
+        if runs is not None:
+            runs.mkdir(parents=True, exist_ok=True)
+            with (runs / f"{mode}.trec").open("w", encoding="utf-8") as stream:
+                write_trec_run(stream, run, f"bge-index-{mode}")
+        table_rows[mode] = _run(lambda: evaluate(run, judgments, metric_list))
+    coverage = query_coverage(run, judgments)
+    if output_format is InfoFormat.json:
+        sys.stdout.write(json.dumps({"index_dir": str(index_dir), "queries_evaluated": len(coverage.evaluated),
+                                     "metrics": table_rows}, indent=2) + "\n")
+        return
+    table = Table(title=f"{escape(str(index_dir))}: {len(coverage.evaluated)} queries with judgments",
+                  title_justify="left")
+    table.add_column("mode")
+    for metric in metric_list:
+        table.add_column(metric.name, justify="right")
+    for mode, values in table_rows.items():
+        table.add_row(mode, *(f"{values[m.name]:.4f}" for m in metric_list))
+    stdout.print(table)
+    if coverage.missing_from_run or coverage.without_relevant:
+        stderr.print(f"bge-index: note: {len(coverage.without_relevant)} judged queries have no relevant document "
+                     "and are left out of the means", markup=False)
 
 
 @app.command()

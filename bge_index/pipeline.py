@@ -34,7 +34,9 @@ from bge_index.encoder import (QUERY_MAX_LENGTH, Encoder, ModelIdentity, ModelIn
 from bge_index.lock import LOCK_FILE, IndexLock
 from bge_index.search import Hit, QueryVectors, ScoreWeights, Searcher
 from bge_index.shards import (IndexFormatError, IndexWriter, Manifest, RowBatch, RowLocation, content_hash,
-                              index_size_bytes, is_index, is_index_data_file, iter_live_keys, load_vectors, read_manifest, read_rows)
+                              index_size_bytes, is_index, is_index_data_file, iter_live_keys, read_column,
+                              read_manifest, read_rows)
+from bge_index.vector_store import ensure_search_files, open_store
 
 WINDOW_DOCUMENTS = 2048
 MAX_BATCH_ROWS = 512
@@ -428,6 +430,7 @@ class _IndexRun:
         if self.writer is not None and needs_commit:
             final = self.writer.commit(state="complete" if complete else "partial")
             self.summary.wrote = True
+            ensure_search_files(self.index_dir, final)  # so the first search need not build them
         else:
             if self.writer is not None:
                 self.writer.remove_leftovers()
@@ -595,8 +598,9 @@ class IndexSearch:
         self.manifest = read_manifest(index_dir)
         recorded = ModelIdentity.from_json(self.manifest.model)
         self.encoder = load_encoder(model or recorded.name, device, dtype, expected=recorded)
-        self.vectors = load_vectors(index_dir, self.manifest)
-        self.searcher = Searcher(self.vectors, self.manifest.vocab_size)
+        shards = open_store(index_dir, self.manifest)
+        self.shard_starts = np.array([s.start for s in shards] + [sum(s.rows for s in shards)], dtype=np.int64)
+        self.searcher = Searcher(shards, self.manifest.vocab_size, doc_ids=self._doc_ids)
 
     def encode_queries(self, texts: Sequence[str], colbert: bool = False) -> list[QueryVectors]:
         vectors: list[QueryVectors] = []
@@ -609,40 +613,44 @@ class IndexSearch:
         return vectors
 
     def search(self, queries: Sequence[Query], k: int = 10, mode: str = "hybrid",
-               weights: ScoreWeights = ScoreWeights(), explain: bool = False,
-               with_text: bool = True, group_by_doc: bool = False) -> list[QueryResult]:
+               weights: ScoreWeights = ScoreWeights(), explain: bool = False, with_text: bool = True,
+               group_by_doc: bool = False, fusion: str = "weighted", normalize: str | None = None
+               ) -> list[QueryResult]:
         if mode == "colbert" and not self.manifest.has_colbert:
             raise IndexFormatError(f"{self.index_dir} has no ColBERT vectors: rebuild it with --colbert, "
                                    "or search with --mode hybrid|dense|sparse")
         query_vectors = self.encode_queries([q.text for q in queries], colbert=(mode == "colbert"))
-        results = []
-        for query, vectors in zip(queries, query_vectors):
-            hits = self.searcher.search(vectors, k, mode, weights, fetch_colbert=self._fetch_colbert,
-                                        group_by_doc=group_by_doc)
-            results.append(QueryResult(query, self._describe(vectors, hits, explain, with_text, group_by_doc)))
-        return results
+        all_hits = self.searcher.search_many(query_vectors, k, mode, weights, fetch_colbert=self._fetch_colbert,
+                                             group_by_doc=group_by_doc, fusion=fusion, normalize=normalize)
+        return [QueryResult(query, self._describe(vectors, hits, explain, with_text, group_by_doc))
+                for query, vectors, hits in zip(queries, query_vectors, all_hits)]
 
     def _locations(self, rows: Sequence[int]) -> list[tuple[int, int]]:
-        return [(int(self.vectors.row_shard[r]), int(self.vectors.row_local[r])) for r in rows]
+        shard_numbers = np.searchsorted(self.shard_starts, rows, side="right") - 1
+        return [(int(s), int(r - self.shard_starts[s])) for s, r in zip(shard_numbers, rows)]
+
+    def _doc_ids(self) -> np.ndarray:
+        column = "doc_id" if self.manifest.chunking else "id"
+        return read_column(self.index_dir, self.manifest, column)
 
     def _fetch_colbert(self, rows: Sequence[int]) -> list[np.ndarray]:
         return read_rows(self.index_dir, self.manifest, self._locations(rows), "colbert")
 
     def _describe(self, query: QueryVectors, hits: list[Hit], explain: bool, with_text: bool,
                   grouped: bool) -> list[RankedDocument]:
-        rows = [h.row for h in hits]
-        texts = read_rows(self.index_dir, self.manifest, self._locations(rows), "text") \
-            if with_text and self.manifest.store_text and rows else [None] * len(rows)
+        locations = self._locations([h.row for h in hits])
+        ids = read_rows(self.index_dir, self.manifest, locations, "id") if hits else []
+        texts = read_rows(self.index_dir, self.manifest, locations, "text") \
+            if with_text and self.manifest.store_text and hits else [None] * len(hits)
+        doc_ids = read_rows(self.index_dir, self.manifest, locations, "doc_id") \
+            if grouped and self.manifest.chunking and hits else ids
         ranked = []
-        for rank, (hit, text) in enumerate(zip(hits, texts), start=1):
+        for rank, (hit, row_id, doc_id, text) in enumerate(zip(hits, ids, doc_ids, texts), start=1):
             tokens: tuple[tuple[str, float], ...] = ()
             if explain:
                 tokens = tuple((self.encoder.decode_token(token), weight)
                                for token, weight in self.searcher.sparse_contributions(query, hit.row)[:8])
-            row_id = str(self.vectors.ids[hit.row])
             if grouped:
-                doc_ids = self.vectors.doc_ids
-                doc_id = str(doc_ids[hit.row]) if doc_ids is not None else row_id
                 ranked.append(RankedDocument(rank, doc_id, hit, text, tokens, row_id))
             else:
                 ranked.append(RankedDocument(rank, row_id, hit, text, tokens))

@@ -3,7 +3,8 @@
 Scores (BGE-M3's):
 - dense:   dot product of unit vectors (cosine);
 - sparse:  sum over shared token ids of q_w * d_w (lexical matching score);
-- hybrid:  dense_weight * dense + sparse_weight * sparse;
+- hybrid:  dense_weight * dense + sparse_weight * sparse (or reciprocal rank
+           fusion, or a weighted sum of min-max normalised scores);
 - colbert: the hybrid top candidates re-ranked by
            dense_weight * dense + sparse_weight * sparse + colbert_weight * MaxSim,
            MaxSim being the mean over query tokens of the best document-token dot
@@ -19,11 +20,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from bge_index.shards import IndexVectors
+from bge_index.vector_store import ShardVectors, invert
 
 MODES = ("hybrid", "dense", "sparse", "colbert")
-_DENSE_CHUNK_ROWS = 1 << 16  # bounds the float32 copy of float16 rows to 256 MiB at D=1024
+FUSIONS = ("weighted", "rrf")
+RRF_K = 60
+RRF_DEPTH = 1000
+# Rows widened to float32 at a time: 4096 x 1024 x 4 B = 16 MiB, small enough to stay in cache
+# between the widening and the multiplication.
+_DENSE_CHUNK_ROWS = 4096
 COLBERT_CANDIDATES_PER_HIT = 10
 COLBERT_MIN_CANDIDATES = 100
 
@@ -61,7 +69,10 @@ class NoColbertVectors(Exception):
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """Rows of the k highest scores, best first; equal scores in row order. [N] -> [min(k, N)]."""
+    """Rows of the k highest scores, best first; equal scores in row order; -inf rows (deleted) never.
+
+    [N] -> [at most k]
+    """
     n = scores.shape[0]
     if k <= 0 or n == 0:
         return np.zeros(0, dtype=np.int64)
@@ -71,83 +82,136 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
         candidates = np.flatnonzero(scores >= kth_score)
     else:
         candidates = np.arange(n)
+    candidates = candidates[scores[candidates] > -np.inf]
     order = np.lexsort((candidates, -scores[candidates]))
     return candidates[order[:k]]
 
 
 class Searcher:
-    """Exact search over one loaded index."""
+    """Exact search over an index's shards (memory-mapped search files, or in-memory vectors)."""
 
-    def __init__(self, vectors: IndexVectors, vocab_size: int):
-        self.vectors = vectors
+    def __init__(self, vectors: IndexVectors | Sequence[ShardVectors], vocab_size: int,
+                 doc_ids: Callable[[], np.ndarray] | None = None):
+        if isinstance(vectors, IndexVectors):
+            token_ptr, rows, weights = invert(vectors.sparse_indptr, vectors.sparse_indices, vectors.sparse_values,
+                                              vocab_size)
+            self.shards = [ShardVectors(0, vectors.dense, token_ptr, rows, weights)]
+            doc_ids = doc_ids or (lambda: vectors.doc_ids if vectors.doc_ids is not None else vectors.ids)
+        else:
+            self.shards = list(vectors)
         self.vocab_size = vocab_size
-        counts = np.diff(vectors.sparse_indptr)
-        # Row number of every stored (token, weight) pair: [nnz]; lets one bincount sum all rows.
-        self._sparse_rows = np.repeat(np.arange(len(vectors), dtype=np.int64), counts)
+        self.rows = sum(shard.rows for shard in self.shards)
+        self._doc_ids = doc_ids
         self._documents: _DocumentGroups | None = None
+        self._buffer = torch.empty(0)
 
     def __len__(self) -> int:
-        return len(self.vectors)
+        return self.rows
 
-    # -- full scans --------------------------------------------------------
+    # -- full scans ------------------------------------------------------------
 
     def dense_scores(self, query: QueryVectors) -> np.ndarray:
-        """[N] float32 cosine scores, scanning the float16 matrix in bounded float32 chunks."""
-        dense = self.vectors.dense
-        q = query.dense.astype(np.float32)
-        out = np.empty(dense.shape[0], dtype=np.float32)
-        for start in range(0, dense.shape[0], _DENSE_CHUNK_ROWS):
-            block = dense[start:start + _DENSE_CHUNK_ROWS].astype(np.float32)  # [c, D]
-            out[start:start + block.shape[0]] = block @ q
+        """[N] float32 cosine scores; deleted rows score -inf."""
+        return self.dense_scores_many(query.dense[None, :])[:, 0]
+
+    def dense_scores_many(self, queries: np.ndarray) -> np.ndarray:
+        """[N, Q] float32 dot products of every row with every query ([Q, D] float32).
+
+        numpy has no fast float16 kernel, and float16 products (torch's) lose
+        ~1e-2: so each chunk of rows is widened to float32 by torch (vectorised,
+        threaded) into a reused buffer, then multiplied in float32. One pass over
+        the matrix serves all the queries.
+        """
+        q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32).T)  # [D, Q]
+        out = np.empty((self.rows, q.shape[1]), dtype=np.float32)
+        for shard in self.shards:
+            for start in range(0, shard.rows, _DENSE_CHUNK_ROWS):
+                block = torch.from_numpy(shard.dense[start:start + _DENSE_CHUNK_ROWS])  # [c, D] float16
+                widened = self._widen(block)  # [c, D] float32
+                first = shard.start + start
+                torch.mm(widened, q, out=torch.from_numpy(out[first:first + block.shape[0]]))
+            if shard.live is not None:
+                out[shard.start:shard.start + shard.rows][~shard.live] = -np.inf
         return out
 
-    def sparse_scores(self, query: QueryVectors) -> np.ndarray:
-        """[N] float32 lexical scores: sum of q_w * d_w over shared token ids."""
-        n = len(self.vectors)
-        if query.sparse_ids.size == 0 or self._sparse_rows.size == 0:
-            return np.zeros(n, dtype=np.float32)
-        lookup = np.zeros(max(self.vocab_size, int(query.sparse_ids.max()) + 1), dtype=np.float32)
-        lookup[query.sparse_ids] = query.sparse_weights
-        products = self.vectors.sparse_values * lookup[self.vectors.sparse_indices]  # [nnz]
-        return np.bincount(self._sparse_rows, weights=products, minlength=n).astype(np.float32)
+    def _widen(self, block: torch.Tensor) -> torch.Tensor:
+        if self._buffer.numel() < block.numel():
+            self._buffer = torch.empty(block.numel(), dtype=torch.float32)
+        return self._buffer[:block.numel()].view(block.shape).copy_(block)
 
-    # -- per-hit scores ----------------------------------------------------
+    def sparse_scores(self, query: QueryVectors) -> np.ndarray:
+        """[N] float32 lexical scores from the inverted index: only the query tokens' postings are read."""
+        out = np.zeros(self.rows, dtype=np.float32)
+        tokens = [(int(t), float(w)) for t, w in zip(query.sparse_ids, query.sparse_weights)]
+        for shard in self.shards:
+            rows, products = [], []
+            for token, weight in tokens:
+                token_rows, token_weights = shard.postings(token)
+                if len(token_rows):
+                    rows.append(token_rows)
+                    products.append(token_weights * np.float32(weight))  # float32 products, as q_w * d_w
+            if rows:
+                # One bincount per shard sums every document's products in float64, then rounds once.
+                summed = np.bincount(np.concatenate(rows), weights=np.concatenate(products), minlength=shard.rows)
+                out[shard.start:shard.start + shard.rows] = summed
+            if shard.live is not None:
+                out[shard.start:shard.start + shard.rows][~shard.live] = -np.inf
+        return out
+
+    # -- per-hit scores ----------------------------------------------------------
+
+    def _locate(self, row: int) -> tuple[ShardVectors, int]:
+        for shard in self.shards:
+            if row < shard.start + shard.rows:
+                return shard, row - shard.start
+        raise IndexError(row)
 
     def dense_score(self, query: QueryVectors, row: int) -> float:
-        return float(self.vectors.dense[row].astype(np.float32) @ query.dense.astype(np.float32))
+        shard, local = self._locate(row)
+        return float(shard.dense[local].astype(np.float32) @ query.dense.astype(np.float32))
 
     def sparse_score(self, query: QueryVectors, row: int) -> float:
-        # Summed in float64 in token order, then rounded, exactly as the full scan does.
-        contributions = sorted(self.sparse_contributions(query, row))
-        return float(np.float32(sum(c for _, c in contributions)))
+        # Summed in float64 in query-token order, then rounded, as the full scan does.
+        return float(np.float32(sum(float(c) for _, c in self._shared_tokens(query, row))))
 
     def sparse_contributions(self, query: QueryVectors, row: int) -> list[tuple[int, float]]:
         """(token id, q_w * d_w) for every token shared by query and document, largest first."""
-        doc_ids, doc_weights = self.vectors.sparse_row(row)
-        shared, q_at, d_at = np.intersect1d(query.sparse_ids, doc_ids, assume_unique=True, return_indices=True)
-        contributions = query.sparse_weights[q_at].astype(np.float32) * doc_weights[d_at]
-        order = np.argsort(-contributions, kind="stable")
-        return [(int(shared[i]), float(contributions[i])) for i in order]
+        return sorted(self._shared_tokens(query, row), key=lambda pair: -pair[1])
 
-    # -- ranking -----------------------------------------------------------
+    def _shared_tokens(self, query: QueryVectors, row: int) -> list[tuple[int, float]]:
+        shard, local = self._locate(row)
+        shared = []
+        for token, weight in zip(query.sparse_ids.tolist(), query.sparse_weights.tolist()):
+            rows, weights = shard.postings(token)
+            at = int(np.searchsorted(rows, local))
+            if at < len(rows) and rows[at] == local:
+                shared.append((token, float(np.float32(weights[at]) * np.float32(weight))))
+        return shared
+
+    # -- ranking -----------------------------------------------------------------
 
     def search(self, query: QueryVectors, k: int = 10, mode: str = "hybrid", weights: ScoreWeights = ScoreWeights(),
                fetch_colbert: Callable[[Sequence[int]], list[np.ndarray]] | None = None,
-               group_by_doc: bool = False) -> list[Hit]:
+               group_by_doc: bool = False, fusion: str = "weighted", normalize: str | None = None,
+               dense: np.ndarray | None = None) -> list[Hit]:
         """The k best rows, or with `group_by_doc` the best row of each of the k best documents.
 
         A document's score is the score of its best passage (row); exact for dense, sparse and hybrid.
+        `dense` may pass precomputed dense scores (batch search).
         """
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r} (use {', '.join(MODES)})")
-        dense = self.dense_scores(query) if mode != "sparse" else None  # [N]
+        if fusion not in FUSIONS:
+            raise ValueError(f"unknown fusion {fusion!r} (use {', '.join(FUSIONS)})")
+        if mode != "sparse" and dense is None:
+            dense = self.dense_scores(query)  # [N]
         sparse = self.sparse_scores(query) if mode != "dense" else None  # [N]
         if mode == "dense":
             ranking = dense
         elif mode == "sparse":
             ranking = sparse
         else:
-            ranking = weights.dense * dense + weights.sparse * sparse
+            ranking = fuse(dense, sparse, weights, fusion, normalize)
         groups = self._document_groups() if group_by_doc else None
         if mode == "colbert":
             hits = self._colbert_rerank(query, ranking, k, weights, fetch_colbert)
@@ -155,10 +219,23 @@ class Searcher:
         rows = groups.top_rows(ranking, k) if groups is not None else top_k(ranking, k)
         return [self._hit(query, int(row), float(ranking[row]), dense, sparse) for row in rows]
 
+    def search_many(self, queries: Sequence[QueryVectors], k: int = 10, mode: str = "hybrid",
+                    weights: ScoreWeights = ScoreWeights(), batch: int = 64, **options) -> list[list[Hit]]:
+        """Many queries, sharing each pass over the dense matrix among `batch` of them."""
+        results: list[list[Hit]] = []
+        for start in range(0, len(queries), batch):
+            group = queries[start:start + batch]
+            dense = self.dense_scores_many(np.stack([q.dense for q in group])) if mode != "sparse" else None
+            for column, query in enumerate(group):
+                results.append(self.search(query, k, mode, weights, dense=None if dense is None else
+                                           np.ascontiguousarray(dense[:, column]), **options))
+        return results
+
     def _document_groups(self) -> "_DocumentGroups":
         if self._documents is None:
-            doc_ids = self.vectors.doc_ids if self.vectors.doc_ids is not None else self.vectors.ids
-            self._documents = _DocumentGroups(doc_ids)
+            if self._doc_ids is None:
+                raise ValueError("grouping by document needs the index's document ids")
+            self._documents = _DocumentGroups(self._doc_ids())
         return self._documents
 
     def _hit(self, query: QueryVectors, row: int, score: float,
@@ -182,6 +259,38 @@ class Searcher:
             hits.append(Hit(row, float(score), dense, sparse, colbert))
         hits.sort(key=lambda h: (-h.score, h.row))
         return hits
+
+
+def fuse(dense: np.ndarray, sparse: np.ndarray, weights: ScoreWeights, fusion: str = "weighted",
+         normalize: str | None = None) -> np.ndarray:
+    """[N] hybrid scores from dense and sparse [N] scores.
+
+    weighted: dense_weight * dense + sparse_weight * sparse, optionally each min-max
+              normalised to [0, 1] over all live documents first (Pyserini's --normalize);
+    rrf:      reciprocal rank fusion, sum over the two rankings of 1 / (60 + rank),
+              ranks 1.. over each list's top RRF_DEPTH documents (others get nothing from
+              that list), as in Cormack et al. and Pyserini's fusion.
+    """
+    if fusion == "rrf":
+        fused = np.zeros_like(dense)
+        for scores in (dense, sparse):
+            top = top_k(scores, RRF_DEPTH)
+            top = top[np.isfinite(scores[top])]
+            fused[top] += 1.0 / (RRF_K + np.arange(1, len(top) + 1, dtype=np.float32))
+        fused[~np.isfinite(dense)] = -np.inf  # deleted rows stay out
+        return fused
+    if normalize == "minmax":
+        dense, sparse = _minmax(dense), _minmax(sparse)
+    return (np.float32(weights.dense) * dense + np.float32(weights.sparse) * sparse).astype(np.float32)
+
+
+def _minmax(scores: np.ndarray) -> np.ndarray:
+    finite = scores[np.isfinite(scores)]
+    if finite.size == 0:
+        return scores
+    low, high = finite.min(), finite.max()
+    span = high - low
+    return (scores - low) / span if span > 0 else np.where(np.isfinite(scores), 0.0, scores).astype(np.float32)
 
 
 class _DocumentGroups:

@@ -49,6 +49,8 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 SHARD_PATTERN = re.compile(r"^shard-(\d{6,})-(\d{5,})\.parquet$")
 DELETED_PATTERN = re.compile(r"^shard-(\d{6,})-(\d{5,})\.deleted-(\d{6,})\.npy$")
+# Search files derived from a shard (vector_store.py): kept exactly as long as their shard.
+DERIVED_PATTERN = re.compile(r"^(shard-\d{6,}-\d{5,})\.(dense|token-ptr|posting-rows|posting-weights|stamp)\.npy$")
 COMPACT_WHEN_DEAD = 0.5  # a shard with more than this fraction of deleted rows is rewritten
 _ROW_GROUP_ROWS = 1024
 _ROW_GROUP_BYTES = 64 << 20  # bounds memory when rows are large (ColBERT vectors of long documents)
@@ -514,13 +516,15 @@ class IndexWriter:
 
     def _remove_files_outside(self, keep: set[str]) -> None:
         for path in self.index_dir.iterdir():
-            if is_index_data_file(path.name) and path.name not in keep:
+            derived = DERIVED_PATTERN.match(path.name)
+            kept = f"{derived.group(1)}.parquet" in keep if derived else path.name in keep
+            if is_index_data_file(path.name) and not kept:
                 path.unlink(missing_ok=True)
 
 
 def is_index_data_file(name: str) -> bool:
-    """Shards, deletion sets and temporary files: what a writer (or a crashed one) leaves in an index folder."""
-    return bool(SHARD_PATTERN.match(name) or DELETED_PATTERN.match(name)
+    """Shards, deletion sets, their search files and temporary files: what writers and readers leave here."""
+    return bool(SHARD_PATTERN.match(name) or DELETED_PATTERN.match(name) or DERIVED_PATTERN.match(name)
                 or (name.startswith(".") and name.endswith(".tmp")))
 
 
@@ -653,6 +657,26 @@ def load_vectors(index_dir: Path, manifest: Manifest) -> IndexVectors:
         row_local=joined(row_local, np.zeros(0, dtype=np.int64)),
         doc_ids=joined(doc_ids, np.zeros(0, dtype=object)) if chunked else None,
     )
+
+
+def read_column(index_dir: Path, manifest: Manifest, column: str) -> np.ndarray:
+    """One column of every row (deleted rows included), in row order, as an object array."""
+    parts = [np.asarray(_read_columns(index_dir, shard, [column]).column(column).to_pylist(), dtype=object)
+             for shard in manifest.shards]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=object)
+
+
+def read_shard_vectors(index_dir: Path, manifest: Manifest, shard: ShardInfo
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """All rows of one shard, deleted ones included: dense [rows, D] float16 and sparse CSR (indptr, ids, weights)."""
+    table = _read_columns(index_dir, shard, ["dense", "sparse"])
+    dense = table.column("dense").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    sparse = table.column("sparse").combine_chunks()
+    offsets = sparse.field("indices").offsets.to_numpy().astype(np.int64)
+    indices = sparse.field("indices").flatten().to_numpy(zero_copy_only=False)
+    values = sparse.field("values").flatten().to_numpy(zero_copy_only=False)
+    return (dense.reshape(-1, manifest.dense_dim).astype(np.float16, copy=False), offsets - offsets[0],
+            indices.astype(np.uint32, copy=False), values.astype(np.float32, copy=False))
 
 
 def read_rows(index_dir: Path, manifest: Manifest, locations: Sequence[tuple[int, int]], column: str) -> list:

@@ -358,3 +358,50 @@ def test_module_entry_point_runs_as_a_process(sample_index):
     assert len(search.stdout.splitlines()) == 2
     usage = subprocess.run([sys.executable, "-m", "bge_index", "index"], capture_output=True, text=True)
     assert usage.returncode == 2
+
+
+# ---------------------------------------------------------------------------
+# eval
+
+
+def test_eval_reports_metrics_per_mode_and_writes_runs(sample_index, tmp_path):
+    from bge_index.evaluation import evaluate, read_qrels, read_run
+
+    qrels = REPO / "sample_data" / "qrels.tsv"
+    result = invoke("eval", sample_index, "--queries", SAMPLE_QUERIES, "--qrels", qrels, "--modes", "dense,hybrid",
+                    "--metrics", "ndcg@10,recall@5,map", "--runs", tmp_path / "runs", "--format", "json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert set(report["metrics"]) == {"dense", "hybrid"} and report["queries_evaluated"] == 8
+    for mode in ("dense", "hybrid"):
+        run = read_run(tmp_path / "runs" / f"{mode}.trec")
+        assert len(run) == 8
+        expected = evaluate(run, read_qrels(qrels), "ndcg@10,recall@5,map")
+        assert report["metrics"][mode] == pytest.approx(expected)
+        hits = search_json(sample_index, "How fast is the Moon moving away from Earth?", "--mode", mode, "-k", "3")
+        top = sorted(run["q1"].items(), key=lambda item: -item[1])[:3]
+        assert [doc for doc, _ in top] == [h["id"] for h in hits[0]["hits"]]
+    pytrec_eval = pytest.importorskip("pytrec_eval")
+    run = read_run(tmp_path / "runs" / "hybrid.trec")
+    measures = pytrec_eval.RelevanceEvaluator(read_qrels(qrels), {"ndcg_cut.10", "map"}).evaluate(run)
+    assert report["metrics"]["hybrid"]["ndcg@10"] == pytest.approx(
+        sum(m["ndcg_cut_10"] for m in measures.values()) / len(measures))
+    table = invoke("eval", sample_index, "--queries", SAMPLE_QUERIES, "--qrels", qrels)
+    assert table.exit_code == 0 and "ndcg@10" in table.stdout and "sparse" in table.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--modes", "dense,psychic"], "psychic"),
+    (["--metrics", "ndcg@10,bleu"], "bleu"),
+])
+def test_eval_usage_errors(sample_index, args, message):
+    result = invoke("eval", sample_index, "--queries", SAMPLE_QUERIES, "--qrels", REPO / "sample_data" / "qrels.tsv",
+                    *args)
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_fusion_options(sample_index):
+    rrf = search_json(sample_index, "moon tides", "--fusion", "rrf", "-k", "5")[0]["hits"]
+    assert all(0 < h["score"] <= 2 / 61 + 1e-6 for h in rrf)
+    minmax = search_json(sample_index, "moon tides", "--normalize", "minmax", "-k", "5")[0]["hits"]
+    assert all(0 <= h["score"] <= 1.3 + 1e-6 for h in minmax)

@@ -456,7 +456,7 @@ def test_colbert_rerank_changes_the_order():
     hits = searcher.search(query, k=4, mode="colbert", weights=weights, fetch_colbert=fetch)
     assert calls == [[h.row for h in hybrid]]  # every row (fewer than the minimum candidates), in hybrid order
 
-    dense = brute_dense(searcher.vectors.dense, query.dense)
+    dense = brute_dense(searcher.shards[0].dense, query.dense)
     sparse = [0.0, 1.0, 0.0, 0.0]
     expected = {}
     for row in range(4):
@@ -543,3 +543,68 @@ def test_unknown_mode_raises(mode):
     searcher, query = _tie_index()
     with pytest.raises(ValueError, match="unknown mode"):
         searcher.search(query, k=3, mode=mode)
+
+
+# ---------------------------------------------------------------------------
+# Fusion, deleted rows, many queries at once
+
+
+def test_minmax_fusion_equals_brute_force(random_index):
+    for query, dense, sparse in random_index.queries:
+        def norm(values):
+            low, high = min(values), max(values)
+            return [(v - low) / (high - low) for v in values]
+
+        dn, sn = norm(dense), norm(sparse)
+        expected = [0.7 * d + 0.4 * s for d, s in zip(dn, sn)]
+        hits = random_index.searcher.search(query, k=10, weights=ScoreWeights(0.7, 0.4), normalize="minmax")
+        assert_top_k_matches(hits, expected, 10)
+
+
+def test_rrf_fusion_equals_brute_force(random_index):
+    from bge_index.search import RRF_DEPTH, RRF_K
+
+    for query, dense, sparse in random_index.queries:
+        expected = [0.0] * len(dense)
+        for scores in (dense, sparse):
+            order = sorted(range(len(scores)), key=lambda r: (-scores[r], r))[:RRF_DEPTH]
+            for rank, row in enumerate(order, start=1):
+                expected[row] += 1.0 / (RRF_K + rank)
+        hits = random_index.searcher.search(query, k=10, fusion="rrf")
+        # Near-ties in either input ranking may swap ranks, so compare scores with a loose tolerance.
+        for hit in hits:
+            assert hit.score == pytest.approx(expected[hit.row], abs=2e-4)
+        best = sorted(expected, reverse=True)[:10]
+        np.testing.assert_allclose([h.score for h in hits], best, atol=2e-4)
+
+
+def test_unknown_fusion_is_refused(random_index):
+    with pytest.raises(ValueError, match="fusion"):
+        random_index.searcher.search(random_index.queries[0][0], fusion="borda")
+
+
+def test_search_many_equals_one_by_one(random_index):
+    queries = [q for q, _, _ in random_index.queries]
+    many = random_index.searcher.search_many(queries, k=7, mode="hybrid", batch=2)
+    for query, hits in zip(queries, many):
+        single = random_index.searcher.search(query, k=7, mode="hybrid")
+        assert [h.row for h in hits] == [h.row for h in single]
+        np.testing.assert_allclose([h.score for h in hits], [h.score for h in single], atol=1e-6)
+
+
+def test_deleted_rows_are_never_returned():
+    from bge_index.vector_store import ShardVectors, invert
+
+    rng = np.random.default_rng(3)
+    dense = unit_rows(rng, 50, DIM).astype(np.float16)
+    sparse = [random_sparse(rng, 5) for _ in range(50)]
+    vectors = make_vectors(dense.astype(np.float32), sparse)
+    token_ptr, rows, weights = invert(vectors.sparse_indptr, vectors.sparse_indices, vectors.sparse_values, VOCAB)
+    live = np.ones(50, dtype=bool)
+    live[::2] = False  # every even row deleted
+    searcher = Searcher([ShardVectors(0, dense, token_ptr, rows, weights, live=live)], VOCAB)
+    query = make_query(unit_rows(rng, 1, DIM)[0], random_sparse(rng, 30))
+    for mode in ("dense", "sparse", "hybrid"):
+        hits = searcher.search(query, k=100, mode=mode)
+        assert len(hits) == 25 and all(h.row % 2 == 1 for h in hits)
+    assert all(h.row % 2 == 1 for h in searcher.search(query, k=100, fusion="rrf"))

@@ -1,0 +1,146 @@
+"""Search structures stored beside the shards, built once and memory-mapped.
+
+For every shard `shard-G-N.parquet` (immutable) there are four `.npy` files:
+
+    shard-G-N.dense.npy            [rows, D] float16   the dense vectors, raw, for scanning
+    shard-G-N.token-ptr.npy        [vocab + 1] int64   postings of token t: [ptr[t], ptr[t + 1])
+    shard-G-N.posting-rows.npy     [nnz] uint32        rows holding the token, ascending
+    shard-G-N.posting-weights.npy  [nnz] float32       their weights for that token
+
+that is, the sparse vectors turned into an inverted index, plus
+`shard-G-N.stamp.npy` ([size, mtime_ns] of the shard when they were built).
+Because shards never change, these files never go stale: a shard without them gets them at
+its first search (or right after the index run that wrote it), and the index
+writer deletes them with their shard. Opening an index memory-maps them, so
+it costs milliseconds and the operating system shares the pages between
+processes. Each file is written to a temporary name and renamed, so two
+searches building the same file at once are harmless. A shard whose size or
+mtime no longer matches its stamp has been touched: it is checked against the
+manifest's SHA-256 before it is searched again, so a damaged shard is named,
+not silently searched through stale files.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bge_index.shards import IndexFormatError, Manifest, ShardInfo, file_sha256, live_mask, read_shard_vectors
+
+DERIVED_SUFFIXES = ("dense", "token-ptr", "posting-rows", "posting-weights")
+
+
+@dataclass
+class ShardVectors:
+    """One shard's searchable vectors; rows are numbered from `start` in the whole index."""
+
+    start: int
+    dense: np.ndarray  # [rows, D] float16
+    token_ptr: np.ndarray  # [vocab + 1] int64
+    posting_rows: np.ndarray  # [nnz] uint32
+    posting_weights: np.ndarray  # [nnz] float32
+    live: np.ndarray | None = None  # [rows] bool; None when no row is deleted
+
+    @property
+    def rows(self) -> int:
+        return self.dense.shape[0]
+
+    def postings(self, token: int) -> tuple[np.ndarray, np.ndarray]:
+        """(rows ascending, weights) of one token; empty for tokens past the vocabulary."""
+        if token + 1 >= len(self.token_ptr):
+            return self.posting_rows[:0], self.posting_weights[:0]
+        start, end = self.token_ptr[token], self.token_ptr[token + 1]
+        return self.posting_rows[start:end], self.posting_weights[start:end]
+
+
+def invert(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, vocab_size: int
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CSR rows (doc -> tokens) to postings (token -> docs): (token_ptr, rows, weights)."""
+    rows_of_entries = np.repeat(np.arange(len(indptr) - 1, dtype=np.uint32), np.diff(indptr))  # [nnz]
+    # A stable sort keeps rows ascending within each token.
+    order = np.argsort(indices, kind="stable")
+    counts = np.bincount(indices, minlength=vocab_size)[:vocab_size] if len(indices) else np.zeros(vocab_size, np.int64)
+    token_ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return token_ptr, rows_of_entries[order], values[order].astype(np.float32)
+
+
+def derived_path(index_dir: Path, shard_file: str, suffix: str) -> Path:
+    return index_dir / f"{shard_file.removesuffix('.parquet')}.{suffix}.npy"
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as stream:
+            np.save(stream, array, allow_pickle=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _shard_stamp(index_dir: Path, shard: ShardInfo) -> np.ndarray:
+    stat = (index_dir / shard.file).stat()
+    return np.array([stat.st_size, stat.st_mtime_ns], dtype=np.int64)
+
+
+def build_shard_files(index_dir: Path, manifest: Manifest, shard: ShardInfo) -> None:
+    """Write the four search files of one shard from its Parquet columns, then its stamp."""
+    stamp = _shard_stamp(index_dir, shard)
+    dense, indptr, indices, values = read_shard_vectors(index_dir, manifest, shard)
+    token_ptr, rows, weights = invert(indptr, indices, values, manifest.vocab_size)
+    for suffix, array in zip(DERIVED_SUFFIXES, (dense, token_ptr, rows, weights)):
+        _save(derived_path(index_dir, shard.file, suffix), array)
+    _save(derived_path(index_dir, shard.file, "stamp"), stamp)
+
+
+def _check_untouched(index_dir: Path, shard: ShardInfo) -> None:
+    """A shard changed since its search files were built is verified against the manifest's checksum."""
+    path = index_dir / shard.file
+    try:
+        stamp = _shard_stamp(index_dir, shard)
+    except OSError as error:
+        raise IndexFormatError(f"{path}: damaged or missing shard ({error.strerror})") from error
+    if stamp[0] != shard.bytes:
+        raise IndexFormatError(f"{path}: damaged shard ({stamp[0]} bytes, manifest says {shard.bytes})")
+    stamp_path = derived_path(index_dir, shard.file, "stamp")
+    if np.array_equal(np.load(stamp_path), stamp):
+        return
+    if file_sha256(path) != shard.sha256:
+        raise IndexFormatError(f"{path}: damaged shard (SHA-256 differs from the manifest's)")
+    _save(stamp_path, stamp)  # only touched: the content is the manifest's
+
+
+def ensure_search_files(index_dir: Path, manifest: Manifest) -> int:
+    """Build the search files of shards that lack them; returns how many shards were built."""
+    built = 0
+    for shard in manifest.shards:
+        if not all(derived_path(index_dir, shard.file, s).exists() for s in (*DERIVED_SUFFIXES, "stamp")):
+            build_shard_files(index_dir, manifest, shard)
+            built += 1
+    return built
+
+
+def open_store(index_dir: Path, manifest: Manifest) -> list[ShardVectors]:
+    """Memory-map every shard's search files (building missing ones first)."""
+    ensure_search_files(index_dir, manifest)
+    shards, start = [], 0
+    for shard in manifest.shards:
+        _check_untouched(index_dir, shard)
+        try:
+            # mode "c" (copy-on-write) gives writable arrays without ever touching the files.
+            arrays = [np.load(derived_path(index_dir, shard.file, s), mmap_mode="c") for s in DERIVED_SUFFIXES]
+        except (OSError, ValueError) as error:
+            raise IndexFormatError(f"search files of {index_dir / shard.file} are unreadable ({error}); "
+                                   "delete them and they will be rebuilt") from error
+        if arrays[0].shape != (shard.rows, manifest.dense_dim):
+            raise IndexFormatError(f"{derived_path(index_dir, shard.file, 'dense')}: does not match its shard "
+                                   f"(shape {arrays[0].shape}); delete it and it will be rebuilt")
+        live = live_mask(index_dir, shard) if shard.deleted_rows else None
+        shards.append(ShardVectors(start, *arrays, live=live))
+        start += shard.rows
+    return shards
