@@ -29,9 +29,9 @@ MODES = ("hybrid", "dense", "sparse", "colbert")
 FUSIONS = ("weighted", "rrf")
 RRF_K = 60
 RRF_DEPTH = 1000
-# Rows widened to float32 at a time: 4096 x 1024 x 4 B = 16 MiB, small enough to stay in cache
-# between the widening and the multiplication.
-_DENSE_CHUNK_ROWS = 4096
+# Rows widened to float32 at a time: 2048 x 1024 x 4 B = 8 MiB stays in cache between the widening
+# and the multiplication; measured fastest of 512..16384 on a 1M-row index (benchmarks/search_bench.py).
+_DENSE_CHUNK_ROWS = 2048
 COLBERT_CANDIDATES_PER_HIT = 10
 COLBERT_MIN_CANDIDATES = 100
 
@@ -112,26 +112,30 @@ class Searcher:
 
     def dense_scores(self, query: QueryVectors) -> np.ndarray:
         """[N] float32 cosine scores; deleted rows score -inf."""
-        return self.dense_scores_many(query.dense[None, :])[:, 0]
+        return self.dense_scores_many(query.dense[None, :])[0]
 
     def dense_scores_many(self, queries: np.ndarray) -> np.ndarray:
-        """[N, Q] float32 dot products of every row with every query ([Q, D] float32).
+        """[Q, N] float32 dot products of every query ([Q, D] float32) with every row; deleted rows -inf.
 
         numpy has no fast float16 kernel, and float16 products (torch's) lose
         ~1e-2: so each chunk of rows is widened to float32 by torch (vectorised,
         threaded) into a reused buffer, then multiplied in float32. One pass over
         the matrix serves all the queries.
         """
-        q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32).T)  # [D, Q]
-        out = np.empty((self.rows, q.shape[1]), dtype=np.float32)
+        q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))  # [Q, D]
+        q_columns = q.T.contiguous()  # [D, Q]: rows @ columns is the faster sgemm layout
+        out = np.empty((q.shape[0], self.rows), dtype=np.float32)
         for shard in self.shards:
             for start in range(0, shard.rows, _DENSE_CHUNK_ROWS):
                 block = torch.from_numpy(shard.dense[start:start + _DENSE_CHUNK_ROWS])  # [c, D] float16
                 widened = self._widen(block)  # [c, D] float32
                 first = shard.start + start
-                torch.mm(widened, q, out=torch.from_numpy(out[first:first + block.shape[0]]))
+                if q.shape[0] == 1:
+                    torch.mv(widened, q[0], out=torch.from_numpy(out[0, first:first + block.shape[0]]))
+                else:
+                    out[:, first:first + block.shape[0]] = torch.mm(widened, q_columns).T.numpy()  # [Q, c]
             if shard.live is not None:
-                out[shard.start:shard.start + shard.rows][~shard.live] = -np.inf
+                out[:, shard.start:shard.start + shard.rows][:, ~shard.live] = -np.inf
         return out
 
     def _widen(self, block: torch.Tensor) -> torch.Tensor:
@@ -140,23 +144,25 @@ class Searcher:
         return self._buffer[:block.numel()].view(block.shape).copy_(block)
 
     def sparse_scores(self, query: QueryVectors) -> np.ndarray:
-        """[N] float32 lexical scores from the inverted index: only the query tokens' postings are read."""
-        out = np.zeros(self.rows, dtype=np.float32)
+        """[N] float32 lexical scores from the inverted index: only the query tokens' postings are read.
+
+        torch's index_add_ with int32 row numbers measured twice as fast as
+        np.bincount here; a row appears once per token, so each addition is a
+        plain float32 sum of the q_w * d_w products, in query-token order.
+        """
+        out = torch.zeros(self.rows, dtype=torch.float32)
         tokens = [(int(t), float(w)) for t, w in zip(query.sparse_ids, query.sparse_weights)]
         for shard in self.shards:
-            rows, products = [], []
+            view = out[shard.start:shard.start + shard.rows]
             for token, weight in tokens:
-                token_rows, token_weights = shard.postings(token)
-                if len(token_rows):
-                    rows.append(token_rows)
-                    products.append(token_weights * np.float32(weight))  # float32 products, as q_w * d_w
-            if rows:
-                # One bincount per shard sums every document's products in float64, then rounds once.
-                summed = np.bincount(np.concatenate(rows), weights=np.concatenate(products), minlength=shard.rows)
-                out[shard.start:shard.start + shard.rows] = summed
+                rows, weights = shard.postings(token)
+                if len(rows):
+                    # Rows are uint32 below 2**31, so their bits read as int32 are the same numbers.
+                    view.index_add_(0, torch.from_numpy(rows.view(np.int32)),
+                                    torch.from_numpy(weights * np.float32(weight)))
             if shard.live is not None:
-                out[shard.start:shard.start + shard.rows][~shard.live] = -np.inf
-        return out
+                view[torch.from_numpy(~shard.live)] = -np.inf
+        return out.numpy()
 
     # -- per-hit scores ----------------------------------------------------------
 
@@ -171,8 +177,11 @@ class Searcher:
         return float(shard.dense[local].astype(np.float32) @ query.dense.astype(np.float32))
 
     def sparse_score(self, query: QueryVectors, row: int) -> float:
-        # Summed in float64 in query-token order, then rounded, as the full scan does.
-        return float(np.float32(sum(float(c) for _, c in self._shared_tokens(query, row))))
+        # Summed in float32 in query-token order, as the full scan does.
+        total = np.float32(0)
+        for _, contribution in self._shared_tokens(query, row):
+            total = np.float32(total + np.float32(contribution))
+        return float(total)
 
     def sparse_contributions(self, query: QueryVectors, row: int) -> list[tuple[int, float]]:
         """(token id, q_w * d_w) for every token shared by query and document, largest first."""
@@ -216,8 +225,8 @@ class Searcher:
         if mode == "colbert":
             hits = self._colbert_rerank(query, ranking, k, weights, fetch_colbert)
             return groups.best_hits(hits, k) if groups is not None else hits[:k]
-        rows = groups.top_rows(ranking, k) if groups is not None else top_k(ranking, k)
-        return [self._hit(query, int(row), float(ranking[row]), dense, sparse) for row in rows]
+        rows = np.asarray(groups.top_rows(ranking, k) if groups is not None else top_k(ranking, k), dtype=np.int64)
+        return self._hits(query, rows, ranking, dense, sparse)
 
     def search_many(self, queries: Sequence[QueryVectors], k: int = 10, mode: str = "hybrid",
                     weights: ScoreWeights = ScoreWeights(), batch: int = 64, **options) -> list[list[Hit]]:
@@ -227,8 +236,8 @@ class Searcher:
             group = queries[start:start + batch]
             dense = self.dense_scores_many(np.stack([q.dense for q in group])) if mode != "sparse" else None
             for column, query in enumerate(group):
-                results.append(self.search(query, k, mode, weights, dense=None if dense is None else
-                                           np.ascontiguousarray(dense[:, column]), **options))
+                results.append(self.search(query, k, mode, weights, dense=None if dense is None else dense[column],
+                                           **options))
         return results
 
     def _document_groups(self) -> "_DocumentGroups":
@@ -238,12 +247,32 @@ class Searcher:
             self._documents = _DocumentGroups(self._doc_ids())
         return self._documents
 
-    def _hit(self, query: QueryVectors, row: int, score: float,
-             dense: np.ndarray | None, sparse: np.ndarray | None) -> Hit:
-        """A hit with both component scores, taken from the full scans where they were made."""
-        dense_score = float(dense[row]) if dense is not None else self.dense_score(query, row)
-        sparse_score = float(sparse[row]) if sparse is not None else self.sparse_score(query, row)
-        return Hit(row, score, dense_score, sparse_score)
+    def _hits(self, query: QueryVectors, rows: np.ndarray, ranking: np.ndarray,
+              dense: np.ndarray | None, sparse: np.ndarray | None) -> list[Hit]:
+        """Hits with both component scores: from the full scans where they were made, else for these rows only."""
+        dense_scores = dense[rows] if dense is not None else np.array([self.dense_score(query, r) for r in rows])
+        sparse_scores = sparse[rows] if sparse is not None else self.sparse_scores_of(query, rows)
+        return [Hit(int(row), float(ranking[row]), float(d), float(s))
+                for row, d, s in zip(rows, dense_scores, sparse_scores)]
+
+    def sparse_scores_of(self, query: QueryVectors, rows: np.ndarray) -> np.ndarray:
+        """[len(rows)] float32 lexical scores of a few rows, by binary search in the query tokens' postings."""
+        totals = np.zeros(len(rows), dtype=np.float32)
+        for shard in self.shards:
+            inside = (rows >= shard.start) & (rows < shard.start + shard.rows)
+            if not inside.any():
+                continue
+            local = (rows[inside] - shard.start).astype(np.uint32)
+            partial = np.zeros(len(local), dtype=np.float32)
+            for token, weight in zip(query.sparse_ids.tolist(), query.sparse_weights.tolist()):
+                token_rows, token_weights = shard.postings(token)
+                if len(token_rows) == 0:
+                    continue
+                at = np.minimum(np.searchsorted(token_rows, local), len(token_rows) - 1)
+                found = token_rows[at] == local
+                partial[found] += token_weights[at[found]] * np.float32(weight)
+            totals[inside] = partial
+        return totals
 
     def _colbert_rerank(self, query: QueryVectors, hybrid: np.ndarray, k: int, weights: ScoreWeights,
                         fetch_colbert: Callable[[Sequence[int]], list[np.ndarray]] | None) -> list[Hit]:
