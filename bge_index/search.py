@@ -125,9 +125,11 @@ class Searcher:
         q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))  # [Q, D]
         q_columns = q.T.contiguous()  # [D, Q]: rows @ columns is the faster sgemm layout
         out = np.empty((q.shape[0], self.rows), dtype=np.float32)
+        # One query is memory-bound (small chunks stay in cache); many are compute-bound (bigger sgemm tiles).
+        chunk = _DENSE_CHUNK_ROWS if q.shape[0] == 1 else 2 * _DENSE_CHUNK_ROWS
         for shard in self.shards:
-            for start in range(0, shard.rows, _DENSE_CHUNK_ROWS):
-                block = torch.from_numpy(shard.dense[start:start + _DENSE_CHUNK_ROWS])  # [c, D] float16
+            for start in range(0, shard.rows, chunk):
+                block = torch.from_numpy(shard.dense[start:start + chunk])  # [c, D] float16
                 widened = self._widen(block)  # [c, D] float32
                 first = shard.start + start
                 if q.shape[0] == 1:
@@ -158,8 +160,8 @@ class Searcher:
                 rows, weights = shard.postings(token)
                 if len(rows):
                     # Rows are uint32 below 2**31, so their bits read as int32 are the same numbers.
-                    view.index_add_(0, torch.from_numpy(rows.view(np.int32)),
-                                    torch.from_numpy(weights * np.float32(weight)))
+                    view.index_add_(0, torch.from_numpy(rows.view(np.int32)), torch.from_numpy(weights),
+                                    alpha=weight)
             if shard.live is not None:
                 view[torch.from_numpy(~shard.live)] = -np.inf
         return out.numpy()
@@ -229,7 +231,7 @@ class Searcher:
         return self._hits(query, rows, ranking, dense, sparse)
 
     def search_many(self, queries: Sequence[QueryVectors], k: int = 10, mode: str = "hybrid",
-                    weights: ScoreWeights = ScoreWeights(), batch: int = 64, **options) -> list[list[Hit]]:
+                    weights: ScoreWeights = ScoreWeights(), batch: int = 128, **options) -> list[list[Hit]]:
         """Many queries, sharing each pass over the dense matrix among `batch` of them."""
         results: list[list[Hit]] = []
         for start in range(0, len(queries), batch):

@@ -17,7 +17,7 @@ import time
 import pytest
 from conftest import REPO
 
-from bge_index.shards import is_index, load_vectors, read_manifest, read_rows, verify_index
+from bge_index.shards import DERIVED_PATTERN, is_index, load_vectors, read_manifest, read_rows, verify_index
 
 
 def write_corpus(path, n, edit=(), drop=(), extra=0):
@@ -73,7 +73,10 @@ def test_sigkill_during_a_first_build(tiny_model, tmp_path, point):
     finished = run(index_command(corpus, out, tiny_model))
     assert finished.returncode == 0, finished.stderr
     assert state(out) == expected_state(35)
-    leftovers = {p.name for p in out.iterdir()} - read_manifest(out).files() - {"manifest.json", ".lock"}
+    kept = read_manifest(out).files()
+    search_files = {p.name for p in out.iterdir()
+                    if (m := DERIVED_PATTERN.match(p.name)) and f"{m.group(1)}.parquet" in kept}
+    leftovers = {p.name for p in out.iterdir()} - kept - search_files - {"manifest.json", ".lock"}
     assert leftovers == set()
 
 
