@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from bge_index.shards import IndexVectors
-from bge_index.vector_store import ShardVectors, invert
+from bge_index.vector_store import ShardVectors, heavy_columns, invert
 
 MODES = ("hybrid", "dense", "sparse", "colbert")
 FUSIONS = ("weighted", "rrf")
@@ -95,7 +95,8 @@ class Searcher:
         if isinstance(vectors, IndexVectors):
             token_ptr, rows, weights = invert(vectors.sparse_indptr, vectors.sparse_indices, vectors.sparse_values,
                                               vocab_size)
-            self.shards = [ShardVectors(0, vectors.dense, token_ptr, rows, weights)]
+            heavy, columns = heavy_columns(token_ptr, rows, weights, len(vectors))
+            self.shards = [ShardVectors(0, vectors.dense, token_ptr, rows, weights, heavy, columns)]
             doc_ids = doc_ids or (lambda: vectors.doc_ids if vectors.doc_ids is not None else vectors.ids)
         else:
             self.shards = list(vectors)
@@ -157,6 +158,11 @@ class Searcher:
         for shard in self.shards:
             view = out[shard.start:shard.start + shard.rows]
             for token, weight in tokens:
+                column = shard.heavy_column(token)
+                if column is not None:
+                    # A token in most rows: one streaming add of its dense column (zeros where absent).
+                    view.add_(torch.from_numpy(column), alpha=weight)
+                    continue
                 rows, weights = shard.postings(token)
                 if len(rows):
                     # Rows are uint32 below 2**31, so their bits read as int32 are the same numbers.

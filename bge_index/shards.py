@@ -50,7 +50,7 @@ MANIFEST_FILE = "manifest.json"
 SHARD_PATTERN = re.compile(r"^shard-(\d{6,})-(\d{5,})\.parquet$")
 DELETED_PATTERN = re.compile(r"^shard-(\d{6,})-(\d{5,})\.deleted-(\d{6,})\.npy$")
 # Search files derived from a shard (vector_store.py): kept exactly as long as their shard.
-DERIVED_PATTERN = re.compile(r"^(shard-\d{6,}-\d{5,})\.(dense|token-ptr|posting-rows|posting-weights|stamp)\.npy$")
+DERIVED_PATTERN = re.compile(r"^(shard-\d{6,}-\d{5,})\.(dense|token-ptr|posting-rows|posting-weights|heavy-ids|heavy-columns|stamp)\.npy$")
 COMPACT_WHEN_DEAD = 0.5  # a shard with more than this fraction of deleted rows is rewritten
 _ROW_GROUP_ROWS = 1024
 _ROW_GROUP_BYTES = 64 << 20  # bounds memory when rows are large (ColBERT vectors of long documents)

@@ -8,7 +8,13 @@ For every shard `shard-G-N.parquet` (immutable) there are four `.npy` files:
     shard-G-N.posting-weights.npy  [nnz] float32       their weights for that token
 
 that is, the sparse vectors turned into an inverted index, plus
-`shard-G-N.stamp.npy` ([size, mtime_ns] of the shard when they were built).
+
+    shard-G-N.heavy-ids.npy        [h] int64           tokens present in at least half the rows
+    shard-G-N.heavy-columns.npy    [h, rows] float32   their weights as dense columns (0 where absent)
+
+(for such tokens a dense column is smaller than the postings, and adding it
+is a streaming vector add instead of a scatter), and `shard-G-N.stamp.npy`
+([size, mtime_ns] of the shard when they were built).
 Because shards never change, these files never go stale: a shard without them gets them at
 its first search (or right after the index run that wrote it), and the index
 writer deletes them with their shard. Opening an index memory-maps them, so
@@ -31,7 +37,8 @@ import numpy as np
 
 from bge_index.shards import IndexFormatError, Manifest, ShardInfo, file_sha256, live_mask, read_shard_vectors
 
-DERIVED_SUFFIXES = ("dense", "token-ptr", "posting-rows", "posting-weights")
+DERIVED_SUFFIXES = ("dense", "token-ptr", "posting-rows", "posting-weights", "heavy-ids", "heavy-columns")
+HEAVY_DENSITY = 0.5  # a token in at least this fraction of a shard's rows also gets a dense column
 
 
 @dataclass
@@ -43,7 +50,18 @@ class ShardVectors:
     token_ptr: np.ndarray  # [vocab + 1] int64
     posting_rows: np.ndarray  # [nnz] uint32
     posting_weights: np.ndarray  # [nnz] float32
+    heavy_ids: np.ndarray | None = None  # [h] int64, ascending
+    heavy_columns: np.ndarray | None = None  # [h, rows] float32
     live: np.ndarray | None = None  # [rows] bool; None when no row is deleted
+
+    def heavy_column(self, token: int) -> np.ndarray | None:
+        """[rows] float32 weights of a token common enough to be stored densely, else None."""
+        if self.heavy_ids is None or len(self.heavy_ids) == 0:
+            return None
+        at = int(np.searchsorted(self.heavy_ids, token))
+        if at < len(self.heavy_ids) and self.heavy_ids[at] == token:
+            return self.heavy_columns[at]
+        return None
 
     @property
     def rows(self) -> int:
@@ -66,6 +84,18 @@ def invert(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, vocab_si
     counts = np.bincount(indices, minlength=vocab_size)[:vocab_size] if len(indices) else np.zeros(vocab_size, np.int64)
     token_ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     return token_ptr, rows_of_entries[order], values[order].astype(np.float32)
+
+
+def heavy_columns(token_ptr: np.ndarray, rows: np.ndarray, weights: np.ndarray, n_rows: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens in at least HEAVY_DENSITY of the rows, and their weights as dense [h, rows] columns."""
+    counts = np.diff(token_ptr)
+    heavy = np.flatnonzero(counts >= max(1, HEAVY_DENSITY * n_rows)).astype(np.int64)
+    columns = np.zeros((len(heavy), n_rows), dtype=np.float32)
+    for slot, token in enumerate(heavy.tolist()):
+        start, end = token_ptr[token], token_ptr[token + 1]
+        columns[slot, rows[start:end]] = weights[start:end]
+    return heavy, columns
 
 
 def derived_path(index_dir: Path, shard_file: str, suffix: str) -> Path:
@@ -93,7 +123,8 @@ def build_shard_files(index_dir: Path, manifest: Manifest, shard: ShardInfo) -> 
     stamp = _shard_stamp(index_dir, shard)
     dense, indptr, indices, values = read_shard_vectors(index_dir, manifest, shard)
     token_ptr, rows, weights = invert(indptr, indices, values, manifest.vocab_size)
-    for suffix, array in zip(DERIVED_SUFFIXES, (dense, token_ptr, rows, weights)):
+    heavy, columns = heavy_columns(token_ptr, rows, weights, len(dense))
+    for suffix, array in zip(DERIVED_SUFFIXES, (dense, token_ptr, rows, weights, heavy, columns)):
         _save(derived_path(index_dir, shard.file, suffix), array)
     _save(derived_path(index_dir, shard.file, "stamp"), stamp)
 

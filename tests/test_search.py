@@ -608,3 +608,26 @@ def test_deleted_rows_are_never_returned():
         hits = searcher.search(query, k=100, mode=mode)
         assert len(hits) == 25 and all(h.row % 2 == 1 for h in hits)
     assert all(h.row % 2 == 1 for h in searcher.search(query, k=100, fusion="rrf"))
+
+
+def test_tokens_in_most_documents_use_dense_columns_and_stay_exact():
+    rng = np.random.default_rng(11)
+    n = 300
+    dense = unit_rows(rng, n, DIM)
+    sparse = []
+    for row in range(n):
+        tokens = random_sparse(rng, 6)
+        tokens[5] = float(rng.random() + 0.01)  # in every document: a dense column
+        if row % 3:
+            tokens[9] = float(rng.random() + 0.01)  # in two thirds: also a dense column
+        sparse.append(tokens)
+    vectors = make_vectors(dense, sparse)
+    searcher = Searcher(vectors, vocab_size=VOCAB)
+    assert searcher.shards[0].heavy_ids.tolist() == [5, 9]
+    q_sparse = {5: 0.4, 9: 0.7, 17: 0.2}
+    query = make_query(unit_rows(rng, 1, DIM)[0], q_sparse)
+    expected = brute_sparse(sparse, q_sparse)
+    hits = searcher.search(query, k=20, mode="sparse")
+    assert_top_k_matches(hits, expected, 20)
+    for hit in hits:
+        assert hit.sparse == pytest.approx(searcher.sparse_score(query, hit.row), abs=1e-6)
