@@ -273,12 +273,14 @@ def _print_index_summary(summary: IndexSummary) -> None:
 
 
 def _human_bytes(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1024 or unit == "GB":
-            return f"{value:,.1f} {unit}" if unit != "B" else f"{size} B"
+    if size < 1024:
+        return f"{size} B"
+    value = size / 1024
+    for unit in ("KB", "MB"):
+        if value < 1024:
+            return f"{value:,.1f} {unit}"
         value /= 1024
-    return f"{size} B"
+    return f"{value:,.1f} GB"
 
 
 # ---------------------------------------------------------------------------

@@ -435,11 +435,11 @@ class _IndexRun:
             if self.writer is not None:
                 self.writer.remove_leftovers()
             final = previous
-        if final is not None and (self.writer is not None or previous is not None):
+        if final is not None:  # None only for a dry run over a folder that is not an index yet
             self.summary.generation = final.generation
             self.summary.shards = len(final.shards)
             self.summary.live_rows = final.documents
-            self.summary.bytes = index_size_bytes(self.index_dir, final) if is_index(self.index_dir) else 0
+            self.summary.bytes = index_size_bytes(self.index_dir, final)
         self.summary.elapsed = time.perf_counter() - self.started
 
 

@@ -185,11 +185,7 @@ class Searcher:
         return float(shard.dense[local].astype(np.float32) @ query.dense.astype(np.float32))
 
     def sparse_score(self, query: QueryVectors, row: int) -> float:
-        # Summed in float32 in query-token order, as the full scan does.
-        total = np.float32(0)
-        for _, contribution in self._shared_tokens(query, row):
-            total = np.float32(total + np.float32(contribution))
-        return float(total)
+        return float(self.sparse_scores_of(query, np.array([row], dtype=np.int64))[0])
 
     def sparse_contributions(self, query: QueryVectors, row: int) -> list[tuple[int, float]]:
         """(token id, q_w * d_w) for every token shared by query and document, largest first."""

@@ -86,12 +86,19 @@ def test_read_rows_fetches_text_and_colbert_across_shards(tmp_path):
         np.testing.assert_allclose(got, batches[0].colbert[row].astype(np.float16).astype(np.float32))
 
 
+def replacing_writer(index_dir, base, generation, rows, shard_rows):
+    """A writer for the next generation that adds `rows` and retires every row of `base`."""
+    writer = IndexWriter(index_dir, new_manifest(generation=generation), shard_rows=shard_rows, base=base)
+    writer.write(rows)
+    for shard in base.shards:
+        for row in range(shard.rows):
+            writer.delete(RowLocation(shard.file, row))
+    return writer
+
+
 def test_readers_see_old_index_until_commit(tmp_path):
     base = write_index(tmp_path, [make_rows(0, 4)], generation=1)
-    writer = IndexWriter(tmp_path, new_manifest(generation=2), shard_rows=2, base=base)
-    writer.write(make_rows(100, 6))
-    for row in range(4):
-        writer.delete(RowLocation(base.shards[0].file, row))
+    writer = replacing_writer(tmp_path, base, 2, make_rows(100, 6), shard_rows=2)
     # New shards exist on disk but the manifest still describes the old index.
     assert read_manifest(tmp_path).documents == 4
     assert list(load_vectors(tmp_path, read_manifest(tmp_path)).ids) == [f"doc-{i}" for i in range(4)]
@@ -102,11 +109,7 @@ def test_readers_see_old_index_until_commit(tmp_path):
 
 def test_files_of_two_generations_ago_are_removed(tmp_path):
     first = write_index(tmp_path, [make_rows(0, 4)], generation=1)
-    second_writer = IndexWriter(tmp_path, new_manifest(generation=2), shard_rows=10, base=first)
-    second_writer.write(make_rows(10, 2))
-    for row in range(4):
-        second_writer.delete(RowLocation(first.shards[0].file, row))
-    second = second_writer.commit()
+    second = replacing_writer(tmp_path, first, 2, make_rows(10, 2), shard_rows=10).commit()
     # The previous state's files stay for readers that just read the old manifest...
     assert (tmp_path / first.shards[0].file).exists()
     third_writer = IndexWriter(tmp_path, new_manifest(generation=3), shard_rows=10, base=second)
