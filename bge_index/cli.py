@@ -90,6 +90,15 @@ def _check_device(value: str) -> str:
     return value
 
 
+def _check_devices(value: Optional[str]) -> Optional[str]:
+    if value is None or value.strip() == "all":
+        return value
+    for name in value.split(","):
+        if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name.strip()):
+            raise typer.BadParameter(f"{name.strip()!r}: list devices as cuda:0,cuda:1 (or cpu, mps), or use all")
+    return value
+
+
 def _fail(message: str, code: int = EXIT_FAILURE) -> typer.Exit:
     stderr.print(f"bge-index: error: {escape(message)}")
     return typer.Exit(code)
@@ -135,7 +144,12 @@ def index(
     model: Annotated[str, typer.Option(envvar="BGE_INDEX_MODEL", help="Hub id or local model folder.")] = DEFAULT_MODEL,
     device: Annotated[str, typer.Option(envvar="BGE_INDEX_DEVICE", callback=_check_device,
                                         help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    dtype: Annotated[Dtype, typer.Option(envvar="BGE_INDEX_DTYPE", help="auto: fp16 on CUDA, fp32 elsewhere.")] = Dtype.auto,
+    devices: Annotated[Optional[str], typer.Option(envvar="BGE_INDEX_DEVICES", callback=_check_devices,
+                                                   help="cuda:0,cuda:1 or all: one encoder per device "
+                                                        "(instead of --device).")] = None,
+    dtype: Annotated[Dtype, typer.Option(envvar="BGE_INDEX_DTYPE",
+                                         help="auto: the index's own; for a new index fp16 on CUDA, bf16 on CPUs "
+                                              "with native bf16, fp32 elsewhere.")] = Dtype.auto,
     batch_tokens: Annotated[int, typer.Option(min=1, envvar="BGE_INDEX_BATCH_TOKENS",
                                               help="Padded tokens per forward pass.")] = 16384,
     max_length: Annotated[int, typer.Option(min=2, envvar="BGE_INDEX_MAX_LENGTH",
@@ -161,7 +175,7 @@ def index(
     """Create or update an index: encode new and changed documents, retire changed and missing ones."""
     if chunk_tokens is not None and chunk_overlap >= chunk_tokens - 2:
         raise _fail(f"--chunk-overlap {chunk_overlap} must be smaller than --chunk-tokens minus 2", EXIT_USAGE)
-    options = IndexOptions(model=model, device=device, dtype=dtype.value, batch_tokens=batch_tokens,
+    options = IndexOptions(model=model, device=device, devices=devices, dtype=dtype.value, batch_tokens=batch_tokens,
                            max_length=max_length, shard_rows=shard_rows, colbert=colbert, store_text=store_text,
                            strict=strict, fields=FieldNames.from_options(id_field, text_field),
                            chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap, keep_missing=keep_missing,
@@ -305,7 +319,8 @@ def search(
     model: Annotated[Optional[str], typer.Option(envvar="BGE_INDEX_MODEL",
                                                  help="Model to encode queries (must be the index's own).")] = None,
     device: Annotated[str, typer.Option(envvar="BGE_INDEX_DEVICE", callback=_check_device)] = "auto",
-    dtype: Annotated[Dtype, typer.Option(envvar="BGE_INDEX_DTYPE")] = Dtype.auto,
+    dtype: Annotated[Dtype, typer.Option(envvar="BGE_INDEX_DTYPE",
+                                         help="Query encoding precision; auto: the index's own.")] = Dtype.auto,
     run_tag: Annotated[str, typer.Option(help="Run name in the last TREC column.")] = "bge-index",
 ) -> None:
     """Search an index with one query or a file of queries."""
@@ -468,7 +483,8 @@ def evaluate_index(
     output_format: Annotated[InfoFormat, typer.Option("--format", help="Output format.")] = InfoFormat.table,
     model: Annotated[Optional[str], typer.Option(envvar="BGE_INDEX_MODEL", help="Must be the index's own model.")] = None,
     device: Annotated[str, typer.Option(envvar="BGE_INDEX_DEVICE", callback=_check_device)] = "auto",
-    dtype: Annotated[Dtype, typer.Option(envvar="BGE_INDEX_DTYPE")] = Dtype.auto,
+    dtype: Annotated[Dtype, typer.Option(envvar="BGE_INDEX_DTYPE",
+                                         help="Query encoding precision; auto: the index's own.")] = Dtype.auto,
 ) -> None:
     """Score retrieval quality per mode against relevance judgments (trec_eval's metric definitions)."""
     mode_list = [m.strip() for m in modes.split(",") if m.strip()]

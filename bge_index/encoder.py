@@ -16,6 +16,7 @@ The only module that imports torch and transformers. It owns
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -24,10 +25,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-import transformers
-from transformers import AutoModel, AutoTokenizer
+
+# oneDNN keeps a compiled kernel for every matmul shape it meets (1,024 by default). Token-budget batches
+# give a new shape almost every batch, so a large cache brings no hits, only memory that grows with the
+# corpus (measured: about 100 MB over 100,000 short documents in bf16). Read when oneDNN first runs.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import transformers  # noqa: E402
+from transformers import AutoModel, AutoTokenizer  # noqa: E402
 
 DEFAULT_MODEL = "BAAI/bge-m3"
 QUERY_MAX_LENGTH = 512
@@ -114,6 +121,13 @@ class EncodedBatch:
     dense: np.ndarray
     sparse: list[tuple[np.ndarray, np.ndarray]]
     colbert: list[np.ndarray] | None
+
+    @classmethod
+    def concatenate(cls, parts: Sequence["EncodedBatch"]) -> "EncodedBatch":
+        """Batches encoded one after another, as one batch in the same order."""
+        colbert = None if parts[0].colbert is None else [vectors for part in parts for vectors in part.colbert]
+        return cls(np.concatenate([part.dense for part in parts]), [pair for part in parts for pair in part.sparse],
+                   colbert)
 
 
 # ---------------------------------------------------------------------------
@@ -219,12 +233,51 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+def resolve_devices(devices: str) -> list[str]:
+    """`cuda:0,cuda:1` or `all` (every CUDA device) -> device names, one encoder each."""
+    if devices.strip() == "all":
+        if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+            raise ModelError("--devices all: no CUDA device on this machine (use --device for a single device)")
+        return [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    names = [name.strip() for name in devices.split(",") if name.strip()]
+    if not names:
+        raise ModelError(f"--devices {devices!r}: list devices separated by commas (cuda:0,cuda:1) or use all")
+    for name in names:
+        if name == "auto":
+            raise ModelError("--devices: name each device (cuda:0,cuda:1) or use all; auto is for --device")
+        resolve_device(name)  # fails with a clear message for an unknown or absent device
+    return names
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """auto: fp16 on CUDA; bf16 on CPUs that multiply bf16 natively; fp32 elsewhere."""
     if dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.float16
+        if device.type == "cpu" and cpu_has_native_bf16():
+            return torch.bfloat16
+        return torch.float32
     if dtype not in _TORCH_DTYPES:
         raise ModelError(f"--dtype {dtype}: use one of {', '.join(DTYPE_CHOICES)}")
     return _TORCH_DTYPES[dtype]
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 dot-product instructions (AVX512-BF16, AMX, or Arm's BF16).
+
+    Without them PyTorch emulates bf16 matmuls and they run slower than fp32,
+    so `auto` only picks bf16 where the hardware does it.
+    """
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False  # not Linux: stay with fp32 rather than guess
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.partition(":")[2].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -363,6 +416,9 @@ class Encoder:
         self.special_ids = torch.tensor(sorted(i for i in special if i is not None), device=device)
         self.vocab_size = int(network.config.vocab_size)
         self._backend = _plain_backend(tokenizer)
+        # Rows x padded length above which a batch is split before it is tried; lowered by out-of-memory errors.
+        self.max_padded_tokens = 1 << 62
+        self.out_of_memory_splits = 0
 
     # -- tokenisation ------------------------------------------------------
 
@@ -425,7 +481,37 @@ class Encoder:
         return self.encode_ids([t.ids for t in self.tokenize(texts, max_length)], colbert=colbert)
 
     def encode_ids(self, batch: Sequence[Sequence[int]], colbert: bool = False) -> EncodedBatch:
-        """One forward pass over a padded batch of token id lists."""
+        """Vectors for a batch of token id lists, in the batch's order.
+
+        A batch that runs out of device memory is halved and both halves are
+        retried (recursively), so no text is lost or reordered; later batches
+        are kept under the size that failed. Only a single text too long for
+        the device is an error.
+        """
+        if len(batch) > 1 and _padded_size(batch) > self.max_padded_tokens:
+            return self._encode_halves(batch, colbert)
+        try:
+            return self._forward(batch, colbert)
+        except (torch.OutOfMemoryError, RuntimeError) as error:
+            if not _is_out_of_memory(error):
+                raise
+            if len(batch) == 1:
+                raise ModelError(f"a single {len(batch[0])}-token text does not fit in {self.device} memory; "
+                                 "lower --max-length or split long texts with --chunk-tokens") from None
+        # Outside the except block, so the failed attempt's tensors are freed before the retry.
+        self.out_of_memory_splits += 1
+        self.max_padded_tokens = min(self.max_padded_tokens, _padded_size(batch) // 2)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return self._encode_halves(batch, colbert)
+
+    def _encode_halves(self, batch: Sequence[Sequence[int]], colbert: bool) -> EncodedBatch:
+        middle = len(batch) // 2
+        return EncodedBatch.concatenate([self.encode_ids(batch[:middle], colbert),
+                                         self.encode_ids(batch[middle:], colbert)])
+
+    def _forward(self, batch: Sequence[Sequence[int]], colbert: bool) -> EncodedBatch:
+        """One forward pass over a padded batch."""
         input_ids, attention_mask = self._pad(batch)
         with torch.inference_mode():
             hidden = self.network(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, L, D]
@@ -472,6 +558,15 @@ class Encoder:
         vectors = F.normalize(vectors.float(), dim=-1).cpu().numpy()
         lengths = attention_mask.sum(dim=1).tolist()  # [B]
         return [vectors[row, : lengths[row] - 1] for row in range(len(lengths))]
+
+
+def _padded_size(batch: Sequence[Sequence[int]]) -> int:
+    return len(batch) * max(len(ids) for ids in batch)
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    # CUDA raises torch.OutOfMemoryError; MPS and some CPU allocators raise a RuntimeError saying so.
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
 def _plain_backend(tokenizer):

@@ -3,7 +3,10 @@
 Indexing streams: documents are read a window at a time, tokenised (or cut
 into passages), sorted by length inside the window and cut into batches
 under a padded-token budget (a batch of short texts holds many rows, a long
-text rides alone), then written back in input order.
+text rides alone), then written back in input order. A window's batches go
+to the encoding workers (one or more devices) and the run goes on reading and
+tokenising the next window, and writes the previous one, while they compute;
+at most two windows are in flight, so memory does not grow with the corpus.
 
 Runs are incremental: a document whose id and content hash are already in
 the index is not encoded again; a changed one is re-encoded and its old rows
@@ -19,8 +22,10 @@ nothing here prints.
 
 from __future__ import annotations
 
+import gc
 import time
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import Future
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,13 +35,14 @@ import numpy as np
 from bge_index import __version__
 from bge_index.documents import Document, FieldNames, Skipped, iter_documents
 from bge_index.encoder import (QUERY_MAX_LENGTH, Encoder, ModelIdentity, ModelInfo, dtype_name, identify_model,
-                               load_encoder, resolve_device, resolve_dtype)
+                               load_encoder, resolve_device, resolve_devices, resolve_dtype)
 from bge_index.lock import LOCK_FILE, IndexLock
 from bge_index.search import Hit, QueryVectors, ScoreWeights, Searcher
 from bge_index.shards import (IndexFormatError, IndexWriter, Manifest, RowBatch, RowLocation, content_hash,
                               index_size_bytes, is_index, is_index_data_file, iter_live_keys, read_column,
                               read_manifest, read_rows)
 from bge_index.vector_store import ensure_search_files, open_store
+from bge_index.workers import EncodingWorkers, return_free_memory
 
 WINDOW_DOCUMENTS = 2048
 MAX_BATCH_ROWS = 512
@@ -67,6 +73,7 @@ class IndexOptions:
     model: str
     device: str = "auto"
     dtype: str = "auto"
+    devices: str | None = None  # "cuda:0,cuda:1" or "all": one encoder per device (overrides `device`)
     batch_tokens: int = 16384
     max_length: int = 8192
     shard_rows: int = 100_000
@@ -188,7 +195,7 @@ def _refuse_foreign_folder(index_dir: Path) -> None:
                                 "refusing to write into it (choose an empty or new folder)")
 
 
-@dataclass
+@dataclass(slots=True)  # one per indexed document: kept small
 class _Existing:
     """A document in the previous state: its content hash and live rows (empty once this run replaced them)."""
 
@@ -196,13 +203,23 @@ class _Existing:
     rows: list[RowLocation]
 
 
-@dataclass
+@dataclass(slots=True)  # one per document of the run: kept small
 class _Seen:
-    """A document id met in this run: where, and what became of it."""
+    """A document id met in this run: where (file, and line in it), and what became of it."""
 
-    where: str
-    outcome: str  # "unchanged", "pending" (in the window), "added" or "updated" (written)
+    source: str  # shared by the documents of a file
+    line: int | None
+    outcome: str  # "unchanged", "pending" (in a window not written yet), "added" or "updated" (written)
     window_slot: int | None = None
+    window_number: int | None = None
+
+    @property
+    def where(self) -> str:
+        return _where(self.source, self.line)
+
+
+def _where(source: str, line: int | None) -> str:
+    return f"{source}:{line}" if line is not None else source
 
 
 @dataclass
@@ -225,6 +242,9 @@ class _IndexRun:
         self.should_stop = should_stop
         self.summary = IndexSummary(index_dir, dry_run=options.dry_run)
         self.window: list[_Pending | None] = []
+        self.window_number = 0
+        self.in_flight: deque[_WindowInFlight] = deque()  # windows handed to the encoders, oldest first
+        self.workers: EncodingWorkers | None = None
         self.seen: dict[str, _Seen] = {}
         self.new_rows: dict[str, list[RowLocation]] = {}
         self.existing: dict[str, _Existing] = {}
@@ -249,12 +269,21 @@ class _IndexRun:
             self.writer = IndexWriter(self.index_dir, manifest, self.options.shard_rows, base=previous)
         try:
             self._consume(documents)
+            self._drain()
             self._finish(previous)
         except BaseException:
             if self.writer is not None:
                 self.writer.abort()
             raise
+        finally:
+            self._release_workers()
         return self.summary
+
+    def _release_workers(self) -> None:
+        if self.workers is not None:
+            self.workers.close()
+            self.workers = None  # encoders this run loaded go with it; one passed in stays the caller's
+            gc.collect()  # model modules can sit in reference cycles; free their weights now
 
     def _wanted_manifest(self, info: ModelInfo, previous: Manifest | None) -> Manifest:
         options = self.options
@@ -266,7 +295,7 @@ class _IndexRun:
                 raise InvalidOptionError(f"--chunk-overlap must be between 0 and {tokens - 3} "
                                          f"for {tokens}-token chunks")
             chunking = {"tokens": tokens, "overlap": options.chunk_overlap}
-        precision = dtype_name(resolve_dtype(options.dtype, resolve_device(options.device)))
+        precision = self._precision(previous)
         return Manifest(
             model={**info.identity.to_json(), "dtype": precision, "max_length": max_length},
             dense_dim=info.dense_dim,
@@ -277,6 +306,12 @@ class _IndexRun:
             generation=(previous.generation + 1) if previous else 1,
             tool_version=__version__,
         )
+
+    def _precision(self, previous: Manifest | None) -> str:
+        """The dtype to encode in: asked for, or with `auto` the index's own (else the best for the device)."""
+        if self.options.dtype == "auto" and previous is not None:
+            return previous.model["dtype"]
+        return dtype_name(resolve_dtype(self.options.dtype, resolve_device(self._devices()[0])))
 
     def _load_existing(self, previous: Manifest) -> dict[str, _Existing]:
         existing: dict[str, _Existing] = {}
@@ -310,27 +345,34 @@ class _IndexRun:
         self._flush_window()
 
     def _consider(self, document: Document) -> None:
-        where = f"{document.source}:{document.line}" if document.line is not None else document.source
         hash_ = content_hash(document.text)
         prior = self.seen.get(document.id)
-        replaces = self._forget(document.id, prior, where) if prior is not None else []
+        if prior is not None and prior.outcome == "pending" and prior.window_number != self.window_number:
+            # The earlier occurrence is being encoded: let it land, then replace it like any written one.
+            # Duplicates are rare, so waiting here costs nothing in practice.
+            self._drain()
+            prior = self.seen[document.id]
+        replaces = self._forget(document, prior) if prior is not None else []
         old = self.existing.get(document.id)
         if old is not None and old.rows and not replaces and old.hash == hash_:
-            self.seen[document.id] = _Seen(where, "unchanged")
+            self.seen[document.id] = _Seen(document.source, document.line, "unchanged")
             self.summary.unchanged += 1
             return
         if old is not None:
             replaces = old.rows + replaces
-        self.seen[document.id] = _Seen(where, "pending", len(self.window))
+        self.seen[document.id] = _Seen(document.source, document.line, "pending", len(self.window),
+                                       self.window_number)
         self.window.append(_Pending(document, hash_, replaces, was_indexed=old is not None))
 
-    def _forget(self, doc_id: str, prior: _Seen, where: str) -> list[RowLocation]:
+    def _forget(self, document: Document, prior: _Seen) -> list[RowLocation]:
         """A later occurrence of an id wins: undo the earlier one's outcome; returns the rows it wrote.
 
         Those rows are retired only when the later occurrence's rows are written, so a stop in between
         never leaves the document without rows.
         """
-        self.events.warning(f"duplicate id {doc_id!r}: {where} replaces the earlier occurrence at {prior.where}")
+        doc_id = document.id
+        self.events.warning(f"duplicate id {doc_id!r}: {_where(document.source, document.line)} replaces "
+                            f"the earlier occurrence at {prior.where}")
         self.summary.duplicates += 1
         if prior.outcome == "pending":
             self.window[prior.window_slot] = None
@@ -339,8 +381,10 @@ class _IndexRun:
         return self.new_rows.pop(doc_id, [])
 
     def _flush_window(self) -> None:
+        """Hand the window to the encoders and go on; windows before the previous one are written meanwhile."""
         pending = [p for p in self.window if p is not None]
         self.window = []
+        self.window_number += 1
         if not pending:
             return
         if self.options.dry_run:
@@ -349,7 +393,20 @@ class _IndexRun:
                 self.seen[item.document.id].outcome = outcome
                 setattr(self.summary, outcome, getattr(self.summary, outcome) + 1)
             return
-        rows, done = self._encode(pending)
+        self.in_flight.append(self._dispatch(pending))
+        # Two windows in flight: the encoders work on the newer while the older is written.
+        while len(self.in_flight) > 1 or (self.in_flight and self.summary.interrupted):
+            self._land(self.in_flight.popleft())
+
+    def _drain(self) -> None:
+        while self.in_flight:
+            self._land(self.in_flight.popleft())
+
+    def _land(self, window: "_WindowInFlight") -> None:
+        """Wait for a window's vectors, write the documents that are complete, and record what became of them."""
+        rows, done = self._collect(window)
+        return_free_memory()  # the window's activations are gone; keep the heap from creeping
+        pending = window.rows.pending
         self._mark_not_reached(pending, done)
         if rows is None:
             return
@@ -382,33 +439,45 @@ class _IndexRun:
 
     # -- encoding ---------------------------------------------------------------
 
-    def _load_encoder(self) -> Encoder:
-        if self.encoder is None:
+    def _load_workers(self) -> EncodingWorkers:
+        if self.workers is None:
             started = time.perf_counter()
-            self.encoder = load_encoder(self.options.model, self.options.device, self.options.dtype)
+            encoders = [self.encoder] if self.encoder is not None else [
+                load_encoder(self.options.model, device, self.manifest.model["dtype"])
+                for device in self._devices()]
+            self.workers = EncodingWorkers(encoders)
             self.summary.load_seconds = time.perf_counter() - started
-        return self.encoder
+        return self.workers
 
-    def _encode(self, pending: list[_Pending]) -> tuple[RowBatch | None, list[_Pending]]:
-        """Encode the window's documents; on a stop request, only the documents finished so far."""
-        encoder = self._load_encoder()
-        rows = _RowsOfWindow(encoder, pending, self.options, self.summary.max_length, self.manifest.chunking)
+    def _devices(self) -> list[str]:
+        return resolve_devices(self.options.devices) if self.options.devices else [self.options.device]
+
+    def _dispatch(self, pending: list[_Pending]) -> "_WindowInFlight":
+        """Tokenise the window, sort it into token-budget batches and submit them all."""
+        workers = self._load_workers()
+        rows = _RowsOfWindow(workers.primary, pending, self.options, self.summary.max_length, self.manifest.chunking)
         self.summary.truncated += rows.truncated
-        lengths = [len(ids) for ids in rows.token_ids]
-        finished = np.zeros(len(lengths), dtype=bool)
-        for batch in token_budget_batches(lengths, self.options.batch_tokens):
-            started = time.perf_counter()
-            encoded = encoder.encode_ids([rows.token_ids[i] for i in batch], colbert=self.options.colbert)
-            self.summary.encode_seconds += time.perf_counter() - started
-            rows.place(batch, encoded)
+        batches = token_budget_batches([len(ids) for ids in rows.token_ids], self.options.batch_tokens)
+        futures = [workers.submit([rows.token_ids[i] for i in batch], self.options.colbert) for batch in batches]
+        return _WindowInFlight(rows, batches, futures)
+
+    def _collect(self, window: "_WindowInFlight") -> tuple[RowBatch | None, list[_Pending]]:
+        """The window's finished rows; after a stop request, only the documents whose batches were done."""
+        rows = window.rows
+        finished = np.zeros(len(rows.token_ids), dtype=bool)
+        for batch, future in zip(window.batches, window.futures):
+            if self.summary.interrupted and future.cancel():
+                continue  # stopping: batches not started are dropped
+            result = future.result()
+            self.summary.encode_seconds += result.seconds
+            rows.place(batch, result.vectors)
             finished[batch] = True
-            self.summary.tokens += sum(lengths[i] for i in batch)
+            self.summary.tokens += sum(len(rows.token_ids[i]) for i in batch)
             self.summary.elapsed = time.perf_counter() - self.started
             self.events.progress(IndexProgress(len(self.seen), self.summary.encoded + int(finished.sum()),
                                                self.summary.tokens, self.summary.elapsed))
-            if self.should_stop() and not finished.all():
+            if not self.summary.interrupted and self.should_stop() and not finished.all():
                 self.summary.interrupted = True
-                break
         return rows.complete_documents(finished)
 
     # -- the end ---------------------------------------------------------------
@@ -430,6 +499,9 @@ class _IndexRun:
         if self.writer is not None and needs_commit:
             final = self.writer.commit(state="complete" if complete else "partial")
             self.summary.wrote = True
+            # The model is done with: free it first, so building a shard's search files does not add to its
+            # memory and the run's peak stays what encoding needs, whatever the corpus size.
+            self._release_workers()
             ensure_search_files(self.index_dir, final)  # so the first search need not build them
         else:
             if self.writer is not None:
@@ -471,6 +543,15 @@ def _check_compatible(index_dir: Path, previous: Manifest, wanted: Manifest) -> 
 
 def _describe_chunking(chunking: dict | None) -> str:
     return "off" if not chunking else f"{chunking['tokens']} tokens, overlap {chunking['overlap']}"
+
+
+@dataclass
+class _WindowInFlight:
+    """A window whose batches are with the encoders: its rows, the batches (row positions) and their futures."""
+
+    rows: "_RowsOfWindow"
+    batches: list[list[int]]
+    futures: list[Future]
 
 
 class _RowsOfWindow:
@@ -597,6 +678,8 @@ class IndexSearch:
         self.index_dir = index_dir
         self.manifest = read_manifest(index_dir)
         recorded = ModelIdentity.from_json(self.manifest.model)
+        # auto: queries in the precision the documents were encoded in.
+        dtype = self.manifest.model.get("dtype", "auto") if dtype == "auto" else dtype
         self.encoder = load_encoder(model or recorded.name, device, dtype, expected=recorded)
         shards = open_store(index_dir, self.manifest)
         self.shard_starts = np.array([s.start for s in shards] + [sum(s.rows for s in shards)], dtype=np.int64)

@@ -323,7 +323,7 @@ def rows_to_table(rows: RowBatch, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(list(columns.values()), schema=schema)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per row written in a run: kept small
 class RowLocation:
     """Where a row lives: shard file name and row number inside it."""
 
@@ -669,14 +669,49 @@ def read_column(index_dir: Path, manifest: Manifest, column: str) -> np.ndarray:
 def read_shard_vectors(index_dir: Path, manifest: Manifest, shard: ShardInfo
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """All rows of one shard, deleted ones included: dense [rows, D] float16 and sparse CSR (indptr, ids, weights)."""
-    table = _read_columns(index_dir, shard, ["dense", "sparse"])
-    dense = table.column("dense").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    sparse = table.column("sparse").combine_chunks()
+    return (read_shard_dense(index_dir, manifest, shard), *read_shard_sparse(index_dir, shard))
+
+
+def iter_shard_dense(index_dir: Path, manifest: Manifest, shard: ShardInfo) -> Iterator[np.ndarray]:
+    """[group rows, D] float16 dense vectors of one shard, a row group at a time (deleted rows included)."""
+    for group in _iter_row_groups(index_dir, shard, "dense"):
+        column = group.column("dense").combine_chunks()
+        yield column.flatten().to_numpy(zero_copy_only=False).reshape(-1, manifest.dense_dim).astype(
+            np.float16, copy=False)
+
+
+def iter_shard_sparse(index_dir: Path, shard: ShardInfo) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Sparse vectors of one shard a row group at a time, as CSR (indptr from 0, ids uint32, weights float32)."""
+    for group in _iter_row_groups(index_dir, shard, "sparse"):
+        yield _sparse_csr(group.column("sparse").combine_chunks())
+
+
+def _iter_row_groups(index_dir: Path, shard: ShardInfo, column: str) -> Iterator[pa.Table]:
+    parquet = _open_shard(index_dir, shard)
+    for group in range(parquet.num_row_groups):
+        try:
+            table = parquet.read_row_group(group, columns=[column])
+        except (OSError, pa.ArrowException) as error:
+            raise IndexFormatError(f"{index_dir / shard.file}: damaged shard ({error})") from error
+        yield table
+
+
+def _sparse_csr(sparse: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     offsets = sparse.field("indices").offsets.to_numpy().astype(np.int64)
     indices = sparse.field("indices").flatten().to_numpy(zero_copy_only=False)
     values = sparse.field("values").flatten().to_numpy(zero_copy_only=False)
-    return (dense.reshape(-1, manifest.dense_dim).astype(np.float16, copy=False), offsets - offsets[0],
-            indices.astype(np.uint32, copy=False), values.astype(np.float32, copy=False))
+    return offsets - offsets[0], indices.astype(np.uint32, copy=False), values.astype(np.float32, copy=False)
+
+
+def read_shard_dense(index_dir: Path, manifest: Manifest, shard: ShardInfo) -> np.ndarray:
+    """[rows, D] float16 dense vectors of every row of one shard (deleted ones included)."""
+    column = _read_columns(index_dir, shard, ["dense"]).column("dense").combine_chunks()
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, manifest.dense_dim).astype(np.float16, copy=False)
+
+
+def read_shard_sparse(index_dir: Path, shard: ShardInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sparse vectors of every row of one shard as CSR: indptr [rows + 1] int64, ids uint32, weights float32."""
+    return _sparse_csr(_read_columns(index_dir, shard, ["sparse"]).column("sparse").combine_chunks())
 
 
 def read_rows(index_dir: Path, manifest: Manifest, locations: Sequence[tuple[int, int]], column: str) -> list:

@@ -35,7 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bge_index.shards import IndexFormatError, Manifest, ShardInfo, file_sha256, live_mask, read_shard_vectors
+from bge_index.shards import (IndexFormatError, Manifest, ShardInfo, file_sha256, iter_shard_dense,
+                              iter_shard_sparse, live_mask)
 
 DERIVED_SUFFIXES = ("dense", "token-ptr", "posting-rows", "posting-weights", "heavy-ids", "heavy-columns")
 HEAVY_DENSITY = 0.5  # a token in at least this fraction of a shard's rows also gets a dense column
@@ -119,14 +120,67 @@ def _shard_stamp(index_dir: Path, shard: ShardInfo) -> np.ndarray:
 
 
 def build_shard_files(index_dir: Path, manifest: Manifest, shard: ShardInfo) -> None:
-    """Write the four search files of one shard from its Parquet columns, then its stamp."""
+    """Write the search files of one shard from its Parquet columns, then its stamp.
+
+    Memory stays near the size of the posting arrays (8 bytes per stored token): the dense matrix is
+    copied a row group at a time, and the postings are filled a row group at a time (counting sort).
+    """
     stamp = _shard_stamp(index_dir, shard)
-    dense, indptr, indices, values = read_shard_vectors(index_dir, manifest, shard)
-    token_ptr, rows, weights = invert(indptr, indices, values, manifest.vocab_size)
-    heavy, columns = heavy_columns(token_ptr, rows, weights, len(dense))
-    for suffix, array in zip(DERIVED_SUFFIXES, (dense, token_ptr, rows, weights, heavy, columns)):
+    _save_rows(derived_path(index_dir, shard.file, "dense"), (shard.rows, manifest.dense_dim), np.float16,
+               iter_shard_dense(index_dir, manifest, shard))
+    token_ptr, rows, weights = invert_streaming(lambda: iter_shard_sparse(index_dir, shard), manifest.vocab_size)
+    heavy, columns = heavy_columns(token_ptr, rows, weights, shard.rows)
+    for suffix, array in zip(DERIVED_SUFFIXES[1:], (token_ptr, rows, weights, heavy, columns)):
         _save(derived_path(index_dir, shard.file, suffix), array)
     _save(derived_path(index_dir, shard.file, "stamp"), stamp)
+
+
+def invert_streaming(groups, vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Postings (token_ptr, rows, weights) from CSR row groups read twice: once to count, once to fill.
+
+    `groups()` yields (indptr, ids, weights) per row group, in row order. Entries of a token land in
+    row order (stable sort inside a group, groups in order), as `invert` gives them.
+    """
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for _indptr, indices, _values in groups():
+        counts += np.bincount(indices, minlength=vocab_size)[:vocab_size]
+    token_ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    rows = np.empty(int(token_ptr[-1]), dtype=np.uint32)
+    weights = np.empty(int(token_ptr[-1]), dtype=np.float32)
+    cursor = token_ptr[:-1].copy()  # next free slot of each token
+    first_row = 0
+    for indptr, indices, values in groups():
+        entry_rows = np.repeat(np.arange(first_row, first_row + len(indptr) - 1, dtype=np.uint32), np.diff(indptr))
+        order = np.argsort(indices, kind="stable")
+        tokens = indices[order]  # [n] grouped by token, rows ascending inside each
+        run_starts = np.flatnonzero(np.r_[True, tokens[1:] != tokens[:-1]])
+        rank = np.arange(len(tokens)) - np.repeat(run_starts, np.diff(np.r_[run_starts, len(tokens)]))
+        slots = cursor[tokens] + rank
+        rows[slots] = entry_rows[order]
+        weights[slots] = values[order]
+        cursor += np.bincount(indices, minlength=vocab_size)[:vocab_size]
+        first_row += len(indptr) - 1
+    return token_ptr, rows, weights
+
+
+def _save_rows(path: Path, shape: tuple[int, int], dtype, blocks) -> None:
+    """Write an .npy file of `shape` from consecutive row blocks, never holding more than one block."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as stream:
+            np.lib.format.write_array_header_1_0(
+                stream, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                         "shape": shape})
+            written = 0
+            for block in blocks:
+                stream.write(np.ascontiguousarray(block, dtype=dtype).tobytes())
+                written += len(block)
+        if written != shape[0]:
+            raise IndexFormatError(f"{path}: its shard gave {written} rows, the manifest says {shape[0]}")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _check_untouched(index_dir: Path, shard: ShardInfo) -> None:

@@ -15,6 +15,9 @@ from tiny_checkpoint import build_checkpoint  # noqa: E402
 # Tests never reach a model hub: huggingface_hub must answer from its cache or fail at once.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The CLI's --dtype auto means bf16 on CPUs with native bf16 and fp32 elsewhere; tests that compare
+# vectors with an fp32 computation need the same precision on every machine. Tests of `auto` unset this.
+os.environ["BGE_INDEX_DTYPE"] = "fp32"
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_CORPUS = REPO / "sample_data" / "corpus"

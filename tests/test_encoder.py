@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from bge_index.encoder import (ModelError, ModelIdentity, ModelMismatchError, load_encoder, model_identity,
-                               resolve_device, resolve_dtype)
+                               cpu_has_native_bf16, resolve_device, resolve_dtype)
 
 TEXTS = [
     "The Moon orbits the Earth.",
@@ -199,7 +199,8 @@ def test_identity_is_stable_and_detects_other_weights(tiny_model, tmp_path):
 
 def test_device_and_dtype_resolution():
     assert resolve_device("cpu").type == "cpu"
-    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    native_bf16 = cpu_has_native_bf16()
+    assert resolve_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if native_bf16 else torch.float32)
     assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
     assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
     if not torch.cuda.is_available():

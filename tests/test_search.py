@@ -631,3 +631,22 @@ def test_tokens_in_most_documents_use_dense_columns_and_stay_exact():
     assert_top_k_matches(hits, expected, 20)
     for hit in hits:
         assert hit.sparse == pytest.approx(searcher.sparse_score(query, hit.row), abs=1e-6)
+
+
+def test_streaming_inversion_equals_the_whole_shard_inversion():
+    from bge_index.vector_store import invert, invert_streaming
+
+    generator = np.random.default_rng(7)
+    vocab, n_rows = 50, 300
+    lengths = generator.integers(0, 12, n_rows)
+    indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    indices = np.concatenate([np.sort(generator.choice(vocab, k, replace=False)) for k in lengths]).astype(np.uint32)
+    values = generator.random(len(indices)).astype(np.float32)
+    bounds = [0, 1, 70, 71, 200, n_rows]  # uneven groups, one of a single row
+
+    def groups():
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            yield indptr[a:b + 1] - indptr[a], indices[indptr[a]:indptr[b]], values[indptr[a]:indptr[b]]
+
+    for got, expected in zip(invert_streaming(groups, vocab), invert(indptr, indices, values, vocab)):
+        np.testing.assert_array_equal(got, expected)
