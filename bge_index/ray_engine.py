@@ -600,7 +600,8 @@ class _RayRun:
                     str(self.index_dir), filename_provider=_filename_provider_class()(self.manifest.generation, run),
                     schema=shard_schema(self.manifest.dense_dim, self.manifest.colbert_dim, self.manifest.store_text,
                                         self.manifest.chunking is not None),
-                    row_group_size=SHARD_ROW_GROUP_ROWS, max_rows_per_file=self.options.shard_rows,
+                    row_group_size=min(SHARD_ROW_GROUP_ROWS, self.options.shard_rows),
+                    max_rows_per_file=self.options.shard_rows,
                     ray_remote_args={"num_cpus": reservations.io_cpus}, **SHARD_WRITE_OPTIONS)
             except BaseException as error:  # handed to the main thread
                 outcome.append(error)
