@@ -511,10 +511,10 @@ class _RayRun:
 
         writer = IndexWriter(self.index_dir, self.manifest, self.options.shard_rows, base=previous)
         deleted_any = False
+        run = uuid.uuid4().hex[:12]
         try:
             written_ids: set[str] = set()
             if plan.chosen and not self.should_stop():
-                run = uuid.uuid4().hex[:12]
                 self._encode_and_write(ray, files, plan, precision, run)
                 id_column = "doc_id" if self.manifest.chunking else "id"
                 for staged in staged_files(self.index_dir, self.manifest.generation, run):
@@ -556,6 +556,8 @@ class _RayRun:
                 final = previous
         except BaseException:
             writer.abort()
+            for staged in staged_files(self.index_dir, self.manifest.generation, run):
+                staged.unlink(missing_ok=True)  # else the next run's clean-up removes them
             raise
         self._describe_final(final)
 

@@ -15,7 +15,7 @@ from bge_index.cli import app
 from bge_index.milvus import connect, export_index, iter_collection_ids, stored_identity
 from bge_index.shards import IndexWriter, Manifest, RowBatch, read_manifest
 
-pytest.importorskip("milvus_lite")
+pytest.importorskip("milvus_lite", reason="the 'milvus' extra is not installed (pip install -e '.[test,ray,milvus]')")
 
 runner = CliRunner()
 FP32 = ("--dtype", "fp32", "--device", "cpu")

@@ -62,6 +62,7 @@ def _decode_address(hex_address: str) -> str:
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray instance for the module (each run reuses it instead of starting its own)."""
+    pytest.importorskip("ray.data", reason="the 'ray' extra is not installed (pip install -e '.[test,ray,milvus]')")
     from bge_index.ray_engine import import_ray, start_local_ray
 
     before = _listening_sockets()
