@@ -57,7 +57,7 @@ from bge_index.extras import ExtraUnavailableError, require
 from bge_index.shards import (SHARD_ROW_GROUP_ROWS, SHARD_WRITE_OPTIONS, RowBatch, RowLocation, content_hash,
                               rows_to_table, shard_schema)
 
-DOCUMENTS_PER_CALL = 256  # documents an actor encodes per map_batches call (sorted by length inside it)
+DOCUMENTS_PER_CALL = 256  # documents per block and per actor call (sorted by length inside the call)
 _LOOPBACK = "127.0.0.1"
 
 
@@ -587,8 +587,11 @@ class _RayRun:
                 items.append({**item, "ordinals": ordinals, "hashes": [chosen[o] for o in ordinals]})
         counters = ray.remote(num_cpus=0)(RunCounters).remote()
         started = time.perf_counter()
+        # A file is read as one block, and a block goes to one actor: cut blocks to a call's size so that
+        # every actor gets work even from a single big file (a streaming repartition, no shuffle).
         documents = ray.data.from_items(items, override_num_blocks=len(items)) \
-            .flat_map(_documents_of_file, fn_kwargs={"fields": self.options.fields}, num_cpus=reservations.io_cpus)
+            .flat_map(_documents_of_file, fn_kwargs={"fields": self.options.fields}, num_cpus=reservations.io_cpus) \
+            .repartition(target_num_rows_per_block=DOCUMENTS_PER_CALL)
         encoded = documents.map_batches(
             ShardEncoder, fn_constructor_kwargs={"settings": settings, "counters": counters},
             batch_size=DOCUMENTS_PER_CALL, batch_format="pyarrow",
