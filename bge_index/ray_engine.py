@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import threading
 import time
 import uuid
@@ -71,6 +72,11 @@ def import_ray(local: bool):
     """
     if local:
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        constants = sys.modules.get("ray._private.ray_constants")
+        if constants is not None and getattr(constants, "ENABLE_RAY_CLUSTER", False):
+            # Ray was imported before this process set the variable: it has already read it, so tell it
+            # directly (a private constant, read when the node picks its address) or it binds everywhere.
+            constants.ENABLE_RAY_CLUSTER = False
     ray = require("ray", "ray", "--engine ray")
     require("ray.data", "ray", "--engine ray")
     # Ray Data's own progress lines would interleave with ours (the CLI reports progress from RunCounters).
