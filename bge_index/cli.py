@@ -3,11 +3,14 @@
 The only module that prints. It turns flags (with BGE_INDEX_* environment
 fallbacks) into library calls, shows progress on stderr, results on stdout,
 and maps library errors to exit codes: 0 ok, 1 failure, 2 usage.
+The optional engines and backends (Ray, Milvus) are imported only by the
+commands that use them.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import signal
 import sys
@@ -27,7 +30,9 @@ from bge_index.documents import FieldNames, InputError, QueryFileError, Skipped,
 from bge_index.encoder import DEFAULT_MODEL, ModelError
 from bge_index.evaluation import (EvaluationInputError, evaluate, parse_metrics, query_coverage, read_qrels,
                                   write_trec_run)
+from bge_index.extras import ExtraUnavailableError
 from bge_index.lock import IndexLockedError
+from bge_index.milvus import MilvusError
 from bge_index.pipeline import (IndexEvents, IndexMismatchError, IndexOptions, IndexProgress, IndexSearch, IndexSummary,
                                 InvalidOptionError, OutputFolderError, Query, QueryResult, StrictModeError, build_index)
 from bge_index.search import NoColbertVectors, ScoreWeights
@@ -84,6 +89,27 @@ class InfoFormat(str, Enum):
     json = "json"
 
 
+class Engine(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
+class Backend(str, Enum):
+    local = "local"
+    milvus = "milvus"
+
+
+class MilvusIndexType(str, Enum):
+    flat = "flat"
+    hnsw = "hnsw"
+
+
+class DenseType(str, Enum):
+    auto = "auto"
+    float = "float"
+    float16 = "float16"
+
+
 def _check_device(value: str) -> str:
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
         raise typer.BadParameter(f"{value!r}: use auto, cpu, cuda, cuda:N or mps")
@@ -113,7 +139,7 @@ def _run(action):
     except IndexLockedError as error:
         raise _fail(str(error), EXIT_TEMPFAIL) from None
     except (ModelError, IndexFormatError, OutputFolderError, StrictModeError, QueryFileError,
-            NoColbertVectors, IndexMismatchError, EvaluationInputError) as error:
+            NoColbertVectors, IndexMismatchError, EvaluationInputError, ExtraUnavailableError, MilvusError) as error:
         raise _fail(str(error)) from None
     except KeyboardInterrupt:
         stderr.print("bge-index: interrupted")
@@ -171,18 +197,40 @@ def index(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
     progress_every: Annotated[float, typer.Option(min=0.1, envvar="BGE_INDEX_PROGRESS_SECONDS",
                                                   help="Seconds between progress lines when stderr is not a terminal.")] = 30.0,
+    engine: Annotated[Engine, typer.Option(envvar="BGE_INDEX_ENGINE",
+                                           help="local: this process; ray: read and encode on a Ray cluster (bge-index[ray]).")] = Engine.local,
+    ray_address: Annotated[Optional[str], typer.Option(envvar="BGE_INDEX_RAY_ADDRESS",
+                                                       help="--engine ray: cluster to join (auto, ray://HOST:PORT); default: a local Ray on loopback.")] = None,
+    workers: Annotated[int, typer.Option(min=1, envvar="BGE_INDEX_WORKERS", help="--engine ray: encoding actors (each loads the model once).")] = 1,
+    gpus_per_worker: Annotated[float, typer.Option(min=0, envvar="BGE_INDEX_GPUS_PER_WORKER", help="--engine ray: GPUs per actor (0: CPU).")] = 0.0,
+    cpus_per_worker: Annotated[Optional[float], typer.Option(min=0.01, envvar="BGE_INDEX_CPUS_PER_WORKER",
+                                                             help="--engine ray: CPUs each actor reserves (default: 1 on a cluster; locally all CPUs but one, shared).")] = None,
 ) -> None:
     """Create or update an index: encode new and changed documents, retire changed and missing ones."""
     if chunk_tokens is not None and chunk_overlap >= chunk_tokens - 2:
         raise _fail(f"--chunk-overlap {chunk_overlap} must be smaller than --chunk-tokens minus 2", EXIT_USAGE)
+    if engine is Engine.local and (ray_address is not None or workers != 1 or gpus_per_worker or cpus_per_worker):
+        raise _fail("--ray-address, --workers, --gpus-per-worker and --cpus-per-worker need --engine ray", EXIT_USAGE)
+    if engine is Engine.ray and devices is not None:
+        raise _fail("--devices is for the local engine; with --engine ray use --workers and --gpus-per-worker",
+                    EXIT_USAGE)
     options = IndexOptions(model=model, device=device, devices=devices, dtype=dtype.value, batch_tokens=batch_tokens,
                            max_length=max_length, shard_rows=shard_rows, colbert=colbert, store_text=store_text,
                            strict=strict, fields=FieldNames.from_options(id_field, text_field),
                            chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap, keep_missing=keep_missing,
                            dry_run=dry_run, wait=wait)
     stop = _StopRequests()
+    def run_index(display: _IndexDisplay) -> IndexSummary:
+        if engine is Engine.local:
+            return build_index(paths, out, options, events=display, should_stop=stop.requested)
+        from bge_index.ray_engine import RayOptions, build_index_on_ray
+
+        ray_options = RayOptions(address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker,
+                                 cpus_per_worker=cpus_per_worker)
+        return build_index_on_ray(paths, out, options, ray_options, events=display, should_stop=stop.requested)
+
     with stop, _IndexDisplay(quiet, progress_every) as display:
-        summary = _run(lambda: build_index(paths, out, options, events=display, should_stop=stop.requested))
+        summary = _run(lambda: run_index(display))
     if report is not None:
         report.write_text(json.dumps(summary.to_json(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     if not quiet:
@@ -322,6 +370,12 @@ def search(
     dtype: Annotated[Dtype, typer.Option(envvar="BGE_INDEX_DTYPE",
                                          help="Query encoding precision; auto: the index's own.")] = Dtype.auto,
     run_tag: Annotated[str, typer.Option(help="Run name in the last TREC column.")] = "bge-index",
+    backend: Annotated[Backend, typer.Option(envvar="BGE_INDEX_BACKEND",
+                                             help="local: this index's files; milvus: a collection exported from it.")] = Backend.local,
+    uri: Annotated[Optional[str], typer.Option(envvar="BGE_INDEX_MILVUS_URI", help="--backend milvus: a Milvus Lite file or a server URL.")] = None,
+    collection: Annotated[Optional[str], typer.Option(envvar="BGE_INDEX_MILVUS_COLLECTION", help="--backend milvus: collection name.")] = None,
+    token: Annotated[Optional[str], typer.Option(envvar="BGE_INDEX_MILVUS_TOKEN", help="--backend milvus: server token (user:password).")] = None,
+    route_limit: Annotated[Optional[int], typer.Option(min=1, help="--backend milvus, hybrid: rows each route (dense, sparse) returns before fusion; default max(5k, 100).")] = None,
 ) -> None:
     """Search an index with one query or a file of queries."""
     if (query is None) == (queries is None):
@@ -329,8 +383,22 @@ def search(
     query_list = [Query("1", query)] if query is not None else \
         [Query(d.id, d.text) for d in _run(lambda: read_queries(queries))]
     weights = ScoreWeights(dense_weight, sparse_weight, colbert_weight)
+    if backend is Backend.milvus:
+        if not uri or not collection:
+            raise _fail("--backend milvus needs --uri and --collection", EXIT_USAGE)
+        unsupported = [flag for flag, used in (("--mode colbert", mode is Mode.colbert), ("--explain", explain),
+                                               ("--group-by-doc", group_by_doc),
+                                               ("--normalize minmax", normalize is not Normalize.none)) if used]
+        if unsupported:
+            raise _fail(f"--backend milvus does not support {', '.join(unsupported)}", EXIT_USAGE)
+    elif uri or collection or route_limit:
+        raise _fail("--uri, --collection and --route-limit need --backend milvus", EXIT_USAGE)
 
     def run() -> list[QueryResult]:
+        if backend is Backend.milvus:
+            return _search_milvus(index_dir, query_list, uri, collection, token, k, mode.value, weights, fusion.value,
+                                  route_limit, model, device, dtype.value,
+                                  with_text=output_format is not SearchFormat.trec)
         opened = IndexSearch(index_dir, model=model, device=device, dtype=dtype.value)
         return opened.search(query_list, k=k, mode=mode.value, weights=weights, explain=explain,
                              with_text=output_format is not SearchFormat.trec, group_by_doc=group_by_doc,
@@ -340,6 +408,22 @@ def search(
     printers = {SearchFormat.table: _print_table, SearchFormat.json: _print_json, SearchFormat.jsonl: _print_jsonl,
                 SearchFormat.tsv: _print_tsv, SearchFormat.trec: lambda r, m: _print_trec(r, run_tag)}
     printers[output_format](results, mode.value)
+
+
+def _search_milvus(index_dir: Path, queries: list[Query], uri: str, collection: str, token: str | None, k: int,
+                   mode: str, weights: ScoreWeights, fusion: str, route_limit: int | None, model: str | None,
+                   device: str, dtype: str, with_text: bool) -> list[QueryResult]:
+    from bge_index.milvus import MilvusSearch
+    from bge_index.pipeline import RankedDocument
+
+    logging.getLogger("pymilvus").setLevel(logging.CRITICAL)  # its errors reach the user through _run
+    opened = MilvusSearch(index_dir, uri, collection, model=model, device=device, dtype=dtype, token=token)
+    for note in opened.notes:
+        stderr.print(f"bge-index: warning: {escape(note)}")
+    found = opened.search([q.text for q in queries], k=k, mode=mode, weights=weights, fusion=fusion,
+                          route_limit=route_limit, with_text=with_text)
+    return [QueryResult(query, [RankedDocument(rank, h.id, h.hit, h.text) for rank, h in enumerate(hits, start=1)])
+            for query, hits in zip(queries, found)]
 
 
 def _snippet(text: str | None) -> str:
@@ -542,6 +626,54 @@ def verify(
     manifest = _run(lambda: read_manifest(index_dir))
     stdout.print(f"{index_dir}: OK ({manifest.documents:,} rows in {len(manifest.shards)} shards, "
                  f"generation {manifest.generation}, {manifest.state})", markup=False)
+
+
+# ---------------------------------------------------------------------------
+# export
+
+
+export_app = typer.Typer(help="Copy an index into a search engine that serves it at scale.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("milvus")
+def export_milvus(
+    index_dir: Annotated[Path, typer.Argument(help="Index folder.", show_default=False)],
+    uri: Annotated[str, typer.Option(envvar="BGE_INDEX_MILVUS_URI", help="A Milvus Lite file (e.g. ./index.db) or a server URL (http://host:19530).")],
+    collection: Annotated[str, typer.Option(envvar="BGE_INDEX_MILVUS_COLLECTION", help="Collection to create or update.")],
+    batch: Annotated[int, typer.Option(min=1, help="Rows read and sent per request.")] = 1000,
+    index_type: Annotated[MilvusIndexType, typer.Option("--index", help="Dense vector index: flat (exact) or hnsw.")] = MilvusIndexType.flat,
+    with_text: Annotated[bool, typer.Option("--with-text", help="Also store the text (if the index has it).")] = False,
+    drop_existing: Annotated[bool, typer.Option("--drop-existing", help="Drop the collection first instead of upserting into it.")] = False,
+    dense_type: Annotated[DenseType, typer.Option(help="auto: float on Milvus Lite (it has no float16 vectors), float16 on a server.")] = DenseType.auto,
+    token: Annotated[Optional[str], typer.Option(envvar="BGE_INDEX_MILVUS_TOKEN", help="Server token (user:password).")] = None,
+    report: Annotated[Optional[Path], typer.Option(help="Write the export summary as JSON here.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
+) -> None:
+    """Export an index into a Milvus collection (bge-index[milvus]): ids, dense and sparse vectors, optional text."""
+    from bge_index.milvus import export_index
+
+    logging.getLogger("pymilvus").setLevel(logging.CRITICAL)  # its errors reach the user through _run
+    last = [time.monotonic()]
+
+    def progress(rows: int) -> None:
+        if not quiet and time.monotonic() - last[0] >= 10:
+            last[0] = time.monotonic()
+            stderr.print(f"bge-index: {rows:,} rows exported", markup=False)
+
+    summary = _run(lambda: export_index(index_dir, uri, collection, batch=batch, index_type=index_type.value,
+                                        with_text=with_text, drop_existing=drop_existing, dense_type=dense_type.value,
+                                        token=token, progress=progress))
+    if report is not None:
+        report.write_text(json.dumps(summary.to_json(), indent=2) + "\n", encoding="utf-8")
+    if not quiet:
+        verb = "Created" if summary.created else "Updated"
+        stdout.print(f"{verb} Milvus collection {summary.collection} at {summary.uri}: {summary.rows:,} rows in "
+                     f"{summary.seconds:.1f} s ({summary.rows_per_second:,.0f} rows/s), dense {summary.dense_type}",
+                     markup=False)
+        stdout.print(f"  empty sparse vectors (stored with a placeholder token): {summary.empty_sparse:,}; "
+                     f"stale rows removed: {summary.stale_removed:,}; texts cut to 65,535 bytes: {summary.texts_cut:,}",
+                     markup=False)
 
 
 def main() -> None:

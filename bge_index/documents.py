@@ -236,6 +236,13 @@ def _walk_folder(folder: Path) -> Iterator[InputFile]:
             yield InputFile(path, path.relative_to(folder).as_posix())
 
 
+def read_input_file(input_file: InputFile, fields: FieldNames = FieldNames()) -> Iterator[DocumentOrSkipped]:
+    """Documents (and skipped records) of one file, in order: what a distributed reader runs per file."""
+    if input_file.path is None:
+        raise ValueError("read_input_file reads files, not stdin")
+    return _read_file(input_file, fields)
+
+
 def _iter_all(files: Iterable[InputFile], fields: FieldNames, stdin: BinaryIO) -> Iterator[DocumentOrSkipped]:
     for input_file in files:
         if input_file.path is None:

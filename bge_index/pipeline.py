@@ -286,26 +286,7 @@ class _IndexRun:
             gc.collect()  # model modules can sit in reference cycles; free their weights now
 
     def _wanted_manifest(self, info: ModelInfo, previous: Manifest | None) -> Manifest:
-        options = self.options
-        max_length = info.effective_max_length(options.max_length)
-        chunking = None
-        if options.chunk_tokens is not None:
-            tokens = info.effective_max_length(options.chunk_tokens)
-            if not 0 <= options.chunk_overlap < tokens - 2:
-                raise InvalidOptionError(f"--chunk-overlap must be between 0 and {tokens - 3} "
-                                         f"for {tokens}-token chunks")
-            chunking = {"tokens": tokens, "overlap": options.chunk_overlap}
-        precision = self._precision(previous)
-        return Manifest(
-            model={**info.identity.to_json(), "dtype": precision, "max_length": max_length},
-            dense_dim=info.dense_dim,
-            colbert_dim=info.colbert_dim if options.colbert else None,
-            vocab_size=info.vocab_size,
-            store_text=options.store_text,
-            chunking=chunking,
-            generation=(previous.generation + 1) if previous else 1,
-            tool_version=__version__,
-        )
+        return index_manifest(self.options, info, previous, self._precision(previous))
 
     def _precision(self, previous: Manifest | None) -> str:
         """The dtype to encode in: asked for, or with `auto` the index's own (else the best for the device)."""
@@ -515,6 +496,35 @@ class _IndexRun:
         self.summary.elapsed = time.perf_counter() - self.started
 
 
+def index_manifest(options: IndexOptions, info: ModelInfo, previous: Manifest | None,
+                   precision: str | None = None) -> Manifest:
+    """The manifest a run with these options writes (shards and counts still empty).
+
+    `precision` overrides the dtype resolved here from the options: the Ray
+    engine resolves it for its workers' devices, not the driver's.
+    """
+    max_length = info.effective_max_length(options.max_length)
+    chunking = None
+    if options.chunk_tokens is not None:
+        tokens = info.effective_max_length(options.chunk_tokens)
+        if not 0 <= options.chunk_overlap < tokens - 2:
+            raise InvalidOptionError(f"--chunk-overlap must be between 0 and {tokens - 3} "
+                                     f"for {tokens}-token chunks")
+        chunking = {"tokens": tokens, "overlap": options.chunk_overlap}
+    if precision is None:
+        precision = dtype_name(resolve_dtype(options.dtype, resolve_device(options.device)))
+    return Manifest(
+        model={**info.identity.to_json(), "dtype": precision, "max_length": max_length},
+        dense_dim=info.dense_dim,
+        colbert_dim=info.colbert_dim if options.colbert else None,
+        vocab_size=info.vocab_size,
+        store_text=options.store_text,
+        chunking=chunking,
+        generation=(previous.generation + 1) if previous else 1,
+        tool_version=__version__,
+    )
+
+
 def _check_compatible(index_dir: Path, previous: Manifest, wanted: Manifest) -> None:
     """An index is only ever extended with the settings that built it."""
     recorded = ModelIdentity.from_json(previous.model)
@@ -671,6 +681,18 @@ class QueryResult:
     hits: list[RankedDocument]
 
 
+def encode_queries(encoder: Encoder, texts: Sequence[str], colbert: bool = False) -> list[QueryVectors]:
+    """Queries -> vectors, the one way every search backend encodes them (at most QUERY_MAX_LENGTH tokens)."""
+    vectors: list[QueryVectors] = []
+    for start in range(0, len(texts), 32):
+        encoded = encoder.encode_texts(texts[start:start + 32], QUERY_MAX_LENGTH, colbert=colbert)
+        for row in range(len(encoded.dense)):
+            ids, weights = encoded.sparse[row]
+            vectors.append(QueryVectors(encoded.dense[row], ids, weights,
+                                        encoded.colbert[row] if encoded.colbert is not None else None))
+    return vectors
+
+
 class IndexSearch:
     """An opened index with the encoder that made it, ready for queries."""
 
@@ -686,14 +708,7 @@ class IndexSearch:
         self.searcher = Searcher(shards, self.manifest.vocab_size, doc_ids=self._doc_ids)
 
     def encode_queries(self, texts: Sequence[str], colbert: bool = False) -> list[QueryVectors]:
-        vectors: list[QueryVectors] = []
-        for start in range(0, len(texts), 32):
-            encoded = self.encoder.encode_texts(texts[start:start + 32], QUERY_MAX_LENGTH, colbert=colbert)
-            for row in range(len(encoded.dense)):
-                ids, weights = encoded.sparse[row]
-                vectors.append(QueryVectors(encoded.dense[row], ids, weights,
-                                            encoded.colbert[row] if encoded.colbert is not None else None))
-        return vectors
+        return encode_queries(self.encoder, texts, colbert)
 
     def search(self, queries: Sequence[Query], k: int = 10, mode: str = "hybrid",
                weights: ScoreWeights = ScoreWeights(), explain: bool = False, with_text: bool = True,

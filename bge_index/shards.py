@@ -55,6 +55,11 @@ COMPACT_WHEN_DEAD = 0.5  # a shard with more than this fraction of deleted rows 
 _ROW_GROUP_ROWS = 1024
 _ROW_GROUP_BYTES = 64 << 20  # bounds memory when rows are large (ColBERT vectors of long documents)
 CHUNK_COLUMNS = ("doc_id", "chunk", "char_start", "char_end")
+# How every shard is written, by IndexWriter here and by the Ray engine's Parquet sink (ray_engine.py).
+# Float vectors neither dictionary-encode nor have useful min/max statistics.
+SHARD_WRITE_OPTIONS = {"compression": "zstd", "use_dictionary": ["id", "text", "doc_id"],
+                       "write_statistics": ["id"], "write_page_checksum": True}
+SHARD_ROW_GROUP_ROWS = _ROW_GROUP_ROWS
 
 
 class IndexFormatError(Exception):
@@ -241,6 +246,10 @@ def content_hash(text: str) -> str:
 # Writing
 
 
+def shard_file_name(generation: int, number: int) -> str:
+    return f"shard-{generation:06d}-{number:05d}.parquet"
+
+
 def shard_schema(dense_dim: int, colbert_dim: int | None, store_text: bool, chunked: bool) -> pa.Schema:
     fields = [pa.field("id", pa.string(), nullable=False), pa.field("content_hash", pa.string(), nullable=False)]
     if chunked:
@@ -364,7 +373,7 @@ class IndexWriter:
         index_dir.mkdir(parents=True, exist_ok=True)
 
     def shard_name(self, number: int) -> str:
-        return f"shard-{self.manifest.generation:06d}-{number:05d}.parquet"
+        return shard_file_name(self.manifest.generation, number)
 
     # -- rows in ------------------------------------------------------------
 
@@ -392,6 +401,38 @@ class IndexWriter:
                 self._flush_row_group()
         return locations
 
+    def adopt(self, staged: Path) -> ShardInfo | None:
+        """Take in a complete shard written by someone else into a temporary name in this folder.
+
+        The Ray engine's write tasks write shards as `.NAME.parquet.tmp` files
+        (see ray_engine.py); this checks the file's schema against this
+        index's, fsyncs it and renames it to this writer's next shard name,
+        the same protocol as a shard written here. An empty file is removed.
+        Call it between shards (not while rows are buffered).
+        """
+        if self._writer is not None or self._pending_rows:
+            raise RuntimeError("adopt() between shards only: this writer has a shard open")
+        try:
+            parquet = pq.ParquetFile(staged)
+            schema, rows = parquet.schema_arrow, parquet.metadata.num_rows
+        except (OSError, pa.ArrowException) as error:
+            raise IndexFormatError(f"{staged}: not a readable shard ({error})") from error
+        # As verify_index compares (list item names aside: Parquet calls them "element"), plus the format version.
+        if not schema.equals(self.schema) or schema.metadata != self.schema.metadata:
+            raise IndexFormatError(f"{staged}: schema differs from this index's:\n{schema}\nexpected:\n{self.schema}")
+        if rows == 0:
+            staged.unlink()
+            return None
+        with open(staged, "rb+") as stream:
+            os.fsync(stream.fileno())
+        final = self.index_dir / self.shard_name(len(self.shards))
+        os.replace(staged, final)
+        _fsync_dir(self.index_dir)
+        info = ShardInfo(final.name, rows, final.stat().st_size, file_sha256(final))
+        self.shards.append(info)
+        fault_point("shard-written")
+        return info
+
     def delete(self, location: RowLocation) -> None:
         """Retire a row of an existing shard or of one written by this writer."""
         self._deletions.setdefault(location.file, set()).add(location.row)
@@ -401,12 +442,7 @@ class IndexWriter:
             return
         if self._writer is None:
             self._shard_path = self.index_dir / f".{self.shard_name(len(self.shards))}.tmp"
-            self._writer = pq.ParquetWriter(
-                self._shard_path, self.schema, compression="zstd",
-                # Float vectors neither dictionary-encode nor have useful min/max statistics.
-                use_dictionary=["id", "text", "doc_id"], write_statistics=["id"],
-                write_page_checksum=True,
-            )
+            self._writer = pq.ParquetWriter(self._shard_path, self.schema, **SHARD_WRITE_OPTIONS)
         group = pa.concat_tables(self._pending)
         self._writer.write_table(group, row_group_size=group.num_rows)
         self._shard_row_count += group.num_rows
@@ -657,6 +693,64 @@ def load_vectors(index_dir: Path, manifest: Manifest) -> IndexVectors:
         row_local=joined(row_local, np.zeros(0, dtype=np.int64)),
         doc_ids=joined(doc_ids, np.zeros(0, dtype=object)) if chunked else None,
     )
+
+
+def read_shard_column(index_dir: Path, shard: ShardInfo, column: str) -> list:
+    """One column of one shard (deleted rows included), in row order."""
+    return _read_columns(index_dir, shard, [column]).column(column).to_pylist()
+
+
+@dataclass
+class LiveRows:
+    """A batch of live rows of one shard, for export.
+
+    dense:          [B, D] float16, as stored
+    sparse_indptr:  [B + 1] int64 CSR row pointers into sparse_indices / sparse_values
+    sparse_indices: [nnz] uint32 token ids, ascending within a row
+    sparse_values:  [nnz] float32 weights
+    texts:          B texts, or None when not asked for (or not stored)
+    """
+
+    ids: list[str]
+    dense: np.ndarray
+    sparse_indptr: np.ndarray
+    sparse_indices: np.ndarray
+    sparse_values: np.ndarray
+    texts: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def iter_live_rows(index_dir: Path, manifest: Manifest, batch_rows: int = 1000,
+                   with_text: bool = False) -> Iterator[LiveRows]:
+    """Every live row, shard by shard, `batch_rows` at a time: memory stays at one batch, whatever the index size."""
+    columns = ["id", "dense", "sparse"] + (["text"] if with_text and manifest.store_text else [])
+    for shard in manifest.shards:
+        mask = live_mask(index_dir, shard)
+        start = 0
+        try:
+            for batch in _open_shard(index_dir, shard).iter_batches(batch_size=batch_rows, columns=columns):
+                keep = mask[start:start + batch.num_rows]
+                start += batch.num_rows
+                if not keep.any():
+                    continue
+                if not keep.all():
+                    batch = batch.filter(pa.array(keep))
+                # flatten() (not field()) honours the offset of a sliced struct array.
+                indices, values = batch.column("sparse").flatten()
+                offsets = indices.offsets.to_numpy().astype(np.int64)
+                yield LiveRows(
+                    ids=batch.column("id").to_pylist(),
+                    dense=batch.column("dense").flatten().to_numpy(zero_copy_only=False)
+                    .reshape(-1, manifest.dense_dim).astype(np.float16, copy=False),
+                    sparse_indptr=offsets - offsets[0],
+                    sparse_indices=indices.flatten().to_numpy(zero_copy_only=False).astype(np.uint32, copy=False),
+                    sparse_values=values.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False),
+                    texts=batch.column("text").to_pylist() if "text" in columns else None,
+                )
+        except (OSError, pa.ArrowException) as error:
+            raise IndexFormatError(f"{index_dir / shard.file}: damaged shard ({error})") from error
 
 
 def read_column(index_dir: Path, manifest: Manifest, column: str) -> np.ndarray:

@@ -47,8 +47,12 @@ def build_tokenizer(vocab_size: int = 400) -> XLMRobertaTokenizerFast:
 
 
 def build_checkpoint(folder: Path, hidden: int = 32, layers: int = 2, heads: int = 4, max_positions: int = 514,
-                     colbert_dim: int | None = None, seed: int = 0) -> Path:
-    """Write a checkpoint to `folder` and return it."""
+                     colbert_dim: int | None = None, seed: int = 0, initializer_range: float = 0.02) -> Path:
+    """Write a checkpoint to `folder` and return it.
+
+    With the default initializer_range every text gets nearly the same dense vector (random attention is
+    almost uniform); a larger one spreads them, for tests that compare dense rankings across engines.
+    """
     torch.manual_seed(seed)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
@@ -57,6 +61,7 @@ def build_checkpoint(folder: Path, hidden: int = 32, layers: int = 2, heads: int
         vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
         intermediate_size=hidden * 2, max_position_embeddings=max_positions, type_vocab_size=1,
         layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=0, eos_token_id=2, architectures=["XLMRobertaModel"],
+        initializer_range=initializer_range,
     )
     model = XLMRobertaModel(config, add_pooling_layer=True).eval()
     model.save_pretrained(folder, safe_serialization=True)

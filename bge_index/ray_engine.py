@@ -1,0 +1,638 @@
+"""The Ray engine (`bge-index index --engine ray`): the same index run, its encoding spread over a Ray cluster.
+
+Ray Data does the distribution; this module says what runs where. A run has three steps:
+
+1. plan: Ray read tasks parse the input files with documents.py's readers
+   (one task per file) and send back each record's id and content hash, not
+   its text. The driver then decides exactly as the local engine does: the
+   last occurrence of an id wins, a document whose id and hash are in the
+   index is unchanged, an indexed id absent from the inputs is removed;
+2. encode: read tasks read the chosen records again, a pool of actors (the
+   model loaded once per actor, with encoder.py's Encoder: the local engine's
+   code, not a copy) tokenises them, encodes them in token-budget batches and
+   returns Arrow tables built by shards.rows_to_table, so the rows have
+   shards.py's schema; Ray Data's Parquet sink writes them with shards.py's
+   writer options and row groups, at most --shard-rows rows a file;
+3. commit (driver): IndexWriter.adopt checks, fsyncs and renames each file
+   to the next `shard-GGGGGG-NNNNN.parquet`, the replaced and removed rows
+   are retired, and the manifest is published. From then on it is an index
+   like any other: the local engine extends it and vice versa.
+
+Files are named by a FilenameProvider. Ray's sink requires the write's uuid
+and a file counter in every name, so the provider names them
+`.shard-GGGGGG-<run>-<task>-<uuid>-<i>.parquet.tmp`: temporary names in the
+index folder that readers never look at and that the writer's clean-up of a
+crashed run removes, exactly like the local writer's temporary files; the
+rename to the final name is the driver's (step 3). On a cluster the index
+folder must therefore be on a file system every worker can write (NFS, a
+shared volume), and the inputs readable under the same paths.
+
+This module necessarily touches Arrow tables (map_batches hands batches over
+as `pyarrow` tables and takes tables back: 2-D numpy arrays would become
+Ray's tensor extension type and change the Parquet schema), but the schema,
+the names and the write options stay defined in shards.py.
+
+Ray itself is imported lazily (it is the optional extra `bge-index[ray]`),
+and only after RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is set when a local
+instance is started, which makes Ray bind to the loopback address only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bge_index.documents import STDIN_NAME, Document, FieldNames, InputFile, Skipped, read_input_file, resolve_inputs
+from bge_index.extras import ExtraUnavailableError, require
+from bge_index.shards import (SHARD_ROW_GROUP_ROWS, SHARD_WRITE_OPTIONS, RowBatch, RowLocation, content_hash,
+                              rows_to_table, shard_schema)
+
+DOCUMENTS_PER_CALL = 256  # documents per block and per actor call (sorted by length inside the call)
+_LOOPBACK = "127.0.0.1"
+
+
+def import_ray(local: bool):
+    """Ray, imported lazily; for a local instance, first make it bind to loopback only.
+
+    Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when it is imported: with it
+    off, the node takes 127.0.0.1 as its address instead of the machine's
+    outward one, so nothing listens on other interfaces. Not set when joining
+    a cluster (the driver must then be reachable from the other nodes).
+    """
+    if local:
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        constants = sys.modules.get("ray._private.ray_constants")
+        if constants is not None and getattr(constants, "ENABLE_RAY_CLUSTER", False):
+            # Ray was imported before this process set the variable: it has already read it, so tell it
+            # directly (a private constant, read when the node picks its address) or it binds everywhere.
+            constants.ENABLE_RAY_CLUSTER = False
+    ray = require("ray", "ray", "--engine ray")
+    require("ray.data", "ray", "--engine ray")
+    # Ray Data's own progress lines would interleave with ours (the CLI reports progress from RunCounters).
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    return ray
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how wide: `address` None starts a local instance (loopback only) for this run."""
+
+    address: str | None = None
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float | None = None  # None: 1 on a cluster; locally, a share that leaves room for I/O tasks
+
+
+@dataclass(frozen=True)
+class Reservations:
+    """What each Ray task and actor asks the scheduler for, and how many threads an actor's torch uses.
+
+    Locally the actors together reserve all CPUs but `io_cpus`, which stay for
+    the read and write tasks: two 1-CPU actors on a 2-CPU node starve the read
+    task and the run hangs. An actor's reservation may be fractional; its
+    torch still uses `threads` threads (the CPU is shared with light I/O).
+    """
+
+    actor_cpus: float
+    actor_gpus: float
+    io_cpus: float
+    threads: int | None  # None: leave torch's default (GPU workers)
+
+
+def plan_reservations(options: RayOptions, cluster_cpus: float, local: bool) -> Reservations:
+    if options.gpus_per_worker > 0:
+        return Reservations(options.cpus_per_worker or 1.0, options.gpus_per_worker, 1.0, None)
+    if not local:
+        cpus = options.cpus_per_worker or 1.0
+        return Reservations(cpus, 0.0, 1.0, max(1, int(cpus)))
+    io_cpus = 1.0 if cluster_cpus >= 2 else cluster_cpus / 2
+    share = (cluster_cpus - io_cpus) / options.workers
+    actor_cpus = min(options.cpus_per_worker or share, share)
+    return Reservations(actor_cpus, 0.0, io_cpus, max(1, int(cluster_cpus // options.workers)))
+
+
+@contextlib.contextmanager
+def ray_session(options: RayOptions) -> Iterator[tuple[object, bool]]:
+    """(ray, local) with Ray initialised: an instance already running in this process is used as is
+    (and left running); otherwise `options.address` is joined, or a local one started and stopped after."""
+    local = options.address is None
+    ray = import_ray(local)
+    if ray.is_initialized():
+        yield ray, _is_local_instance(ray)
+        return
+    if local:
+        start_local_ray(ray)
+    else:
+        try:
+            ray.init(address=options.address, include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+        except (ConnectionError, RuntimeError, ValueError) as error:
+            raise ExtraUnavailableError(f"--ray-address {options.address}: cannot join the Ray cluster ({error})") \
+                from error
+    try:
+        yield ray, local
+    finally:
+        ray.shutdown()
+
+
+def start_local_ray(ray=None, num_cpus: int | None = None) -> None:
+    """A Ray instance on this machine only: loopback addresses, no dashboard, quiet workers."""
+    ray = ray or import_ray(local=True)
+    ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, _node_ip_address=_LOOPBACK,
+             log_to_driver=False, configure_logging=False,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+
+
+def _is_local_instance(ray) -> bool:
+    return all(node.get("NodeManagerAddress") == _LOOPBACK for node in ray.nodes() if node.get("Alive"))
+
+
+# ---------------------------------------------------------------------------
+# Step 1: the plan
+
+
+@dataclass
+class Plan:
+    """What the inputs hold against the index: which record of which file to encode, and what else happened."""
+
+    chosen: dict[int, dict[int, str]] = field(default_factory=dict)  # file number -> {ordinal: content hash}
+    chosen_ids: dict[str, bool] = field(default_factory=dict)  # id -> was already indexed
+    seen: set[str] = field(default_factory=set)
+    unchanged: int = 0
+    duplicates: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    inputs_incomplete: bool = False
+
+
+def _plan_rows_of_file(item: dict, fields: FieldNames) -> list[dict]:
+    """Ray read task: one input file -> one small row per record (id and hash, or why it was skipped)."""
+    input_file = InputFile(Path(item["path"]), item["doc_id"])
+    rows = []
+    for ordinal, record in enumerate(read_input_file(input_file, fields)):
+        if isinstance(record, Document):
+            rows.append({"file": item["file"], "ordinal": ordinal, "id": record.id, "hash": content_hash(record.text),
+                         "line": record.line, "reason": None, "hides": False})
+        else:
+            rows.append({"file": item["file"], "ordinal": ordinal, "id": None, "hash": None, "line": record.line,
+                         "reason": record.reason, "hides": record.hides_documents})
+    return rows
+
+
+def _documents_of_file(item: dict, fields: FieldNames) -> list[dict]:
+    """Ray read task: the chosen records of one input file, with their text (a record whose text
+    changed since the plan is left out: it is not what the plan decided to encode)."""
+    input_file = InputFile(Path(item["path"]), item["doc_id"])
+    wanted = dict(zip(item["ordinals"], item["hashes"]))
+    rows = []
+    for ordinal, record in enumerate(read_input_file(input_file, fields)):
+        if ordinal in wanted and isinstance(record, Document):
+            hash_ = content_hash(record.text)
+            if hash_ == wanted[ordinal]:
+                rows.append({"id": record.id, "text": record.text, "content_hash": hash_})
+    return rows
+
+
+def _file_items(files: Sequence[InputFile]) -> list[dict]:
+    # Absolute paths: Ray workers do not share the driver's working directory.
+    return [{"file": number, "path": str(f.path.resolve()), "doc_id": f.doc_id} for number, f in enumerate(files)]
+
+
+# ---------------------------------------------------------------------------
+# Step 2: encoding on actors
+
+
+@dataclass(frozen=True)
+class EncodeSettings:
+    """What an encoding actor needs to know, all of it picklable."""
+
+    model: str
+    device: str
+    dtype: str
+    threads: int | None
+    batch_tokens: int
+    max_length: int
+    colbert: bool
+    store_text: bool
+    chunking: dict | None
+    dense_dim: int
+    colbert_dim: int | None
+
+
+def encode_documents(encoder, ids: Sequence[str], texts: Sequence[str], hashes: Sequence[str],
+                     settings: EncodeSettings) -> tuple[RowBatch, int, int]:
+    """Documents -> (rows in document order, tokens encoded, documents truncated).
+
+    The local engine's steps: tokenise (or cut into passages), group into
+    length-sorted batches under the padded-token budget, encode each batch.
+    """
+    from bge_index.pipeline import token_budget_batches  # imports torch: only where encoding happens
+
+    owner: list[int] = []  # row -> document position
+    token_ids: list[list[int]] = []
+    spans: list[tuple[int, int]] = []
+    truncated = 0
+    if settings.chunking:
+        for position, text in enumerate(texts):
+            for passage in encoder.passages(text, settings.chunking["tokens"], settings.chunking["overlap"]):
+                owner.append(position)
+                token_ids.append(passage.ids)
+                spans.append((passage.start, passage.end))
+    else:
+        tokenized = encoder.tokenize(list(texts), settings.max_length)
+        truncated = sum(t.truncated for t in tokenized)
+        for position, (text, tokens) in enumerate(zip(texts, tokenized)):
+            owner.append(position)
+            token_ids.append(tokens.ids)
+            spans.append((0, len(text)))
+    dense = np.empty((len(token_ids), encoder.dense_dim), dtype=np.float32)  # [rows, D]
+    sparse: list = [None] * len(token_ids)
+    colbert: list | None = [None] * len(token_ids) if settings.colbert else None
+    lengths = [len(ids) for ids in token_ids]
+    for batch in token_budget_batches(lengths, settings.batch_tokens):
+        encoded = encoder.encode_ids([token_ids[i] for i in batch], colbert=settings.colbert)
+        dense[batch] = encoded.dense
+        for slot, row in enumerate(batch):
+            sparse[row] = encoded.sparse[slot]
+            if colbert is not None:
+                colbert[row] = encoded.colbert[slot]
+    chunk_numbers = _chunk_numbers(owner) if settings.chunking else None
+    rows = RowBatch(
+        ids=[f"{ids[o]}#{n}" for o, n in zip(owner, chunk_numbers)] if chunk_numbers else [ids[o] for o in owner],
+        content_hashes=[hashes[o] for o in owner],
+        texts=[texts[o][s:e] for o, (s, e) in zip(owner, spans)] if settings.store_text else None,
+        dense=dense,
+        sparse=sparse,
+        colbert=colbert,
+        doc_ids=[ids[o] for o in owner] if settings.chunking else None,
+        chunks=chunk_numbers,
+        spans=spans if settings.chunking else None,
+    )
+    return rows, sum(lengths), truncated
+
+
+def _chunk_numbers(owners: list[int]) -> list[int]:
+    """0, 1, 2... within each run of rows of the same document."""
+    numbers, previous, count = [], None, 0
+    for owner in owners:
+        count = count + 1 if owner == previous else 0
+        numbers.append(count)
+        previous = owner
+    return numbers
+
+
+class RunCounters:
+    """A Ray actor (num_cpus=0) that adds up what the encoding actors did, for the summary and progress."""
+
+    def __init__(self) -> None:
+        self.documents = self.rows = self.tokens = self.truncated = 0
+
+    def add(self, documents: int, rows: int, tokens: int, truncated: int) -> None:
+        self.documents += documents
+        self.rows += rows
+        self.tokens += tokens
+        self.truncated += truncated
+
+    def totals(self) -> tuple[int, int, int, int]:
+        return self.documents, self.rows, self.tokens, self.truncated
+
+
+class ShardEncoder:
+    """The map_batches actor: loads the model once, then turns Arrow batches of documents into shard rows."""
+
+    def __init__(self, settings: EncodeSettings, counters) -> None:
+        from bge_index.encoder import load_encoder
+
+        if settings.threads is not None:
+            import torch  # the encoder's own import; only the thread count is set here
+
+            torch.set_num_threads(settings.threads)
+        self.settings = settings
+        self.counters = counters
+        self.encoder = load_encoder(settings.model, settings.device, settings.dtype)
+        self.schema = shard_schema(settings.dense_dim, settings.colbert_dim, settings.store_text,
+                                   settings.chunking is not None)
+
+    def __call__(self, batch):  # pyarrow.Table -> pyarrow.Table
+        ids = batch.column("id").to_pylist()
+        rows, tokens, truncated = encode_documents(self.encoder, ids, batch.column("text").to_pylist(),
+                                                   batch.column("content_hash").to_pylist(), self.settings)
+        import ray
+
+        # Waited for, so the totals are complete once the write has finished.
+        ray.get(self.counters.add.remote(len(ids), len(rows), tokens, truncated))
+        return rows_to_table(rows, self.schema)
+
+
+class StagedShardNames:
+    """Ray's FilenameProvider for shards: temporary names in the index folder, renamed at commit.
+
+    `{i}` is Ray's per-task file counter (a task writes several files when it
+    has more than --shard-rows rows); the write uuid keeps retried writes apart.
+    """
+
+    def __init__(self, generation: int, run: str) -> None:
+        self.prefix = staged_prefix(generation, run)
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"{self.prefix}{task_index:06d}-{write_uuid}-{{i}}.parquet.tmp"
+
+
+def staged_prefix(generation: int, run: str) -> str:
+    return f".shard-{generation:06d}-{run}-"
+
+
+def staged_files(index_dir: Path, generation: int, run: str) -> list[Path]:
+    """The files a run's write tasks left, in task order then file order within a task."""
+    prefix = staged_prefix(generation, run)
+
+    def order(path: Path) -> tuple[int, int]:
+        task, *_, counter = path.name[len(prefix):].removesuffix(".parquet.tmp").split("-")
+        return int(task), int(counter)
+
+    return sorted((p for p in index_dir.iterdir() if p.name.startswith(prefix) and p.name.endswith(".parquet.tmp")),
+                  key=order)
+
+
+def _filename_provider_class():
+    """StagedShardNames as a subclass of Ray's FilenameProvider (imported only once Ray is)."""
+    from ray.data.datasource import FilenameProvider
+
+    class _Provider(StagedShardNames, FilenameProvider):
+        def __init__(self, generation: int, run: str) -> None:
+            FilenameProvider.__init__(self, file_format="parquet")
+            StagedShardNames.__init__(self, generation, run)
+
+    return _Provider
+
+
+# ---------------------------------------------------------------------------
+# The run
+
+
+def build_index_on_ray(inputs: Sequence[str], index_dir: Path, options, ray_options: RayOptions = RayOptions(),
+                       events=None, should_stop: Callable[[], bool] = lambda: False):
+    """`build_index` with the reading and encoding on Ray; same options, same summary, same index."""
+    from bge_index.lock import IndexLock
+    from bge_index.pipeline import IndexEvents, InvalidOptionError, _refuse_foreign_folder
+
+    events = events or IndexEvents()
+    if ray_options.workers < 1:
+        raise InvalidOptionError("--workers must be at least 1")
+    if options.device.startswith("cuda") and ray_options.gpus_per_worker <= 0:
+        raise InvalidOptionError("--engine ray with --device cuda needs --gpus-per-worker (GPUs per actor)")
+    _refuse_foreign_folder(index_dir)
+    files = list(resolve_inputs(inputs))  # InputError before any work
+    if any(f.path is None for f in files):
+        raise InvalidOptionError(f"--engine ray reads files; {STDIN_NAME} (-) needs the local engine")
+    if options.dry_run:
+        return _RayRun(index_dir, options, ray_options, events, should_stop).run(files)
+    with IndexLock(index_dir, wait=options.wait, on_wait=events.warning, should_stop=should_stop):
+        return _RayRun(index_dir, options, ray_options, events, should_stop).run(files)
+
+
+class _RayRun:
+    def __init__(self, index_dir: Path, options, ray_options: RayOptions, events, should_stop):
+        from bge_index.pipeline import IndexSummary
+
+        self.index_dir = index_dir
+        self.options = options
+        self.ray_options = ray_options
+        self.events = events
+        self.should_stop = should_stop
+        self.summary = IndexSummary(index_dir, dry_run=options.dry_run)
+        self.started = time.perf_counter()
+
+    def run(self, files: list[InputFile]):
+        from bge_index.encoder import ModelIdentity, dtype_name, identify_model, resolve_device, resolve_dtype
+        from bge_index.pipeline import _check_compatible, index_manifest
+        from bge_index.shards import is_index, read_manifest
+
+        previous = read_manifest(self.index_dir) if is_index(self.index_dir) else None
+        info = identify_model(self.options.model, known=ModelIdentity.from_json(previous.model) if previous else None)
+        gpus = self.ray_options.gpus_per_worker > 0
+        # The workers' device decides the precision, not the driver's (which may have no GPU).
+        self.device = ("cuda" if gpus else "cpu") if self.options.device == "auto" else self.options.device
+        # auto extends an index in its own precision, as the local engine does.
+        if self.options.dtype != "auto":
+            precision = self.options.dtype
+        elif previous is not None:
+            precision = previous.model["dtype"]
+        else:
+            precision = "fp16" if gpus else dtype_name(resolve_dtype("auto", resolve_device("cpu")))
+        manifest = index_manifest(self.options, info, previous, precision=precision)
+        if previous is not None:
+            _check_compatible(self.index_dir, previous, manifest)
+        self.manifest = manifest
+        self.summary.max_length = manifest.model["max_length"]
+        self.summary.model = info.identity.describe()
+        existing = self._existing(previous)
+        with ray_session(self.ray_options) as (ray, local):
+            plan = self._plan(ray, files, existing)
+            if self.options.dry_run:
+                self.summary.added = sum(not was for was in plan.chosen_ids.values())
+                self.summary.updated = len(plan.chosen_ids) - self.summary.added
+                self.summary.removed = self._removed(plan, existing)
+                if previous is not None:
+                    self._describe_final(previous)
+                self.summary.elapsed = time.perf_counter() - self.started
+                return self.summary
+            self._write(ray, local, files, plan, existing, previous, precision)
+        return self.summary
+
+    def _existing(self, previous) -> dict[str, tuple[str, list[RowLocation]]]:
+        from bge_index.shards import iter_live_keys
+
+        existing: dict[str, tuple[str, list[RowLocation]]] = {}
+        if previous is not None:
+            for doc_id, hash_, location in iter_live_keys(self.index_dir, previous):
+                existing.setdefault(doc_id, (hash_, []))[1].append(location)
+        return existing
+
+    def _plan(self, ray, files: list[InputFile], existing: dict) -> Plan:
+        """Step 1: every record's id and hash, read by Ray tasks, in input order; decided here."""
+        from bge_index.pipeline import StrictModeError
+
+        plan = Plan()
+        last: dict[str, tuple[int, int, str, str]] = {}  # id -> (file, ordinal, hash, where)
+        context = ray.data.DataContext.get_current()
+        context.execution_options.preserve_order = True  # "last occurrence wins" needs input order
+        try:
+            dataset = ray.data.from_items(_file_items(files), override_num_blocks=max(1, len(files)))
+            records = dataset.flat_map(_plan_rows_of_file, fn_kwargs={"fields": self.options.fields},
+                                       num_cpus=self._io_cpus(ray))
+            for row in records.iter_rows():
+                source = files[row["file"]].display
+                where = f"{source}:{row['line']}" if row["line"] is not None else source
+                if row["reason"] is not None:
+                    skipped = Skipped(source, row["line"], row["reason"], bool(row["hides"]))
+                    if self.options.strict:
+                        raise StrictModeError(skipped)
+                    plan.skipped[skipped.category] += 1
+                    plan.inputs_incomplete |= skipped.hides_documents
+                    self.events.skipped(skipped)
+                    continue
+                prior = last.get(row["id"])
+                if prior is not None:
+                    self.events.warning(f"duplicate id {row['id']!r}: {where} replaces the earlier occurrence "
+                                        f"at {prior[3]}")
+                    plan.duplicates += 1
+                last[row["id"]] = (row["file"], row["ordinal"], row["hash"], where)
+        finally:
+            context.execution_options.preserve_order = False
+        for doc_id, (file_number, ordinal, hash_, _) in last.items():
+            plan.seen.add(doc_id)
+            old = existing.get(doc_id)
+            if old is not None and old[0] == hash_:
+                plan.unchanged += 1
+                continue
+            plan.chosen.setdefault(file_number, {})[ordinal] = hash_
+            plan.chosen_ids[doc_id] = old is not None
+        self.summary.unchanged = plan.unchanged
+        self.summary.duplicates = plan.duplicates
+        self.summary.skipped = plan.skipped
+        return plan
+
+    def _removed(self, plan: Plan, existing: dict) -> int:
+        if self.options.keep_missing or plan.inputs_incomplete:
+            return 0
+        return sum(1 for doc_id in existing if doc_id not in plan.seen)
+
+    def _io_cpus(self, ray) -> float:
+        return self._reservations(ray).io_cpus
+
+    def _reservations(self, ray) -> Reservations:
+        local = self.ray_options.address is None or _is_local_instance(ray)
+        return plan_reservations(self.ray_options, float(ray.cluster_resources().get("CPU", 1.0)), local)
+
+    def _write(self, ray, local, files, plan: Plan, existing: dict, previous, precision: str) -> None:
+        """Steps 2 and 3: encode and write the chosen documents on Ray, then adopt, retire and commit."""
+        from bge_index.shards import IndexWriter, read_shard_column
+        from bge_index.vector_store import ensure_search_files
+
+        writer = IndexWriter(self.index_dir, self.manifest, self.options.shard_rows, base=previous)
+        deleted_any = False
+        run = uuid.uuid4().hex[:12]
+        try:
+            written_ids: set[str] = set()
+            if plan.chosen and not self.should_stop():
+                self._encode_and_write(ray, files, plan, precision, run)
+                id_column = "doc_id" if self.manifest.chunking else "id"
+                for staged in staged_files(self.index_dir, self.manifest.generation, run):
+                    shard = writer.adopt(staged)
+                    if shard is not None:
+                        written_ids.update(read_shard_column(self.index_dir, shard, id_column))
+            elif plan.chosen:
+                self.summary.interrupted = True
+            for doc_id in written_ids:
+                old = existing.get(doc_id)
+                if old is not None:
+                    for location in old[1]:
+                        writer.delete(location)
+                        deleted_any = True
+                setattr(self.summary, "updated" if old is not None else "added",
+                        getattr(self.summary, "updated" if old is not None else "added") + 1)
+            missed = len(plan.chosen_ids) - len(written_ids)
+            if missed and not self.summary.interrupted:
+                self.events.warning(f"{missed} documents changed while this run read them and were not encoded; "
+                                    "run again to index them")
+            complete = not self.summary.interrupted
+            if complete and not self.options.keep_missing and plan.inputs_incomplete:
+                self.events.warning("some input files could not be read whole, so documents missing from this run "
+                                    "are kept; the next run that reads every file will remove them")
+            elif complete and not self.options.keep_missing:
+                for doc_id, (_, locations) in existing.items():
+                    if doc_id not in plan.seen:
+                        self.summary.removed += 1
+                        for location in locations:
+                            writer.delete(location)
+                            deleted_any = True
+            changed = self.summary.rows > 0 or deleted_any
+            if previous is None or changed or (complete and previous.state != "complete"):
+                final = writer.commit(state="complete" if complete else "partial")
+                self.summary.wrote = True
+                ensure_search_files(self.index_dir, final)
+            else:
+                writer.remove_leftovers()
+                final = previous
+        except BaseException:
+            writer.abort()
+            for staged in staged_files(self.index_dir, self.manifest.generation, run):
+                staged.unlink(missing_ok=True)  # else the next run's clean-up removes them
+            raise
+        self._describe_final(final)
+
+    def _describe_final(self, final) -> None:
+        from bge_index.shards import index_size_bytes
+
+        self.summary.generation = final.generation
+        self.summary.shards = len(final.shards)
+        self.summary.live_rows = final.documents
+        self.summary.bytes = index_size_bytes(self.index_dir, final)
+        self.summary.elapsed = time.perf_counter() - self.started
+
+    def _encode_and_write(self, ray, files, plan: Plan, precision: str, run: str) -> None:
+        from bge_index.pipeline import IndexProgress
+
+        reservations = self._reservations(ray)
+        settings = EncodeSettings(
+            model=self.options.model, device=self.device, dtype=precision, threads=reservations.threads,
+            batch_tokens=self.options.batch_tokens, max_length=self.summary.max_length, colbert=self.options.colbert,
+            store_text=self.options.store_text, chunking=self.manifest.chunking, dense_dim=self.manifest.dense_dim,
+            colbert_dim=self.manifest.colbert_dim)
+        items = []
+        for item in _file_items(files):
+            chosen = plan.chosen.get(item["file"])
+            if chosen:
+                ordinals = sorted(chosen)
+                items.append({**item, "ordinals": ordinals, "hashes": [chosen[o] for o in ordinals]})
+        counters = ray.remote(num_cpus=0)(RunCounters).remote()
+        started = time.perf_counter()
+        # A file is read as one block, and a block goes to one actor: cut blocks to a call's size so that
+        # every actor gets work even from a single big file (a streaming repartition, no shuffle).
+        documents = ray.data.from_items(items, override_num_blocks=len(items)) \
+            .flat_map(_documents_of_file, fn_kwargs={"fields": self.options.fields}, num_cpus=reservations.io_cpus) \
+            .repartition(target_num_rows_per_block=DOCUMENTS_PER_CALL)
+        encoded = documents.map_batches(
+            ShardEncoder, fn_constructor_kwargs={"settings": settings, "counters": counters},
+            batch_size=DOCUMENTS_PER_CALL, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=self.ray_options.workers),
+            num_cpus=reservations.actor_cpus, num_gpus=reservations.actor_gpus or None)
+        outcome: list[BaseException] = []
+
+        def write() -> None:
+            try:
+                encoded.write_parquet(
+                    str(self.index_dir), filename_provider=_filename_provider_class()(self.manifest.generation, run),
+                    schema=shard_schema(self.manifest.dense_dim, self.manifest.colbert_dim, self.manifest.store_text,
+                                        self.manifest.chunking is not None),
+                    row_group_size=min(SHARD_ROW_GROUP_ROWS, self.options.shard_rows),
+                    max_rows_per_file=self.options.shard_rows,
+                    ray_remote_args={"num_cpus": reservations.io_cpus}, **SHARD_WRITE_OPTIONS)
+            except BaseException as error:  # handed to the main thread
+                outcome.append(error)
+
+        # The write runs Ray's executor in a thread so that this one can report progress as the actors count it.
+        # A stop request cannot cut a Ray write short: what it writes is committed when it ends.
+        writing = threading.Thread(target=write, name="ray-write", daemon=True)
+        writing.start()
+        while writing.is_alive():
+            writing.join(timeout=1.0)
+            documents_done, _, tokens, _ = ray.get(counters.totals.remote())
+            self.events.progress(IndexProgress(len(plan.seen), documents_done, tokens,
+                                               time.perf_counter() - self.started))
+        if outcome:
+            raise outcome[0]
+        _, rows, tokens, truncated = ray.get(counters.totals.remote())
+        self.summary.encode_seconds = time.perf_counter() - started
+        self.summary.rows, self.summary.tokens, self.summary.truncated = rows, tokens, truncated

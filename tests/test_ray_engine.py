@@ -1,0 +1,235 @@
+"""`--engine ray` on a local Ray instance: same ids and vectors as the local engine, a valid index, incremental
+runs across engines, and a local Ray that listens on loopback only. One Ray instance serves the whole module."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import SAMPLE_CORPUS, SAMPLE_QUERIES
+from typer.testing import CliRunner
+
+from bge_index.cli import app
+from bge_index.ray_engine import RayOptions, plan_reservations
+from bge_index.shards import MANIFEST_FILE, load_vectors, read_manifest, read_rows
+
+runner = CliRunner()
+CPUS = 2  # the development machine's count: the reservation scheme must not deadlock here
+FP32 = ("--dtype", "fp32", "--device", "cpu")  # explicit: "auto" may pick bf16 on some CPUs
+
+
+def invoke(*args, stdin=None):
+    return runner.invoke(app, [str(a) for a in args], input=stdin)
+
+
+def index(*args):
+    result = invoke("index", *args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def _listening_sockets() -> set[tuple[str, int]]:
+    """(address, port) of every listening TCP socket on this machine (IPv4 and IPv6), from /proc."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, _, state = line.split()[1:4]
+            if state == "0A":  # LISTEN
+                address, port = local.split(":")
+                found.add((_decode_address(address), int(port, 16)))
+    return found
+
+
+def _decode_address(hex_address: str) -> str:
+    """/proc writes addresses as 32-bit words in host (little-endian) order."""
+    words = bytes.fromhex(hex_address)
+    raw = b"".join(words[i:i + 4][::-1] for i in range(0, len(words), 4))
+    address = ipaddress.ip_address(raw)
+    mapped = getattr(address, "ipv4_mapped", None)
+    return str(mapped or address)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray instance for the module (each run reuses it instead of starting its own)."""
+    from bge_index.extras import ExtraUnavailableError
+    from bge_index.ray_engine import import_ray, start_local_ray
+
+    before = _listening_sockets()
+    try:
+        ray = import_ray(local=True)  # first: it sets the loopback-only switch before Ray is imported
+    except ExtraUnavailableError:
+        pytest.skip("the 'ray' extra is not installed (pip install -e '.[test,ray,milvus]')")
+    start_local_ray(ray, num_cpus=CPUS)
+    opened = _listening_sockets() - before
+    yield ray, opened
+    ray.shutdown()
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+
+
+def vectors_by_id(out: Path) -> dict[str, tuple]:
+    manifest = read_manifest(out)
+    vectors = load_vectors(out, manifest)
+    hashes = read_rows(out, manifest, list(zip(vectors.row_shard, vectors.row_local)), "content_hash")
+    texts = read_rows(out, manifest, list(zip(vectors.row_shard, vectors.row_local)), "text")
+    return {row_id: (vectors.dense[row].astype(np.float32), *vectors.sparse_row(row), hashes[row], texts[row])
+            for row, row_id in enumerate(vectors.ids)}
+
+
+# ---------------------------------------------------------------------------
+
+
+def test_local_ray_listens_on_loopback_only(local_ray):
+    ray, opened = local_ray
+    assert opened, "starting Ray opened no listening socket: the check below would prove nothing"
+    assert all(ipaddress.ip_address(address).is_loopback for address, _ in opened), opened
+    assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
+
+
+def test_ray_engine_matches_the_local_engine_and_searches_like_it(local_ray, tiny_model, tmp_path):
+    local_out, ray_out = tmp_path / "local", tmp_path / "ray"
+    index(SAMPLE_CORPUS, "--out", local_out, "--model", tiny_model, *FP32, "--shard-rows", 16)
+    # Two actors on 2 CPUs: with 1-CPU actors this would starve the read task and hang.
+    result = index(SAMPLE_CORPUS, "--out", ray_out, "--model", tiny_model, *FP32, "--shard-rows", 16,
+                   "--engine", "ray", "--workers", 2, "--report", tmp_path / "ray.json")
+    assert "44 added, 0 updated, 0 unchanged, 0 removed" in result.stdout
+    report = json.loads((tmp_path / "ray.json").read_text())
+    assert report["encoded"]["rows"] == 44 and report["encoded"]["tokens"] > 0
+
+    local, distributed = vectors_by_id(local_out), vectors_by_id(ray_out)
+    assert sorted(distributed) == sorted(local) and len(local) == 44
+    for doc_id, (dense, tokens, weights, hash_, text) in local.items():
+        r_dense, r_tokens, r_weights, r_hash, r_text = distributed[doc_id]
+        cosine = float(dense @ r_dense / (np.linalg.norm(dense) * np.linalg.norm(r_dense)))
+        assert cosine >= 0.9999, (doc_id, cosine)
+        assert r_tokens.tolist() == tokens.tolist(), doc_id  # identical sparse token sets (ascending)
+        np.testing.assert_allclose(r_weights, weights, rtol=1e-4, atol=1e-6)
+        assert (r_hash, r_text) == (hash_, text)
+
+    # Same file naming, shard size limit, schema and manifest settings as the local engine.
+    manifest, local_manifest = read_manifest(ray_out), read_manifest(local_out)
+    names = [s.file for s in manifest.shards]
+    assert all(re.fullmatch(r"shard-000001-\d{5}\.parquet", n) for n in names) and len(set(names)) == len(names)
+    assert len(names) >= 3 and all(s.rows <= 16 for s in manifest.shards)
+    assert not [p.name for p in ray_out.iterdir() if p.name.endswith(".tmp")]
+    local_schema = pq.ParquetFile(local_out / local_manifest.shards[0].file).schema_arrow
+    for name in names:
+        schema = pq.ParquetFile(ray_out / name).schema_arrow
+        assert schema.equals(local_schema) and schema.metadata == local_schema.metadata
+    assert manifest.model == local_manifest.model and manifest.documents == 44
+
+    verified = invoke("verify", ray_out)
+    assert verified.exit_code == 0 and "OK (44 rows" in verified.stdout, verified.output
+    searches = [invoke("search", out, "--queries", SAMPLE_QUERIES, "--format", "json", *FP32)
+                for out in (local_out, ray_out)]
+    assert all(s.exit_code == 0 for s in searches), [s.output for s in searches]
+    local_hits, ray_hits = (json.loads(s.stdout) for s in searches)
+    assert [[h["id"] for h in q["hits"]] for q in ray_hits] == [[h["id"] for h in q["hits"]] for q in local_hits]
+
+
+def test_incremental_runs_work_across_engines(local_ray, tiny_model, tmp_path):
+    corpus, out = tmp_path / "c.jsonl", tmp_path / "ix"
+    records = [{"id": f"d{i}", "text": f"the moon and the train, document number {i}"} for i in range(12)]
+    write_jsonl(corpus, records)
+    index(corpus, "--out", out, "--model", tiny_model, *FP32, "--engine", "ray")
+
+    # Built by Ray, re-run locally: nothing to do, nothing written.
+    manifest_before = (out / MANIFEST_FILE).read_bytes()
+    result = index(corpus, "--out", out, "--model", tiny_model, *FP32)
+    assert "0 added, 0 updated, 12 unchanged, 0 removed" in result.stdout
+    assert (out / MANIFEST_FILE).read_bytes() == manifest_before
+
+    # Edited, removed, added and duplicated documents and a bad line, re-run on Ray.
+    edited = [dict(r, text=r["text"] + " edited") if r["id"] == "d3" else r for r in records if r["id"] != "d5"]
+    write_jsonl(corpus, edited + [{"id": "new", "text": "a brand new moon"},
+                                  {"id": "d7", "text": "the later d7 wins"}])
+    with corpus.open("a") as stream:
+        stream.write("{not json\n")
+    result = index(corpus, "--out", out, "--model", tiny_model, *FP32, "--engine", "ray",
+                   "--report", tmp_path / "r.json")
+    assert "1 added, 2 updated, 9 unchanged, 1 removed" in result.stdout, result.stdout
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["documents"]["duplicates"] == 1 and report["documents"]["skipped"] == 1
+    assert report["encoded"]["rows"] == 3
+    assert invoke("verify", out).exit_code == 0
+    live = {row_id: value[4] for row_id, value in vectors_by_id(out).items()}
+    assert len(live) == 12 and "d5" not in live
+    assert live["d3"].endswith(" edited") and live["d7"] == "the later d7 wins" and live["new"] == "a brand new moon"
+    assert read_manifest(out).generation == 2
+
+    # The local engine takes over again: nothing changed since the Ray run.
+    result = index(corpus, "--out", out, "--model", tiny_model, *FP32)
+    assert "0 added, 0 updated, 12 unchanged, 0 removed" in result.stdout
+    # ...and the Ray engine after a local edit re-encodes just that document.
+    write_jsonl(corpus, [dict(r, text="changed again") if r["id"] == "d0" else r
+                         for r in edited + [{"id": "new", "text": "a brand new moon"},
+                                            {"id": "d7", "text": "the later d7 wins"}]])
+    result = index(corpus, "--out", out, "--model", tiny_model, *FP32, "--engine", "ray")
+    assert "0 added, 1 updated, 11 unchanged, 0 removed" in result.stdout
+    assert invoke("verify", out).exit_code == 0
+
+
+def test_chunked_index_on_ray_matches_local(local_ray, tiny_model, tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    write_jsonl(corpus, [{"id": f"long{i}", "text": " ".join(["the moon orbits the earth and trains leave"] * (i + 2))}
+                         for i in range(4)])
+    options = ("--model", tiny_model, *FP32, "--chunk-tokens", 24, "--chunk-overlap", 4)
+    index(corpus, "--out", tmp_path / "local", *options)
+    index(corpus, "--out", tmp_path / "ray", *options, "--engine", "ray")
+    local, distributed = vectors_by_id(tmp_path / "local"), vectors_by_id(tmp_path / "ray")
+    assert sorted(distributed) == sorted(local) and len(local) > 4
+    for row_id, (dense, tokens, _, hash_, text) in local.items():
+        assert distributed[row_id][1].tolist() == tokens.tolist()
+        assert float(dense @ distributed[row_id][0]) / float(dense @ dense) == pytest.approx(1.0, abs=1e-3)
+        assert distributed[row_id][3:] == (hash_, text)
+
+
+# ---------------------------------------------------------------------------
+# No Ray needed
+
+
+@pytest.mark.parametrize("cpus,workers", [(1, 1), (2, 1), (2, 2), (2, 3), (16, 4)])
+def test_local_reservations_leave_room_for_reading_and_writing(cpus, workers):
+    plan = plan_reservations(RayOptions(workers=workers), float(cpus), local=True)
+    assert plan.io_cpus > 0 and workers * plan.actor_cpus + plan.io_cpus <= cpus + 1e-9
+    assert plan.threads >= 1 and plan.actor_gpus == 0
+
+
+def test_gpu_workers_reserve_gpus():
+    plan = plan_reservations(RayOptions(address="auto", workers=4, gpus_per_worker=1), 64.0, local=False)
+    assert (plan.actor_gpus, plan.actor_cpus, plan.threads) == (1, 1.0, None)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["-", "--engine", "ray"], "needs the local engine"),
+    (["IN", "--workers", "2"], "need --engine ray"),
+    (["IN", "--ray-address", "auto"], "need --engine ray"),
+])
+def test_ray_usage_errors_exit_2(tiny_model, tmp_path, args, message):
+    args = [str(SAMPLE_QUERIES) if a == "IN" else a for a in args]
+    result = invoke("index", *args, "--out", tmp_path / "ix", "--model", tiny_model, stdin='{"id": "a", "text": "b"}\n')
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+
+
+def test_missing_ray_extra_is_a_clear_failure(tiny_model, tmp_path, monkeypatch):
+    for name in [m for m in sys.modules if m == "ray" or m.startswith("ray.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    result = invoke("index", SAMPLE_QUERIES, "--out", tmp_path / "ix", "--model", tiny_model, "--engine", "ray")
+    assert result.exit_code == 1, result.output
+    assert "pip install 'bge-index[ray]'" in result.output
+    assert not (tmp_path / "ix" / MANIFEST_FILE).exists()
