@@ -385,9 +385,10 @@ class _IndexRun:
 
     def _land(self, window: "_WindowInFlight") -> None:
         """Wait for a window's vectors, write the documents that are complete, and record what became of them."""
-        rows, done = self._collect(window)
+        rows, done_positions = self._collect(window)
         return_free_memory()  # the window's activations are gone; keep the heap from creeping
-        pending = window.rows.pending
+        pending = window.pending
+        done = [pending[position] for position in done_positions]
         self._mark_not_reached(pending, done)
         if rows is None:
             return
@@ -436,13 +437,15 @@ class _IndexRun:
     def _dispatch(self, pending: list[_Pending]) -> "_WindowInFlight":
         """Tokenise the window, sort it into token-budget batches and submit them all."""
         workers = self._load_workers()
-        rows = _RowsOfWindow(workers.primary, pending, self.options, self.summary.max_length, self.manifest.chunking)
+        rows = WindowRows(workers.primary, [p.document.id for p in pending], [p.document.text for p in pending],
+                          [p.hash for p in pending], colbert=self.options.colbert, store_text=self.options.store_text,
+                          max_length=self.summary.max_length, chunking=self.manifest.chunking)
         self.summary.truncated += rows.truncated
-        batches = token_budget_batches([len(ids) for ids in rows.token_ids], self.options.batch_tokens)
+        batches = token_budget_batches(rows.lengths, self.options.batch_tokens)
         futures = [workers.submit([rows.token_ids[i] for i in batch], self.options.colbert) for batch in batches]
-        return _WindowInFlight(rows, batches, futures)
+        return _WindowInFlight(pending, rows, batches, futures)
 
-    def _collect(self, window: "_WindowInFlight") -> tuple[RowBatch | None, list[_Pending]]:
+    def _collect(self, window: "_WindowInFlight") -> tuple[RowBatch | None, list[int]]:
         """The window's finished rows; after a stop request, only the documents whose batches were done."""
         rows = window.rows
         finished = np.zeros(len(rows.token_ids), dtype=bool)
@@ -557,44 +560,48 @@ def _describe_chunking(chunking: dict | None) -> str:
 
 @dataclass
 class _WindowInFlight:
-    """A window whose batches are with the encoders: its rows, the batches (row positions) and their futures."""
+    """A window whose batches are with the encoders: its documents, rows, batches (row positions) and futures."""
 
-    rows: "_RowsOfWindow"
+    pending: list[_Pending]
+    rows: WindowRows
     batches: list[list[int]]
     futures: list[Future]
 
 
-class _RowsOfWindow:
+class WindowRows:
     """The rows a window of documents becomes (one per document, or one per passage), and their vectors."""
 
-    def __init__(self, encoder: Encoder, pending: list[_Pending], options: IndexOptions, max_length: int,
-                 chunking: dict | None):
-        self.pending = pending
-        self.options = options
-        self.owner: list[int] = []  # row -> position in `pending`
+    def __init__(self, encoder: Encoder, ids: Sequence[str], texts: Sequence[str], hashes: Sequence[str], *,
+                 colbert: bool, store_text: bool, max_length: int, chunking: dict | None):
+        self.ids, self.hashes = ids, hashes
+        self.store_text, self.chunked = store_text, bool(chunking)
+        self.owner: list[int] = []  # row -> position of its document in the window
         self.token_ids: list[list[int]] = []
         self.texts: list[str] = []
         self.spans: list[tuple[int, int]] = []
         self.truncated = 0
         if chunking:
-            for position, item in enumerate(pending):
-                text = item.document.text
+            for position, text in enumerate(texts):
                 for passage in encoder.passages(text, chunking["tokens"], chunking["overlap"]):
                     self._add(position, passage.ids, text[passage.start:passage.end], (passage.start, passage.end))
         else:
-            tokenized = encoder.tokenize([p.document.text for p in pending], max_length)
+            tokenized = encoder.tokenize(list(texts), max_length)
             self.truncated = sum(t.truncated for t in tokenized)
-            for position, (item, tokens) in enumerate(zip(pending, tokenized)):
-                self._add(position, tokens.ids, item.document.text, (0, len(item.document.text)))
-        self.dense = np.empty((len(self.token_ids), encoder.dense_dim), dtype=np.float32)
+            for position, (text, tokens) in enumerate(zip(texts, tokenized)):
+                self._add(position, tokens.ids, text, (0, len(text)))
+        self.dense = np.empty((len(self.token_ids), encoder.dense_dim), dtype=np.float32)  # [rows, D]
         self.sparse: list = [None] * len(self.token_ids)
-        self.colbert: list | None = [None] * len(self.token_ids) if options.colbert else None
+        self.colbert: list | None = [None] * len(self.token_ids) if colbert else None
 
     def _add(self, position: int, ids: list[int], text: str, span: tuple[int, int]) -> None:
         self.owner.append(position)
         self.token_ids.append(ids)
         self.texts.append(text)
         self.spans.append(span)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids in self.token_ids]
 
     def place(self, batch: list[int], encoded) -> None:
         self.dense[batch] = encoded.dense
@@ -603,26 +610,43 @@ class _RowsOfWindow:
             if self.colbert is not None:
                 self.colbert[row] = encoded.colbert[slot]
 
-    def complete_documents(self, finished: np.ndarray) -> tuple[RowBatch | None, list[_Pending]]:
-        """Rows of the documents all of whose rows are encoded, in input order, and those documents."""
+    def complete_documents(self, finished: np.ndarray) -> tuple[RowBatch | None, list[int]]:
+        """Rows of the documents all of whose rows are encoded, in input order, and those documents' positions."""
         unfinished = {self.owner[row] for row in np.flatnonzero(~finished).tolist()}
         rows = [r for r in range(len(self.owner)) if self.owner[r] not in unfinished]
+        done = [position for position in range(len(self.ids)) if position not in unfinished]
         if not rows:
-            return None, []
-        chunked = self.options.chunk_tokens is not None
-        docs = [self.pending[self.owner[r]].document for r in rows]
-        chunk_numbers = _chunk_numbers([self.owner[r] for r in rows]) if chunked else None
+            return None, done
+        owners = [self.owner[r] for r in rows]
+        chunk_numbers = _chunk_numbers(owners) if self.chunked else None
         return RowBatch(
-            ids=[f"{d.id}#{n}" for d, n in zip(docs, chunk_numbers)] if chunked else [d.id for d in docs],
-            content_hashes=[self.pending[self.owner[r]].hash for r in rows],
-            texts=[self.texts[r] for r in rows] if self.options.store_text else None,
+            ids=[f"{self.ids[o]}#{n}" for o, n in zip(owners, chunk_numbers)] if self.chunked
+            else [self.ids[o] for o in owners],
+            content_hashes=[self.hashes[o] for o in owners],
+            texts=[self.texts[r] for r in rows] if self.store_text else None,
             dense=self.dense[rows],
             sparse=[self.sparse[r] for r in rows],
             colbert=[self.colbert[r] for r in rows] if self.colbert is not None else None,
-            doc_ids=[d.id for d in docs] if chunked else None,
+            doc_ids=[self.ids[o] for o in owners] if self.chunked else None,
             chunks=chunk_numbers,
-            spans=[self.spans[r] for r in rows] if chunked else None,
-        ), [p for position, p in enumerate(self.pending) if position not in unfinished]
+            spans=[self.spans[r] for r in rows] if self.chunked else None,
+        ), done
+
+
+def encode_documents(encoder: Encoder, ids: Sequence[str], texts: Sequence[str], hashes: Sequence[str], *,
+                     colbert: bool, store_text: bool, max_length: int, chunking: dict | None,
+                     batch_tokens: int) -> tuple[RowBatch | None, int, int]:
+    """Documents -> (their rows in input order, tokens encoded, documents truncated), in this thread.
+
+    The local engine's steps without its overlap, for callers that bring their own parallelism (Ray actors).
+    """
+    rows = WindowRows(encoder, ids, texts, hashes, colbert=colbert, store_text=store_text, max_length=max_length,
+                      chunking=chunking)
+    lengths = rows.lengths
+    for batch in token_budget_batches(lengths, batch_tokens):
+        rows.place(batch, encoder.encode_ids([rows.token_ids[i] for i in batch], colbert=colbert))
+    batch_rows, _ = rows.complete_documents(np.ones(len(lengths), dtype=bool))
+    return batch_rows, sum(lengths), rows.truncated
 
 
 def _chunk_numbers(owners: list[int]) -> list[int]:

@@ -51,7 +51,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 
 from bge_index.documents import STDIN_NAME, Document, FieldNames, InputFile, Skipped, read_input_file, resolve_inputs
 from bge_index.extras import ExtraUnavailableError, require
@@ -231,64 +230,12 @@ class EncodeSettings:
 
 def encode_documents(encoder, ids: Sequence[str], texts: Sequence[str], hashes: Sequence[str],
                      settings: EncodeSettings) -> tuple[RowBatch, int, int]:
-    """Documents -> (rows in document order, tokens encoded, documents truncated).
+    """Documents -> (rows in document order, tokens encoded, documents truncated): the local engine's code."""
+    from bge_index.pipeline import encode_documents as encode_locally  # imports torch: only where encoding happens
 
-    The local engine's steps: tokenise (or cut into passages), group into
-    length-sorted batches under the padded-token budget, encode each batch.
-    """
-    from bge_index.pipeline import token_budget_batches  # imports torch: only where encoding happens
-
-    owner: list[int] = []  # row -> document position
-    token_ids: list[list[int]] = []
-    spans: list[tuple[int, int]] = []
-    truncated = 0
-    if settings.chunking:
-        for position, text in enumerate(texts):
-            for passage in encoder.passages(text, settings.chunking["tokens"], settings.chunking["overlap"]):
-                owner.append(position)
-                token_ids.append(passage.ids)
-                spans.append((passage.start, passage.end))
-    else:
-        tokenized = encoder.tokenize(list(texts), settings.max_length)
-        truncated = sum(t.truncated for t in tokenized)
-        for position, (text, tokens) in enumerate(zip(texts, tokenized)):
-            owner.append(position)
-            token_ids.append(tokens.ids)
-            spans.append((0, len(text)))
-    dense = np.empty((len(token_ids), encoder.dense_dim), dtype=np.float32)  # [rows, D]
-    sparse: list = [None] * len(token_ids)
-    colbert: list | None = [None] * len(token_ids) if settings.colbert else None
-    lengths = [len(ids) for ids in token_ids]
-    for batch in token_budget_batches(lengths, settings.batch_tokens):
-        encoded = encoder.encode_ids([token_ids[i] for i in batch], colbert=settings.colbert)
-        dense[batch] = encoded.dense
-        for slot, row in enumerate(batch):
-            sparse[row] = encoded.sparse[slot]
-            if colbert is not None:
-                colbert[row] = encoded.colbert[slot]
-    chunk_numbers = _chunk_numbers(owner) if settings.chunking else None
-    rows = RowBatch(
-        ids=[f"{ids[o]}#{n}" for o, n in zip(owner, chunk_numbers)] if chunk_numbers else [ids[o] for o in owner],
-        content_hashes=[hashes[o] for o in owner],
-        texts=[texts[o][s:e] for o, (s, e) in zip(owner, spans)] if settings.store_text else None,
-        dense=dense,
-        sparse=sparse,
-        colbert=colbert,
-        doc_ids=[ids[o] for o in owner] if settings.chunking else None,
-        chunks=chunk_numbers,
-        spans=spans if settings.chunking else None,
-    )
-    return rows, sum(lengths), truncated
-
-
-def _chunk_numbers(owners: list[int]) -> list[int]:
-    """0, 1, 2... within each run of rows of the same document."""
-    numbers, previous, count = [], None, 0
-    for owner in owners:
-        count = count + 1 if owner == previous else 0
-        numbers.append(count)
-        previous = owner
-    return numbers
+    return encode_locally(encoder, ids, texts, hashes, colbert=settings.colbert, store_text=settings.store_text,
+                          max_length=settings.max_length, chunking=settings.chunking,
+                          batch_tokens=settings.batch_tokens)
 
 
 class RunCounters:
