@@ -492,7 +492,7 @@ class Encoder:
             return self._encode_halves(batch, colbert)
         try:
             return self._forward(batch, colbert)
-        except (torch.OutOfMemoryError, RuntimeError) as error:
+        except RuntimeError as error:  # CUDA's OutOfMemoryError is one
             if not _is_out_of_memory(error):
                 raise
             if len(batch) == 1:
@@ -564,9 +564,14 @@ def _padded_size(batch: Sequence[Sequence[int]]) -> int:
     return len(batch) * max(len(ids) for ids in batch)
 
 
+# torch.OutOfMemoryError is new in torch 2.4; torch.cuda's name for it is older.
+_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
 def _is_out_of_memory(error: BaseException) -> bool:
-    # CUDA raises torch.OutOfMemoryError; MPS and some CPU allocators raise a RuntimeError saying so.
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+    # CUDA raises OutOfMemoryError; MPS says "out of memory"; the CPU allocator "can't allocate memory".
+    message = str(error).lower()
+    return isinstance(error, _OUT_OF_MEMORY) or "out of memory" in message or "can't allocate memory" in message
 
 
 def _plain_backend(tokenizer):

@@ -228,6 +228,7 @@ class _Pending:
     hash: str
     replaces: list[RowLocation]  # rows to retire once this document's rows are written
     was_indexed: bool = False
+    written_in_run: list[RowLocation] = field(default_factory=list)  # part of `replaces` this run wrote
 
 
 class _IndexRun:
@@ -309,7 +310,7 @@ class _IndexRun:
     def _consume(self, documents: Iterable[Document | Skipped]) -> None:
         for item in documents:
             if self.should_stop():
-                self.summary.interrupted = True
+                self._stop()
                 return
             if isinstance(item, Skipped):
                 if self.options.strict:
@@ -333,7 +334,7 @@ class _IndexRun:
             # Duplicates are rare, so waiting here costs nothing in practice.
             self._drain()
             prior = self.seen[document.id]
-        replaces = self._forget(document, prior) if prior is not None else []
+        replaces = written_in_run = self._forget(document, prior) if prior is not None else []
         old = self.existing.get(document.id)
         if old is not None and old.rows and not replaces and old.hash == hash_:
             self.seen[document.id] = _Seen(document.source, document.line, "unchanged")
@@ -343,7 +344,8 @@ class _IndexRun:
             replaces = old.rows + replaces
         self.seen[document.id] = _Seen(document.source, document.line, "pending", len(self.window),
                                        self.window_number)
-        self.window.append(_Pending(document, hash_, replaces, was_indexed=old is not None))
+        self.window.append(_Pending(document, hash_, replaces, was_indexed=old is not None,
+                                    written_in_run=written_in_run))
 
     def _forget(self, document: Document, prior: _Seen) -> list[RowLocation]:
         """A later occurrence of an id wins: undo the earlier one's outcome; returns the rows it wrote.
@@ -356,7 +358,10 @@ class _IndexRun:
                             f"the earlier occurrence at {prior.where}")
         self.summary.duplicates += 1
         if prior.outcome == "pending":
+            dropped = self.window[prior.window_slot]
             self.window[prior.window_slot] = None
+            # Rows an even earlier occurrence wrote in this run are now this occurrence's to retire.
+            return dropped.written_in_run + self.new_rows.pop(doc_id, [])
         elif prior.outcome in ("added", "updated", "unchanged"):
             setattr(self.summary, prior.outcome, getattr(self.summary, prior.outcome) - 1)
         return self.new_rows.pop(doc_id, [])
@@ -374,6 +379,8 @@ class _IndexRun:
                 self.seen[item.document.id].outcome = outcome
                 setattr(self.summary, outcome, getattr(self.summary, outcome) + 1)
             return
+        if self.summary.interrupted:
+            return  # stopping (seen while an earlier window landed): these documents are not reached
         self.in_flight.append(self._dispatch(pending))
         # Two windows in flight: the encoders work on the newer while the older is written.
         while len(self.in_flight) > 1 or (self.in_flight and self.summary.interrupted):
@@ -445,12 +452,25 @@ class _IndexRun:
         futures = [workers.submit([rows.token_ids[i] for i in batch], self.options.colbert) for batch in batches]
         return _WindowInFlight(pending, rows, batches, futures)
 
+    def _stop(self, *landing: "_WindowInFlight") -> None:
+        """A stop request: drop every batch not started yet, in all windows at once.
+
+        Cancelling one future at a time as its turn comes would be too late: a worker that finishes a
+        batch starts the next before this thread wakes up. Running batches finish and are written.
+        """
+        self.summary.interrupted = True
+        for window in (*landing, *self.in_flight):
+            for future in window.futures:
+                future.cancel()
+
     def _collect(self, window: "_WindowInFlight") -> tuple[RowBatch | None, list[int]]:
         """The window's finished rows; after a stop request, only the documents whose batches were done."""
         rows = window.rows
         finished = np.zeros(len(rows.token_ids), dtype=bool)
+        if self.summary.interrupted:
+            self._stop(window)
         for batch, future in zip(window.batches, window.futures):
-            if self.summary.interrupted and future.cancel():
+            if future.cancelled():
                 continue  # stopping: batches not started are dropped
             result = future.result()
             self.summary.encode_seconds += result.seconds
@@ -461,7 +481,7 @@ class _IndexRun:
             self.events.progress(IndexProgress(len(self.seen), self.summary.encoded + int(finished.sum()),
                                                self.summary.tokens, self.summary.elapsed))
             if not self.summary.interrupted and self.should_stop() and not finished.all():
-                self.summary.interrupted = True
+                self._stop(window)
         return rows.complete_documents(finished)
 
     # -- the end ---------------------------------------------------------------

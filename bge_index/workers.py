@@ -27,7 +27,7 @@ from bge_index.encoder import EncodedBatch, Encoder
 @dataclass
 class EncodedResult:
     vectors: EncodedBatch
-    seconds: float  # time the batch spent encoding (not waiting for a device)
+    seconds: float  # time inside encode_ids; threads sharing a device overlap, so sums can exceed wall time
 
 
 class EncodingWorkers:

@@ -486,3 +486,47 @@ def test_duplicate_across_windows_of_an_indexed_document_counts_as_updated(tiny_
     assert live(out) == {"d": "same text", "e": "e", "x": "x"}
     dry = build_index([str(corpus)], out, IndexOptions(model=str(tiny_model), dry_run=True))
     assert (dry.added, dry.updated, dry.unchanged) == (0, 0, 3)
+
+
+def test_third_occurrence_of_an_id_in_one_window_retires_the_first_one_rows(tiny_model, tmp_path, monkeypatch):
+    import bge_index.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "WINDOW_DOCUMENTS", 3)
+    corpus, out = tmp_path / "c.jsonl", tmp_path / "ix"
+    # d's first version is written with the first window; its second and third versions share the next one.
+    write_jsonl(corpus, [{"id": "d", "text": "v one"}, {"id": "a", "text": "a"}, {"id": "b", "text": "b"},
+                         {"id": "d", "text": "v two"}, {"id": "d", "text": "v three"}, {"id": "c", "text": "c"}])
+    summary = build_index([str(corpus)], out, IndexOptions(model=str(tiny_model)))
+    assert summary.duplicates == 2 and summary.added == 4
+    assert read_manifest(out).documents == 4  # one live row for d, not two
+    assert live(out) == {"a": "a", "b": "b", "c": "c", "d": "v three"}
+
+
+def test_a_stop_request_drops_the_batches_not_started(tiny_model, tmp_path, monkeypatch):
+    import bge_index.pipeline as pipeline
+    from bge_index.encoder import load_encoder
+
+    monkeypatch.setattr(pipeline, "WINDOW_DOCUMENTS", 200)
+    encoder = load_encoder(str(tiny_model), device="cpu", dtype="fp32")
+    batches = []
+    real_encode = encoder.encode_ids
+
+    def slow_encode(batch, colbert=False):
+        batches.append(len(batch))
+        time.sleep(0.05)  # the worker must not race through the window before the stop is seen
+        return real_encode(batch, colbert)
+
+    encoder.encode_ids = slow_encode
+    corpus, out = tmp_path / "c.jsonl", tmp_path / "ix"
+    write_jsonl(corpus, [{"id": f"d{i}", "text": f"word{i} " * (1 + i % 7)} for i in range(400)])
+    stop = {"now": False}
+
+    class StopAfterFirstBatch(IndexEvents):
+        def progress(self, state):
+            stop["now"] = True
+
+    summary = build_index([str(corpus)], out, IndexOptions(model=str(tiny_model), batch_tokens=64),
+                          events=StopAfterFirstBatch(), encoder=encoder, should_stop=lambda: stop["now"])
+    assert summary.interrupted
+    assert len(batches) <= 3  # the batch that ran, and at most the one a worker had just started
+    assert 0 < summary.added < 20 and read_manifest(out).documents == summary.added

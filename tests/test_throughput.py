@@ -93,6 +93,22 @@ def test_a_single_text_that_does_not_fit_is_an_error_naming_the_fix(encoder, fre
         fresh_encoder.encode_ids([encoder.tokenize(["too long"], 512)[0].ids])
 
 
+@pytest.mark.parametrize("message", ["[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory",
+                                     "MPS backend out of memory (MPS allocated: 8.00 GB)"])
+def test_cpu_and_mps_allocation_failures_split_too(encoder, fresh_encoder, message):
+    real_forward = fresh_encoder._forward
+
+    def forward(batch, colbert):
+        if len(batch) > 2:
+            raise RuntimeError(message)
+        return real_forward(batch, colbert)
+
+    fresh_encoder._forward = forward
+    batch = [t.ids for t in encoder.tokenize(TEXTS, 512)]
+    np.testing.assert_allclose(fresh_encoder.encode_ids(batch).dense, encoder.encode_ids(batch).dense, atol=1e-5)
+    assert fresh_encoder.out_of_memory_splits >= 1
+
+
 def test_other_runtime_errors_are_not_taken_for_out_of_memory(fresh_encoder, encoder):
     def forward(batch, colbert):
         raise RuntimeError("shape mismatch")
