@@ -249,12 +249,16 @@ def resolve_devices(devices: str) -> list[str]:
     return names
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """auto: fp16 on CUDA; bf16 on CPUs that multiply bf16 natively; fp32 elsewhere."""
+def resolve_dtype(dtype: str, device: torch.device | str) -> torch.dtype:
+    """auto: fp16 on CUDA; bf16 on CPUs that multiply bf16 natively; fp32 elsewhere.
+
+    `device` may be a device type ("cuda") for a device that is not on this machine (a Ray worker's).
+    """
     if dtype == "auto":
-        if device.type == "cuda":
+        device_type = device if isinstance(device, str) else device.type
+        if device_type == "cuda":
             return torch.float16
-        if device.type == "cpu" and cpu_has_native_bf16():
+        if device_type == "cpu" and cpu_has_native_bf16():
             return torch.bfloat16
         return torch.float32
     if dtype not in _TORCH_DTYPES:

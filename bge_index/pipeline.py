@@ -42,7 +42,7 @@ from bge_index.shards import (IndexFormatError, IndexWriter, Manifest, RowBatch,
                               index_size_bytes, is_index, is_index_data_file, iter_live_keys, read_column,
                               read_manifest, read_rows)
 from bge_index.vector_store import ensure_search_files, open_store
-from bge_index.workers import EncodingWorkers, return_free_memory
+from bge_index.workers import EncodingWorkers
 
 WINDOW_DOCUMENTS = 2048
 MAX_BATCH_ROWS = 512
@@ -290,10 +290,7 @@ class _IndexRun:
         return index_manifest(self.options, info, previous, self._precision(previous))
 
     def _precision(self, previous: Manifest | None) -> str:
-        """The dtype to encode in: asked for, or with `auto` the index's own (else the best for the device)."""
-        if self.options.dtype == "auto" and previous is not None:
-            return previous.model["dtype"]
-        return dtype_name(resolve_dtype(self.options.dtype, resolve_device(self._devices()[0])))
+        return run_precision(self.options.dtype, previous, resolve_device(self._devices()[0]).type)
 
     def _load_existing(self, previous: Manifest) -> dict[str, _Existing]:
         existing: dict[str, _Existing] = {}
@@ -393,7 +390,6 @@ class _IndexRun:
     def _land(self, window: "_WindowInFlight") -> None:
         """Wait for a window's vectors, write the documents that are complete, and record what became of them."""
         rows, done_positions = self._collect(window)
-        return_free_memory()  # the window's activations are gone; keep the heap from creeping
         pending = window.pending
         done = [pending[position] for position in done_positions]
         self._mark_not_reached(pending, done)
@@ -519,12 +515,17 @@ class _IndexRun:
         self.summary.elapsed = time.perf_counter() - self.started
 
 
-def index_manifest(options: IndexOptions, info: ModelInfo, previous: Manifest | None,
-                   precision: str | None = None) -> Manifest:
+def run_precision(dtype: str, previous: Manifest | None, device_type: str) -> str:
+    """The dtype a run encodes in: the one asked for, or with `auto` the index's own, else the best for the device."""
+    if dtype == "auto" and previous is not None:
+        return previous.model["dtype"]
+    return dtype_name(resolve_dtype(dtype, device_type))
+
+
+def index_manifest(options: IndexOptions, info: ModelInfo, previous: Manifest | None, precision: str) -> Manifest:
     """The manifest a run with these options writes (shards and counts still empty).
 
-    `precision` overrides the dtype resolved here from the options: the Ray
-    engine resolves it for its workers' devices, not the driver's.
+    `precision` comes from `run_precision`, for the devices that encode (a Ray engine's workers', not the driver's).
     """
     max_length = info.effective_max_length(options.max_length)
     chunking = None
@@ -534,8 +535,6 @@ def index_manifest(options: IndexOptions, info: ModelInfo, previous: Manifest | 
             raise InvalidOptionError(f"--chunk-overlap must be between 0 and {tokens - 3} "
                                      f"for {tokens}-token chunks")
         chunking = {"tokens": tokens, "overlap": options.chunk_overlap}
-    if precision is None:
-        precision = dtype_name(resolve_dtype(options.dtype, resolve_device(options.device)))
     return Manifest(
         model={**info.identity.to_json(), "dtype": precision, "max_length": max_length},
         dense_dim=info.dense_dim,

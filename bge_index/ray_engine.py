@@ -361,8 +361,8 @@ class _RayRun:
         self.started = time.perf_counter()
 
     def run(self, files: list[InputFile]):
-        from bge_index.encoder import ModelIdentity, dtype_name, identify_model, resolve_device, resolve_dtype
-        from bge_index.pipeline import _check_compatible, index_manifest
+        from bge_index.encoder import ModelIdentity, identify_model
+        from bge_index.pipeline import _check_compatible, index_manifest, run_precision
         from bge_index.shards import is_index, read_manifest
 
         previous = read_manifest(self.index_dir) if is_index(self.index_dir) else None
@@ -370,14 +370,8 @@ class _RayRun:
         gpus = self.ray_options.gpus_per_worker > 0
         # The workers' device decides the precision, not the driver's (which may have no GPU).
         self.device = ("cuda" if gpus else "cpu") if self.options.device == "auto" else self.options.device
-        # auto extends an index in its own precision, as the local engine does.
-        if self.options.dtype != "auto":
-            precision = self.options.dtype
-        elif previous is not None:
-            precision = previous.model["dtype"]
-        else:
-            precision = "fp16" if gpus else dtype_name(resolve_dtype("auto", resolve_device("cpu")))
-        manifest = index_manifest(self.options, info, previous, precision=precision)
+        precision = run_precision(self.options.dtype, previous, "cuda" if gpus else "cpu")
+        manifest = index_manifest(self.options, info, previous, precision)
         if previous is not None:
             _check_compatible(self.index_dir, previous, manifest)
         self.manifest = manifest

@@ -763,15 +763,15 @@ def read_column(index_dir: Path, manifest: Manifest, column: str) -> np.ndarray:
 def read_shard_vectors(index_dir: Path, manifest: Manifest, shard: ShardInfo
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """All rows of one shard, deleted ones included: dense [rows, D] float16 and sparse CSR (indptr, ids, weights)."""
-    return (read_shard_dense(index_dir, manifest, shard), *read_shard_sparse(index_dir, shard))
+    table = _read_columns(index_dir, shard, ["dense", "sparse"])
+    return (_dense_rows(table.column("dense").combine_chunks(), manifest.dense_dim),
+            *_sparse_csr(table.column("sparse").combine_chunks()))
 
 
 def iter_shard_dense(index_dir: Path, manifest: Manifest, shard: ShardInfo) -> Iterator[np.ndarray]:
     """[group rows, D] float16 dense vectors of one shard, a row group at a time (deleted rows included)."""
     for group in _iter_row_groups(index_dir, shard, "dense"):
-        column = group.column("dense").combine_chunks()
-        yield column.flatten().to_numpy(zero_copy_only=False).reshape(-1, manifest.dense_dim).astype(
-            np.float16, copy=False)
+        yield _dense_rows(group.column("dense").combine_chunks(), manifest.dense_dim)
 
 
 def iter_shard_sparse(index_dir: Path, shard: ShardInfo) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -790,22 +790,17 @@ def _iter_row_groups(index_dir: Path, shard: ShardInfo, column: str) -> Iterator
         yield table
 
 
+def _dense_rows(dense: pa.Array, dim: int) -> np.ndarray:
+    """A fixed-size-list float16 column as a [rows, dim] array."""
+    return dense.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float16, copy=False)
+
+
 def _sparse_csr(sparse: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A sparse column (struct of index and value lists) as CSR: indptr from 0, ids uint32, weights float32."""
     offsets = sparse.field("indices").offsets.to_numpy().astype(np.int64)
     indices = sparse.field("indices").flatten().to_numpy(zero_copy_only=False)
     values = sparse.field("values").flatten().to_numpy(zero_copy_only=False)
     return offsets - offsets[0], indices.astype(np.uint32, copy=False), values.astype(np.float32, copy=False)
-
-
-def read_shard_dense(index_dir: Path, manifest: Manifest, shard: ShardInfo) -> np.ndarray:
-    """[rows, D] float16 dense vectors of every row of one shard (deleted ones included)."""
-    column = _read_columns(index_dir, shard, ["dense"]).column("dense").combine_chunks()
-    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, manifest.dense_dim).astype(np.float16, copy=False)
-
-
-def read_shard_sparse(index_dir: Path, shard: ShardInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sparse vectors of every row of one shard as CSR: indptr [rows + 1] int64, ids uint32, weights float32."""
-    return _sparse_csr(_read_columns(index_dir, shard, ["sparse"]).column("sparse").combine_chunks())
 
 
 def read_rows(index_dir: Path, manifest: Manifest, locations: Sequence[tuple[int, int]], column: str) -> list:
