@@ -169,7 +169,7 @@ def kernel_ceiling(model: Path, lengths: np.ndarray, device: str, dtype: str, ba
     import torch
     import torch.nn.functional as F
 
-    from bge_index.pipeline import token_budget_batches
+    from bge_index.batching import token_budget_batches
 
     config = json.loads((model / "config.json").read_text())
     layers, hidden, inner, heads = (config[k] for k in ("num_hidden_layers", "hidden_size", "intermediate_size",
@@ -276,13 +276,17 @@ def run_reference(python: str, pythonpath: str | None, model: Path, texts: list[
 
 
 def our_vectors(index: Path, ids: list[str]) -> tuple[np.ndarray, list[dict[int, float]]]:
-    from bge_index.shards import load_vectors, read_manifest
+    from bge_index.manifest import read_manifest
+    from bge_index.shard_reader import iter_live_rows
 
-    vectors = load_vectors(index, read_manifest(index))
-    row_of = {str(doc_id): row for row, doc_id in enumerate(vectors.ids)}
-    rows = [row_of[doc_id] for doc_id in ids]
-    dense = vectors.dense[rows].astype(np.float32)
-    sparse = [dict(zip(*(a.tolist() for a in vectors.sparse_row(row)))) for row in rows]
+    found: dict[str, tuple[np.ndarray, dict[int, float]]] = {}
+    for batch in iter_live_rows(index, read_manifest(index)):
+        for row, doc_id in enumerate(batch.ids):
+            start, end = batch.sparse_indptr[row], batch.sparse_indptr[row + 1]
+            found[doc_id] = (batch.dense[row].astype(np.float32),
+                             dict(zip(batch.sparse_indices[start:end].tolist(), batch.sparse_values[start:end].tolist())))
+    dense = np.stack([found[doc_id][0] for doc_id in ids])
+    sparse = [found[doc_id][1] for doc_id in ids]
     return dense, sparse
 
 
@@ -314,14 +318,15 @@ def agreement(a: tuple[np.ndarray, list[dict]], b: tuple[np.ndarray, list[dict]]
 
 def top10_overlap(index_a: Path, index_b: Path, queries_file: str) -> dict:
     from bge_index.documents import read_queries
-    from bge_index.pipeline import IndexSearch, Query
+    from bge_index.local_index import LocalIndex
+    from bge_index.query import Query, SearchRequest
 
     queries = [Query(q.id, q.text) for q in read_queries(queries_file)]
     overlaps = {}
     results = {}
     for index in (index_a, index_b):
-        opened = IndexSearch(index, device="cpu")
-        results[index] = {mode: opened.search(queries, k=11, mode=mode, with_text=False)
+        opened = LocalIndex(index, device="cpu")
+        results[index] = {mode: opened.search(queries, SearchRequest(k=11, mode=mode, with_text=False))
                           for mode in ("dense", "sparse", "hybrid")}
     for mode in ("dense", "sparse", "hybrid"):
         shares = [len({h.id for h in ra.hits[:10]} & {h.id for h in rb.hits[:10]}) / 10
@@ -379,7 +384,7 @@ def main() -> None:
             out = work / f"index-{dtype}"
             seconds, rss, report = run_bge_index(model, inputs, out, dtype, device, args.max_length,
                                                  args.batch_tokens)
-            from bge_index.shards import read_manifest
+            from bge_index.manifest import read_manifest
 
             used = read_manifest(out).model["dtype"]
             peaks.setdefault(used, matmul_peak(device, used))

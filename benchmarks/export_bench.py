@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from bge_index.milvus import export_index
-from bge_index.shards import IndexWriter, Manifest, RowBatch, read_manifest
+from bge_index.manifest import Manifest, read_manifest
+from bge_index.shard_writer import IndexWriter, RowBatch
 
 VOCAB = 250_002
 

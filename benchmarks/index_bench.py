@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from bge_index.encoder import load_encoder
-from bge_index.pipeline import IndexOptions, build_index
+from bge_index.indexing import build_index
+from bge_index.run import IndexOptions
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -18,7 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bge_index.pipeline import IndexOptions, build_index
+from bge_index.indexing import build_index
+from bge_index.run import IndexOptions
 from bge_index.ray_engine import RayOptions, build_index_on_ray
 
 

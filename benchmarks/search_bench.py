@@ -55,7 +55,8 @@ def unit_rows(rng: np.random.Generator, rows: int) -> np.ndarray:
 
 
 def build(index_dir: Path, size: int, seed: int = 0) -> None:
-    from bge_index.shards import IndexWriter, Manifest, RowBatch
+    from bge_index.manifest import Manifest
+    from bge_index.shard_writer import IndexWriter, RowBatch
     from bge_index.vector_store import ensure_search_files
 
     rng, cdf = np.random.default_rng(seed), zipf_cdf()
@@ -97,8 +98,10 @@ def percentiles(values: list[float]) -> tuple[float, float]:
 
 
 def measure(index_dir: Path, batch_queries: int, latency_queries: int) -> dict:
-    from bge_index.search import QueryVectors, Searcher, top_k
-    from bge_index.shards import read_manifest, read_shard_vectors
+    from bge_index.manifest import read_manifest
+    from bge_index.query import QueryVectors
+    from bge_index.search import Searcher, top_k
+    from bge_index.shard_reader import read_shard_vectors
     from bge_index.vector_store import open_store
 
     manifest = read_manifest(index_dir)
@@ -161,7 +164,7 @@ def measure(index_dir: Path, batch_queries: int, latency_queries: int) -> dict:
 
 def open_twice(index_dir: Path) -> tuple[float, float]:
     """Seconds for a first open (builds search files when missing) and a second one, each in a new process."""
-    code = ("import sys,time;from pathlib import Path;from bge_index.shards import read_manifest;"
+    code = ("import sys,time;from pathlib import Path;from bge_index.manifest import read_manifest;"
             "from bge_index.vector_store import open_store;t=time.perf_counter();d=Path(sys.argv[1]);"
             "open_store(d, read_manifest(d));print(time.perf_counter()-t)")
     times = [float(subprocess.run([sys.executable, "-c", code, str(index_dir)], check=True, capture_output=True,

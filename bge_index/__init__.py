@@ -1,3 +1,55 @@
-"""bge-index: index documents into BGE-M3 sparse + dense (+ ColBERT) vectors in Parquet shards, and search them."""
+"""bge-index: index documents into BGE-M3 sparse + dense (+ ColBERT) vectors in Parquet shards, and search them.
+
+The library behind the `bge-index` command. The names below are imported
+on first use, so `import bge_index` stays cheap (no torch until a model runs):
+
+    from pathlib import Path
+    import bge_index
+
+    options = bge_index.IndexOptions(model="/models/bge-m3")
+    bge_index.index_documents([bge_index.Document("a", "The Moon recedes 3.8 cm a year.", "<mine>")],
+                              Path("moon-index"), options)
+    index = bge_index.LocalIndex(Path("moon-index"))
+    [result] = index.search([bge_index.Query("q1", "How fast is the Moon moving away?")],
+                            bge_index.SearchRequest(k=3))
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+# name -> module that defines it
+_EXPORTS = {
+    "Document": "bge_index.document_types",
+    "Skipped": "bge_index.document_types",
+    "FieldNames": "bge_index.document_types",
+    "iter_documents": "bge_index.documents",
+    "IndexOptions": "bge_index.run",
+    "IndexEvents": "bge_index.run",
+    "IndexSummary": "bge_index.run",
+    "build_index": "bge_index.indexing",
+    "index_documents": "bge_index.indexing",
+    "Query": "bge_index.query",
+    "SearchRequest": "bge_index.query",
+    "Mode": "bge_index.query",
+    "Fusion": "bge_index.query",
+    "Normalize": "bge_index.query",
+    "ScoreWeights": "bge_index.query",
+    "QueryResult": "bge_index.query",
+    "LocalIndex": "bge_index.local_index",
+    "BgeIndexError": "bge_index.errors",
+    "read_manifest": "bge_index.manifest",
+    "verify_index": "bge_index.shard_reader",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    """Import a public name's module on first use (PEP 562)."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bge_index' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

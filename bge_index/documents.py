@@ -1,180 +1,216 @@
-"""Input documents: paths, folders, globs and stdin -> a stream of `Document`s.
+"""Input resolution: paths, folders, globs and stdin -> a stream of `Document`s (`iter_documents`).
 
-Owns the input formats (.txt/.md one document per file; .jsonl/.ndjson;
-.csv/.tsv with a header row; .parquet; each also gzip-compressed as `.gz`),
-the rules for ids, titles and text fields, and what counts as bad input.
+Owns which files an input argument names (`resolve_inputs`: a file, a folder walked
+recursively, a glob, `-` for stdin) and the order they are read in; the readers of
+each format live in formats.py, the item types in document_types.py. This module
+re-exports both, so the rest of bge-index imports the documents stage from here.
 
 A bad record never stops the stream: it becomes a `Skipped` item, in order,
-in the same stream, so callers can count it, report it as `file:line: reason`
-and carry on (or stop, under `--strict`). Everything is read lazily, one file
-and one record at a time, so memory does not grow with the corpus.
+in the same stream, so callers can count it (by `Skipped.category`, its stable
+`SkipReason` code), report it as `file:line: reason` and carry on (or stop, under
+`--strict`). Everything is read lazily, one file and one record at a time, so
+memory does not grow with the corpus.
 """
 
 from __future__ import annotations
 
-import csv
-import gzip
-import io
-import json
 import os
 import re
+import stat
 import sys
-import zlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import BinaryIO, Callable, Union
+from typing import BinaryIO, Callable
 
-STDIN = "-"
-STDIN_NAME = "<stdin>"
+from bge_index.document_types import (
+    STDIN,
+    STDIN_NAME,
+    Document,
+    DocumentOrSkipped,
+    FieldNames,
+    InputFile,
+    SkipReason,
+    Skipped,
+)
+from bge_index.errors import InputError, QueryFileError
+from bge_index.formats import (
+    SUPPORTED_FORMATS,
+    format_of,
+    open_regular_file,
+    read_input_file,
+    read_json_lines,
+    read_queries,
+    record_to_document,
+)
 
+__all__ = [
+    "STDIN", "STDIN_NAME", "SUPPORTED_FORMATS", "Document", "DocumentOrSkipped", "FieldNames", "InputError",
+    "InputFile", "QueryFileError", "SkipReason", "Skipped", "format_of", "iter_documents", "read_input_file",
+    "read_queries", "record_to_document", "resolve_inputs",
+]
 
-@dataclass(frozen=True, slots=True)
-class Document:
-    """One document to index. `line` is the 1-based line/row in `source`, None for whole files."""
-
-    id: str
-    text: str
-    source: str
-    line: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Skipped:
-    """A record that could not become a Document, with where it was and why."""
-
-    source: str
-    line: int | None
-    reason: str
-    # True when documents may have been lost unseen (an unreadable or cut-off file, a file skipped whole):
-    # an incremental run must not take their absence as removal.
-    hides_documents: bool = False
-
-    @property
-    def location(self) -> str:
-        return f"{self.source}:{self.line}" if self.line is not None else self.source
-
-    @property
-    def category(self) -> str:
-        """The reason without its particulars, for counting ("invalid UTF-8 at byte N")."""
-        general = re.split(r" \(|;", self.reason, maxsplit=1)[0]
-        return re.sub(r"\d+", "N", re.sub(r"'[^']*'", "'…'", general))
-
-
-DocumentOrSkipped = Union[Document, Skipped]
-
-
-class InputError(Exception):
-    """An input argument that names nothing (no such file, a glob with no match)."""
-
-
-@dataclass(frozen=True)
-class FieldNames:
-    """Which record fields hold the id, the text and the optional title (first present wins)."""
-
-    id_fields: tuple[str, ...] = ("id", "_id", "docid")
-    text_fields: tuple[str, ...] = ("text", "contents")
-    title_field: str = "title"
-
-    @classmethod
-    def from_options(cls, id_field: str | None, text_field: str | None) -> "FieldNames":
-        default = cls()
-        return cls(
-            id_fields=(id_field,) if id_field else default.id_fields,
-            text_fields=(text_field,) if text_field else default.text_fields,
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class InputFile:
-    """A file to read. Whole-file documents get `doc_id` as their id."""
-
-    path: Path | None  # None means stdin
-    doc_id: str
-
-    @property
-    def display(self) -> str:
-        return STDIN_NAME if self.path is None else str(self.path)
-
-
-WHOLE_FILE_FORMATS = {".txt", ".md", ".markdown"}
-JSON_LINES_FORMATS = {".jsonl", ".ndjson"}
-TABLE_FORMATS = {".csv", ".tsv"}
-PARQUET_FORMATS = {".parquet"}
-SUPPORTED_FORMATS = WHOLE_FILE_FORMATS | JSON_LINES_FORMATS | TABLE_FORMATS | PARQUET_FORMATS
 _GLOB_CHARS = set("*?[")
-
-
-def format_of(path: Path) -> str:
-    """The format suffix of a path, looking through a trailing `.gz` (`a.jsonl.gz` -> `.jsonl`)."""
-    suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] == ".gz":
-        suffixes = suffixes[:-1]
-    return suffixes[-1] if suffixes else ""
+# How a bge-index index folder is recognised (manifest.py's MANIFEST_FILE and FORMAT_NAME, written as the
+# manifest's first key). Not imported from there: manifest.py loads pyarrow, which only Parquet inputs need.
+_INDEX_MANIFEST = "manifest.json"
+_INDEX_FORMAT = re.compile(rb'"format"\s*:\s*"bge-index"')
+_MANIFEST_HEAD_BYTES = 65536
 
 
 def iter_documents(
     inputs: Sequence[str],
     fields: FieldNames = FieldNames(),
     stdin: BinaryIO | None = None,
+    exclude: Sequence[Path] = (),
 ) -> Iterator[DocumentOrSkipped]:
     """Stream documents (and skipped records) from `inputs`, in input order.
 
     Every input is checked up front, so a typo fails before any work is done
-    (InputError); folders are walked lazily.
+    (InputError); folders are walked lazily. Nothing inside the `exclude` folders
+    (the index being written) or inside any other bge-index index is read.
     """
-    files = resolve_inputs(inputs)
+    files = resolve_inputs(inputs, exclude)
     return _iter_all(files, fields, stdin if stdin is not None else sys.stdin.buffer)
 
 
-def resolve_inputs(inputs: Sequence[str]) -> Iterator[InputFile]:
-    """Check that every input names something, then expand them lazily into files."""
+def resolve_inputs(inputs: Sequence[str], exclude: Sequence[Path] = ()) -> Iterator[InputFile]:
+    """Check that every input names something, then expand them lazily into files.
+
+    Ids of whole-file documents: a file given directly keeps its path as typed; a file found in a
+    folder given is named relative to that folder; a file found through a glob is named relative to
+    the glob's fixed leading folder (the part before the first `*`, `?` or `[`), so `docs/*` and
+    `docs/` give the same, unique ids. A folder that cannot be listed comes out as an InputFile with
+    its `problem` set, which reads as a Skipped that hides documents. Folders in `exclude` (compared
+    by real path) and folders holding a bge-index manifest are passed over, with what is inside
+    them, silently: they are not inputs, so passing them over loses nothing.
+    """
     if not inputs:
         raise InputError("no inputs given")
+    passed_over = _PassedOver(exclude)
     expanded: list[Callable[[], Iterable[InputFile]]] = []
     for arg in inputs:
-        expanded.append(_expander(arg))
+        expanded.append(_expander(arg, passed_over))
     return (f for expand in expanded for f in expand())
 
 
-def _expander(arg: str) -> Callable[[], Iterable[InputFile]]:
+class _PassedOver:
+    """The folders never read: those excluded (by real path) and any holding a bge-index manifest."""
+
+    def __init__(self, exclude: Sequence[Path]):
+        self.real = {os.path.realpath(folder) for folder in exclude}
+
+    def excluded(self, real: str) -> bool:
+        """Whether the real path `real` is an excluded folder or inside one."""
+        return any(real == folder or real.startswith(folder.rstrip(os.sep) + os.sep) for folder in self.real)
+
+    def folder(self, folder: Path) -> bool:
+        """A folder argument: excluded, inside an excluded folder, or an index itself."""
+        return self.excluded(os.path.realpath(folder)) or _holds_index(folder)
+
+    def file(self, path: Path) -> bool:
+        """A file argument: inside an excluded folder, or one of an index's own files."""
+        real = os.path.realpath(path)
+        return self.excluded(real) or _holds_index(Path(real).parent)
+
+
+def _holds_index(folder: Path) -> bool:
+    """Whether `folder` holds a bge-index manifest.json: then it is an index, never input (its shards are Parquet)."""
+    try:
+        with open_regular_file(folder / _INDEX_MANIFEST) as manifest:
+            head = manifest.read(_MANIFEST_HEAD_BYTES)
+    except OSError:  # none there, or unreadable (not an index we could recognise)
+        return False
+    return bool(_INDEX_FORMAT.search(head))
+
+
+def _expander(arg: str, passed_over: _PassedOver) -> Callable[[], Iterable[InputFile]]:
     if arg == STDIN:
         return lambda: [InputFile(None, STDIN_NAME)]
     path = Path(arg)
-    if path.is_dir():
-        return lambda: _walk_folder(path)
-    if path.is_file():
+    try:
+        info: os.stat_result | None = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        info = None
+    except OSError:
+        # It is there but cannot be looked at (a symlink loop, an I/O error, a share gone away): reading it
+        # gives the Skipped that says so and keeps its documents. Not an InputError: the name is no typo.
         return lambda: [InputFile(path, path.as_posix())]
+    if info is not None and stat.S_ISDIR(info.st_mode):
+        return lambda: [] if passed_over.folder(path) else _walk_folder(path, path, passed_over)
+    if info is not None:
+        # A regular file, or a FIFO, socket or device: reading the latter skips it without opening it.
+        return lambda: [] if passed_over.file(path) else [InputFile(path, path.as_posix())]
+    if os.path.lexists(path):
+        return lambda: [InputFile(path, path.as_posix())]  # a dangling symlink: read as a skip, not a typo
     if _GLOB_CHARS & set(arg):
-        matches = _glob(arg)
+        base, matches = _glob(arg, passed_over)
         if not matches:
             raise InputError(f"no files match {arg!r}")
-        return lambda: _expand_matches(matches)
-    if path.exists():
-        raise InputError(f"not a regular file or folder: {arg}")
+        return lambda: _expand_matches(matches, base, passed_over)
     raise InputError(f"no such file or folder: {arg}")
 
 
-def _glob(pattern: str) -> list[Path]:
-    """Paths matching `pattern` (`*`, `?`, `[...]`, and `**` across folders), sorted.
+def _glob(pattern: str, passed_over: _PassedOver) -> tuple[Path, list[tuple[Path, str] | InputFile]]:
+    """The fixed leading folder of `pattern`, and the paths matching it (`*`, `?`, `[...]`, `**` across folders), sorted.
 
     Unlike glob.glob, symlinked folders are not followed, as in folder walks,
-    so a symlink loop cannot repeat files or trap the search.
+    so a symlink loop cannot trap the search; only folders that may hold a match
+    are listed, and one that cannot be listed comes back as an InputFile with its
+    `problem` (what it held may have matched).
     """
     parts = Path(pattern).parts
     fixed = next((i for i, part in enumerate(parts) if _GLOB_CHARS & set(part)), len(parts))
     base = Path(*parts[:fixed]) if fixed else Path(".")
-    matcher = _glob_regex(parts[fixed:])
-    if not base.is_dir():
-        return []
-    matches = []
-    for root, dirs, files in os.walk(base):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in [*dirs, *sorted(f for f in files if not f.startswith("."))]:
-            path = Path(root) / name
-            if matcher.fullmatch(path.relative_to(base).as_posix()):
-                matches.append(path)
-    return sorted(matches)
+    rest = parts[fixed:]
+    matcher = _glob_regex(rest)
+    segments = [None if part == "**" else re.compile(_segment_regex(part)) for part in rest]
+    try:
+        info = os.stat(base)
+    except (FileNotFoundError, NotADirectoryError):
+        return base, []
+    except OSError as error:
+        return base, [InputFile(base, ".", problem=_describe_os_error(error))]
+    if not stat.S_ISDIR(info.st_mode) or passed_over.folder(base):
+        return base, []
+    matches: list[tuple[Path, str]] = []
+    problems: list[InputFile] = []
+    for event in _scan(base, lambda rel: _may_hold_match(segments, rel), passed_over):
+        if isinstance(event, InputFile):
+            problems.append(event)
+        elif matcher.fullmatch(event[0].relative_to(base).as_posix()):
+            matches.append(event)
+    return base, [*sorted(matches), *problems]
+
+
+def _may_hold_match(segments: Sequence[re.Pattern | None], rel: tuple[str, ...]) -> bool:
+    """Whether a folder at `rel` (its components under the glob's base) may hold a match: worth listing.
+
+    Follows the pattern's segments over the folder's components (`None` is `**`: any number of
+    components); the folder may hold a match if some way through leaves segments to match below it.
+    """
+    def closure(states: set[int]) -> set[int]:
+        out = set(states)
+        for i in sorted(states):
+            while i < len(segments) and segments[i] is None:  # `**` may match no component at all
+                i += 1
+                out.add(i)
+        return out
+
+    states = closure({0})
+    for component in rel:
+        following = set()
+        for i in states:
+            if i >= len(segments):
+                continue
+            segment = segments[i]
+            if segment is None:
+                following.add(i)  # `**` takes this component and may take more
+            elif segment.fullmatch(component):
+                following.add(i + 1)
+        states = closure(following)
+        if not states:
+            return False
+    return any(i < len(segments) for i in states)
 
 
 def _glob_regex(parts: Sequence[str]) -> re.Pattern:
@@ -210,297 +246,115 @@ def _segment_regex(segment: str) -> str:
     return "".join(out)
 
 
-def _expand_matches(matches: list[Path]) -> Iterator[InputFile]:
+def _expand_matches(matches: list[tuple[Path, str] | InputFile], base: Path,
+                    passed_over: _PassedOver) -> Iterator[InputFile]:
     seen: set[Path] = set()
-    for path in matches:
-        found = _walk_folder(path) if path.is_dir() else [InputFile(path, path.as_posix())] if path.is_file() else []
+    for match in matches:
+        if isinstance(match, InputFile):
+            yield match  # a folder the glob could not list: what it holds may have matched
+            continue
+        path, kind = match
+        found: Iterable[InputFile]
+        if kind == _FOLDER:
+            found = _walk_folder(path, base, passed_over)
+        elif kind == _LINKED_FOLDER:
+            # A symlinked folder matched by name is walked, as a folder given would be (the walk below does not
+            # follow links), unless it leads into an excluded folder or an index.
+            found = [] if passed_over.folder(path) else _walk_folder(path, base, passed_over)
+        else:
+            # Files, and what only looks like one (a FIFO, a dangling link): reading says why it is skipped.
+            found = [InputFile(path, path.relative_to(base).as_posix())]
         for input_file in found:
             # `dir/**` matches a folder and the files inside it: read each file once.
             if input_file.path not in seen:
-                seen.add(input_file.path)
+                seen.add(input_file.path)  # type: ignore[arg-type]
                 yield input_file
 
 
-def _walk_folder(folder: Path) -> Iterator[InputFile]:
-    """Supported files under `folder`, recursively, in a stable (sorted) order.
+def _walk_folder(folder: Path, id_base: Path, passed_over: _PassedOver) -> Iterator[InputFile]:
+    """Supported files under `folder`, recursively, in a stable (sorted) order; ids relative to `id_base`.
 
-    Hidden files and folders are passed over; symlinked folders are not followed
-    (os.walk's default), so a symlink loop cannot trap the walk.
+    Hidden files and folders are passed over; symlinked folders are not followed,
+    so a symlink loop cannot trap the walk. A folder that cannot be listed, the
+    top one or one inside, comes out as an InputFile with its `problem` set: read,
+    it is a Skipped that hides documents, so an unreadable folder is never taken
+    for an empty one (whose documents a run would remove).
     """
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            path = Path(root) / name
-            if name.startswith(".") or format_of(path) not in SUPPORTED_FORMATS:
+    for event in _scan(folder, lambda rel: True, passed_over):
+        if isinstance(event, InputFile):
+            assert event.path is not None
+            yield InputFile(event.path, event.path.relative_to(id_base).as_posix(), event.problem)
+            continue
+        path, kind = event
+        if kind == _FILE and format_of(path) in SUPPORTED_FORMATS:
+            yield InputFile(path, path.relative_to(id_base).as_posix())
+
+
+_FILE, _FOLDER, _LINKED_FOLDER = "file", "folder", "linked folder"
+
+
+def _scan(top: Path, descend: Callable[[tuple[str, ...]], bool],
+          passed_over: _PassedOver) -> Iterator[tuple[Path, str] | InputFile]:
+    """Everything under `top` that is not hidden, as (path, kind), depth first, each folder's entries sorted by name.
+
+    A folder's own entry comes before what it holds, and its files before its subfolders' contents.
+    Kinds: `_FILE` (anything not a folder: reading decides), `_FOLDER`, `_LINKED_FOLDER` (a symlink to a
+    folder: never followed, so a symlink loop cannot trap the walk). A folder that cannot be listed comes
+    as an InputFile naming it, with `problem` set. `descend(components under top)` says whether a folder
+    is worth listing; folders that are excluded or hold an index are passed over with their contents.
+    Walked with a stack, not recursion, so a tree deeper than the recursion limit is no crash.
+    """
+    stack: list[tuple[Path, tuple[str, ...], str]] = [(top, (), os.path.realpath(top))]
+    while stack:
+        folder, rel, real = stack.pop()
+        if passed_over.excluded(real):
+            continue
+        try:
+            entries = _list_folder(folder)
+        except OSError as error:
+            yield InputFile(folder, folder.as_posix(), problem=_describe_os_error(error))
+            continue
+        if any(name == _INDEX_MANIFEST for name, _ in entries) and _holds_index(folder):
+            continue  # another bge-index index inside the corpus: its shards are no documents
+        subfolders = []
+        for name, kind in entries:
+            yield folder / name, kind
+            if kind == _FOLDER and descend((*rel, name)):
+                subfolders.append(name)
+        # Pushed in reverse, so the first subfolder by name is walked next.
+        for name in reversed(subfolders):
+            stack.append((folder / name, (*rel, name), os.path.join(real, name)))
+
+
+def _list_folder(folder: Path) -> list[tuple[str, str]]:
+    """(name, kind) of the entries of `folder` that are not hidden, sorted by name.
+
+    OSError when the folder cannot be listed, also part-way through: a listing cut short is no listing.
+    """
+    entries = []
+    with os.scandir(folder) as listing:
+        for entry in listing:
+            if entry.name.startswith("."):
                 continue
-            yield InputFile(path, path.relative_to(folder).as_posix())
+            try:
+                is_folder = entry.is_dir()  # follows symlinks: a link to a folder is a folder, not followed
+            except OSError:
+                is_folder = False  # cannot tell (a symlink loop...): as a file, reading it says what is wrong
+            if not is_folder:
+                kind = _FILE
+            else:
+                kind = _LINKED_FOLDER if entry.is_symlink() else _FOLDER
+            entries.append((entry.name, kind))
+    return sorted(entries)
 
 
-def read_input_file(input_file: InputFile, fields: FieldNames = FieldNames()) -> Iterator[DocumentOrSkipped]:
-    """Documents (and skipped records) of one file, in order: what a distributed reader runs per file."""
-    if input_file.path is None:
-        raise ValueError("read_input_file reads files, not stdin")
-    return _read_file(input_file, fields)
+def _describe_os_error(error: OSError) -> str:
+    return error.strerror or str(error)
 
 
 def _iter_all(files: Iterable[InputFile], fields: FieldNames, stdin: BinaryIO) -> Iterator[DocumentOrSkipped]:
     for input_file in files:
         if input_file.path is None:
-            yield from _read_json_lines(stdin, STDIN_NAME, fields)
+            yield from read_json_lines(stdin, STDIN_NAME, fields)
         else:
-            yield from _read_file(input_file, fields)
-
-
-def _read_file(input_file: InputFile, fields: FieldNames) -> Iterator[DocumentOrSkipped]:
-    path = input_file.path
-    assert path is not None
-    source = input_file.display
-    fmt = format_of(path)
-    if fmt not in SUPPORTED_FORMATS:
-        supported = " ".join(sorted(SUPPORTED_FORMATS))
-        yield Skipped(source, None, f"unsupported file type {fmt or '(none)'!r} (supported: {supported}, each also .gz)")
-        return
-    try:
-        if fmt in WHOLE_FILE_FORMATS:
-            yield from _read_whole_file(path, input_file.doc_id, source)
-        elif fmt in PARQUET_FORMATS:
-            yield from _read_parquet(path, source, fields)
-        else:
-            with _open_binary(path) as stream:
-                if fmt in JSON_LINES_FORMATS:
-                    yield from _read_json_lines(stream, source, fields)
-                else:
-                    yield from _read_table(stream, source, fields, delimiter="\t" if fmt == ".tsv" else ",")
-    except _READ_ERRORS as error:  # unreadable, vanished, or a corrupt/truncated gzip stream
-        yield Skipped(source, None, f"cannot read file: {_describe_read_error(error)}", hides_documents=True)
-
-
-# OSError: unreadable or vanished files and bad gzip headers; EOFError and
-# zlib.error: gzip streams cut short or damaged inside.
-_READ_ERRORS = (OSError, EOFError, zlib.error)
-
-
-def _describe_read_error(error: BaseException) -> str:
-    if isinstance(error, (gzip.BadGzipFile, EOFError, zlib.error)):
-        return f"corrupt or truncated gzip data ({error})"
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    return str(error)
-
-
-def _open_binary(path: Path) -> BinaryIO:
-    if path.suffix.lower() == ".gz":
-        return gzip.open(path, "rb")  # type: ignore[return-value]
-    return open(path, "rb")
-
-
-def _read_whole_file(path: Path, doc_id: str, source: str) -> Iterator[DocumentOrSkipped]:
-    try:
-        with _open_binary(path) as stream:
-            data = stream.read()
-    except (EOFError, zlib.error) as error:
-        yield Skipped(source, None, f"corrupt or truncated gzip data ({error})", hides_documents=True)
-        return
-    if b"\x00" in data:
-        yield Skipped(source, None, "binary file (contains NUL bytes)")
-        return
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        yield Skipped(source, None, f"invalid UTF-8 at byte {error.start}")
-        return
-    if not text.strip():
-        yield Skipped(source, None, "empty text")
-        return
-    yield Document(doc_id, text, source)
-
-
-def _read_json_lines(stream: BinaryIO, source: str, fields: FieldNames) -> Iterator[DocumentOrSkipped]:
-    line_number = 0
-    lines = iter(stream)
-    while True:
-        try:
-            raw = next(lines)
-        except StopIteration:
-            return
-        except _READ_ERRORS as error:
-            yield Skipped(source, line_number + 1,
-                          f"cannot read further, rest of file skipped: {_describe_read_error(error)}",
-                          hides_documents=True)
-            return
-        line_number += 1
-        if not raw.strip():
-            continue
-        yield _json_line_to_document(raw, source, line_number, fields)
-
-
-def _json_line_to_document(raw: bytes, source: str, line: int, fields: FieldNames) -> DocumentOrSkipped:
-    try:
-        decoded = raw.decode("utf-8-sig" if line == 1 else "utf-8")
-    except UnicodeDecodeError as error:
-        return Skipped(source, line, f"invalid UTF-8 at byte {error.start}")
-    try:
-        record = json.loads(decoded)
-    except json.JSONDecodeError as error:
-        return Skipped(source, line, f"malformed JSON ({error.msg} at column {error.colno})")
-    if not isinstance(record, dict):
-        return Skipped(source, line, f"JSON line is not an object (got {type(record).__name__})")
-    return record_to_document(record, source, line, fields)
-
-
-def record_to_document(record: Mapping[str, object], source: str, line: int, fields: FieldNames) -> DocumentOrSkipped:
-    """Pick id, text and optional title out of one record; the title is prepended to the text."""
-    id_field = next((f for f in fields.id_fields if record.get(f) is not None), None)
-    if id_field is None:
-        return Skipped(source, line, f"no id field (looked for {', '.join(fields.id_fields)})")
-    doc_id = record[id_field]
-    if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
-        return Skipped(source, line, f"id field {id_field!r} is a {type(doc_id).__name__}, not a string or integer")
-    doc_id = str(doc_id)
-    if not doc_id.strip():
-        return Skipped(source, line, "empty id")
-    text_field = next((f for f in fields.text_fields if record.get(f) is not None), None)
-    if text_field is None:
-        return Skipped(source, line, f"no text field (looked for {', '.join(fields.text_fields)})")
-    text = record[text_field]
-    if not isinstance(text, str):
-        return Skipped(source, line, f"text field {text_field!r} is a {type(text).__name__}, not a string")
-    title = record.get(fields.title_field)
-    if title is not None and not isinstance(title, str):
-        return Skipped(source, line, f"title field {fields.title_field!r} is a {type(title).__name__}, not a string")
-    if not text.strip():
-        return Skipped(source, line, "empty text")
-    if title and title.strip():
-        # BEIR's convention (and FlagEmbedding's evaluation): "title text".
-        text = f"{title.strip()} {text}"
-    return Document(doc_id, text, source, line)
-
-
-def _read_table(stream: BinaryIO, source: str, fields: FieldNames, delimiter: str) -> Iterator[DocumentOrSkipped]:
-    # surrogateescape keeps undecodable bytes visible per row instead of failing the whole file.
-    text_stream = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
-    # TSV is taken literally (BEIR style: no quoting); CSV follows RFC 4180 quoting.
-    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    csv.field_size_limit(2**31 - 1)  # the default 128 KiB would reject long documents
-    reader = csv.reader(text_stream, delimiter=delimiter, quoting=quoting)
-    try:
-        header = next(reader)
-    except StopIteration:
-        return
-    except csv.Error as error:
-        yield Skipped(source, 1, f"unreadable header row ({error})", hides_documents=True)
-        return
-    header = [name.strip() for name in header]
-    missing = _missing_columns(header, fields)
-    if missing:
-        yield Skipped(source, 1, f"{missing}; whole file skipped (header: {', '.join(header)})", hides_documents=True)
-        return
-    row_start = reader.line_num + 1
-    while True:
-        try:
-            row = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as error:
-            yield Skipped(source, row_start, f"malformed row ({error})")
-            row_start = reader.line_num + 1
-            continue
-        line, row_start = row_start, reader.line_num + 1
-        if not any(cell.strip() for cell in row):
-            continue
-        if len(row) != len(header):
-            yield Skipped(source, line, f"expected {len(header)} columns, found {len(row)}")
-            continue
-        if any(_has_surrogates(cell) for cell in row):
-            yield Skipped(source, line, "invalid UTF-8")
-            continue
-        yield record_to_document(dict(zip(header, row)), source, line, fields)
-
-
-def _has_surrogates(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
-
-
-def _missing_columns(columns: Sequence[str], fields: FieldNames) -> str | None:
-    if not any(f in columns for f in fields.id_fields):
-        return f"no id column (looked for {', '.join(fields.id_fields)})"
-    if not any(f in columns for f in fields.text_fields):
-        return f"no text column (looked for {', '.join(fields.text_fields)})"
-    return None
-
-
-def _read_parquet(path: Path, source: str, fields: FieldNames) -> Iterator[DocumentOrSkipped]:
-    # Parquet decoding lives in shards.py, the one module that speaks pyarrow.
-    from bge_index import shards
-
-    try:
-        columns = shards.parquet_column_names(path)
-    except shards.UnreadableParquet as error:
-        yield Skipped(source, None, str(error), hides_documents=True)
-        return
-    missing = _missing_columns(columns, fields)
-    if missing:
-        yield Skipped(source, None, f"{missing}; whole file skipped", hides_documents=True)
-        return
-    wanted = [c for c in (*fields.id_fields, *fields.text_fields, fields.title_field) if c in columns]
-    try:
-        for row_number, record in enumerate(shards.iter_parquet_records(path, wanted), start=1):
-            yield record_to_document(record, source, row_number, fields)
-    except shards.UnreadableParquet as error:
-        yield Skipped(source, None, str(error), hides_documents=True)
-
-
-# ---------------------------------------------------------------------------
-# Query files
-
-
-class QueryFileError(Exception):
-    """A query file that cannot be read as a whole (queries are few: one bad line fails them all)."""
-
-
-def read_queries(path: str, stdin: BinaryIO | None = None) -> list[Document]:
-    """Queries from JSONL (`_id`/`id` + `text`) or TSV (`id<TAB>text`, no header); `-` reads stdin."""
-    fields = FieldNames(id_fields=("_id", "id", "query_id", "qid"), text_fields=("text", "query"))
-    if path == STDIN:
-        stream: BinaryIO = stdin if stdin is not None else sys.stdin.buffer
-        source = STDIN_NAME
-    else:
-        try:
-            stream = _open_binary(Path(path))
-        except OSError as error:
-            raise QueryFileError(f"--queries {path}: {_describe_read_error(error)}") from error
-        source = path
-    tsv = path != STDIN and format_of(Path(path)) in (".tsv", ".txt")
-    with stream:
-        records = _read_tsv_queries(stream, source) if tsv else _read_json_lines(stream, source, fields)
-        queries = []
-        try:
-            for item in records:
-                if isinstance(item, Skipped):
-                    raise QueryFileError(f"{item.location}: {item.reason}")
-                queries.append(item)
-        except _READ_ERRORS as error:
-            raise QueryFileError(f"--queries {path}: {_describe_read_error(error)}") from error
-    if not queries:
-        raise QueryFileError(f"--queries {path}: no queries found")
-    return queries
-
-
-def _read_tsv_queries(stream: BinaryIO, source: str) -> Iterator[DocumentOrSkipped]:
-    for line_number, raw in enumerate(stream, start=1):
-        if not raw.strip():
-            continue
-        try:
-            line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8").rstrip("\r\n")
-        except UnicodeDecodeError as error:
-            yield Skipped(source, line_number, f"invalid UTF-8 at byte {error.start}")
-            continue
-        query_id, tab, text = line.partition("\t")
-        if not tab or not query_id.strip() or not text.strip():
-            yield Skipped(source, line_number, "expected 'id<TAB>text' with a non-empty id and text")
-            continue
-        yield Document(query_id, text, source, line_number)
+            yield from read_input_file(input_file, fields)

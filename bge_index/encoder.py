@@ -1,24 +1,23 @@
-"""The BGE-M3 model: finding and loading it, and turning texts into vectors.
+"""Loading BGE-M3 and running it: texts in, dense, sparse and ColBERT vectors out.
 
-The only module that imports torch and transformers. It owns
-- where a model comes from (a local folder with the published layout, or a
-  hub id resolved through huggingface_hub and its cache) and its identity
-  (hub revision or a content hash of its files), recorded in index manifests;
-- the heads (`sparse_linear.pt`, `colbert_linear.pt`): required, never
-  randomly initialised;
-- tokenisation with explicit, counted truncation;
+The only module that loads the model (search.py imports torch too, for its
+scoring kernels, but never the model). Finding the model, its identity and
+sizes, device-name syntax and the choice of precision are model.py's, which
+needs neither torch nor transformers; this module adds what does:
+- loading tokenizer, encoder and both heads (`sparse_linear.pt`,
+  `colbert_linear.pt`: required, never randomly initialised; read with
+  torch.load(weights_only=True)) on a device present here, in a torch dtype;
+- tokenisation with explicit, counted truncation, and passages for chunking;
 - the forward pass and the three outputs, with FlagEmbedding's BGEM3FlagModel
   semantics: dense = L2-normalised CLS state; sparse = relu(sparse_linear(H))
   per token, special tokens and weights <= 0 dropped, max weight per token id;
-  ColBERT = L2-normalised colbert_linear(H[:, 1:]), first n_tokens - 1 kept.
+  ColBERT = L2-normalised colbert_linear(H[:, 1:]), first n_tokens - 1 kept;
+- out-of-memory recovery: a batch that does not fit is halved and retried.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
-import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -36,60 +35,12 @@ import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoModel, AutoTokenizer  # noqa: E402
 
-DEFAULT_MODEL = "BAAI/bge-m3"
-QUERY_MAX_LENGTH = 512
-SPARSE_HEAD_FILE = "sparse_linear.pt"
-COLBERT_HEAD_FILE = "colbert_linear.pt"
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "sentencepiece.bpe.model")
-# Files whose bytes define the vectors; hashed for the model's identity.
-_IDENTITY_FILES = ("config.json", *WEIGHT_FILES, SPARSE_HEAD_FILE, COLBERT_HEAD_FILE, "tokenizer.json", "sentencepiece.bpe.model")
-DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
-DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")
+from bge_index.errors import ModelError, ModelMismatchError  # noqa: E402
+from bge_index.model import (COLBERT_HEAD_FILE, DEFAULT_MODEL, QUERY_MAX_LENGTH, SPARSE_HEAD_FILE,  # noqa: E402
+                             ModelIdentity, check_device, check_head, choose_precision, effective_max_length,
+                             identify_model, parse_devices)
+
 _TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class ModelError(Exception):
-    """The model cannot be found, is incomplete, or cannot run where asked."""
-
-
-@dataclass(frozen=True)
-class ModelIdentity:
-    """What an index records about its model, so queries are encoded by the same one.
-
-    `name` is what to load it by again (hub id, or the folder's absolute path);
-    `revision` is the hub commit for hub models; `sha256` hashes the files
-    that define the vectors (local folders); `files` maps those files to
-    (size, mtime_ns) so an unchanged folder need not be hashed again.
-    """
-
-    name: str
-    revision: str | None
-    sha256: str | None
-    files: dict[str, tuple[int, int]]
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "revision": self.revision, "sha256": self.sha256,
-                "files": {k: list(v) for k, v in self.files.items()}}
-
-    @classmethod
-    def from_json(cls, data: dict) -> "ModelIdentity":
-        files = {k: (int(v[0]), int(v[1])) for k, v in (data.get("files") or {}).items()}
-        return cls(data["name"], data.get("revision"), data.get("sha256"), files)
-
-    def same_model(self, other: "ModelIdentity") -> bool:
-        if self.revision and other.revision:
-            return self.revision == other.revision
-        if self.sha256 and other.sha256:
-            return self.sha256 == other.sha256
-        return self.name == other.name
-
-    def describe(self) -> str:
-        if self.revision:
-            return f"{self.name} (revision {self.revision[:12]})"
-        if self.sha256:
-            return f"{self.name} (sha256 {self.sha256[:12]})"
-        return self.name
 
 
 @dataclass(frozen=True)
@@ -131,96 +82,19 @@ class EncodedBatch:
 
 
 # ---------------------------------------------------------------------------
-# Finding the model
-
-
-def resolve_model_folder(model: str) -> tuple[Path, str | None]:
-    """A local folder as is, or a hub id through huggingface_hub's cache -> (folder, revision)."""
-    path = Path(model).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise ModelError(f"--model {model}: not a folder (expected config.json, weights, tokenizer, {SPARSE_HEAD_FILE})")
-        return path.resolve(), None
-    if not _looks_like_hub_id(model):
-        raise ModelError(f"--model {model}: no such folder")
-    return _download_from_hub(model)
-
-
-def _looks_like_hub_id(model: str) -> bool:
-    parts = model.split("/")
-    return len(parts) == 2 and all(parts) and not model.startswith((".", "~", os.sep))
-
-
-def _download_from_hub(repo_id: str) -> tuple[Path, str]:
-    from huggingface_hub import snapshot_download
-
-    common = ["config.json", *_TOKENIZER_FILES, SPARSE_HEAD_FILE, COLBERT_HEAD_FILE]
-    try:
-        # Prefer safetensors; fall back to the .bin only when the repo has no safetensors,
-        # so a repo carrying both is not downloaded twice.
-        folder = Path(snapshot_download(repo_id, allow_patterns=[*common, WEIGHT_FILES[0]]))
-        if not (folder / WEIGHT_FILES[0]).exists():
-            folder = Path(snapshot_download(repo_id, allow_patterns=[*common, WEIGHT_FILES[1]]))
-    except Exception as error:  # network, auth, missing repo: all end the same way for the user
-        raise ModelError(
-            f"--model {repo_id}: not a local folder, and the hub (or its local cache) could not provide it: "
-            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-        ) from error
-    return folder, folder.name  # snapshot folders are named by commit hash
-
-
-def check_model_folder(folder: Path) -> None:
-    """Fail early, naming every missing piece, rather than deep inside transformers."""
-    missing = []
-    if not (folder / "config.json").exists():
-        missing.append("config.json")
-    if not any((folder / name).exists() for name in WEIGHT_FILES):
-        missing.append(" or ".join(WEIGHT_FILES))
-    if not any((folder / name).exists() for name in ("tokenizer.json", "sentencepiece.bpe.model")):
-        missing.append("tokenizer.json")
-    for head in (SPARSE_HEAD_FILE, COLBERT_HEAD_FILE):
-        if not (folder / head).exists():
-            missing.append(head)
-    if missing:
-        raise ModelError(f"model folder {folder} is missing {', '.join(missing)} (a BGE-M3 folder needs all of them)")
-
-
-def model_identity(folder: Path, name: str, revision: str | None, known: ModelIdentity | None = None) -> ModelIdentity:
-    """Identity of a model folder. Files unchanged since `known` (size and mtime) are not re-hashed."""
-    files = {}
-    for file_name in _IDENTITY_FILES:
-        path = folder / file_name
-        if path.exists():
-            stat = path.stat()
-            files[file_name] = (stat.st_size, stat.st_mtime_ns)
-    if revision is not None:
-        return ModelIdentity(name, revision, None, files)
-    if known is not None and known.sha256 and known.files == files:
-        return ModelIdentity(name, None, known.sha256, files)
-    digest = hashlib.sha256()
-    for file_name in sorted(files):
-        digest.update(file_name.encode() + b"\0")
-        with open(folder / file_name, "rb") as stream:
-            while chunk := stream.read(1 << 23):
-                digest.update(chunk)
-    return ModelIdentity(name, None, digest.hexdigest(), files)
-
-
-# ---------------------------------------------------------------------------
 # Device and dtype
 
 
 def resolve_device(device: str) -> torch.device:
+    """A device name (model.check_device's syntax) -> a torch.device present on this machine; auto picks the best."""
+    device = check_device(device)
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as error:
-        raise ModelError(f"--device {device}: not a device (use auto, cpu, cuda, cuda:N or mps)") from error
+    resolved = torch.device(device)
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
             raise ModelError(f"--device {device}: CUDA is not available on this machine")
@@ -228,111 +102,37 @@ def resolve_device(device: str) -> torch.device:
             raise ModelError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present")
     elif resolved.type == "mps" and not torch.backends.mps.is_available():
         raise ModelError(f"--device {device}: MPS is not available on this machine")
-    elif resolved.type not in ("cpu", "cuda", "mps"):
-        raise ModelError(f"--device {device}: unsupported device type (use auto, cpu, cuda, cuda:N or mps)")
     return resolved
 
 
 def resolve_devices(devices: str) -> list[str]:
-    """`cuda:0,cuda:1` or `all` (every CUDA device) -> device names, one encoder each."""
-    if devices.strip() == "all":
+    """`cuda:0,cuda:1` or `all` (every CUDA device) -> device names present here, one encoder each."""
+    names = parse_devices(devices)
+    if names == "all":
         if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
             raise ModelError("--devices all: no CUDA device on this machine (use --device for a single device)")
         return [f"cuda:{index}" for index in range(torch.cuda.device_count())]
-    names = [name.strip() for name in devices.split(",") if name.strip()]
-    if not names:
-        raise ModelError(f"--devices {devices!r}: list devices separated by commas (cuda:0,cuda:1) or use all")
     for name in names:
-        if name == "auto":
-            raise ModelError("--devices: name each device (cuda:0,cuda:1) or use all; auto is for --device")
-        resolve_device(name)  # fails with a clear message for an unknown or absent device
+        resolve_device(name)  # fails with a clear message for an absent device
     return names
 
 
 def resolve_dtype(dtype: str, device: torch.device | str) -> torch.dtype:
-    """auto: fp16 on CUDA; bf16 on CPUs that multiply bf16 natively; fp32 elsewhere.
+    """The torch dtype for model.choose_precision's choice (auto: fp16 on CUDA, bf16 on CPUs with native bf16, fp32 elsewhere).
 
     `device` may be a device type ("cuda") for a device that is not on this machine (a Ray worker's).
     """
-    if dtype == "auto":
-        device_type = device if isinstance(device, str) else device.type
-        if device_type == "cuda":
-            return torch.float16
-        if device_type == "cpu" and cpu_has_native_bf16():
-            return torch.bfloat16
-        return torch.float32
-    if dtype not in _TORCH_DTYPES:
-        raise ModelError(f"--dtype {dtype}: use one of {', '.join(DTYPE_CHOICES)}")
-    return _TORCH_DTYPES[dtype]
-
-
-@functools.cache
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU has bf16 dot-product instructions (AVX512-BF16, AMX, or Arm's BF16).
-
-    Without them PyTorch emulates bf16 matmuls and they run slower than fp32,
-    so `auto` only picks bf16 where the hardware does it.
-    """
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False  # not Linux: stay with fp32 rather than guess
-    flags = set()
-    for line in cpuinfo.splitlines():
-        if line.startswith(("flags", "Features")):
-            flags.update(line.partition(":")[2].split())
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    device_type = device if isinstance(device, str) else device.type
+    return _TORCH_DTYPES[choose_precision(dtype, device_type)]
 
 
 def dtype_name(dtype: torch.dtype) -> str:
+    """'fp32', 'fp16' or 'bf16' for a torch dtype."""
     return next(name for name, value in _TORCH_DTYPES.items() if value == dtype)
 
 
 # ---------------------------------------------------------------------------
 # The encoder
-
-
-class ModelMismatchError(ModelError):
-    """The model found is not the one an index was built with."""
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What can be known of a model without loading its weights."""
-
-    folder: Path
-    identity: ModelIdentity
-    model_max_length: int
-    dense_dim: int
-    colbert_dim: int
-    vocab_size: int
-
-    def effective_max_length(self, requested: int) -> int:
-        return effective_max_length(requested, self.model_max_length)
-
-
-def effective_max_length(requested: int, model_max_length: int) -> int:
-    """Token budget per text: what was asked, within what the model's positions allow (at least <s></s>)."""
-    return max(2, min(requested, model_max_length))
-
-
-def identify_model(model: str, known: ModelIdentity | None = None) -> ModelInfo:
-    """Find a model and describe it without loading its weights.
-
-    `known` (an index's recorded identity) spares re-hashing files whose size and mtime it already lists.
-    """
-    folder, revision = resolve_model_folder(model)
-    check_model_folder(folder)
-    name = model if revision is not None else str(folder)
-    identity = model_identity(folder, name, revision, known)
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        max_positions, hidden, vocab = (int(config[k]) for k in ("max_position_embeddings", "hidden_size", "vocab_size"))
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ModelError(f"{folder / 'config.json'}: unreadable model config ({error})") from error
-    colbert_dim = _load_head(folder / COLBERT_HEAD_FILE, hidden, out_features=None).out_features
-    # XLM-R position ids start after the padding index, so two positions are unusable.
-    return ModelInfo(folder, identity, max_positions - 2, hidden, colbert_dim, vocab)
 
 
 def load_encoder(model: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto",
@@ -382,16 +182,15 @@ def _quiet_transformers() -> Iterator[None]:
 
 
 def _load_head(path: Path, hidden: int, out_features: int | None) -> torch.nn.Linear:
+    """A head file as a float32 Linear layer, its shapes checked as model.identify_model checks them."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise ModelError(f"cannot read head {path}: {error}") from error
-    weight = state.get("weight") if isinstance(state, dict) else None
-    if weight is None or weight.ndim != 2 or weight.shape[1] != hidden:
-        shape = tuple(weight.shape) if weight is not None else None
-        raise ModelError(f"head {path} has weight shape {shape}, expected [out, {hidden}]")
-    if out_features is not None and weight.shape[0] != out_features:
-        raise ModelError(f"head {path} has {weight.shape[0]} outputs, expected {out_features}")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"head {path} holds a {type(state).__name__}; expected a state dict with weight (and bias)")
+    check_head(path, {str(k): tuple(v.shape) for k, v in state.items()}, hidden, out_features)
+    weight = state["weight"]
     head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in state)
     head.load_state_dict({k: v.float() for k, v in state.items()})
     return head.eval()
@@ -427,6 +226,7 @@ class Encoder:
     # -- tokenisation ------------------------------------------------------
 
     def effective_max_length(self, requested: int) -> int:
+        """Token budget per text: `requested` within this model's usable positions (model.py)."""
         return effective_max_length(requested, self.model_max_length)
 
     def tokenize(self, texts: Sequence[str], max_length: int) -> list[Tokenized]:
@@ -476,6 +276,7 @@ class Encoder:
             start = end - overlap
 
     def decode_token(self, token_id: int) -> str:
+        """The vocabulary entry of one token id (a SentencePiece piece: '▁' marks a word start)."""
         return self.tokenizer.convert_ids_to_tokens(int(token_id))
 
     # -- encoding ----------------------------------------------------------

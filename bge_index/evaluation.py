@@ -55,16 +55,13 @@ from dataclasses import dataclass
 from typing import TextIO, Union
 
 import numpy as np
+from bge_index.errors import EvaluationInputError
 
 Qrels = dict[str, dict[str, int]]
 # A query's retrieved documents: {docid: score} (as read_run returns) or [(docid, score), ...] (as search returns).
 Ranking = Union[Mapping[str, float], Iterable[tuple[str, float]]]
 Run = Mapping[str, Ranking]
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-class EvaluationInputError(Exception):
-    """Qrels, a run or a metric list that cannot be used; the message says where and why."""
 
 
 # ---------------------------------------------------------------------------

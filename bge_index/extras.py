@@ -8,10 +8,7 @@ are needed, so a missing extra is one clear error, not an ImportError trace.
 from __future__ import annotations
 
 import importlib
-
-
-class ExtraUnavailableError(Exception):
-    """An optional extra is not installed, or the service it talks to cannot be reached."""
+from bge_index.errors import ExtraUnavailableError
 
 
 def require(module: str, extra: str, purpose: str):

@@ -17,12 +17,9 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from bge_index.errors import IndexLockedError
 
 LOCK_FILE = ".lock"
-
-
-class IndexLockedError(Exception):
-    """Another live process is writing this index."""
 
 
 class IndexLock:
@@ -78,6 +75,7 @@ def _holder_record() -> dict:
 
 
 def describe_holder(path: Path) -> str:
+    """Who holds the lock, from the lock file's record ("pid P on HOST (started T: COMMAND)"), or "another process"."""
     try:
         record = json.loads(path.read_text() or "{}")
     except (OSError, ValueError):

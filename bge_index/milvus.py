@@ -1,7 +1,7 @@
 """Milvus as a search backend: export an index into a collection, and search it with the same scoring.
 
 Export streams the index's live rows shard by shard, `batch` rows at a time
-(shards.iter_live_rows: one batch in memory, whatever the index size), into
+(shard_reader.iter_live_rows: one batch in memory, whatever the index size), into
 a collection with
 
     id      VARCHAR primary key
@@ -24,14 +24,14 @@ Re-export is idempotent: rows are upserted by id, then rows of ids no longer
 live in the index are deleted; `drop_existing` starts from an empty
 collection instead. An interrupted export is finished by running it again.
 
-Search encodes queries exactly as local search does (pipeline.encode_queries)
+Search encodes queries exactly as local search does (local_index.encode_queries)
 and asks Milvus for the same fusion: `hybrid_search` with
 `WeightedRanker(dense_w, sparse_w, norm_score=False)` (Milvus's default
 norm_score=True would pass each score through arctan and change the
 ranking), or `RRFRanker(60)`. Each route (dense, sparse) returns its best
-`route_limit` rows; a row outside one route's list gets nothing from that
-route, so the weighted top-k equals local search's when every true top-k
-row is in both lists (always when the collection holds at most `route_limit`
+`route_limit` rows (with rrf, at least RRF_DEPTH); a row outside one route's
+list gets nothing from that route, so the weighted top-k equals local
+search's when every true top-k row is in both lists (always when the collection holds at most `route_limit`
 rows): the caveat the README explains.
 """
 
@@ -46,19 +46,19 @@ from pathlib import Path
 
 import numpy as np
 
-from bge_index.extras import ExtraUnavailableError, require
-from bge_index.search import RRF_DEPTH, RRF_K, Hit, QueryVectors, ScoreWeights
-from bge_index.shards import IndexFormatError, LiveRows, Manifest, iter_live_rows, read_manifest
+from bge_index.errors import ExtraUnavailableError, IndexFormatError, InvalidOptionError, MilvusError
+from bge_index.extras import require
+from bge_index.manifest import Manifest, read_manifest
+from bge_index.model import ModelIdentity
+from bge_index.query import (RRF_DEPTH, RRF_K, Hit, Mode, Normalize, Query, QueryResult, QueryVectors, RankedDocument,
+                             ScoreWeights, SearchRequest)
+from bge_index.shard_reader import LiveRows, iter_live_rows
 
 MAX_VARCHAR_BYTES = 65_535
 PROPERTY = "bge_index"  # collection property holding the exported index's identity (JSON)
 INDEX_TYPES = ("flat", "hnsw")
 DENSE_TYPES = ("auto", "float", "float16")
 _HNSW_BUILD = {"M": 16, "efConstruction": 200}
-
-
-class MilvusError(Exception):
-    """Milvus refused something (data, a collection, a search), or a collection does not fit the index."""
 
 
 @contextlib.contextmanager
@@ -78,6 +78,10 @@ def is_lite_uri(uri: str) -> bool:
 
 
 def connect(uri: str, token: str | None = None):
+    """A pymilvus MilvusClient for `uri` (a Milvus Lite file or a server URL).
+
+    ExtraUnavailableError without the milvus extra, or when it cannot connect.
+    """
     pymilvus = require("pymilvus", "milvus", "Milvus export and search")
     if is_lite_uri(uri):
         require("milvus_lite", "milvus", "a Milvus Lite file URI")
@@ -93,6 +97,8 @@ def connect(uri: str, token: str | None = None):
 
 @dataclass
 class ExportSummary:
+    """What `export_index` did: rows written, placeholder sparse vectors, cut texts, stale rows removed, time."""
+
     uri: str
     collection: str
     rows: int = 0
@@ -105,9 +111,11 @@ class ExportSummary:
 
     @property
     def rows_per_second(self) -> float:
+        """Rows exported per second of the export's wall time (0.0 while `seconds` is 0)."""
         return self.rows / self.seconds if self.seconds > 0 else 0.0
 
     def to_json(self) -> dict:
+        """The summary as a JSON-ready dict (seconds rounded to milliseconds)."""
         return {"uri": self.uri, "collection": self.collection, "rows": self.rows, "empty_sparse": self.empty_sparse,
                 "texts_cut": self.texts_cut, "stale_removed": self.stale_removed, "created": self.created,
                 "dense_type": self.dense_type, "seconds": round(self.seconds, 3),
@@ -210,7 +218,6 @@ def _check_collection(client, collection: str, manifest: Manifest) -> str:
     dim = int(fields["dense"]["params"]["dim"])
     stored = stored_identity(client, collection)
     recorded = stored.get("model", {}) if stored else {}
-    from bge_index.encoder import ModelIdentity
 
     same_model = bool(recorded) and ModelIdentity.from_json(recorded).same_model(
         ModelIdentity.from_json(manifest.model))
@@ -221,6 +228,7 @@ def _check_collection(client, collection: str, manifest: Manifest) -> str:
 
 
 def stored_identity(client, collection: str) -> dict | None:
+    """The index identity an export recorded in the collection's properties (model, generation, state...), or None."""
     raw = client.describe_collection(collection).get("properties", {}).get(PROPERTY)
     try:
         return json.loads(raw) if raw else None
@@ -265,40 +273,37 @@ def _delete_stale(client, collection: str, live_ids: set[str], batch: int) -> in
 # Search
 
 
-@dataclass(frozen=True)
-class MilvusHit:
-    """One ranked row: id, Milvus's fused score, and the two component scores computed from its vectors.
-
-    `hit.row` is the rank (0-based): a collection has no index row numbers.
-    """
-
-    id: str
-    hit: Hit
-    text: str | None
-
-
 def default_route_limit(k: int) -> int:
+    """Rows each route returns when --route-limit is not given: 5 per hit asked for, at least 100."""
     return max(5 * k, 100)
 
 
-class MilvusSearch:
-    """A collection exported from an index, with the index's model to encode queries."""
+class MilvusBackend:
+    """A collection exported from an index, with the index's model to encode queries (a `SearchBackend`).
+
+    `route_limit`: rows each route (dense, sparse) of a hybrid search returns before fusion (see the README).
+    """
 
     def __init__(self, index_dir: Path, uri: str, collection: str, model: str | None = None, device: str = "auto",
-                 dtype: str = "auto", token: str | None = None):
-        from bge_index.encoder import ModelIdentity, load_encoder
+                 dtype: str = "auto", token: str | None = None, route_limit: int | None = None):
+        from bge_index.local_index import load_index_encoder
 
+        if route_limit is not None and route_limit < 1:
+            raise InvalidOptionError("--route-limit must be at least 1")
         self.manifest = read_manifest(index_dir)
+        self.route_limit = route_limit
         self.client = connect(uri, token)
         self.collection = collection
         with _milvus_errors(f"opening collection {collection!r}"):
             self._open(index_dir, uri, collection)
-        self.encoder = load_encoder(model or ModelIdentity.from_json(self.manifest.model).name, device, dtype,
-                                    expected=ModelIdentity.from_json(self.manifest.model))
+        self.encoder = load_index_encoder(self.manifest, model, device, dtype)
+
+    def close(self) -> None:
+        """Release the connection and the model."""
+        self.client.close()
+        self.encoder = None
 
     def _open(self, index_dir: Path, uri: str, collection: str) -> None:
-        from bge_index.encoder import ModelIdentity
-
         if not self.client.has_collection(collection):
             raise IndexFormatError(f"Milvus {uri}: no collection {collection!r} (bge-index export milvus makes it)")
         self.identity = stored_identity(self.client, collection) or {}
@@ -317,22 +322,34 @@ class MilvusSearch:
         self.dense_numpy = np.float16 if self.identity.get("dense_type") == "float16" else np.float32
         self.client.load_collection(collection)
 
+    @staticmethod
+    def check_request(request: SearchRequest) -> None:
+        """Refuse (InvalidOptionError) what only local search does: callers can ask before the model loads."""
+        unsupported = [flag for flag, used in (("--mode colbert", request.mode is Mode.COLBERT),
+                                               ("--explain", request.explain),
+                                               ("--group-by-doc", request.group_by_doc),
+                                               ("--normalize minmax", request.normalize is not Normalize.NONE)) if used]
+        if unsupported:
+            raise InvalidOptionError(f"--backend milvus does not support {', '.join(unsupported)}")
+
     def encode_queries(self, texts: Sequence[str]) -> list[QueryVectors]:
-        from bge_index.pipeline import encode_queries
+        """Query texts -> vectors, exactly as local search encodes them."""
+        from bge_index.local_index import encode_queries
 
         return encode_queries(self.encoder, texts)
 
-    def search(self, texts: Sequence[str], k: int = 10, mode: str = "hybrid", weights: ScoreWeights = ScoreWeights(),
-               fusion: str = "weighted", route_limit: int | None = None, with_text: bool = True
-               ) -> list[list[MilvusHit]]:
+    def search(self, queries: Sequence[Query], request: SearchRequest = SearchRequest()) -> list[QueryResult]:
         """Top-k per query: hybrid (weighted or rrf), dense or sparse, as local search scores them."""
-        if mode not in ("hybrid", "dense", "sparse"):
-            raise ValueError(f"mode {mode!r}: the Milvus backend searches hybrid, dense or sparse")
+        self.check_request(request)
         with _milvus_errors(f"searching collection {self.collection!r}"):
-            return self._search(texts, k, mode, weights, fusion, route_limit, with_text)
+            found = self._search([q.text for q in queries], request.k, request.mode.value, request.weights,
+                                 request.fusion.value, self.route_limit, request.with_text)
+        return [QueryResult(query, [RankedDocument(rank, hit_id, hit, text)
+                                    for rank, (hit_id, hit, text) in enumerate(hits, start=1)])
+                for query, hits in zip(queries, found)]
 
     def _search(self, texts: Sequence[str], k: int, mode: str, weights: ScoreWeights, fusion: str,
-                route_limit: int | None, with_text: bool) -> list[list[MilvusHit]]:
+                route_limit: int | None, with_text: bool) -> list[list[tuple[str, Hit, str | None]]]:
         from pymilvus import AnnSearchRequest, RRFRanker, WeightedRanker
 
         limit = route_limit or default_route_limit(k)
@@ -359,7 +376,7 @@ class MilvusSearch:
             results.append(self._hits(query, found))
         return results
 
-    def _hits(self, query: QueryVectors, found: list[dict]) -> list[MilvusHit]:
+    def _hits(self, query: QueryVectors, found: list[dict]) -> list[tuple[str, Hit, str | None]]:
         """Milvus's ranking and scores, with the dense and sparse components recomputed from the rows' vectors."""
         ids = [r["id"] for r in found]
         vectors = {r["id"]: r for r in self.client.get(self.collection, ids=ids, output_fields=["dense", "sparse"])} \
@@ -370,7 +387,8 @@ class MilvusSearch:
             dense = float(np.asarray(stored["dense"], dtype=np.float32) @ query.dense.astype(np.float32))
             sparse = _sparse_dot(query, stored["sparse"])
             text = record.get("entity", {}).get("text")
-            hits.append(MilvusHit(record["id"], Hit(rank, float(record["distance"]), dense, sparse), text))
+            # A collection has no index row numbers: `row` is the rank (0-based).
+            hits.append((record["id"], Hit(rank, float(record["distance"]), dense, sparse), text))
         return hits
 
 
@@ -389,6 +407,7 @@ def _sparse_dot(query: QueryVectors, stored: dict) -> float:
 
 
 def iter_collection_ids(client, collection: str, batch: int = 1000) -> Iterator[str]:
+    """Every id stored in the collection, read `batch` at a time through a query iterator."""
     iterator = client.query_iterator(collection, batch_size=batch, output_fields=["id"])
     try:
         while page := iterator.next():

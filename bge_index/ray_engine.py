@@ -2,20 +2,22 @@
 
 Ray Data does the distribution; this module says what runs where. A run has three steps:
 
-1. plan: Ray read tasks parse the input files with documents.py's readers
-   (one task per file) and send back each record's id and content hash, not
-   its text. The driver then decides exactly as the local engine does: the
-   last occurrence of an id wins, a document whose id and hash are in the
-   index is unchanged, an indexed id absent from the inputs is removed;
+1. plan: Ray read tasks parse the input files with the input readers
+   (formats.py, through documents.py; one task per file) and send back each record's id and content hash, not
+   its text. The driver hands them to run.py's IndexRun, the code that
+   decides for the local engine too: the last occurrence of an id wins, a
+   document whose id and hash are in the index is unchanged, an indexed id
+   absent from inputs read whole is removed;
 2. encode: read tasks read the chosen records again, a pool of actors (the
    model loaded once per actor, with encoder.py's Encoder: the local engine's
    code, not a copy) tokenises them, encodes them in token-budget batches and
-   returns Arrow tables built by shards.rows_to_table, so the rows have
-   shards.py's schema; Ray Data's Parquet sink writes them with shards.py's
-   writer options and row groups, at most --shard-rows rows a file;
+   returns Arrow tables built by shard_writer.rows_to_table, so the rows
+   have the shard schema (manifest.py); Ray Data's Parquet sink writes them
+   with the index's write options and row groups, at most --shard-rows rows
+   a file;
 3. commit (driver): IndexWriter.adopt checks, fsyncs and renames each file
-   to the next `shard-GGGGGG-NNNNN.parquet`, the replaced and removed rows
-   are retired, and the manifest is published. From then on it is an index
+   to the next `shard-GGGGGG-NNNNN.parquet`; IndexRun retires the replaced
+   and removed rows and publishes the manifest. From then on it is an index
    like any other: the local engine extends it and vice versa.
 
 Files are named by a FilenameProvider. Ray's sink requires the write's uuid
@@ -30,7 +32,7 @@ shared volume), and the inputs readable under the same paths.
 This module necessarily touches Arrow tables (map_batches hands batches over
 as `pyarrow` tables and takes tables back: 2-D numpy arrays would become
 Ray's tensor extension type and change the Parquet schema), but the schema,
-the names and the write options stay defined in shards.py.
+the names and the write options stay defined in manifest.py.
 
 Ray itself is imported lazily (it is the optional extra `bge-index[ray]`),
 and only after RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is set when a local
@@ -46,16 +48,21 @@ import sys
 import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from bge_index.documents import STDIN_NAME, Document, FieldNames, InputFile, Skipped, read_input_file, resolve_inputs
-from bge_index.extras import ExtraUnavailableError, require
-from bge_index.shards import (SHARD_ROW_GROUP_ROWS, SHARD_WRITE_OPTIONS, RowBatch, RowLocation, content_hash,
-                              rows_to_table, shard_schema)
+from bge_index.batching import encode_documents
+from bge_index.documents import (STDIN_NAME, Document, FieldNames, InputFile, SkipReason, Skipped, read_input_file,
+                                 resolve_inputs)
+from bge_index.errors import ExtraUnavailableError, InvalidOptionError
+from bge_index.extras import require
+from bge_index.lock import IndexLock
+from bge_index.manifest import SHARD_ROW_GROUP_ROWS, SHARD_WRITE_OPTIONS, content_hash, shard_schema
+from bge_index.run import IndexEvents, IndexOptions, IndexProgress, IndexRun, IndexSummary, Outcome, refuse_foreign_folder
+from bge_index.shard_reader import read_shard_column
+from bge_index.shard_writer import rows_to_table
 
 DOCUMENTS_PER_CALL = 256  # documents per block and per actor call (sorted by length inside the call)
 _LOOPBACK = "127.0.0.1"
@@ -110,6 +117,8 @@ class Reservations:
 
 
 def plan_reservations(options: RayOptions, cluster_cpus: float, local: bool) -> Reservations:
+    """What to reserve: GPU and cluster actors take --cpus-per-worker (default 1); locally, CPU actors share
+    all CPUs but the I/O tasks' (each at most --cpus-per-worker) and torch gets CPUs // workers threads."""
     if options.gpus_per_worker > 0:
         return Reservations(options.cpus_per_worker or 1.0, options.gpus_per_worker, 1.0, None)
     if not local:
@@ -161,19 +170,6 @@ def _is_local_instance(ray) -> bool:
 # Step 1: the plan
 
 
-@dataclass
-class Plan:
-    """What the inputs hold against the index: which record of which file to encode, and what else happened."""
-
-    chosen: dict[int, dict[int, str]] = field(default_factory=dict)  # file number -> {ordinal: content hash}
-    chosen_ids: dict[str, bool] = field(default_factory=dict)  # id -> was already indexed
-    seen: set[str] = field(default_factory=set)
-    unchanged: int = 0
-    duplicates: int = 0
-    skipped: Counter = field(default_factory=Counter)
-    inputs_incomplete: bool = False
-
-
 def _plan_rows_of_file(item: dict, fields: FieldNames) -> list[dict]:
     """Ray read task: one input file -> one small row per record (id and hash, or why it was skipped)."""
     input_file = InputFile(Path(item["path"]), item["doc_id"])
@@ -181,10 +177,10 @@ def _plan_rows_of_file(item: dict, fields: FieldNames) -> list[dict]:
     for ordinal, record in enumerate(read_input_file(input_file, fields)):
         if isinstance(record, Document):
             rows.append({"file": item["file"], "ordinal": ordinal, "id": record.id, "hash": content_hash(record.text),
-                         "line": record.line, "reason": None, "hides": False})
+                         "line": record.line, "reason": None, "hides": False, "code": None})
         else:
             rows.append({"file": item["file"], "ordinal": ordinal, "id": None, "hash": None, "line": record.line,
-                         "reason": record.reason, "hides": record.hides_documents})
+                         "reason": record.reason, "hides": record.hides_documents, "code": record.code.value})
     return rows
 
 
@@ -228,16 +224,6 @@ class EncodeSettings:
     colbert_dim: int | None
 
 
-def encode_documents(encoder, ids: Sequence[str], texts: Sequence[str], hashes: Sequence[str],
-                     settings: EncodeSettings) -> tuple[RowBatch, int, int]:
-    """Documents -> (rows in document order, tokens encoded, documents truncated): the local engine's code."""
-    from bge_index.pipeline import encode_documents as encode_locally  # imports torch: only where encoding happens
-
-    return encode_locally(encoder, ids, texts, hashes, colbert=settings.colbert, store_text=settings.store_text,
-                          max_length=settings.max_length, chunking=settings.chunking,
-                          batch_tokens=settings.batch_tokens)
-
-
 class RunCounters:
     """A Ray actor (num_cpus=0) that adds up what the encoding actors did, for the summary and progress."""
 
@@ -245,12 +231,14 @@ class RunCounters:
         self.documents = self.rows = self.tokens = self.truncated = 0
 
     def add(self, documents: int, rows: int, tokens: int, truncated: int) -> None:
+        """Count one actor call: documents, rows, tokens and truncated documents."""
         self.documents += documents
         self.rows += rows
         self.tokens += tokens
         self.truncated += truncated
 
     def totals(self) -> tuple[int, int, int, int]:
+        """(documents, rows, tokens, truncated) counted so far."""
         return self.documents, self.rows, self.tokens, self.truncated
 
 
@@ -258,7 +246,7 @@ class ShardEncoder:
     """The map_batches actor: loads the model once, then turns Arrow batches of documents into shard rows."""
 
     def __init__(self, settings: EncodeSettings, counters) -> None:
-        from bge_index.encoder import load_encoder
+        from bge_index.encoder import load_encoder  # torch: only in the actors
 
         if settings.threads is not None:
             import torch  # the encoder's own import; only the thread count is set here
@@ -272,8 +260,11 @@ class ShardEncoder:
 
     def __call__(self, batch):  # pyarrow.Table -> pyarrow.Table
         ids = batch.column("id").to_pylist()
-        rows, tokens, truncated = encode_documents(self.encoder, ids, batch.column("text").to_pylist(),
-                                                   batch.column("content_hash").to_pylist(), self.settings)
+        settings = self.settings
+        rows, tokens, truncated = encode_documents(
+            self.encoder, ids, batch.column("text").to_pylist(), batch.column("content_hash").to_pylist(),
+            colbert=settings.colbert, store_text=settings.store_text, max_length=settings.max_length,
+            chunking=settings.chunking, batch_tokens=settings.batch_tokens)
         import ray
 
         # Waited for, so the totals are complete once the write has finished.
@@ -292,10 +283,12 @@ class StagedShardNames:
         self.prefix = staged_prefix(generation, run)
 
     def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        """`.shard-GGGGGG-<run>-<task>-<uuid>-{i}.parquet.tmp`; Ray fills in `{i}`, its file counter within the task."""
         return f"{self.prefix}{task_index:06d}-{write_uuid}-{{i}}.parquet.tmp"
 
 
 def staged_prefix(generation: int, run: str) -> str:
+    """`.shard-GGGGGG-<run>-`: how every staged file name of one Ray run starts."""
     return f".shard-{generation:06d}-{run}-"
 
 
@@ -304,6 +297,7 @@ def staged_files(index_dir: Path, generation: int, run: str) -> list[Path]:
     prefix = staged_prefix(generation, run)
 
     def order(path: Path) -> tuple[int, int]:
+        """Sort key of a staged file: (task index, file counter), read from its name."""
         task, *_, counter = path.name[len(prefix):].removesuffix(".parquet.tmp").split("-")
         return int(task), int(counter)
 
@@ -327,18 +321,15 @@ def _filename_provider_class():
 # The run
 
 
-def build_index_on_ray(inputs: Sequence[str], index_dir: Path, options, ray_options: RayOptions = RayOptions(),
-                       events=None, should_stop: Callable[[], bool] = lambda: False):
-    """`build_index` with the reading and encoding on Ray; same options, same summary, same index."""
-    from bge_index.lock import IndexLock
-    from bge_index.pipeline import IndexEvents, InvalidOptionError, _refuse_foreign_folder
-
-    events = events or IndexEvents()
+def build_index_on_ray(inputs: Sequence[str], index_dir: Path, options: IndexOptions,
+                       ray_options: RayOptions = RayOptions(), events: IndexEvents = IndexEvents(),
+                       should_stop: Callable[[], bool] = lambda: False) -> IndexSummary:
+    """`indexing.build_index` with the reading and encoding on Ray; same options, same decisions, same index."""
     if ray_options.workers < 1:
         raise InvalidOptionError("--workers must be at least 1")
     if options.device.startswith("cuda") and ray_options.gpus_per_worker <= 0:
         raise InvalidOptionError("--engine ray with --device cuda needs --gpus-per-worker (GPUs per actor)")
-    _refuse_foreign_folder(index_dir)
+    refuse_foreign_folder(index_dir)
     files = list(resolve_inputs(inputs))  # InputError before any work
     if any(f.path is None for f in files):
         raise InvalidOptionError(f"--engine ray reads files; {STDIN_NAME} (-) needs the local engine")
@@ -348,189 +339,116 @@ def build_index_on_ray(inputs: Sequence[str], index_dir: Path, options, ray_opti
         return _RayRun(index_dir, options, ray_options, events, should_stop).run(files)
 
 
-class _RayRun:
-    def __init__(self, index_dir: Path, options, ray_options: RayOptions, events, should_stop):
-        from bge_index.pipeline import IndexSummary
+@dataclass
+class Plan:
+    """The records to encode: file number -> {ordinal in the file: content hash}."""
 
+    chosen: dict[int, dict[int, str]] = field(default_factory=dict)
+
+    @property
+    def documents(self) -> int:
+        """Records chosen for encoding, over all files."""
+        return sum(len(records) for records in self.chosen.values())
+
+
+class _RayRun:
+    """One Ray index run: the plan and the commit here (through run.IndexRun), reading and encoding on Ray."""
+
+    def __init__(self, index_dir: Path, options: IndexOptions, ray_options: RayOptions, events: IndexEvents,
+                 should_stop: Callable[[], bool]):
         self.index_dir = index_dir
         self.options = options
         self.ray_options = ray_options
         self.events = events
         self.should_stop = should_stop
-        self.summary = IndexSummary(index_dir, dry_run=options.dry_run)
-        self.started = time.perf_counter()
-
-    def run(self, files: list[InputFile]):
-        from bge_index.encoder import ModelIdentity, identify_model
-        from bge_index.pipeline import _check_compatible, index_manifest, run_precision
-        from bge_index.shards import is_index, read_manifest
-
-        previous = read_manifest(self.index_dir) if is_index(self.index_dir) else None
-        info = identify_model(self.options.model, known=ModelIdentity.from_json(previous.model) if previous else None)
-        gpus = self.ray_options.gpus_per_worker > 0
+        gpus = ray_options.gpus_per_worker > 0
         # The workers' device decides the precision, not the driver's (which may have no GPU).
-        self.device = ("cuda" if gpus else "cpu") if self.options.device == "auto" else self.options.device
-        precision = run_precision(self.options.dtype, previous, "cuda" if gpus else "cpu")
-        manifest = index_manifest(self.options, info, previous, precision)
-        if previous is not None:
-            _check_compatible(self.index_dir, previous, manifest)
-        self.manifest = manifest
-        self.summary.max_length = manifest.model["max_length"]
-        self.summary.model = info.identity.describe()
-        existing = self._existing(previous)
+        self.device = ("cuda" if gpus else "cpu") if options.device == "auto" else options.device
+        self.run_state = IndexRun(index_dir, options, events, device_type=lambda: "cuda" if gpus else "cpu")
+        self.summary = self.run_state.summary
+
+    def run(self, files: list[InputFile]) -> IndexSummary:
+        """Plan, then (unless a dry run) encode, write and commit; on failure, remove what was written or staged."""
+        run = self.run_state
         with ray_session(self.ray_options) as (ray, local):
-            plan = self._plan(ray, files, existing)
+            plan = self._plan(ray, files)
             if self.options.dry_run:
-                self.summary.added = sum(not was for was in plan.chosen_ids.values())
-                self.summary.updated = len(plan.chosen_ids) - self.summary.added
-                self.summary.removed = self._removed(plan, existing)
-                if previous is not None:
-                    self._describe_final(previous)
-                self.summary.elapsed = time.perf_counter() - self.started
-                return self.summary
-            self._write(ray, local, files, plan, existing, previous, precision)
-        return self.summary
+                for doc_id, seen in run.seen.items():
+                    if seen.outcome is Outcome.PENDING:
+                        run.settle(doc_id, written=False)
+                return run.finish()
+            run.open_writer()
+            encode_run = uuid.uuid4().hex[:12]
+            try:
+                self._write(ray, files, plan, encode_run)
+                return run.finish()
+            except BaseException:
+                run.abort()
+                for staged in staged_files(self.index_dir, run.manifest.generation, encode_run):
+                    staged.unlink(missing_ok=True)  # else the next run's clean-up removes them
+                raise
 
-    def _existing(self, previous) -> dict[str, tuple[str, list[RowLocation]]]:
-        from bge_index.shards import iter_live_keys
-
-        existing: dict[str, tuple[str, list[RowLocation]]] = {}
-        if previous is not None:
-            for doc_id, hash_, location in iter_live_keys(self.index_dir, previous):
-                existing.setdefault(doc_id, (hash_, []))[1].append(location)
-        return existing
-
-    def _plan(self, ray, files: list[InputFile], existing: dict) -> Plan:
-        """Step 1: every record's id and hash, read by Ray tasks, in input order; decided here."""
-        from bge_index.pipeline import StrictModeError
-
-        plan = Plan()
-        last: dict[str, tuple[int, int, str, str]] = {}  # id -> (file, ordinal, hash, where)
+    def _plan(self, ray, files: list[InputFile]) -> Plan:
+        """Step 1: every record's id and hash, read by Ray tasks, in input order; decided by the IndexRun."""
+        run = self.run_state
+        hashes: dict[str, str] = {}
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True  # "last occurrence wins" needs input order
         try:
             dataset = ray.data.from_items(_file_items(files), override_num_blocks=max(1, len(files)))
             records = dataset.flat_map(_plan_rows_of_file, fn_kwargs={"fields": self.options.fields},
-                                       num_cpus=self._io_cpus(ray))
+                                       num_cpus=self._reservations(ray).io_cpus)
             for row in records.iter_rows():
                 source = files[row["file"]].display
-                where = f"{source}:{row['line']}" if row["line"] is not None else source
                 if row["reason"] is not None:
-                    skipped = Skipped(source, row["line"], row["reason"], bool(row["hides"]))
-                    if self.options.strict:
-                        raise StrictModeError(skipped)
-                    plan.skipped[skipped.category] += 1
-                    plan.inputs_incomplete |= skipped.hides_documents
-                    self.events.skipped(skipped)
+                    run.skip(Skipped(source, row["line"], row["reason"], bool(row["hides"]), SkipReason(row["code"])))
                     continue
-                prior = last.get(row["id"])
-                if prior is not None:
-                    self.events.warning(f"duplicate id {row['id']!r}: {where} replaces the earlier occurrence "
-                                        f"at {prior[3]}")
-                    plan.duplicates += 1
-                last[row["id"]] = (row["file"], row["ordinal"], row["hash"], where)
+                run.arrive(row["id"], source, row["line"])
+                run.decide(row["id"], row["hash"], source, row["line"], slot=(row["file"], row["ordinal"]))
+                hashes[row["id"]] = row["hash"]
         finally:
             context.execution_options.preserve_order = False
-        for doc_id, (file_number, ordinal, hash_, _) in last.items():
-            plan.seen.add(doc_id)
-            old = existing.get(doc_id)
-            if old is not None and old[0] == hash_:
-                plan.unchanged += 1
-                continue
-            plan.chosen.setdefault(file_number, {})[ordinal] = hash_
-            plan.chosen_ids[doc_id] = old is not None
-        self.summary.unchanged = plan.unchanged
-        self.summary.duplicates = plan.duplicates
-        self.summary.skipped = plan.skipped
+        plan = Plan()
+        for doc_id, seen in run.seen.items():
+            if seen.outcome is Outcome.PENDING:
+                file_number, ordinal = seen.slot
+                plan.chosen.setdefault(file_number, {})[ordinal] = hashes[doc_id]
         return plan
-
-    def _removed(self, plan: Plan, existing: dict) -> int:
-        if self.options.keep_missing or plan.inputs_incomplete:
-            return 0
-        return sum(1 for doc_id in existing if doc_id not in plan.seen)
-
-    def _io_cpus(self, ray) -> float:
-        return self._reservations(ray).io_cpus
 
     def _reservations(self, ray) -> Reservations:
         local = self.ray_options.address is None or _is_local_instance(ray)
         return plan_reservations(self.ray_options, float(ray.cluster_resources().get("CPU", 1.0)), local)
 
-    def _write(self, ray, local, files, plan: Plan, existing: dict, previous, precision: str) -> None:
-        """Steps 2 and 3: encode and write the chosen documents on Ray, then adopt, retire and commit."""
-        from bge_index.shards import IndexWriter, read_shard_column
-        from bge_index.vector_store import ensure_search_files
+    def _write(self, ray, files: list[InputFile], plan: Plan, encode_run: str) -> None:
+        """Steps 2 and 3: encode and write the chosen documents on Ray, then adopt the shards and settle them."""
+        run = self.run_state
+        written_ids: set[str] = set()
+        if plan.chosen and not self.should_stop():
+            self._encode_and_write(ray, files, plan, encode_run)
+            id_column = "doc_id" if run.manifest.chunking else "id"
+            for staged in staged_files(self.index_dir, run.manifest.generation, encode_run):
+                shard = run.writer.adopt(staged)
+                if shard is not None:
+                    written_ids.update(read_shard_column(self.index_dir, shard, id_column))
+        elif plan.chosen:
+            self.summary.interrupted = True
+        for doc_id in written_ids:
+            run.retire(run.old_rows(doc_id))
+            run.settle(doc_id)
+        missed = plan.documents - len(written_ids)
+        if missed and not self.summary.interrupted:
+            self.events.warning(f"{missed} documents changed while this run read them and were not encoded; "
+                                "run again to index them")
 
-        writer = IndexWriter(self.index_dir, self.manifest, self.options.shard_rows, base=previous)
-        deleted_any = False
-        run = uuid.uuid4().hex[:12]
-        try:
-            written_ids: set[str] = set()
-            if plan.chosen and not self.should_stop():
-                self._encode_and_write(ray, files, plan, precision, run)
-                id_column = "doc_id" if self.manifest.chunking else "id"
-                for staged in staged_files(self.index_dir, self.manifest.generation, run):
-                    shard = writer.adopt(staged)
-                    if shard is not None:
-                        written_ids.update(read_shard_column(self.index_dir, shard, id_column))
-            elif plan.chosen:
-                self.summary.interrupted = True
-            for doc_id in written_ids:
-                old = existing.get(doc_id)
-                if old is not None:
-                    for location in old[1]:
-                        writer.delete(location)
-                        deleted_any = True
-                setattr(self.summary, "updated" if old is not None else "added",
-                        getattr(self.summary, "updated" if old is not None else "added") + 1)
-            missed = len(plan.chosen_ids) - len(written_ids)
-            if missed and not self.summary.interrupted:
-                self.events.warning(f"{missed} documents changed while this run read them and were not encoded; "
-                                    "run again to index them")
-            complete = not self.summary.interrupted
-            if complete and not self.options.keep_missing and plan.inputs_incomplete:
-                self.events.warning("some input files could not be read whole, so documents missing from this run "
-                                    "are kept; the next run that reads every file will remove them")
-            elif complete and not self.options.keep_missing:
-                for doc_id, (_, locations) in existing.items():
-                    if doc_id not in plan.seen:
-                        self.summary.removed += 1
-                        for location in locations:
-                            writer.delete(location)
-                            deleted_any = True
-            changed = self.summary.rows > 0 or deleted_any
-            if previous is None or changed or (complete and previous.state != "complete"):
-                final = writer.commit(state="complete" if complete else "partial")
-                self.summary.wrote = True
-                ensure_search_files(self.index_dir, final)
-            else:
-                writer.remove_leftovers()
-                final = previous
-        except BaseException:
-            writer.abort()
-            for staged in staged_files(self.index_dir, self.manifest.generation, run):
-                staged.unlink(missing_ok=True)  # else the next run's clean-up removes them
-            raise
-        self._describe_final(final)
-
-    def _describe_final(self, final) -> None:
-        from bge_index.shards import index_size_bytes
-
-        self.summary.generation = final.generation
-        self.summary.shards = len(final.shards)
-        self.summary.live_rows = final.documents
-        self.summary.bytes = index_size_bytes(self.index_dir, final)
-        self.summary.elapsed = time.perf_counter() - self.started
-
-    def _encode_and_write(self, ray, files, plan: Plan, precision: str, run: str) -> None:
-        from bge_index.pipeline import IndexProgress
-
+    def _encode_and_write(self, ray, files: list[InputFile], plan: Plan, encode_run: str) -> None:
+        run = self.run_state
+        manifest = run.manifest
         reservations = self._reservations(ray)
         settings = EncodeSettings(
-            model=self.options.model, device=self.device, dtype=precision, threads=reservations.threads,
+            model=self.options.model, device=self.device, dtype=run.precision, threads=reservations.threads,
             batch_tokens=self.options.batch_tokens, max_length=self.summary.max_length, colbert=self.options.colbert,
-            store_text=self.options.store_text, chunking=self.manifest.chunking, dense_dim=self.manifest.dense_dim,
-            colbert_dim=self.manifest.colbert_dim)
+            store_text=self.options.store_text, chunking=manifest.chunking, dense_dim=manifest.dense_dim,
+            colbert_dim=manifest.colbert_dim)
         items = []
         for item in _file_items(files):
             chosen = plan.chosen.get(item["file"])
@@ -552,11 +470,12 @@ class _RayRun:
         outcome: list[BaseException] = []
 
         def write() -> None:
+            """The Ray write, run on a thread; its exception, if any, goes to `outcome` for the main thread to raise."""
             try:
                 encoded.write_parquet(
-                    str(self.index_dir), filename_provider=_filename_provider_class()(self.manifest.generation, run),
-                    schema=shard_schema(self.manifest.dense_dim, self.manifest.colbert_dim, self.manifest.store_text,
-                                        self.manifest.chunking is not None),
+                    str(self.index_dir), filename_provider=_filename_provider_class()(manifest.generation, encode_run),
+                    schema=shard_schema(manifest.dense_dim, manifest.colbert_dim, manifest.store_text,
+                                        manifest.chunking is not None),
                     row_group_size=min(SHARD_ROW_GROUP_ROWS, self.options.shard_rows),
                     max_rows_per_file=self.options.shard_rows,
                     ray_remote_args={"num_cpus": reservations.io_cpus}, **SHARD_WRITE_OPTIONS)
@@ -570,8 +489,8 @@ class _RayRun:
         while writing.is_alive():
             writing.join(timeout=1.0)
             documents_done, _, tokens, _ = ray.get(counters.totals.remote())
-            self.events.progress(IndexProgress(len(plan.seen), documents_done, tokens,
-                                               time.perf_counter() - self.started))
+            self.events.progress(IndexProgress(len(run.seen), documents_done, tokens,
+                                               time.perf_counter() - run.started))
         if outcome:
             raise outcome[0]
         _, rows, tokens, truncated = ray.get(counters.totals.remote())

@@ -17,55 +17,21 @@ equals brute-force scoring, ties broken by index order (earlier row first).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from bge_index.shards import IndexVectors
-from bge_index.vector_store import ShardVectors, heavy_columns, invert
+from bge_index.errors import NoColbertVectors
+from bge_index.query import RRF_DEPTH, RRF_K, Hit, QueryVectors, ScoreWeights
+from bge_index.vector_store import ShardVectors
 
 MODES = ("hybrid", "dense", "sparse", "colbert")
 FUSIONS = ("weighted", "rrf")
-RRF_K = 60
-RRF_DEPTH = 1000
 # Rows widened to float32 at a time: 2048 x 1024 x 4 B = 8 MiB stays in cache between the widening
 # and the multiplication; measured fastest of 512..16384 on a 1M-row index (benchmarks/search_bench.py).
 _DENSE_CHUNK_ROWS = 2048
 COLBERT_CANDIDATES_PER_HIT = 10
 COLBERT_MIN_CANDIDATES = 100
-
-
-@dataclass(frozen=True)
-class ScoreWeights:
-    dense: float = 1.0
-    sparse: float = 0.3
-    colbert: float = 1.0
-
-
-@dataclass(frozen=True)
-class QueryVectors:
-    """dense [D] float32 unit vector; sparse ids uint32 / weights float32; colbert [n, Dc] or None."""
-
-    dense: np.ndarray
-    sparse_ids: np.ndarray
-    sparse_weights: np.ndarray
-    colbert: np.ndarray | None = None
-
-
-@dataclass(frozen=True)
-class Hit:
-    """One ranked document: its row in the index, final score and the component scores."""
-
-    row: int
-    score: float
-    dense: float
-    sparse: float
-    colbert: float | None = None
-
-
-class NoColbertVectors(Exception):
-    """ColBERT mode on an index built without --colbert."""
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -88,18 +54,11 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
 
 
 class Searcher:
-    """Exact search over an index's shards (memory-mapped search files, or in-memory vectors)."""
+    """Exact search over an index's shards (memory-mapped search files, or vectors built in memory)."""
 
-    def __init__(self, vectors: IndexVectors | Sequence[ShardVectors], vocab_size: int,
+    def __init__(self, shards: Sequence[ShardVectors], vocab_size: int,
                  doc_ids: Callable[[], np.ndarray] | None = None):
-        if isinstance(vectors, IndexVectors):
-            token_ptr, rows, weights = invert(vectors.sparse_indptr, vectors.sparse_indices, vectors.sparse_values,
-                                              vocab_size)
-            heavy, columns = heavy_columns(token_ptr, rows, weights, len(vectors))
-            self.shards = [ShardVectors(0, vectors.dense, token_ptr, rows, weights, heavy, columns)]
-            doc_ids = doc_ids or (lambda: vectors.doc_ids if vectors.doc_ids is not None else vectors.ids)
-        else:
-            self.shards = list(vectors)
+        self.shards = list(shards)
         self.vocab_size = vocab_size
         self.rows = sum(shard.rows for shard in self.shards)
         self._doc_ids = doc_ids
@@ -181,10 +140,12 @@ class Searcher:
         raise IndexError(row)
 
     def dense_score(self, query: QueryVectors, row: int) -> float:
+        """Dense score of one row (numbered in the whole index): float32 dot of its stored vector and the query's."""
         shard, local = self._locate(row)
         return float(shard.dense[local].astype(np.float32) @ query.dense.astype(np.float32))
 
     def sparse_score(self, query: QueryVectors, row: int) -> float:
+        """Sparse (lexical) score of one row (numbered in the whole index), as `sparse_scores_of` computes it."""
         return float(self.sparse_scores_of(query, np.array([row], dtype=np.int64))[0])
 
     def sparse_contributions(self, query: QueryVectors, row: int) -> list[tuple[int, float]]:

@@ -35,8 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bge_index.shards import (IndexFormatError, Manifest, ShardInfo, file_sha256, iter_shard_dense,
-                              iter_shard_sparse, live_mask)
+from bge_index.errors import IndexFormatError
+from bge_index.manifest import Manifest, ShardInfo, file_sha256
+from bge_index.shard_reader import iter_shard_dense, iter_shard_sparse, live_mask
 
 DERIVED_SUFFIXES = ("dense", "token-ptr", "posting-rows", "posting-weights", "heavy-ids", "heavy-columns")
 HEAVY_DENSITY = 0.5  # a token in at least this fraction of a shard's rows also gets a dense column
@@ -66,6 +67,7 @@ class ShardVectors:
 
     @property
     def rows(self) -> int:
+        """Rows in the shard, deleted ones included."""
         return self.dense.shape[0]
 
     def postings(self, token: int) -> tuple[np.ndarray, np.ndarray]:
@@ -99,7 +101,19 @@ def heavy_columns(token_ptr: np.ndarray, rows: np.ndarray, weights: np.ndarray, 
     return heavy, columns
 
 
+def shard_vectors_from_csr(dense: np.ndarray, indptr: np.ndarray, indices: np.ndarray, values: np.ndarray,
+                           vocab_size: int, start: int = 0, live: np.ndarray | None = None) -> ShardVectors:
+    """A shard's searchable vectors built in memory from its rows (what the search files hold, without files).
+
+    dense [rows, D] float16; sparse as CSR: indptr [rows + 1], indices [nnz] uint32 token ids, values [nnz] float32.
+    """
+    token_ptr, rows, weights = invert(indptr, indices, values, vocab_size)
+    heavy, columns = heavy_columns(token_ptr, rows, weights, dense.shape[0])
+    return ShardVectors(start, dense, token_ptr, rows, weights, heavy, columns, live=live)
+
+
 def derived_path(index_dir: Path, shard_file: str, suffix: str) -> Path:
+    """The search file `shard-G-N.<suffix>.npy` of a shard, beside it."""
     return index_dir / f"{shard_file.removesuffix('.parquet')}.{suffix}.npy"
 
 

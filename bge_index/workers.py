@@ -26,6 +26,8 @@ from bge_index.encoder import EncodedBatch, Encoder
 
 @dataclass
 class EncodedResult:
+    """One batch's vectors and the seconds spent encoding it."""
+
     vectors: EncodedBatch
     seconds: float  # time inside encode_ids; threads sharing a device overlap, so sums can exceed wall time
 
@@ -52,6 +54,7 @@ class EncodingWorkers:
         return self.encoders[0]
 
     def submit(self, batch: Sequence[Sequence[int]], colbert: bool) -> Future[EncodedResult]:
+        """Queue a batch of token id lists for whichever encoder is free; the future holds its EncodedResult."""
         return self._pool.submit(self._encode, batch, colbert)
 
     def _encode(self, batch: Sequence[Sequence[int]], colbert: bool) -> EncodedResult:

@@ -1,4 +1,8 @@
-"""Shared fixtures: a tiny BGE-M3-shaped checkpoint, built once per session, and no network."""
+"""Shared fixtures: tiny BGE-M3-shaped checkpoints, built once per session, and no network.
+
+Plain helpers (paths, running the CLI, writing corpora) are in helpers.py; this folder is put on sys.path
+here, so test modules import them as `from helpers import ...`.
+"""
 
 from __future__ import annotations
 
@@ -12,16 +16,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_checkpoint import build_checkpoint  # noqa: E402
 
+from bge_index.encoder import load_encoder  # noqa: E402
+
 # Tests never reach a model hub: huggingface_hub must answer from its cache or fail at once.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The CLI's --dtype auto means bf16 on CPUs with native bf16 and fp32 elsewhere; tests that compare
 # vectors with an fp32 computation need the same precision on every machine. Tests of `auto` unset this.
 os.environ["BGE_INDEX_DTYPE"] = "fp32"
-
-REPO = Path(__file__).resolve().parent.parent
-SAMPLE_CORPUS = REPO / "sample_data" / "corpus"
-SAMPLE_QUERIES = REPO / "sample_data" / "queries.jsonl"
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +33,12 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def encoder(tiny_model):
-    from bge_index.encoder import load_encoder
+def spread_model(tmp_path_factory) -> Path:
+    """A tiny checkpoint whose dense vectors differ from text to text (cosines 0.5-0.9, not all ~1.0), so a
+    dense ranking has no near-ties that float32 summation order could flip."""
+    return build_checkpoint(tmp_path_factory.mktemp("models") / "spread-m3", initializer_range=1.0)
 
+
+@pytest.fixture(scope="session")
+def encoder(tiny_model):
     return load_encoder(str(tiny_model), device="cpu", dtype="fp32")

@@ -6,23 +6,15 @@ import csv
 import gzip
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, SAMPLE_CORPUS, SAMPLE_QUERIES
-from typer.testing import CliRunner
+import torch
+from helpers import REPO, SAMPLE_CORPUS, SAMPLE_QUERIES, invoke, load_vectors, module_command, run_process
 
-from bge_index.cli import app
-from bge_index.shards import load_vectors, read_manifest
-
-runner = CliRunner()
-
-
-def invoke(*args, stdin: str | None = None, env: dict | None = None):
-    return runner.invoke(app, [str(a) for a in args], input=stdin, env=env)
+from bge_index.evaluation import evaluate, read_qrels, read_run
+from bge_index.manifest import read_manifest
 
 
 def expected_sample_ids() -> set[str]:
@@ -83,6 +75,7 @@ def test_info_describes_the_index(sample_index, tiny_model):
     assert table.exit_code == 0 and "format version" in table.stdout and "rows" in table.stdout
 
 
+@pytest.mark.slow  # two whole sample-corpus runs, one in a single huge batch
 def test_batch_budget_and_input_order_do_not_change_vectors(tiny_model, tmp_path):
     small = tmp_path / "small"
     big = tmp_path / "big"
@@ -223,8 +216,6 @@ def test_refuses_to_write_into_a_folder_that_is_not_an_index(tiny_model, tmp_pat
 
 
 def test_search_refuses_a_different_model(sample_index, tiny_model, tmp_path):
-    import torch
-
     other = tmp_path / "other-model"
     shutil.copytree(tiny_model, other)
     torch.save({k: v * 2 for k, v in torch.load(other / "sparse_linear.pt").items()}, other / "sparse_linear.pt")
@@ -349,14 +340,14 @@ def test_malformed_queries_file_names_the_line(sample_index, tmp_path):
     assert result.exit_code == 1 and f"{bad}:2: no text field" in result.stderr
 
 
+@pytest.mark.slow
 def test_module_entry_point_runs_as_a_process(sample_index):
-    version = subprocess.run([sys.executable, "-m", "bge_index", "--version"], capture_output=True, text=True)
+    version = run_process(module_command("--version"))
     assert version.returncode == 0 and "bge-index" in version.stdout
-    search = subprocess.run([sys.executable, "-m", "bge_index", "search", str(sample_index), "moon", "--format", "jsonl",
-                             "-k", "2"], capture_output=True, text=True, cwd=REPO)
+    search = run_process(module_command("search", sample_index, "moon", "--format", "jsonl", "-k", "2"))
     assert search.returncode == 0, search.stderr
     assert len(search.stdout.splitlines()) == 2
-    usage = subprocess.run([sys.executable, "-m", "bge_index", "index"], capture_output=True, text=True)
+    usage = run_process(module_command("index"))
     assert usage.returncode == 2
 
 
@@ -365,8 +356,6 @@ def test_module_entry_point_runs_as_a_process(sample_index):
 
 
 def test_eval_reports_metrics_per_mode_and_writes_runs(sample_index, tmp_path):
-    from bge_index.evaluation import evaluate, read_qrels, read_run
-
     qrels = REPO / "sample_data" / "qrels.tsv"
     result = invoke("eval", sample_index, "--queries", SAMPLE_QUERIES, "--qrels", qrels, "--modes", "dense,hybrid",
                     "--metrics", "ndcg@10,recall@5,map", "--runs", tmp_path / "runs", "--format", "json")
@@ -405,3 +394,112 @@ def test_fusion_options(sample_index):
     assert all(0 < h["score"] <= 2 / 61 + 1e-6 for h in rrf)
     minmax = search_json(sample_index, "moon tides", "--normalize", "minmax", "-k", "5")[0]["hits"]
     assert all(0 <= h["score"] <= 1.3 + 1e-6 for h in minmax)
+
+
+# ---------------------------------------------------------------------------
+# Start-up without torch, checks before work, eval's coverage notes
+
+
+def imported_modules(stderr: str) -> set[str]:
+    """The module names a `python -X importtime` run reports on stderr."""
+    return {line.rpartition("|")[2].strip() for line in stderr.splitlines() if line.startswith("import time:")}
+
+
+def run_without_torch(*args, env: dict | None = None):
+    """`python -X importtime -m bge_index ARGS`, asserting it succeeds and imports neither torch nor transformers."""
+    command = module_command(*args)
+    command[1:1] = ["-X", "importtime"]
+    finished = run_process(command, env=env)
+    assert finished.returncode == 0, (args, finished.stderr[-2000:])
+    modules = imported_modules(finished.stderr)
+    assert "bge_index.cli" in modules, args
+    heavy = sorted(m for m in modules if m.split(".")[0] in ("torch", "transformers"))
+    assert not heavy, (args, heavy[:5])
+    return finished
+
+
+@pytest.mark.slow  # a dozen `python -m bge_index` processes
+def test_commands_that_run_no_model_import_neither_torch_nor_transformers(tiny_model, tmp_path):
+    import os
+
+    out = tmp_path / "ix"
+    assert invoke("index", SAMPLE_CORPUS / "faq.ndjson", "--out", out, "--model", tiny_model).exit_code == 0
+    env = {k: v for k, v in os.environ.items() if k != "BGE_INDEX_DTYPE"}  # the default, --dtype auto
+    for args in (["--version"], ["--help"], ["index", "--help"], ["info", out], ["info", out, "--format", "json"],
+                 ["verify", out],
+                 ["index", SAMPLE_CORPUS, "--out", tmp_path / "new", "--model", tiny_model, "--dry-run"],
+                 ["index", SAMPLE_CORPUS / "faq.ndjson", "--out", out, "--model", tiny_model, "--dry-run"]):
+        run_without_torch(*args, env=env)
+    nothing_to_do = run_without_torch("index", SAMPLE_CORPUS / "faq.ndjson", "--out", out, "--model", tiny_model,
+                                      env=env)
+    assert "0 added, 0 updated, 5 unchanged, 0 removed" in nothing_to_do.stdout
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("extra", [["--dry-run"], []])  # a dry run; a run with nothing to encode
+def test_an_explicit_dtype_imports_no_torch_when_nothing_is_encoded(tiny_model, tmp_path, extra):
+    out = tmp_path / "ix"
+    assert invoke("index", SAMPLE_CORPUS / "faq.ndjson", "--out", out, "--model", tiny_model).exit_code == 0
+    run_without_torch("index", SAMPLE_CORPUS / "faq.ndjson", "--out", out, "--model", tiny_model, "--dtype", "fp32",
+                      *extra)
+
+
+def test_report_in_a_missing_folder_fails_before_the_index_run(tiny_model, tmp_path):
+    out = tmp_path / "ix"
+    result = invoke("index", SAMPLE_CORPUS / "faq.ndjson", "--out", out, "--model", tiny_model,
+                    "--report", tmp_path / "no" / "such" / "report.json")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().count("\n") == 0 and "--report" in result.stderr and "Traceback" not in result.output
+    assert not out.exists()  # checked before the run: no index, not even its folder
+    assert invoke("index", SAMPLE_CORPUS / "faq.ndjson", "--out", out, "--model", tiny_model).exit_code == 0
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    result = invoke("index", SAMPLE_CORPUS / "articles.jsonl", "--out", out, "--model", tiny_model,
+                    "--report", tmp_path)  # a folder, not a file
+    assert result.exit_code == 2 and "--report" in result.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_eval_runs_pointing_at_a_file_exits_2_before_loading_the_model(sample_index, tmp_path):
+    occupied = tmp_path / "runs"
+    occupied.write_text("a file, not a folder")
+    for runs in (occupied, occupied / "below"):
+        # A model that cannot load: the --runs check must come first.
+        result = invoke("eval", sample_index, "--queries", SAMPLE_QUERIES, "--qrels", REPO / "sample_data" / "qrels.tsv",
+                        "--runs", runs, "--model", tmp_path / "no-model")
+        assert result.exit_code == 2, result.output
+        assert result.stderr.strip().count("\n") == 0 and "--runs" in result.stderr
+        assert "Traceback" not in result.output
+    assert occupied.read_text() == "a file, not a folder"
+
+
+def test_eval_coverage_notes_name_queries_missing_from_the_queries_file(sample_index, tmp_path):
+    queries = tmp_path / "queries.jsonl"
+    lines = [line for line in SAMPLE_QUERIES.read_text(encoding="utf-8").splitlines()
+             if line.strip() and json.loads(line)["_id"] not in ("q2", "q5")]
+    queries.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    qrels = tmp_path / "qrels.tsv"
+    qrels.write_text((REPO / "sample_data" / "qrels.tsv").read_text(encoding="utf-8") + "q99\tbeir-5\t0\n",
+                     encoding="utf-8")
+    result = invoke("eval", sample_index, "--queries", queries, "--qrels", qrels, "--modes", "sparse",
+                    "--depth", "10", "--format", "json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["queries_evaluated"] == 6
+    notes = [line for line in result.stderr.splitlines() if "note:" in line]
+    assert len(notes) == 2, result.stderr
+    missing, unjudged = notes
+    assert "2 judged queries" in missing and "not in the queries file" in missing and "(q2, q5)" in missing
+    assert "1 judged query has no relevant document (q99)" in unjudged
+
+
+def test_a_report_that_cannot_be_written_is_one_line_exit_1_after_the_run(tiny_model, tmp_path):
+    import os
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full (a file whose writes fail)")
+    out = tmp_path / "ix"
+    result = invoke("index", SAMPLE_CORPUS / "faq.ndjson", "--out", out, "--model", tiny_model, "--report", "/dev/full")
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("bge-index: error: --report /dev/full: cannot write")
+    assert "Traceback" not in result.output and "5 added" in result.stdout
+    assert read_manifest(out).documents == 5  # the index run itself succeeded

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
-from conftest import REPO
+from helpers import REPO, live_rows, module_command, run_process
 
-from bge_index.shards import DERIVED_PATTERN, is_index, load_vectors, read_manifest, read_rows, verify_index
+from bge_index.manifest import DERIVED_PATTERN, is_index, read_manifest
+from bge_index.shard_reader import verify_index
+
+pytestmark = pytest.mark.slow  # every test starts several real indexing processes
 
 
 def write_corpus(path, n, edit=(), drop=(), extra=0):
@@ -35,8 +38,7 @@ def expected_state(n, edit=(), drop=(), extra=0):
 
 
 def index_command(corpus, out, model, *extra):
-    return [sys.executable, "-m", "bge_index", "index", str(corpus), "--out", str(out), "--model", str(model),
-            "--shard-rows", "10", *extra]
+    return module_command("index", corpus, "--out", out, "--model", model, "--shard-rows", "10", *extra)
 
 
 def run(command, fault=None, **kwargs):
@@ -44,7 +46,7 @@ def run(command, fault=None, **kwargs):
     env.pop("BGE_INDEX_FAULT_AT", None)
     if fault:
         env["BGE_INDEX_FAULT_AT"] = fault
-    return subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO, **kwargs)
+    return run_process(command, env=env, **kwargs)
 
 
 def state(out):
@@ -52,11 +54,8 @@ def state(out):
     if not is_index(out):
         return None
     assert verify_index(out) == []
-    manifest = read_manifest(out)
-    vectors = load_vectors(out, manifest)
-    ids = list(vectors.ids)
+    ids, texts = live_rows(out)
     assert len(ids) == len(set(ids)), "an id appears twice"
-    texts = read_rows(out, manifest, list(zip(vectors.row_shard, vectors.row_local)), "text")
     return dict(zip(ids, texts))
 
 
@@ -100,16 +99,30 @@ def test_sigkill_during_an_update(tiny_model, tmp_path, point):
     assert state(out) == new
 
 
+def run_and_kill(command, delay):
+    """Start `command`, SIGKILL it `delay` seconds later; True if the kill ended it, False if it had finished."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    time.sleep(delay)
+    process.kill()  # a no-op on a process that has already exited
+    process.wait()
+    if process.returncode == -signal.SIGKILL:
+        return True
+    assert process.returncode == 0, f"the run failed by itself (exit code {process.returncode})"
+    return False
+
+
 def test_sigkill_at_random_moments(tiny_model, tmp_path):
     corpus, out = tmp_path / "c.jsonl", tmp_path / "ix"
     write_corpus(corpus, 3000)
     command = index_command(corpus, out, tiny_model, "--batch-tokens", "48")
     command[command.index("--shard-rows") + 1] = "250"
     for delay in (2.5, 4.0, 5.5):
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
-        time.sleep(delay)
-        process.kill()
-        process.wait()
+        # Each kill must land mid-run: a run that finished first tested nothing. On a machine fast enough
+        # for that, the index is removed and the moment tried again, earlier (a run takes seconds to start).
+        while not run_and_kill(command, delay):
+            assert delay > 0.2, "the run keeps finishing before it can be killed"
+            shutil.rmtree(out)
+            delay /= 2
         current = state(out)
         assert current is None or current == expected_state(3000)
     finished = run(command)

@@ -11,6 +11,8 @@ import io
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,13 +22,23 @@ from bge_index.documents import (
     Document,
     FieldNames,
     InputError,
+    InputFile,
     QueryFileError,
+    SkipReason,
     Skipped,
     format_of,
     iter_documents,
+    read_input_file,
     read_queries,
 )
-from bge_index.shards import write_parquet_records
+
+
+def write_parquet_records(path: Path, records: list[dict]) -> None:
+    """Write plain records as a Parquet input file (pyarrow directly: inputs are not index shards)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(records), path)
 
 
 # ---------------------------------------------------------------------------
@@ -354,8 +366,8 @@ def test_recursive_glob(tmp_path):
     items = read_all([str(g / "**" / "*.txt")])
     expected = sorted(str(g / rel) for rel in ["z.txt", "m/y.txt", "m/n/x.txt", "a/w.txt"])
     assert [d.source for d in docs_of(items)] == expected
-    # Whole files named by a glob keep the matched path as their id.
-    assert [d.id for d in docs_of(items)] == [Path(p).as_posix() for p in expected]
+    # Whole files found through a glob are named relative to the glob's fixed leading folder, as in `g/`.
+    assert [d.id for d in docs_of(items)] == [Path(p).relative_to(g).as_posix() for p in expected]
     assert [d.text for d in docs_of(items)] == [str(Path(p).relative_to(g)) for p in expected]
 
 
@@ -514,8 +526,9 @@ def test_csv_row_with_wrong_column_count(tmp_path):
     path = write(tmp_path / "t.csv", "id,text\n1,one\n2,two,extra\n3\n4,four\n")
     items = read_all([path])
     assert items[0] == Document("1", "one", str(path), 2)
-    assert items[1] == Skipped(str(path), 3, "expected 2 columns, found 3")
-    assert items[2] == Skipped(str(path), 4, "expected 2 columns, found 1")
+    # Which cell is the id is not known: the row may have held any id, whose indexed copy must stay.
+    assert items[1] == Skipped(str(path), 3, "expected 2 columns, found 3", hides_documents=True)
+    assert items[2] == Skipped(str(path), 4, "expected 2 columns, found 1", hides_documents=True)
     assert items[3] == Document("4", "four", str(path), 5)
     assert len(items) == 4
 
@@ -607,6 +620,134 @@ def test_skipped_category_groups_particulars():
 def test_skipped_location():
     assert Skipped("dir/f.jsonl", 12, "r").location == "dir/f.jsonl:12"
     assert Skipped("dir/f.txt", None, "r").location == "dir/f.txt"
+
+
+@pytest.mark.parametrize("code", list(SkipReason))
+def test_skip_report_key_is_its_code_not_its_message(code):
+    worded = Skipped("a.jsonl", 3, "one wording (with particulars 12)", code=code)
+    reworded = Skipped("b.jsonl", 9, "a wholly different wording; 'x' 7", hides_documents=True, code=code)
+    assert worded.category == reworded.category == code.value
+    # A plan row carries the code as its string value.
+    assert Skipped("c", None, "whatever", False, code.value).code is code
+    assert Skipped("c", None, "whatever", code=code.value).category == code.value
+
+
+def test_skip_code_is_not_part_of_equality():
+    assert Skipped("a", 1, "empty text", code=SkipReason.EMPTY_TEXT) == Skipped("a", 1, "empty text")
+    with pytest.raises(ValueError):
+        Skipped("a", 1, "r", code="no such code")
+
+
+def _one_skip_per_kind(folder: Path) -> list[tuple[object, SkipReason]]:
+    """(input, the code its one skip should carry), for every kind the readers can produce from a file."""
+    packed_noise = gzip.compress("".join(_noise(i) for i in range(300)).encode())
+    jsonl_lines = {
+        SkipReason.MALFORMED_JSON: '{"id": "1", "text": ',
+        SkipReason.NOT_AN_OBJECT: '["a list"]',
+        SkipReason.NO_ID_FIELD: '{"text": "t"}',
+        SkipReason.BAD_ID_TYPE: '{"id": 1.5, "text": "t"}',
+        SkipReason.EMPTY_ID: '{"id": " ", "text": "t"}',
+        SkipReason.NO_TEXT_FIELD: '{"id": "1"}',
+        SkipReason.BAD_TEXT_TYPE: '{"id": "1", "text": 5}',
+        SkipReason.BAD_TITLE_TYPE: '{"id": "1", "title": [], "text": "t"}',
+        SkipReason.EMPTY_TEXT: '{"id": "1", "text": "  "}',
+    }
+    cases: list[tuple[object, SkipReason]] = [
+        (write(folder / f"{code.name}.jsonl", line + "\n"), code) for code, line in jsonl_lines.items()
+    ]
+    garbage_parquet = write(folder / "bad.parquet", b"PAR1 this is not really parquet PAR1")
+    no_text_parquet = folder / "no_text.parquet"
+    write_parquet_records(no_text_parquet, [{"id": "1", "body": "x"}])
+    cases += [
+        (write(folder / "data.json", "{}"), SkipReason.UNSUPPORTED_FORMAT),
+        (write(folder / "nul.txt", b"a\x00b"), SkipReason.BINARY_FILE),
+        (write(folder / "latin1.txt", b"caf\xe9"), SkipReason.INVALID_UTF8_AT),
+        (write(folder / "latin1.jsonl", b'{"id": "caf\xe9"}\n'), SkipReason.INVALID_UTF8_AT),
+        (write(folder / "latin1.csv", b"id,text\n1,caf\xe9\n"), SkipReason.INVALID_UTF8),
+        (write(folder / "blank.md", "  \n"), SkipReason.EMPTY_TEXT),
+        (write(folder / "cut.txt.gz", packed_noise[: len(packed_noise) // 2]), SkipReason.TRUNCATED_GZIP),
+        (write(folder / "notgzip.txt.gz", b"plain text, no gzip header"), SkipReason.UNREADABLE_GZIP),
+        (write(folder / "cut.jsonl.gz", packed_noise[: len(packed_noise) // 2]), SkipReason.READ_CUT_SHORT_GZIP),
+        (write(folder / "columns.csv", "id,text\n1,a,b\n"), SkipReason.WRONG_COLUMN_COUNT),
+        (write(folder / "no_id.csv", "key,text\n1,a\n"), SkipReason.NO_ID_COLUMN),
+        (write(folder / "no_text.tsv", "id\tbody\n1\ta\n"), SkipReason.NO_TEXT_COLUMN),
+        (garbage_parquet, SkipReason.UNREADABLE_PARQUET),
+        (no_text_parquet, SkipReason.NO_TEXT_COLUMN),
+        (InputFile(folder / "vanished.txt", "vanished.txt"), SkipReason.UNREADABLE_FILE),
+    ]
+    return cases
+
+
+# Kinds whose report key is now one code where the message-derived key varied with the data
+# (the value's type, the operating system's error text).
+_GENERALISED = {SkipReason.BAD_ID_TYPE, SkipReason.BAD_TEXT_TYPE, SkipReason.BAD_TITLE_TYPE, SkipReason.UNREADABLE_FILE}
+
+
+def test_each_skip_kind_carries_its_code(tmp_path):
+    for source, code in _one_skip_per_kind(tmp_path):
+        if isinstance(source, InputFile):
+            items = list(read_input_file(source))
+        else:
+            items = read_all([source])
+        skips = skips_of(items)
+        assert len(skips) == 1, (source, items)
+        skip = skips[0]
+        assert skip.code is code, (source, skip)
+        assert skip.category == code.value
+        if code not in _GENERALISED:
+            # The same report key as the one once parsed out of the message.
+            assert Skipped(skip.source, skip.line, skip.reason).category == code.value, skip
+
+
+def test_query_file_skips_carry_codes(tmp_path):
+    from bge_index.formats import _read_tsv_queries
+
+    items = list(_read_tsv_queries(io.BytesIO(b"q1\tok\nno tab\n\xff\tx\n"), "q.tsv"))
+    assert [getattr(i, "code", None) for i in items] == [None, SkipReason.BAD_QUERY_LINE, SkipReason.INVALID_UTF8_AT]
+
+
+def test_documents_stage_imports_nothing_from_shards(tmp_path):
+    path = tmp_path / "p.parquet"
+    write_parquet_records(path, [{"id": "p1", "text": "pq one"}])
+    packed = tmp_path / "q.parquet.gz"
+    packed.write_bytes(gzip.compress(path.read_bytes()))
+    script = (
+        "import sys\n"
+        "import bge_index.documents, bge_index.formats, bge_index.document_types\n"
+        "from bge_index.documents import iter_documents, Document\n"
+        f"items = list(iter_documents([{str(path)!r}, {str(packed)!r}]))\n"
+        "assert [type(i) for i in items] == [Document, Document], items\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith('bge_index'))\n"
+        "assert 'bge_index.shards' not in loaded, loaded\n"
+        "print(loaded)\n"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "bge_index.documents" in result.stdout
+
+
+def test_parquet_is_read_in_bounded_batches(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    from bge_index import formats
+
+    path = tmp_path / "many.parquet"
+    write_parquet_records(path, [{"id": str(i), "text": f"t{i}", "extra": "x" * 10} for i in range(50)])
+    seen = []
+    real = pq.ParquetFile.iter_batches
+
+    def recording(self, *args, **kwargs):
+        seen.append(kwargs)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", recording)
+    monkeypatch.setattr(formats, "PARQUET_BATCH_ROWS", 7)
+    items = read_all([path])
+    assert [d.id for d in docs_of(items)] == [str(i) for i in range(50)]
+    assert [d.line for d in docs_of(items)] == list(range(1, 51))
+    assert seen == [{"batch_size": 7, "columns": ["id", "text"]}]
 
 
 # ---------------------------------------------------------------------------

@@ -5,48 +5,29 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 import threading
 import time
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
-from conftest import SAMPLE_CORPUS
-from typer.testing import CliRunner
+import torch
+from helpers import SAMPLE_CORPUS, index, invoke, live_texts, load_vectors, write_jsonl
 
-from bge_index.cli import app
+import bge_index.indexing as indexing
 from bge_index.documents import Skipped
+from bge_index.encoder import load_encoder
 from bge_index.lock import LOCK_FILE, IndexLock
-from bge_index.pipeline import IndexEvents, IndexOptions, build_index
-from bge_index.shards import MANIFEST_FILE, load_vectors, read_manifest, read_rows
-
-runner = CliRunner()
-
-
-def invoke(*args, env=None):
-    return runner.invoke(app, [str(a) for a in args], env=env)
-
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+from bge_index.indexing import build_index
+from bge_index.run import IndexEvents, IndexOptions
+from bge_index.manifest import MANIFEST_FILE, read_manifest
 
 
 def corpus_records(n=12, edit=(), drop=()):
     words = ["moon", "tides", "bread", "train", "garden", "octopus", "Mond", "lune", "tren", "compost"]
     return [{"id": f"d{i}", "text": f"{words[i % 10]} document {i} about {words[(i * 3) % 10]}"
              + (" edited" if i in edit else "")} for i in range(n) if i not in drop]
-
-
-def index(corpus, out, model, *extra):
-    result = invoke("index", corpus, "--out", out, "--model", model, *extra)
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def live(out):
-    manifest = read_manifest(out)
-    vectors = load_vectors(out, manifest)
-    texts = read_rows(out, manifest, list(zip(vectors.row_shard, vectors.row_local)), "text")
-    return dict(zip(vectors.ids, texts))
 
 
 # ---------------------------------------------------------------------------
@@ -76,7 +57,7 @@ def test_changed_documents_replace_their_rows_and_missing_ones_go(tiny_model, tm
     write_jsonl(corpus, corpus_records(edit={2, 5}, drop={7}) + [{"id": "new", "text": "a brand new moon"}])
     result = index(corpus, out, tiny_model)
     assert "1 added, 2 updated, 9 unchanged, 1 removed" in result.stdout
-    texts = live(out)
+    texts = live_texts(out)
     assert len(texts) == 12 and "d7" not in texts and texts["new"] == "a brand new moon"
     assert texts["d2"].endswith(" edited") and texts["d5"].endswith(" edited")
     after = load_vectors(out, read_manifest(out))
@@ -93,7 +74,7 @@ def test_keep_missing(tiny_model, tmp_path):
     index(corpus, out, tiny_model)
     write_jsonl(corpus, corpus_records(drop={0, 1}))
     result = index(corpus, out, tiny_model, "--keep-missing")
-    assert "0 removed" in result.stdout and {"d0", "d1"} <= set(live(out))
+    assert "0 removed" in result.stdout and {"d0", "d1"} <= set(live_texts(out))
 
 
 def test_dry_run_reports_and_writes_nothing(tiny_model, tmp_path):
@@ -129,10 +110,6 @@ def test_other_settings_never_extend_an_index(tiny_model, tmp_path, extra, named
 
 
 def test_another_model_never_extends_an_index(tiny_model, tmp_path):
-    import shutil
-
-    import torch
-
     other = tmp_path / "other"
     shutil.copytree(tiny_model, other)
     torch.save({k: v * 3 for k, v in torch.load(other / "sparse_linear.pt").items()}, other / "sparse_linear.pt")
@@ -152,12 +129,12 @@ def test_duplicate_ids_last_occurrence_wins_with_a_warning(tiny_model, tmp_path)
     result = index(tmp_path / "in", out, tiny_model)
     assert "duplicate id 'same'" in result.stderr
     assert "b.jsonl:2" in result.stderr and "a.jsonl:1" in result.stderr
-    assert live(out) == {"same": "second version", "a": "aaa", "b": "bbb"}
+    assert live_texts(out) == {"same": "second version", "a": "aaa", "b": "bbb"}
     assert "3 added" in result.stdout
     # A re-run meets the same duplicate and changes nothing.
     again = index(tmp_path / "in", out, tiny_model)
     assert "0 added, 0 updated, 3 unchanged, 0 removed" in again.stdout
-    assert live(out) == {"same": "second version", "a": "aaa", "b": "bbb"}
+    assert live_texts(out) == {"same": "second version", "a": "aaa", "b": "bbb"}
 
 
 # ---------------------------------------------------------------------------
@@ -174,6 +151,7 @@ def test_second_writer_exits_75_naming_the_first(tiny_model, tmp_path):
     assert not (out / MANIFEST_FILE).exists()
 
 
+@pytest.mark.slow
 def test_wait_waits_for_the_lock(tiny_model, tmp_path):
     corpus, out = tmp_path / "c.jsonl", tmp_path / "ix"
     write_jsonl(corpus, corpus_records())
@@ -219,8 +197,6 @@ def test_readers_work_while_a_writer_holds_the_lock(tiny_model, tmp_path):
 
 
 def test_verify_and_search_name_a_damaged_shard(tiny_model, tmp_path):
-    import pyarrow.parquet as pq
-
     out = tmp_path / "ix"
     index(SAMPLE_CORPUS, out, tiny_model, "--shard-rows", "20")
     result = invoke("verify", out)
@@ -258,8 +234,6 @@ def test_chunking_splits_on_token_boundaries_with_spans(tiny_model, encoder, tmp
     index(corpus, out, tiny_model, "--chunk-tokens", "32", "--chunk-overlap", "8")
     manifest = read_manifest(out)
     assert manifest.chunking == {"tokens": 32, "overlap": 8}
-    import pyarrow.parquet as pq
-
     table = pq.read_table(out / manifest.shards[0].file).to_pylist()
     long_rows = [r for r in table if r["doc_id"] == "long"]
     assert [r["chunk"] for r in long_rows] == list(range(len(long_rows))) and len(long_rows) > 5
@@ -364,6 +338,7 @@ class _Saboteur(IndexEvents):
         self.warnings.append(message)
 
 
+@pytest.mark.slow
 def test_hostile_corpus(tiny_model, tmp_path):
     folder = tmp_path / "hostile"
     folder.mkdir()
@@ -406,7 +381,7 @@ def test_hostile_corpus(tiny_model, tmp_path):
     events = _Saboteur(folder)
     out = tmp_path / "ix"
     summary = build_index([str(folder)], out, IndexOptions(model=str(tiny_model), max_length=128), events=events)
-    texts = live(out)
+    texts = live_texts(out)
     # Every good document is indexed (gzip lines before the damage too), and nothing else.
     gz_ids = {d for d in texts if d.startswith("gz")}
     assert gz_ids and gz_ids == {f"gz{i}" for i in range(len(gz_ids))}
@@ -443,18 +418,16 @@ def test_unreadable_input_file_does_not_remove_its_documents(tiny_model, tmp_pat
     (folder / "b.jsonl.gz").write_bytes(b"this is not gzip at all")
     result = index(folder, out, tiny_model)
     assert "0 removed" in result.stdout and "could not be read whole" in result.stderr
-    assert set(live(out)) == {"a1", "a2", "b1"}
+    assert set(live_texts(out)) == {"a1", "a2", "b1"}
     (folder / "b.jsonl.gz").unlink()
     assert "1 removed" in index(folder, out, tiny_model).stdout
 
 
 def test_stop_between_two_occurrences_of_an_id_keeps_the_document(tiny_model, tmp_path, monkeypatch):
-    import bge_index.pipeline as pipeline
-
     corpus, out = tmp_path / "c.jsonl", tmp_path / "ix"
     write_jsonl(corpus, [{"id": "d", "text": "old text"}, {"id": "x", "text": "x"}])
     index(corpus, out, tiny_model)
-    monkeypatch.setattr(pipeline, "WINDOW_DOCUMENTS", 2)
+    monkeypatch.setattr(indexing, "WINDOW_DOCUMENTS", 2)
     write_jsonl(corpus, [{"id": "d", "text": "first new text"}, {"id": "x", "text": "x"},
                          {"id": "y", "text": "y"}, {"id": "d", "text": "second new text"}, {"id": "z", "text": "z"}])
     seen = {"calls": 0}
@@ -465,33 +438,29 @@ def test_stop_between_two_occurrences_of_an_id_keeps_the_document(tiny_model, tm
 
     summary = build_index([str(corpus)], out, IndexOptions(model=str(tiny_model)), should_stop=stop_after_the_second_d)
     assert summary.interrupted
-    assert live(out)["d"] == "first new text"  # never without rows
+    assert live_texts(out)["d"] == "first new text"  # never without rows
     assert read_manifest(out).state == "partial"
     index(corpus, out, tiny_model)
-    assert live(out) == {"d": "second new text", "x": "x", "y": "y", "z": "z"}
+    assert live_texts(out) == {"d": "second new text", "x": "x", "y": "y", "z": "z"}
 
 
 def test_duplicate_across_windows_of_an_indexed_document_counts_as_updated(tiny_model, tmp_path, monkeypatch):
-    import bge_index.pipeline as pipeline
-
     corpus, out = tmp_path / "c.jsonl", tmp_path / "ix"
     write_jsonl(corpus, [{"id": "d", "text": "same text"}, {"id": "x", "text": "x"}])
     index(corpus, out, tiny_model)
-    monkeypatch.setattr(pipeline, "WINDOW_DOCUMENTS", 2)
+    monkeypatch.setattr(indexing, "WINDOW_DOCUMENTS", 2)
     # d (changed) and e fill a window and are written; then d comes back with its indexed text.
     write_jsonl(corpus, [{"id": "d", "text": "changed"}, {"id": "e", "text": "e"}, {"id": "x", "text": "x"},
                          {"id": "d", "text": "same text"}])
     summary = build_index([str(corpus)], out, IndexOptions(model=str(tiny_model)))
     assert (summary.added, summary.updated, summary.unchanged, summary.duplicates) == (1, 1, 1, 1)
-    assert live(out) == {"d": "same text", "e": "e", "x": "x"}
+    assert live_texts(out) == {"d": "same text", "e": "e", "x": "x"}
     dry = build_index([str(corpus)], out, IndexOptions(model=str(tiny_model), dry_run=True))
     assert (dry.added, dry.updated, dry.unchanged) == (0, 0, 3)
 
 
 def test_third_occurrence_of_an_id_in_one_window_retires_the_first_one_rows(tiny_model, tmp_path, monkeypatch):
-    import bge_index.pipeline as pipeline
-
-    monkeypatch.setattr(pipeline, "WINDOW_DOCUMENTS", 3)
+    monkeypatch.setattr(indexing, "WINDOW_DOCUMENTS", 3)
     corpus, out = tmp_path / "c.jsonl", tmp_path / "ix"
     # d's first version is written with the first window; its second and third versions share the next one.
     write_jsonl(corpus, [{"id": "d", "text": "v one"}, {"id": "a", "text": "a"}, {"id": "b", "text": "b"},
@@ -499,14 +468,11 @@ def test_third_occurrence_of_an_id_in_one_window_retires_the_first_one_rows(tiny
     summary = build_index([str(corpus)], out, IndexOptions(model=str(tiny_model)))
     assert summary.duplicates == 2 and summary.added == 4
     assert read_manifest(out).documents == 4  # one live row for d, not two
-    assert live(out) == {"a": "a", "b": "b", "c": "c", "d": "v three"}
+    assert live_texts(out) == {"a": "a", "b": "b", "c": "c", "d": "v three"}
 
 
 def test_a_stop_request_drops_the_batches_not_started(tiny_model, tmp_path, monkeypatch):
-    import bge_index.pipeline as pipeline
-    from bge_index.encoder import load_encoder
-
-    monkeypatch.setattr(pipeline, "WINDOW_DOCUMENTS", 200)
+    monkeypatch.setattr(indexing, "WINDOW_DOCUMENTS", 200)
     encoder = load_encoder(str(tiny_model), device="cpu", dtype="fp32")
     batches = []
     real_encode = encoder.encode_ids

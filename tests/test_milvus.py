@@ -8,31 +8,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SAMPLE_CORPUS, SAMPLE_QUERIES
-from typer.testing import CliRunner
+from helpers import SAMPLE_CORPUS, SAMPLE_QUERIES, invoke, load_vectors, ok, write_jsonl
 
-from bge_index.cli import app
 from bge_index.milvus import connect, export_index, iter_collection_ids, stored_identity
-from bge_index.shards import IndexWriter, Manifest, RowBatch, read_manifest
+from bge_index.manifest import Manifest, read_manifest
+from bge_index.shard_writer import IndexWriter, RowBatch
 
 pytest.importorskip("milvus_lite", reason="the 'milvus' extra is not installed (pip install -e '.[test,ray,milvus]')")
 
-runner = CliRunner()
+pytestmark = pytest.mark.slow  # Milvus Lite starts a server process per database file
+
 FP32 = ("--dtype", "fp32", "--device", "cpu")
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def ok(*args):
-    result = invoke(*args)
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
 
 
 def queries() -> list[str]:
@@ -48,15 +34,6 @@ def sample_texts() -> list[str]:
     lines = [json.loads(line) for name in ("articles.jsonl", "faq.ndjson")
              for line in (SAMPLE_CORPUS / name).read_text().splitlines() if line.strip()]
     return [record.get("text") or record["contents"] for record in lines]
-
-
-@pytest.fixture(scope="module")
-def spread_model(tmp_path_factory) -> Path:
-    """A tiny checkpoint whose dense vectors differ from text to text (cosines 0.5-0.9, not all ~1.0), so a
-    dense ranking has no near-ties that float32 summation order could flip."""
-    from tiny_checkpoint import build_checkpoint
-
-    return build_checkpoint(tmp_path_factory.mktemp("models") / "spread-m3", initializer_range=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -226,6 +203,4 @@ def test_milvus_errors(exported, tiny_model, tmp_path):
 
 
 def _live_ids(out: Path) -> list[str]:
-    from bge_index.shards import load_vectors
-
     return list(load_vectors(out, read_manifest(out)).ids)

@@ -12,26 +12,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import SAMPLE_CORPUS, SAMPLE_QUERIES
-from typer.testing import CliRunner
+from helpers import SAMPLE_CORPUS, SAMPLE_QUERIES, index, invoke, load_vectors, ok, write_jsonl
 
-from bge_index.cli import app
-from bge_index.ray_engine import RayOptions, plan_reservations
-from bge_index.shards import MANIFEST_FILE, load_vectors, read_manifest, read_rows
+from bge_index.extras import ExtraUnavailableError
+from bge_index.ray_engine import RayOptions, import_ray, plan_reservations, start_local_ray
+from bge_index.manifest import MANIFEST_FILE, read_manifest
+from bge_index.shard_reader import read_rows
 
-runner = CliRunner()
 CPUS = 2  # the development machine's count: the reservation scheme must not deadlock here
 FP32 = ("--dtype", "fp32", "--device", "cpu")  # explicit: "auto" may pick bf16 on some CPUs
-
-
-def invoke(*args, stdin=None):
-    return runner.invoke(app, [str(a) for a in args], input=stdin)
-
-
-def index(*args):
-    result = invoke("index", *args)
-    assert result.exit_code == 0, result.output
-    return result
 
 
 def _listening_sockets() -> set[tuple[str, int]]:
@@ -62,9 +51,6 @@ def _decode_address(hex_address: str) -> str:
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray instance for the module (each run reuses it instead of starting its own)."""
-    from bge_index.extras import ExtraUnavailableError
-    from bge_index.ray_engine import import_ray, start_local_ray
-
     before = _listening_sockets()
     try:
         ray = import_ray(local=True)  # first: it sets the loopback-only switch before Ray is imported
@@ -74,10 +60,6 @@ def local_ray():
     opened = _listening_sockets() - before
     yield ray, opened
     ray.shutdown()
-
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
 
 
 def vectors_by_id(out: Path) -> dict[str, tuple]:
@@ -92,6 +74,7 @@ def vectors_by_id(out: Path) -> dict[str, tuple]:
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_local_ray_listens_on_loopback_only(local_ray):
     ray, opened = local_ray
     assert opened, "starting Ray opened no listening socket: the check below would prove nothing"
@@ -99,11 +82,12 @@ def test_local_ray_listens_on_loopback_only(local_ray):
     assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
 
 
+@pytest.mark.slow
 def test_ray_engine_matches_the_local_engine_and_searches_like_it(local_ray, tiny_model, tmp_path):
     local_out, ray_out = tmp_path / "local", tmp_path / "ray"
-    index(SAMPLE_CORPUS, "--out", local_out, "--model", tiny_model, *FP32, "--shard-rows", 16)
+    index(SAMPLE_CORPUS, local_out, tiny_model, *FP32, "--shard-rows", 16)
     # Two actors on 2 CPUs: with 1-CPU actors this would starve the read task and hang.
-    result = index(SAMPLE_CORPUS, "--out", ray_out, "--model", tiny_model, *FP32, "--shard-rows", 16,
+    result = index(SAMPLE_CORPUS, ray_out, tiny_model, *FP32, "--shard-rows", 16,
                    "--engine", "ray", "--workers", 2, "--report", tmp_path / "ray.json")
     assert "44 added, 0 updated, 0 unchanged, 0 removed" in result.stdout
     report = json.loads((tmp_path / "ray.json").read_text())
@@ -140,15 +124,16 @@ def test_ray_engine_matches_the_local_engine_and_searches_like_it(local_ray, tin
     assert [[h["id"] for h in q["hits"]] for q in ray_hits] == [[h["id"] for h in q["hits"]] for q in local_hits]
 
 
+@pytest.mark.slow
 def test_incremental_runs_work_across_engines(local_ray, tiny_model, tmp_path):
     corpus, out = tmp_path / "c.jsonl", tmp_path / "ix"
     records = [{"id": f"d{i}", "text": f"the moon and the train, document number {i}"} for i in range(12)]
     write_jsonl(corpus, records)
-    index(corpus, "--out", out, "--model", tiny_model, *FP32, "--engine", "ray")
+    index(corpus, out, tiny_model, *FP32, "--engine", "ray")
 
     # Built by Ray, re-run locally: nothing to do, nothing written.
     manifest_before = (out / MANIFEST_FILE).read_bytes()
-    result = index(corpus, "--out", out, "--model", tiny_model, *FP32)
+    result = index(corpus, out, tiny_model, *FP32)
     assert "0 added, 0 updated, 12 unchanged, 0 removed" in result.stdout
     assert (out / MANIFEST_FILE).read_bytes() == manifest_before
 
@@ -158,37 +143,42 @@ def test_incremental_runs_work_across_engines(local_ray, tiny_model, tmp_path):
                                   {"id": "d7", "text": "the later d7 wins"}])
     with corpus.open("a") as stream:
         stream.write("{not json\n")
-    result = index(corpus, "--out", out, "--model", tiny_model, *FP32, "--engine", "ray",
+    result = index(corpus, out, tiny_model, *FP32, "--engine", "ray",
                    "--report", tmp_path / "r.json")
-    assert "1 added, 2 updated, 9 unchanged, 1 removed" in result.stdout, result.stdout
+    # The malformed line could have held any id (d5 among them), so this run removes nothing.
+    assert "1 added, 2 updated, 9 unchanged, 0 removed" in result.stdout, result.stdout
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["documents"]["duplicates"] == 1 and report["documents"]["skipped"] == 1
     assert report["encoded"]["rows"] == 3
     assert invoke("verify", out).exit_code == 0
     live = {row_id: value[4] for row_id, value in vectors_by_id(out).items()}
-    assert len(live) == 12 and "d5" not in live
+    assert len(live) == 13 and "d5" in live
     assert live["d3"].endswith(" edited") and live["d7"] == "the later d7 wins" and live["new"] == "a brand new moon"
     assert read_manifest(out).generation == 2
 
-    # The local engine takes over again: nothing changed since the Ray run.
-    result = index(corpus, "--out", out, "--model", tiny_model, *FP32)
-    assert "0 added, 0 updated, 12 unchanged, 0 removed" in result.stdout
+    # The local engine takes over: the bad line is gone, so d5 is seen gone and removed; nothing else changed.
+    write_jsonl(corpus, edited + [{"id": "new", "text": "a brand new moon"},
+                                  {"id": "d7", "text": "the later d7 wins"}])
+    result = index(corpus, out, tiny_model, *FP32)
+    assert "0 added, 0 updated, 12 unchanged, 1 removed" in result.stdout
+    assert "d5" not in vectors_by_id(out)
     # ...and the Ray engine after a local edit re-encodes just that document.
     write_jsonl(corpus, [dict(r, text="changed again") if r["id"] == "d0" else r
                          for r in edited + [{"id": "new", "text": "a brand new moon"},
                                             {"id": "d7", "text": "the later d7 wins"}]])
-    result = index(corpus, "--out", out, "--model", tiny_model, *FP32, "--engine", "ray")
+    result = index(corpus, out, tiny_model, *FP32, "--engine", "ray")
     assert "0 added, 1 updated, 11 unchanged, 0 removed" in result.stdout
     assert invoke("verify", out).exit_code == 0
 
 
+@pytest.mark.slow
 def test_chunked_index_on_ray_matches_local(local_ray, tiny_model, tmp_path):
     corpus = tmp_path / "c.jsonl"
     write_jsonl(corpus, [{"id": f"long{i}", "text": " ".join(["the moon orbits the earth and trains leave"] * (i + 2))}
                          for i in range(4)])
     options = ("--model", tiny_model, *FP32, "--chunk-tokens", 24, "--chunk-overlap", 4)
-    index(corpus, "--out", tmp_path / "local", *options)
-    index(corpus, "--out", tmp_path / "ray", *options, "--engine", "ray")
+    ok("index", corpus, "--out", tmp_path / "local", *options)
+    ok("index", corpus, "--out", tmp_path / "ray", *options, "--engine", "ray")
     local, distributed = vectors_by_id(tmp_path / "local"), vectors_by_id(tmp_path / "ray")
     assert sorted(distributed) == sorted(local) and len(local) > 4
     for row_id, (dense, tokens, _, hash_, text) in local.items():

@@ -1,12 +1,21 @@
-"""Scoring and exact top-k over hand-made IndexVectors, checked against brute force written here."""
+"""Scoring and exact top-k over hand-made IndexVectors, and over a real multi-shard index opened the way
+`bge-index search` opens it, checked against brute force written here."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
+from helpers import IndexVectors, index, ok, searcher_for, write_jsonl
 
 from bge_index import search as search_module
+from bge_index.encoder import load_encoder
+from bge_index.local_index import encode_queries
 from bge_index.search import (
+    RRF_DEPTH,
+    RRF_K,
     Hit,
     NoColbertVectors,
     QueryVectors,
@@ -15,7 +24,8 @@ from bge_index.search import (
     colbert_maxsim,
     top_k,
 )
-from bge_index.shards import IndexVectors
+from bge_index.manifest import read_manifest
+from bge_index.vector_store import ShardVectors, invert, invert_streaming, open_store
 
 TOL = 1e-5
 VOCAB = 300
@@ -124,7 +134,7 @@ class RandomIndex:
         self.dense = unit_rows(rng, N_DOCS, DIM)
         self.sparse = [random_sparse(rng, 40) for _ in range(N_DOCS)]
         self.vectors = make_vectors(self.dense, self.sparse)
-        self.searcher = Searcher(self.vectors, vocab_size=VOCAB)
+        self.searcher = searcher_for(self.vectors, vocab_size=VOCAB)
         self.queries = []
         for _ in range(5):
             q_dense = unit_rows(rng, 1, DIM)[0]
@@ -257,7 +267,7 @@ def _tie_index() -> tuple[Searcher, QueryVectors]:
     best_rows = {2, 5, 6}
     dense = np.stack([best if r in best_rows else other for r in range(8)])
     sparse = [{3: 2.0, 9: 1.0} if r in best_rows else {3: 0.5} for r in range(8)]
-    searcher = Searcher(make_vectors(dense, sparse), vocab_size=20)
+    searcher = searcher_for(make_vectors(dense, sparse), vocab_size=20)
     return searcher, make_query(basis(d, (0, 1.0)), {3: 1.0, 9: 1.0})
 
 
@@ -313,7 +323,7 @@ def test_query_with_empty_sparse_vector(random_index):
 def test_index_without_any_sparse_tokens():
     rng = np.random.default_rng(5)
     dense = unit_rows(rng, 30, 8)
-    searcher = Searcher(make_vectors(dense, [{} for _ in range(30)]), vocab_size=50)
+    searcher = searcher_for(make_vectors(dense, [{} for _ in range(30)]), vocab_size=50)
     query = make_query(unit_rows(rng, 1, 8)[0], {1: 1.0, 7: 0.5})
     assert not searcher.sparse_scores(query).any()
     assert [h.row for h in searcher.search(query, k=4, mode="sparse")] == [0, 1, 2, 3]
@@ -333,7 +343,7 @@ def test_weights_change_the_order():
     # Row 0: perfect dense match, no shared tokens. Row 1: orthogonal, strong lexical match. Row 2: neither.
     dense = np.stack([basis(d, (0, 1.0)), basis(d, (1, 1.0)), basis(d, (2, 1.0))])
     sparse = [{}, {5: 2.0}, {6: 1.0}]
-    searcher = Searcher(make_vectors(dense, sparse), vocab_size=10)
+    searcher = searcher_for(make_vectors(dense, sparse), vocab_size=10)
     query = make_query(basis(d, (0, 1.0)), {5: 1.0})
 
     default = searcher.search(query, k=3, mode="hybrid")  # 1*1 + 0.3*0 = 1.0 vs 1*0 + 0.3*2 = 0.6
@@ -359,7 +369,7 @@ def test_weights_change_the_order():
 def _contribution_index(vocab_size: int = 20) -> Searcher:
     dense = np.stack([basis(4, (0, 1.0)), basis(4, (1, 1.0))])
     sparse = [{3: 4.0, 7: 0.25, 10: 3.0, 11: 1.0}, {2: 1.0}]
-    return Searcher(make_vectors(dense, sparse), vocab_size=vocab_size)
+    return searcher_for(make_vectors(dense, sparse), vocab_size=vocab_size)
 
 
 def test_sparse_contributions_shared_tokens_sorted_by_contribution():
@@ -430,7 +440,7 @@ def _colbert_case():
         basis(d, (1, 1.0)),             # dense 0.0
     ])
     sparse = [{}, {4: 1.0}, {}, {}]
-    searcher = Searcher(make_vectors(dense, sparse), vocab_size=10)
+    searcher = searcher_for(make_vectors(dense, sparse), vocab_size=10)
     q_colbert = np.array([[1, 0, 0, 0], [0, 1, 0, 0]], dtype=np.float32)
     query = make_query(basis(d, (0, 1.0)), {4: 1.0}, colbert=q_colbert)
     doc_colbert = {
@@ -492,7 +502,7 @@ def test_colbert_weight_zero_keeps_the_hybrid_order():
 def test_colbert_ties_after_rerank_in_row_order():
     d = 4
     dense = np.stack([basis(d, (1, 1.0)), basis(d, (0, 1.0)), basis(d, (1, 1.0))])  # hybrid: row 1 first
-    searcher = Searcher(make_vectors(dense, [{}, {}, {}]), vocab_size=10)
+    searcher = searcher_for(make_vectors(dense, [{}, {}, {}]), vocab_size=10)
     query = make_query(basis(d, (0, 1.0)), {}, colbert=np.array([[1, 0, 0, 0]], dtype=np.float32))
     doc = {0: np.array([[1, 0, 0, 0]], np.float32), 1: np.array([[0, 0, 0, 0]], np.float32),
            2: np.array([[1, 0, 0, 0]], np.float32)}
@@ -562,8 +572,6 @@ def test_minmax_fusion_equals_brute_force(random_index):
 
 
 def test_rrf_fusion_equals_brute_force(random_index):
-    from bge_index.search import RRF_DEPTH, RRF_K
-
     for query, dense, sparse in random_index.queries:
         expected = [0.0] * len(dense)
         for scores in (dense, sparse):
@@ -593,8 +601,6 @@ def test_search_many_equals_one_by_one(random_index):
 
 
 def test_deleted_rows_are_never_returned():
-    from bge_index.vector_store import ShardVectors, invert
-
     rng = np.random.default_rng(3)
     dense = unit_rows(rng, 50, DIM).astype(np.float16)
     sparse = [random_sparse(rng, 5) for _ in range(50)]
@@ -622,7 +628,7 @@ def test_tokens_in_most_documents_use_dense_columns_and_stay_exact():
             tokens[9] = float(rng.random() + 0.01)  # in two thirds: also a dense column
         sparse.append(tokens)
     vectors = make_vectors(dense, sparse)
-    searcher = Searcher(vectors, vocab_size=VOCAB)
+    searcher = searcher_for(vectors, vocab_size=VOCAB)
     assert searcher.shards[0].heavy_ids.tolist() == [5, 9]
     q_sparse = {5: 0.4, 9: 0.7, 17: 0.2}
     query = make_query(unit_rows(rng, 1, DIM)[0], q_sparse)
@@ -634,8 +640,6 @@ def test_tokens_in_most_documents_use_dense_columns_and_stay_exact():
 
 
 def test_streaming_inversion_equals_the_whole_shard_inversion():
-    from bge_index.vector_store import invert, invert_streaming
-
     generator = np.random.default_rng(7)
     vocab, n_rows = 50, 300
     lengths = generator.integers(0, 12, n_rows)
@@ -650,3 +654,198 @@ def test_streaming_inversion_equals_the_whole_shard_inversion():
 
     for got, expected in zip(invert_streaming(groups, vocab), invert(indptr, indices, values, vocab)):
         np.testing.assert_array_equal(got, expected)
+
+
+# ---------------------------------------------------------------------------
+# The production path: a real index of several shards, with deletion sets and a compacted shard, opened the
+# way `bge-index search` opens it (memory-mapped search files), against brute force over the Parquet shards.
+
+
+WORDS = ["moon", "tides", "bread", "train", "garden", "octopus", "Mond", "lune", "tren", "compost", "earth",
+         "blue", "blood", "hearts", "sourdough", "starter", "alps", "steep"]
+STORE_QUERIES = ["moon tides", "the octopus has three hearts and blue blood", "bread garden compost train",
+                 "sourdough starter note 7", "zzqx"]
+
+
+def store_records(n: int, seed: int, prefix: str = "d") -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{"id": f"{prefix}{i}", "text": " ".join(rng.choice(WORDS, size=int(rng.integers(3, 10)))) + f" note {i}"}
+            for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def store_index(spread_model, tmp_path_factory):
+    """Three runs with 8-row shards: a first build, then updates and removals (deletion sets, one shard more
+    than half dead and so compacted), then more of them (a deletion set that grows, one in a newer shard)."""
+    root = tmp_path_factory.mktemp("store")
+    corpus, out = root / "c.jsonl", root / "ix"
+    options = ("--shard-rows", 8, "--dtype", "fp32", "--device", "cpu")
+    first = store_records(40, seed=1)
+    write_jsonl(corpus, first)
+    index(corpus, out, spread_model, *options)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["rows"] for s in manifest["shards"]] == [8] * 5
+    fifth = manifest["shards"][4]["file"]  # d32..d39
+
+    gone = {"d20", "d32", "d33", "d34", "d35", "d36"}
+    second = [dict(r, text=r["text"] + " edited") if r["id"] in ("d1", "d2", "d9") else r
+              for r in first if r["id"] not in gone] + store_records(5, seed=2, prefix="n")
+    write_jsonl(corpus, second)
+    index(corpus, out, spread_model, *options)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert fifth not in [s["file"] for s in manifest["shards"]]  # 5 of its 8 rows dead: compacted
+
+    third = [dict(r, text=r["text"] + " again") if r["id"] in ("d3", "d10", "n1") else r
+             for r in second if r["id"] not in ("d25", "n3")]
+    write_jsonl(corpus, third)
+    index(corpus, out, spread_model, *options)
+    return out, {r["id"]: r["text"] for r in third}
+
+
+@pytest.fixture(scope="module")
+def store_queries(spread_model) -> list[QueryVectors]:
+    """STORE_QUERIES encoded the way every search backend encodes queries, with the index's model."""
+    return encode_queries(load_encoder(str(spread_model), device="cpu", dtype="fp32"), STORE_QUERIES)
+
+
+def brute_force_rows(out) -> list[tuple[int, str, np.ndarray, dict[int, float]]]:
+    """(index row, id, dense, {token: weight}) of every live row, read with pyarrow and numpy only. Rows are
+    numbered over the manifest's shards in order, deleted rows included (the index's row order)."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    rows, start = [], 0
+    for shard in manifest["shards"]:
+        table = pq.read_table(out / shard["file"], columns=["id", "dense", "sparse"])
+        assert table.num_rows == shard["rows"]
+        deleted = set(np.load(out / shard["deleted_file"]).tolist()) if shard.get("deleted_file") else set()
+        dense = table.column("dense").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        dense = dense.astype(np.float64).reshape(table.num_rows, -1)
+        for local, (row_id, sparse) in enumerate(zip(table.column("id").to_pylist(),
+                                                     table.column("sparse").to_pylist())):
+            if local not in deleted:
+                rows.append((start + local, row_id, dense[local], dict(zip(sparse["indices"], sparse["values"]))))
+        start += shard["rows"]
+    return rows
+
+
+def brute_force_scores(rows, query: QueryVectors) -> tuple[dict[str, float], dict[str, float]]:
+    q_dense = query.dense.astype(np.float64)
+    q_sparse = dict(zip(query.sparse_ids.tolist(), query.sparse_weights.tolist()))
+    dense = {row_id: float(vector @ q_dense) for _, row_id, vector, _ in rows}
+    sparse = {row_id: sum(w * tokens.get(t, 0.0) for t, w in q_sparse.items()) for _, row_id, _, tokens in rows}
+    return dense, sparse
+
+
+def ranked(scores: dict[str, float], position: dict[str, int]) -> list[str]:
+    """Ids best first, equal scores in index order."""
+    return sorted(scores, key=lambda row_id: (-scores[row_id], position[row_id]))
+
+
+def has_near_tie(scores: dict[str, float], tol: float) -> bool:
+    values = sorted(scores.values())
+    return any(0 < b - a <= tol for a, b in zip(values, values[1:]))
+
+
+def assert_ranking_equals(got: list[tuple[str, float]], expected: dict[str, float], position: dict[str, int],
+                           k: int, tol: float) -> None:
+    """(id, score) hits are the brute-force top-k: same ids in the same order, scores within `tol`. Two ids may
+    swap only when their brute-force scores differ (no exact tie) by at most `tol`: float32 may order those
+    either way. Exact ties go in index order."""
+    want = ranked(expected, position)[:k]
+    ids = [row_id for row_id, _ in got]
+    assert len(ids) == len(want) == min(k, len(expected))
+    assert len(set(ids)) == len(ids)
+    for rank, ((got_id, score), want_id) in enumerate(zip(got, want)):
+        assert score == pytest.approx(expected[want_id], abs=tol), (rank, got_id, want_id)
+        if got_id != want_id:
+            assert 0 < abs(expected[got_id] - expected[want_id]) <= tol, (rank, ids, want)
+
+
+def expected_scores(rows, position, query: QueryVectors, weights: ScoreWeights, mode: str, fusion: str):
+    """{id: score} by brute force, or None for rrf over a ranking with a near-tie (float32 may order it
+    differently, and then the ranks and so the fused scores differ)."""
+    dense, sparse = brute_force_scores(rows, query)
+    if fusion == "rrf":
+        if has_near_tie(dense, TOL) or has_near_tie(sparse, TOL):
+            return None
+        fused = {row_id: 0.0 for row_id in dense}
+        for scores in (dense, sparse):
+            for rank, row_id in enumerate(ranked(scores, position)[:RRF_DEPTH], start=1):
+                fused[row_id] += 1.0 / (RRF_K + rank)
+        return fused
+    if mode == "dense":
+        return dense
+    if mode == "sparse":
+        return sparse
+    return {row_id: weights.dense * dense[row_id] + weights.sparse * sparse[row_id] for row_id in dense}
+
+
+STORE_CASES = [("dense", ScoreWeights(), "weighted"), ("sparse", ScoreWeights(), "weighted"),
+               ("hybrid", ScoreWeights(), "weighted"), ("hybrid", ScoreWeights(0.4, 1.0), "weighted"),
+               ("hybrid", ScoreWeights(), "rrf")]
+
+
+def test_store_is_multi_shard_with_deletions_and_a_compaction(store_index):
+    out, live = store_index
+    manifest = json.loads((out / "manifest.json").read_text())
+    shards = manifest["shards"]
+    assert len(shards) >= 6 and all(s["rows"] <= 8 for s in shards)
+    with_deletions = [s for s in shards if s.get("deleted_file")]
+    assert len(with_deletions) >= 3
+    assert any(np.load(out / s["deleted_file"]).size >= 3 for s in with_deletions)  # grew over two runs
+    assert len({s["file"].split("-")[1] for s in shards}) >= 2  # shards of several generations
+    assert sorted(row_id for _, row_id, _, _ in brute_force_rows(out)) == sorted(live)  # brute force sees the live rows
+
+
+@pytest.mark.parametrize("k", [1, 13, 1000])
+def test_memory_mapped_search_files_equal_brute_force(store_index, store_queries, k):
+    """The searcher `bge-index search` builds: open_store's memory-mapped shards (with their deletion masks)."""
+    out, _ = store_index
+    rows = brute_force_rows(out)
+    position = {row_id: row for row, row_id, _, _ in rows}
+    id_of = {row: row_id for row_id, row in position.items()}
+    manifest = read_manifest(out)
+    shards = open_store(out, manifest)
+    assert sum(shard.live is not None for shard in shards) >= 3  # deletion sets are in play
+    searcher = Searcher(shards, manifest.vocab_size)
+    checked = 0
+    for mode, weights, fusion in STORE_CASES:
+        results = searcher.search_many(store_queries, k, mode, weights, fusion=fusion)
+        for query, hits in zip(store_queries, results):
+            expected = expected_scores(rows, position, query, weights, mode, fusion)
+            if expected is None:
+                continue
+            assert all(hit.row in id_of for hit in hits)  # never a deleted row
+            got = [(id_of[hit.row], hit.score) for hit in hits]
+            assert_ranking_equals(got, expected, position, k, 1e-6 if fusion == "rrf" else TOL)
+            if fusion == "weighted":
+                dense, sparse = brute_force_scores(rows, query)
+                for hit in hits:
+                    assert hit.dense == pytest.approx(dense[id_of[hit.row]], abs=TOL)
+                    assert hit.sparse == pytest.approx(sparse[id_of[hit.row]], abs=TOL)
+            checked += 1
+    assert checked >= len(STORE_CASES) * len(STORE_QUERIES) - len(STORE_QUERIES) + 3  # rrf: most queries too
+
+
+def test_search_command_equals_brute_force(store_index, store_queries, tmp_path):
+    """End to end: `bge-index search --format json` (ids come from the shards, scores rounded to 6 places), with a
+    k above the number of live rows, so whole rankings are compared."""
+    out, _ = store_index
+    k = 1000
+    rows = brute_force_rows(out)
+    position = {row_id: row for row, row_id, _, _ in rows}
+    queries_file = tmp_path / "queries.jsonl"
+    write_jsonl(queries_file, [{"_id": str(i), "text": text} for i, text in enumerate(STORE_QUERIES)])
+    checked = 0
+    for mode, weights, fusion in STORE_CASES:
+        result = ok("search", out, "--queries", queries_file, "-k", k, "--mode", mode, "--fusion", fusion,
+                    "--dense-weight", weights.dense, "--sparse-weight", weights.sparse, "--format", "json")
+        answers = json.loads(result.stdout)
+        assert [a["query_id"] for a in answers] == [str(i) for i in range(len(STORE_QUERIES))]
+        for answer, query in zip(answers, store_queries):
+            expected = expected_scores(rows, position, query, weights, mode, fusion)
+            if expected is None:
+                continue
+            got = [(hit["id"], hit["score"]) for hit in answer["hits"]]
+            assert_ranking_equals(got, expected, position, k, 2e-6 if fusion == "rrf" else TOL)
+            checked += 1
+    assert checked >= len(STORE_CASES) * len(STORE_QUERIES) - len(STORE_QUERIES) + 3

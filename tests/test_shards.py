@@ -8,8 +8,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from bge_index.shards import (FORMAT_VERSION, MANIFEST_FILE, IndexFormatError, IndexWriter, Manifest, RowBatch,
-                              RowLocation, file_sha256, load_vectors, read_manifest, read_rows, verify_index)
+from helpers import load_vectors
+
+from bge_index.errors import IndexFormatError
+from bge_index.manifest import FORMAT_VERSION, MANIFEST_FILE, Manifest, RowLocation, file_sha256, read_manifest
+from bge_index.shard_reader import read_rows, verify_index
+from bge_index.shard_writer import IndexWriter, RowBatch
 
 DIM, COLBERT_DIM = 8, 4
 

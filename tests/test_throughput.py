@@ -4,30 +4,24 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, SAMPLE_CORPUS
-from typer.testing import CliRunner
+from helpers import REPO, SAMPLE_CORPUS, invoke, load_vectors, run_process
 
-from bge_index.cli import app
-from bge_index.encoder import ModelError, cpu_has_native_bf16, load_encoder
-from bge_index.pipeline import IndexOptions, build_index
-from bge_index.shards import load_vectors, read_manifest
-
-runner = CliRunner()
+from bge_index.encoder import load_encoder
+from bge_index.errors import ModelError
+from bge_index.model import cpu_has_native_bf16
+from bge_index.indexing import build_index
+from bge_index.run import IndexOptions
+from bge_index.manifest import read_manifest
 
 TEXTS = ["a short one", "the moon drifts away from the earth by a few centimetres a year " * 3,
          "sourdough needs a starter", "tides", "octopuses have three hearts and blue blood " * 2,
          "trains in the alps climb steep grades", "compost", "x"]
-
-
-def invoke(*args, env=None):
-    return runner.invoke(app, [str(a) for a in args], env=env)
 
 
 def vectors_by_id(index_dir: Path) -> dict[str, tuple[np.ndarray, dict[int, float]]]:
@@ -135,6 +129,7 @@ def test_index_run_with_out_of_memory_loses_and_reorders_nothing(tiny_model, fre
 # Several devices
 
 
+@pytest.mark.slow  # two whole sample-corpus runs, one on two encoder threads
 def test_devices_list_gives_the_same_index_as_one_device(tiny_model, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     assert invoke("index", SAMPLE_CORPUS, "--out", one, "--model", tiny_model, "--batch-tokens", "256",
@@ -189,14 +184,14 @@ def test_auto_precision_is_native_bf16_or_fp32_and_later_runs_keep_the_index_own
 # The GPU benchmark script runs anywhere
 
 
+@pytest.mark.slow
 def test_gpu_bench_script_runs_on_cpu_with_a_tiny_checkpoint(tiny_model, tmp_path):
     # Everything the script needs is given, so it runs without ../shared (a clean clone has none).
     env = {**os.environ, "BENCH_MODEL": str(tiny_model), "BENCH_CORPUS": str(SAMPLE_CORPUS), "BENCH_DOCUMENTS": "40",
            "BENCH_DEVICE": "cpu", "BENCH_NO_REFERENCE": "1", "BENCH_WORK": str(tmp_path), "PYTHON": sys.executable,
            "BENCH_SHARED": str(tmp_path / "no-shared")}
     env.pop("BGE_INDEX_DTYPE")
-    result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_bench.sh")], env=env, capture_output=True,
-                            text=True, timeout=600)
+    result = run_process(["bash", str(REPO / "benchmarks" / "gpu_bench.sh")], env=env, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     table = result.stdout
     assert "bge-index" in table and "docs/s" in table and "MFU" in table

@@ -1,0 +1,90 @@
+"""The `bge-index` command: a thin Typer layer over the library, and the only part of bge-index that prints.
+
+This package turns flags (with BGE_INDEX_* environment fallbacks) into
+library calls, shows progress on stderr and results on stdout. This module
+owns the Typer `app` (which commands exist, under which names), `--version`,
+and the one mapping of library errors to what the user sees: every command
+runs inside `run_library_call`, so a `BgeIndexError` from anywhere becomes
+one line, `bge-index: error: MESSAGE`, and its exit code (1 failure,
+2 usage, 75 index busy; 130 for an interrupt), never a traceback.
+
+One module per command (index, search, eval, info, verify, export), with
+display.py for the printing they share and options.py for shared options.
+No module imports torch at import time: only `search`, `eval` and an `index`
+run with something to encode load the model, inside the command.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Annotated, TypeVar
+
+import typer
+
+from bge_index import __version__
+from bge_index.cli import eval as eval_command
+from bge_index.cli import export, index, info, search, verify
+from bge_index.cli.display import error, stderr, stdout
+from bge_index.errors import BgeIndexError
+
+T = TypeVar("T")
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+
+app = typer.Typer(
+    name="bge-index",
+    help="Index documents into BGE-M3 sparse + dense vectors (Parquet shards) and search them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def run_library_call(action: Callable[[], T]) -> T:
+    """Run `action`, turning a library error into one clear line and its exit code, an interrupt into 130."""
+    try:
+        return action()
+    except BgeIndexError as failure:
+        error(str(failure))
+        raise typer.Exit(failure.exit_code) from None
+    except KeyboardInterrupt:
+        stderr.print("bge-index: interrupted")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+def library_command(command: Callable[..., None]) -> Callable[..., None]:
+    """`command` with its errors mapped by `run_library_call`; Typer still sees its signature (`functools.wraps`)."""
+
+    @functools.wraps(command)
+    def mapped(*args, **kwargs) -> None:
+        return run_library_call(lambda: command(*args, **kwargs))
+
+    return mapped
+
+
+def _version(value: bool) -> None:
+    if value:
+        stdout.print(f"bge-index {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    """Index documents into BGE-M3 sparse + dense vectors (Parquet shards) and search them."""
+
+
+app.command("index")(library_command(index.index))
+app.command("search")(library_command(search.search))
+app.command("eval")(library_command(eval_command.evaluate_index))
+app.command("info")(library_command(info.info))
+app.command("verify")(library_command(verify.verify))
+
+export_app = typer.Typer(help="Copy an index into a search engine that serves it at scale.", no_args_is_help=True)
+export_app.command("milvus")(library_command(export.export_milvus))
+app.add_typer(export_app, name="export")
+
+
+def main() -> None:
+    """The console script `bge-index` (and `python -m bge_index`)."""
+    app()

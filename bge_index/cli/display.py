@@ -1,0 +1,237 @@
+"""What the commands print, and where: the two consoles and the printing more than one command shares.
+
+Results go to stdout, everything else (progress, warnings, notes, errors) to
+stderr, so `bge-index search ... --format jsonl > hits.jsonl` stays clean.
+This module owns
+- the consoles and the one-line message styles (`error`, `warning`, `note`);
+- search results in each output format (table, json, jsonl, tsv, trec);
+- the index run's progress display and its closing summary;
+- writing a file a command was asked for (`write_output`: an OSError becomes
+  an OutputError, one line, exit 1);
+- sizes for people (`human_bytes`).
+
+Nothing here imports torch or runs the model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from bge_index.cli.options import ResultFormat
+from bge_index.document_types import Skipped
+from bge_index.errors import OutputError
+from bge_index.query import QueryResult, RankedDocument
+from bge_index.run import IndexEvents, IndexProgress, IndexSummary
+
+SNIPPET_CHARS = 90
+
+stdout = Console(highlight=False, soft_wrap=True)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+# ---------------------------------------------------------------------------
+# Messages
+
+
+def error(message: str) -> None:
+    """`bge-index: error: MESSAGE` on stderr (the caller exits)."""
+    stderr.print(f"bge-index: error: {escape(message)}")
+
+
+def warning(message: str) -> None:
+    """`bge-index: warning: MESSAGE` on stderr."""
+    stderr.print(f"bge-index: warning: {escape(message)}")
+
+
+def note(message: str) -> None:
+    """`bge-index: note: MESSAGE` on stderr."""
+    stderr.print(f"bge-index: note: {message}", markup=False)
+
+
+def write_output(path: Path, text: str, option: str) -> None:
+    """Write a file the user asked for (`--report`); failing to is an OutputError naming the option."""
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as failure:
+        raise OutputError(f"{option} {path}: cannot write it: {failure.strerror or failure}") from None
+
+
+def write_json(path: Path, data: dict, option: str) -> None:
+    """`write_output` of an indented JSON document."""
+    write_output(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n", option)
+
+
+def human_bytes(size: int) -> str:
+    """1536 -> '1.5 KB' (binary units, up to GB)."""
+    if size < 1024:
+        return f"{size} B"
+    value = size / 1024
+    for unit in ("KB", "MB"):
+        if value < 1024:
+            return f"{value:,.1f} {unit}"
+        value /= 1024
+    return f"{value:,.1f} GB"
+
+
+# ---------------------------------------------------------------------------
+# Search results
+
+
+def print_results(results: list[QueryResult], output_format: ResultFormat, mode: str, run_tag: str) -> None:
+    """Print search results on stdout in `output_format`; `mode` titles tables, `run_tag` ends TREC lines."""
+    if output_format is ResultFormat.table:
+        _print_table(results, mode)
+    elif output_format is ResultFormat.json:
+        payload = [{"query_id": r.query.id, "query": r.query.text, "mode": mode,
+                    "hits": [{k: v for k, v in _hit_json(r, h).items() if k != "query_id"} for h in r.hits]}
+                   for r in results]
+        sys.stdout.write(json.dumps(payload, ensure_ascii=False, indent=2) + "\n")
+    elif output_format is ResultFormat.jsonl:
+        for result in results:
+            for ranked in result.hits:
+                sys.stdout.write(json.dumps(_hit_json(result, ranked), ensure_ascii=False) + "\n")
+    elif output_format is ResultFormat.tsv:
+        sys.stdout.write("query_id\trank\tid\tscore\tdense\tsparse\n")
+        for result in results:
+            for r in result.hits:
+                sys.stdout.write(f"{_tsv_field(result.query.id)}\t{r.rank}\t{_tsv_field(r.id)}\t{r.hit.score:.6f}\t"
+                                 f"{r.hit.dense:.6f}\t{r.hit.sparse:.6f}\n")
+    else:  # TREC run format: qid Q0 docid rank score tag (whitespace-separated, so no spaces in ids)
+        for result in results:
+            for r in result.hits:
+                sys.stdout.write(f"{_trec_token(result.query.id)} Q0 {_trec_token(r.id)} {r.rank} "
+                                 f"{r.hit.score:.6f} {_trec_token(run_tag)}\n")
+
+
+def _print_table(results: list[QueryResult], mode: str) -> None:
+    for result in results:
+        table = Table(title=f"{escape(result.query.text)}  [dim]({mode})[/dim]", title_justify="left")
+        table.add_column("rank", justify="right")
+        table.add_column("score", justify="right")
+        table.add_column("id", overflow="fold")
+        table.add_column("snippet")
+        explain = any(r.top_tokens for r in result.hits)
+        if explain:
+            table.add_column("matching tokens (q_w·d_w)")
+        for ranked in result.hits:
+            row = [str(ranked.rank), f"{ranked.hit.score:.4f}", escape(ranked.id), escape(_snippet(ranked.text))]
+            if explain:
+                row.append(escape(", ".join(f"{t} {c:.3f}" for t, c in ranked.top_tokens)))
+            table.add_row(*row)
+        stdout.print(table)
+
+
+def _hit_json(result: QueryResult, ranked: RankedDocument) -> dict:
+    record = {"query_id": result.query.id, "rank": ranked.rank, "id": ranked.id, "score": round(ranked.hit.score, 6),
+              "dense": round(ranked.hit.dense, 6), "sparse": round(ranked.hit.sparse, 6)}
+    if ranked.hit.colbert is not None:
+        record["colbert"] = round(ranked.hit.colbert, 6)
+    if ranked.passage_id is not None:
+        record["passage"] = ranked.passage_id
+    if ranked.text is not None:
+        record["text"] = ranked.text
+    if ranked.top_tokens:
+        record["tokens"] = [{"token": t, "contribution": round(c, 6)} for t, c in ranked.top_tokens]
+    return record
+
+
+def _snippet(text: str | None) -> str:
+    if not text:
+        return ""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= SNIPPET_CHARS else flat[: SNIPPET_CHARS - 1] + "…"
+
+
+def _tsv_field(value: str) -> str:
+    return value.replace("\t", " ").replace("\n", " ")
+
+
+def _trec_token(value: str) -> str:
+    return re.sub(r"\s", "_", value)
+
+
+# ---------------------------------------------------------------------------
+# Index runs
+
+
+class IndexDisplay(IndexEvents):
+    """An index run's progress on stderr: a live line on a terminal, else a plain line every `every` seconds.
+
+    Plain lines suit cron logs; skipped records and warnings are printed as they come, unless quiet.
+    """
+
+    def __init__(self, quiet: bool, every: float) -> None:
+        self.quiet = quiet
+        self.every = every
+        self.live = stderr.is_terminal and not quiet
+        self.last_line = float("-inf")  # the first progress line comes at once, then one every `every` s
+        self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                            console=stderr, transient=True, disable=not self.live)
+        self.task = self.bar.add_task("reading documents…", total=None)
+
+    def __enter__(self) -> "IndexDisplay":
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.stop()
+
+    def skipped(self, item: Skipped) -> None:
+        """A record that could not be indexed: `file:line: skipped: reason`."""
+        if not self.quiet:
+            self.bar.console.print(f"{escape(item.location)}: skipped: {escape(item.reason)}")
+
+    def warning(self, message: str) -> None:
+        """Something the user should know that does not stop the run."""
+        if not self.quiet:
+            self.bar.console.print(f"bge-index: warning: {escape(message)}")
+
+    def progress(self, state: IndexProgress) -> None:
+        """Update the live line, or print a plain one when `every` seconds have passed."""
+        if self.live:
+            self.bar.update(self.task, description=_progress_line(state))
+        elif not self.quiet and time.monotonic() - self.last_line >= self.every:
+            self.last_line = time.monotonic()
+            stderr.print(f"bge-index: {time.strftime('%H:%M:%S')} {_progress_line(state)} "
+                         f"({state.elapsed:,.0f} s)", markup=False)
+
+
+def _progress_line(state: IndexProgress) -> str:
+    rate = state.encoded / state.elapsed if state.elapsed else 0.0
+    token_rate = state.tokens / state.elapsed if state.elapsed else 0.0
+    return (f"{state.documents:,} documents read, {state.encoded:,} encoded · {rate:,.1f} docs/s · "
+            f"{token_rate:,.0f} tokens/s")
+
+
+def print_index_summary(summary: IndexSummary) -> None:
+    """What an index run did, on stdout: counts, speed, skips, truncations, the index's size."""
+    lines = []
+    verb = "Would change" if summary.dry_run else "Interrupted; saved" if summary.interrupted else "Updated"
+    lines.append(f"{verb} {summary.index_dir}: {summary.added:,} added, {summary.updated:,} updated, "
+                 f"{summary.unchanged:,} unchanged, {summary.removed:,} removed")
+    if not summary.dry_run:
+        lines.append(f"  encoded {summary.rows:,} rows ({summary.tokens:,} tokens) in {summary.elapsed:.1f} s: "
+                     f"{summary.documents_per_second:,.1f} docs/s, {summary.tokens_per_second:,.0f} tokens/s")
+    skipped = sum(summary.skipped.values())
+    reasons = ", ".join(f"{reason}: {count}" for reason, count in summary.skipped.most_common())
+    lines.append(f"  skipped: {skipped:,}" + (f" ({reasons})" if reasons else ""))
+    if summary.duplicates:
+        lines.append(f"  duplicate ids (last occurrence kept): {summary.duplicates:,}")
+    lines.append(f"  truncated to {summary.max_length:,} tokens: {summary.truncated:,}")
+    if not summary.dry_run:
+        state = "" if summary.wrote else ", nothing to write"
+        lines.append(f"  index: {summary.live_rows:,} rows in {summary.shards} shards ({human_bytes(summary.bytes)})"
+                     f"{state}; model: {summary.model}")
+    if summary.interrupted:
+        lines.append("  stopped early: run the same command again to finish")
+    for line in lines:
+        stdout.print(line, markup=False)

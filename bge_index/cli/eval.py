@@ -1,0 +1,144 @@
+"""`bge-index eval`: retrieval quality per mode against relevance judgments, as trec_eval defines it.
+
+This module owns the `eval` flags, the order of the work (every input and
+output path is checked before the model loads), the TREC run files of
+--runs, the metric table, and the notes on which judged queries are left
+out of the means and why. The metrics are evaluation.py's; the searching
+is `LocalIndex`'s, imported inside the command (it loads torch).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from bge_index.cli.display import note, stdout
+from bge_index.cli.options import Device, Dtype, IndexDir, QueryDtype, QueryModel, ReportFormat, check_output_folder
+from bge_index.documents import read_queries
+from bge_index.errors import EvaluationInputError, InvalidOptionError, OutputError
+from bge_index.evaluation import QueryCoverage, evaluate, parse_metrics, query_coverage, read_qrels, write_trec_run
+from bge_index.query import Fusion, Mode, Normalize, Query, ScoreWeights, SearchRequest
+
+SHOWN_IDS = 5  # query ids named in a note before "…"
+
+
+def evaluate_index(
+    index_dir: IndexDir,
+    queries: Annotated[str, typer.Option("--queries", help="Queries: BEIR queries.jsonl (_id + text) or TSV.")],
+    qrels: Annotated[Path, typer.Option("--qrels", help="Judgments: BEIR qrels.tsv (with header) or TREC qrels.")],
+    modes: Annotated[str, typer.Option(help="Comma-separated modes to compare.")] = "dense,sparse,hybrid",
+    metrics: Annotated[str, typer.Option(help="Comma-separated: ndcg@k, recall@k, precision@k, mrr@k, map, map@k.")]
+    = "ndcg@10,recall@100,mrr@10,map",
+    depth: Annotated[int, typer.Option(min=1, help="Documents retrieved per query (the run's length).")] = 1000,
+    runs: Annotated[Optional[Path], typer.Option("--runs", help="Also write a TREC run per mode into this folder.")] = None,
+    fusion: Annotated[Fusion, typer.Option(help="Hybrid fusion.")] = Fusion.WEIGHTED,
+    normalize: Annotated[Normalize, typer.Option(help="Weighted hybrid: min-max normalise first.")] = Normalize.NONE,
+    dense_weight: Annotated[float, typer.Option(help="Weight of the dense score.")] = 1.0,
+    sparse_weight: Annotated[float, typer.Option(help="Weight of the sparse score.")] = 0.3,
+    group_by_doc: Annotated[bool, typer.Option("--group-by-doc", help="Judge documents by their best passage.")] = False,
+    output_format: Annotated[ReportFormat, typer.Option("--format", help="Output format.")] = ReportFormat.table,
+    model: QueryModel = None,
+    device: Device = "auto",
+    dtype: QueryDtype = Dtype("auto"),
+) -> None:
+    """Score retrieval quality per mode against relevance judgments (trec_eval's metric definitions)."""
+    mode_list = parse_modes(modes)
+    try:
+        metric_list = parse_metrics(metrics)
+    except EvaluationInputError as error:
+        raise InvalidOptionError(f"--metrics: {error}") from None
+    check_output_folder(runs, "--runs")
+    requests = {mode: SearchRequest(k=depth, mode=mode, weights=ScoreWeights(dense_weight, sparse_weight),
+                                    fusion=fusion, normalize=normalize, group_by_doc=group_by_doc, with_text=False)
+                for mode in mode_list}
+    judgments = read_qrels(qrels)
+    query_list = [Query(d.id, d.text) for d in read_queries(queries)]
+    coverage = query_coverage({q.id: () for q in query_list}, judgments)
+    if not coverage.evaluated:
+        raise EvaluationInputError(f"no query to evaluate: no query of --queries {queries} has a relevant judgment "
+                                   f"in --qrels {qrels} (do the query ids match?)")
+
+    from bge_index.local_index import LocalIndex  # loads torch and the model
+
+    opened = LocalIndex(index_dir, model=model, device=device, dtype=dtype.value)
+    table_rows = {}
+    try:
+        for mode, request in requests.items():
+            results = opened.search(query_list, request)
+            run = {r.query.id: [(h.id, h.hit.score) for h in r.hits] for r in results}
+            if runs is not None:
+                write_run(runs / f"{mode.value}.trec", run, f"bge-index-{mode.value}")
+            table_rows[mode.value] = evaluate(run, judgments, metric_list)
+    finally:
+        opened.close()
+    if output_format is ReportFormat.json:
+        sys.stdout.write(json.dumps({"index_dir": str(index_dir), "queries_evaluated": len(coverage.evaluated),
+                                     "metrics": table_rows}, indent=2) + "\n")
+    else:
+        table = Table(title=f"{escape(str(index_dir))}: {len(coverage.evaluated)} queries with judgments",
+                      title_justify="left")
+        table.add_column("mode")
+        for metric in metric_list:
+            table.add_column(metric.name, justify="right")
+        for mode_name, values in table_rows.items():
+            table.add_row(mode_name, *(f"{values[m.name]:.4f}" for m in metric_list))
+        stdout.print(table)
+    for message in coverage_notes(coverage):
+        note(message)
+
+
+def parse_modes(text: str) -> list[Mode]:
+    """`dense,sparse,hybrid` -> [Mode.DENSE, ...]; an unknown or missing mode is a usage error."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    known = {mode.value for mode in Mode}
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        raise InvalidOptionError(f"--modes: unknown mode(s) {', '.join(unknown) or '(none)'} "
+                                 f"(use {', '.join(mode.value for mode in Mode)})")
+    return [Mode(name) for name in names]
+
+
+def write_run(path: Path, run: dict, tag: str) -> None:
+    """One mode's TREC run file; a folder or file that cannot be written is an OutputError."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", encoding="utf-8") as stream:
+            write_trec_run(stream, run, tag)
+    except OSError as failure:
+        raise OutputError(f"--runs: cannot write {path}: {failure.strerror or failure}") from None
+
+
+def coverage_notes(coverage: QueryCoverage) -> list[str]:
+    """Why judged queries are left out of the means, one note per cause, each naming its queries."""
+    notes = []
+    if coverage.missing_from_run:
+        notes.append(f"{_count(coverage.missing_from_run)} with a relevant document "
+                     f"{_are(coverage.missing_from_run)} not in the queries file ({_ids(coverage.missing_from_run)}) "
+                     "and left out of the means")
+    if coverage.without_relevant:
+        notes.append(f"{_count(coverage.without_relevant)} {_have(coverage.without_relevant)} no relevant document "
+                     f"({_ids(coverage.without_relevant)}) and {_are(coverage.without_relevant)} left out of the means")
+    return notes
+
+
+def _count(ids: tuple[str, ...]) -> str:
+    return f"{len(ids)} judged {'query' if len(ids) == 1 else 'queries'}"
+
+
+def _are(ids: tuple[str, ...]) -> str:
+    return "is" if len(ids) == 1 else "are"
+
+
+def _have(ids: tuple[str, ...]) -> str:
+    return "has" if len(ids) == 1 else "have"
+
+
+def _ids(ids: tuple[str, ...]) -> str:
+    shown = ", ".join(ids[:SHOWN_IDS])
+    return shown + (", …" if len(ids) > SHOWN_IDS else "")

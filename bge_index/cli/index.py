@@ -1,0 +1,127 @@
+"""`bge-index index`: create or update an index, with progress, a summary, and stop requests honoured.
+
+This module owns the `index` flags (and which ones need which engine), the
+SIGINT/SIGTERM handling that asks a run to stop at the next batch boundary,
+and the `--report` file. The work is the library's: `indexing.build_index`
+(local engine) or `ray_engine.build_index_on_ray`, both torch-free at import:
+the model, and torch with it, load only when something needs encoding.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from bge_index.cli.display import IndexDisplay, print_index_summary, stderr, write_json
+from bge_index.cli.options import Device, Devices, Dtype, Engine, Quiet, check_output_file
+from bge_index.documents import FieldNames
+from bge_index.errors import UsageError
+from bge_index.model import DEFAULT_MODEL
+from bge_index.run import IndexOptions, IndexSummary
+
+
+def index(
+    paths: Annotated[list[str], typer.Argument(help="Files, folders (recursive), globs, or - for JSONL on stdin.",
+                                               show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", envvar="BGE_INDEX_OUT", help="Index folder to create or update.")],
+    model: Annotated[str, typer.Option(envvar="BGE_INDEX_MODEL", help="Hub id or local model folder.")] = DEFAULT_MODEL,
+    device: Device = "auto",
+    devices: Devices = None,
+    dtype: Annotated[Dtype, typer.Option(envvar="BGE_INDEX_DTYPE",
+                                         help="auto: the index's own; for a new index fp16 on CUDA, bf16 on CPUs "
+                                              "with native bf16, fp32 elsewhere.")] = Dtype("auto"),
+    batch_tokens: Annotated[int, typer.Option(min=1, envvar="BGE_INDEX_BATCH_TOKENS",
+                                              help="Padded tokens per forward pass.")] = 16384,
+    max_length: Annotated[int, typer.Option(min=2, envvar="BGE_INDEX_MAX_LENGTH",
+                                            help="Longer documents are truncated (and counted).")] = 8192,
+    shard_rows: Annotated[int, typer.Option(min=1, envvar="BGE_INDEX_SHARD_ROWS", help="Rows per shard file.")] = 100_000,
+    chunk_tokens: Annotated[Optional[int], typer.Option(min=3, envvar="BGE_INDEX_CHUNK_TOKENS",
+                                                        help="Split documents into passages of N tokens.")] = None,
+    chunk_overlap: Annotated[int, typer.Option(min=0, envvar="BGE_INDEX_CHUNK_OVERLAP",
+                                               help="Tokens shared by consecutive passages.")] = 0,
+    colbert: Annotated[bool, typer.Option("--colbert", help="Also store ColBERT multi-vectors.")] = False,
+    store_text: Annotated[bool, typer.Option("--store-text/--no-store-text", help="Keep document text in shards.")] = True,
+    id_field: Annotated[Optional[str], typer.Option(help="Id field/column (default: id, _id or docid).")] = None,
+    text_field: Annotated[Optional[str], typer.Option(help="Text field/column (default: text or contents).")] = None,
+    keep_missing: Annotated[bool, typer.Option("--keep-missing", help="Keep indexed documents missing from the inputs.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Report what would be added/updated/removed; write nothing.")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="If another run holds the index, wait for it instead of exiting 75.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Any bad document fails the run (exit 1) before writing.")] = False,
+    report: Annotated[Optional[Path], typer.Option(envvar="BGE_INDEX_REPORT", help="Write the run summary as JSON here.")] = None,
+    quiet: Quiet = False,
+    progress_every: Annotated[float, typer.Option(min=0.1, envvar="BGE_INDEX_PROGRESS_SECONDS",
+                                                  help="Seconds between progress lines when stderr is not a terminal.")] = 30.0,
+    engine: Annotated[Engine, typer.Option(envvar="BGE_INDEX_ENGINE",
+                                           help="local: this process; ray: read and encode on a Ray cluster (bge-index[ray]).")] = Engine.local,
+    ray_address: Annotated[Optional[str], typer.Option(envvar="BGE_INDEX_RAY_ADDRESS",
+                                                       help="--engine ray: cluster to join (auto, ray://HOST:PORT); default: a local Ray on loopback.")] = None,
+    workers: Annotated[int, typer.Option(min=1, envvar="BGE_INDEX_WORKERS", help="--engine ray: encoding actors (each loads the model once).")] = 1,
+    gpus_per_worker: Annotated[float, typer.Option(min=0, envvar="BGE_INDEX_GPUS_PER_WORKER", help="--engine ray: GPUs per actor (0: CPU).")] = 0.0,
+    cpus_per_worker: Annotated[Optional[float], typer.Option(min=0.01, envvar="BGE_INDEX_CPUS_PER_WORKER",
+                                                             help="--engine ray: CPUs each actor reserves (default: 1 on a cluster; locally all CPUs but one, shared).")] = None,
+) -> None:
+    """Create or update an index: encode new and changed documents, retire changed and missing ones."""
+    if engine is Engine.local and (ray_address is not None or workers != 1 or gpus_per_worker or cpus_per_worker):
+        raise UsageError("--ray-address, --workers, --gpus-per-worker and --cpus-per-worker need --engine ray")
+    if engine is Engine.ray and devices is not None:
+        raise UsageError("--devices is for the local engine; with --engine ray use --workers and --gpus-per-worker")
+    check_output_file(report, "--report")
+    options = IndexOptions(model=model, device=device, devices=devices, dtype=dtype.value, batch_tokens=batch_tokens,
+                           max_length=max_length, shard_rows=shard_rows, colbert=colbert, store_text=store_text,
+                           strict=strict, fields=FieldNames.from_options(id_field, text_field),
+                           chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap, keep_missing=keep_missing,
+                           dry_run=dry_run, wait=wait)
+
+    def run_index(display: IndexDisplay, should_stop) -> IndexSummary:
+        if engine is Engine.local:
+            from bge_index.indexing import build_index
+
+            return build_index(paths, out, options, events=display, should_stop=should_stop)
+        from bge_index.ray_engine import RayOptions, build_index_on_ray
+
+        ray_options = RayOptions(address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker,
+                                 cpus_per_worker=cpus_per_worker)
+        return build_index_on_ray(paths, out, options, ray_options, events=display, should_stop=should_stop)
+
+    with StopRequests() as stop, IndexDisplay(quiet, progress_every) as display:
+        summary = run_index(display, stop.requested)
+    if not quiet:
+        print_index_summary(summary)
+    if report is not None:
+        write_json(report, summary.to_json(), "--report")
+    if summary.interrupted:
+        raise typer.Exit(128 + (stop.signal_number or signal.SIGINT))
+
+
+class StopRequests:
+    """SIGINT/SIGTERM ask the run to stop at the next batch boundary; a second one stops at once.
+
+    A context manager: the previous handlers come back on exit.
+    """
+
+    def __init__(self) -> None:
+        self.signal_number: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def requested(self) -> bool:
+        """Whether a stop was asked for (the engines poll this between batches)."""
+        return self.signal_number is not None
+
+    def _handle(self, signal_number: int, _frame) -> None:
+        if self.signal_number is not None:
+            raise KeyboardInterrupt
+        self.signal_number = signal_number
+        stderr.print(f"bge-index: {signal.Signals(signal_number).name} received: finishing the current batch "
+                     "and saving what is done (send it again to abort)")
+
+    def __enter__(self) -> "StopRequests":
+        for signal_number in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signal_number] = signal.signal(signal_number, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signal_number, handler in self._previous.items():
+            signal.signal(signal_number, handler)

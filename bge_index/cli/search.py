@@ -1,0 +1,89 @@
+"""`bge-index search`: one query or a file of queries against an index or its Milvus export.
+
+This module owns the `search` flags, turns them into a `query.SearchRequest`,
+opens the backend (`LocalIndex`, or `MilvusBackend` with --backend milvus),
+prints its notes as warnings and its results in the chosen format. The
+backends validate the request themselves (what Milvus cannot do included).
+They load the model, so they are imported here, inside the command: the
+rest of the CLI never imports torch.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from bge_index.cli.display import print_results, warning
+from bge_index.cli.options import Backend, Device, Dtype, IndexDir, QueryDtype, QueryModel, ResultFormat
+from bge_index.documents import read_queries
+from bge_index.errors import UsageError
+from bge_index.query import Fusion, Mode, Normalize, Query, ScoreWeights, SearchBackend, SearchRequest
+
+
+def search(
+    index_dir: IndexDir,
+    query: Annotated[Optional[str], typer.Argument(help="Query text (or use --queries).", show_default=False)] = None,
+    k: Annotated[int, typer.Option("-k", "--top-k", min=1, envvar="BGE_INDEX_K", help="Results per query.")] = 10,
+    mode: Annotated[Mode, typer.Option(envvar="BGE_INDEX_MODE", help="Scoring mode.")] = Mode.HYBRID,
+    dense_weight: Annotated[float, typer.Option(help="Weight of the dense (cosine) score.")] = 1.0,
+    sparse_weight: Annotated[float, typer.Option(help="Weight of the sparse (lexical) score.")] = 0.3,
+    colbert_weight: Annotated[float, typer.Option(help="Weight of ColBERT MaxSim (colbert mode).")] = 1.0,
+    queries: Annotated[Optional[str], typer.Option("--queries", help="JSONL (_id/id + text) or TSV (id<TAB>text); - for stdin.")] = None,
+    output_format: Annotated[ResultFormat, typer.Option("--format", envvar="BGE_INDEX_FORMAT", help="Output format.")] = ResultFormat.table,
+    explain: Annotated[bool, typer.Option("--explain", help="Show the query tokens that matched, with their contributions.")] = False,
+    group_by_doc: Annotated[bool, typer.Option("--group-by-doc", help="Rank documents by their best passage (chunked indexes).")] = False,
+    fusion: Annotated[Fusion, typer.Option(envvar="BGE_INDEX_FUSION", help="Hybrid: weighted sum, or reciprocal rank fusion (k=60).")] = Fusion.WEIGHTED,
+    normalize: Annotated[Normalize, typer.Option(help="Weighted hybrid: min-max normalise dense and sparse scores first.")] = Normalize.NONE,
+    model: QueryModel = None,
+    device: Device = "auto",
+    dtype: QueryDtype = Dtype("auto"),
+    run_tag: Annotated[str, typer.Option(help="Run name in the last TREC column.")] = "bge-index",
+    backend: Annotated[Backend, typer.Option(envvar="BGE_INDEX_BACKEND",
+                                             help="local: this index's files; milvus: a collection exported from it.")] = Backend.local,
+    uri: Annotated[Optional[str], typer.Option(envvar="BGE_INDEX_MILVUS_URI", help="--backend milvus: a Milvus Lite file or a server URL.")] = None,
+    collection: Annotated[Optional[str], typer.Option(envvar="BGE_INDEX_MILVUS_COLLECTION", help="--backend milvus: collection name.")] = None,
+    token: Annotated[Optional[str], typer.Option(envvar="BGE_INDEX_MILVUS_TOKEN", help="--backend milvus: server token (user:password).")] = None,
+    route_limit: Annotated[Optional[int], typer.Option(min=1, help="--backend milvus, hybrid: rows each route (dense, sparse) returns before fusion; default max(5k, 100).")] = None,
+) -> None:
+    """Search an index with one query or a file of queries."""
+    if (query is None) == (queries is None):
+        raise UsageError("give either a query or --queries FILE (not both)")
+    if backend is Backend.milvus and not (uri and collection):
+        raise UsageError("--backend milvus needs --uri and --collection")
+    if backend is Backend.local and (uri or collection or route_limit):
+        raise UsageError("--uri, --collection and --route-limit need --backend milvus")
+    request = SearchRequest(k=k, mode=mode, weights=ScoreWeights(dense_weight, sparse_weight, colbert_weight),
+                            fusion=fusion, normalize=normalize, explain=explain, group_by_doc=group_by_doc,
+                            with_text=output_format is not ResultFormat.trec)
+    if backend is Backend.milvus:
+        from bge_index.milvus import MilvusBackend
+
+        MilvusBackend.check_request(request)  # before the model loads
+    query_list = [Query("1", query)] if query is not None else [Query(d.id, d.text) for d in read_queries(queries)]
+    opened = open_backend(backend, index_dir, model, device, dtype.value,
+                          uri=uri, collection=collection, token=token, route_limit=route_limit)
+    try:
+        for message in opened.notes:
+            warning(message)
+        results = opened.search(query_list, request)
+    finally:
+        opened.close()
+    print_results(results, output_format, mode.value, run_tag)
+
+
+def open_backend(backend: Backend, index_dir: Path, model: str | None, device: str, dtype: str, *,
+                 uri: str | None = None, collection: str | None = None, token: str | None = None,
+                 route_limit: int | None = None) -> SearchBackend:
+    """The backend to search (it loads the model: torch is imported here, not before)."""
+    if backend is Backend.milvus:
+        from bge_index.milvus import MilvusBackend
+
+        logging.getLogger("pymilvus").setLevel(logging.CRITICAL)  # its errors reach the user as MilvusError
+        return MilvusBackend(index_dir, uri, collection, model=model, device=device, dtype=dtype, token=token,
+                             route_limit=route_limit)
+    from bge_index.local_index import LocalIndex
+
+    return LocalIndex(index_dir, model=model, device=device, dtype=dtype)

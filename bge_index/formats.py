@@ -1,0 +1,637 @@
+"""Input formats: one reader per format, each turning one file into `Document`s and `Skipped` records.
+
+Owns every input format: .txt/.md (one document per file), .jsonl/.ndjson, .csv/.tsv
+with a header row, and .parquet, each also gzip-compressed as `.gz`; the rules for
+ids, titles and text fields (`record_to_document`); what counts as bad input and
+the `SkipReason` code of each kind; and query files (`read_queries`).
+
+A bad record never stops a reader: it becomes a `Skipped` item, in order, in the
+same stream. A skip whose record's id is not known (a malformed line, a bad row)
+hides documents: the line may have held any indexed id, whose good copy must stay;
+one whose id is known carries it (`Skipped.doc_id`). Hostile input is a skip too:
+JSON nested past the recursion limit, lone surrogates (not valid Unicode: UTF-8
+cannot store them), control characters in ids (ids are keys, printed in TSV and
+TREC), FIFOs, sockets and devices (never opened: a FIFO blocks), broken symlinks.
+Control characters in a text are kept, NUL included: the text is stored and
+tokenised as it is (a .txt/.md with NUL bytes is still skipped as binary). Files are read lazily, one record (Parquet: one record batch) at a
+time, so memory does not grow with the file. Parquet input is read here with
+pyarrow directly; the index's own Parquet shards are another module's business.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import errno
+import gzip
+import io
+import json
+import os
+import re
+import shutil
+import stat
+import sys
+import tempfile
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+from bge_index.document_types import (
+    STDIN,
+    STDIN_NAME,
+    Document,
+    DocumentOrSkipped,
+    FieldNames,
+    InputFile,
+    SkipReason,
+    Skipped,
+)
+from bge_index.errors import QueryFileError
+
+WHOLE_FILE_FORMATS = {".txt", ".md", ".markdown"}
+JSON_LINES_FORMATS = {".jsonl", ".ndjson"}
+TABLE_FORMATS = {".csv", ".tsv"}
+PARQUET_FORMATS = {".parquet"}
+SUPPORTED_FORMATS = WHOLE_FILE_FORMATS | JSON_LINES_FORMATS | TABLE_FORMATS | PARQUET_FORMATS
+
+PARQUET_BATCH_ROWS = 1024  # rows of a Parquet input decoded at a time
+
+
+def format_of(path: Path) -> str:
+    """The format suffix of a path, looking through a trailing `.gz` (`a.jsonl.gz` -> `.jsonl`)."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    return suffixes[-1] if suffixes else ""
+
+
+def read_input_file(input_file: InputFile, fields: FieldNames = FieldNames()) -> Iterator[DocumentOrSkipped]:
+    """Documents (and skipped records) of one file, in order: what a distributed reader runs per file."""
+    if input_file.path is None:
+        raise ValueError("read_input_file reads files, not stdin")
+    return _read_file(input_file, fields)
+
+
+def _read_file(input_file: InputFile, fields: FieldNames) -> Iterator[DocumentOrSkipped]:
+    path = input_file.path
+    assert path is not None
+    source = input_file.display
+    if input_file.problem is not None:  # a folder the walk could not list
+        yield _unlistable(source, input_file.problem)
+        return
+    # Looked at before anything opens it: a FIFO would block the run for ever, a device may do anything.
+    try:
+        info = os.stat(path)
+    except OSError as error:  # vanished since it was listed, a dangling or looping symlink, unreadable
+        yield _unreachable(path, source, error)
+        return
+    if stat.S_ISDIR(info.st_mode):
+        # A folder that could not be listed (an engine that rebuilds InputFiles loses `problem`), or one put
+        # where a file was listed. Either way what it holds was not read: its documents are kept.
+        yield _folder_in_place_of_a_file(path, source)
+        return
+    if not stat.S_ISREG(info.st_mode):
+        yield _not_regular(source, info.st_mode)
+        return
+    fmt = format_of(path)
+    if fmt not in SUPPORTED_FORMATS:
+        supported = " ".join(sorted(SUPPORTED_FORMATS))
+        yield Skipped(source, None, f"unsupported file type {fmt or '(none)'!r} (supported: {supported}, each also .gz)",
+                      code=SkipReason.UNSUPPORTED_FORMAT)
+        return
+    try:
+        if fmt in WHOLE_FILE_FORMATS:
+            yield from _read_whole_file(path, input_file.doc_id, source)
+        elif fmt in PARQUET_FORMATS:
+            yield from _read_parquet(path, source, fields)
+        else:
+            with _open_input(path) as stream:
+                if fmt in JSON_LINES_FORMATS:
+                    yield from read_json_lines(stream, source, fields)
+                else:
+                    yield from _read_table(stream, source, fields, delimiter="\t" if fmt == ".tsv" else ",")
+    except NotRegularFileError as error:  # turned into a FIFO or device between the look and the opening
+        yield _not_regular(source, error.mode)
+    except _READ_ERRORS as error:  # unreadable, vanished, or a corrupt/truncated gzip stream
+        code = SkipReason.UNREADABLE_GZIP if _is_gzip_error(error) else SkipReason.UNREADABLE_FILE
+        yield Skipped(source, None, f"cannot read file: {_describe_read_error(error)}", hides_documents=True, code=code)
+
+
+def _unlistable(source: str, why: str) -> Skipped:
+    """A folder that could not be listed: every document under it is unseen, not gone."""
+    return Skipped(source, None, f"cannot list folder: {why}", hides_documents=True, code=SkipReason.UNLISTABLE_FOLDER)
+
+
+def _folder_in_place_of_a_file(folder: Path, source: str) -> Skipped:
+    try:
+        with os.scandir(folder):
+            pass
+    except OSError as error:
+        return _unlistable(source, error.strerror or str(error))
+    return Skipped(source, None, f"cannot read file: {os.strerror(errno.EISDIR)}", hides_documents=True,
+                   code=SkipReason.UNREADABLE_FILE)
+
+
+def _unreachable(path: Path, source: str, error: OSError) -> Skipped:
+    """A path that cannot be looked at: a broken symlink, or a file gone or unreadable. Its documents are kept."""
+    if os.path.islink(path):
+        return Skipped(source, None, f"broken symbolic link ({_describe_read_error(error)})", hides_documents=True,
+                       code=SkipReason.BROKEN_LINK)
+    return Skipped(source, None, f"cannot read file: {_describe_read_error(error)}", hides_documents=True,
+                   code=SkipReason.UNREADABLE_FILE)
+
+
+_SPECIAL_FILES = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                  (stat.S_ISBLK, "a block device"))
+
+
+def _not_regular(source: str, mode: int) -> Skipped:
+    """A FIFO, socket or device given or found as an input: never opened. It hides documents (it was to be read)."""
+    kind = next((name for test, name in _SPECIAL_FILES if test(mode)), "not a file")
+    return Skipped(source, None, f"not a regular file ({kind}); not opened", hides_documents=True,
+                   code=SkipReason.NOT_A_REGULAR_FILE)
+
+
+class NotRegularFileError(OSError):
+    """`open_regular_file` found a FIFO, socket or device (`mode`) where a file was expected."""
+
+    def __init__(self, path: Path, mode: int):
+        super().__init__(f"{path}: not a regular file")
+        self.mode = mode
+
+
+def open_regular_file(path: Path) -> BinaryIO:
+    """`path` opened for reading in binary, if it is a regular file; NotRegularFileError if not.
+
+    Opened non-blocking and checked on the open descriptor, so a FIFO put in the file's place after it
+    was looked at cannot block the run (opening a FIFO waits for a writer; with O_NONBLOCK it does not).
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFileError(path, mode)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+@contextlib.contextmanager
+def _open_input(path: Path) -> Iterator[BinaryIO]:
+    """An input file, opened as `open_regular_file` does and gunzipped when it ends in `.gz`."""
+    with open_regular_file(path) as raw:
+        if path.suffix.lower() == ".gz":
+            with gzip.GzipFile(fileobj=raw, mode="rb") as unpacked:
+                yield unpacked  # type: ignore[misc]
+        else:
+            yield raw
+
+
+# OSError: unreadable or vanished files and bad gzip headers; EOFError and
+# zlib.error: gzip streams cut short or damaged inside.
+_READ_ERRORS = (OSError, EOFError, zlib.error)
+
+
+def _is_gzip_error(error: BaseException) -> bool:
+    return isinstance(error, (gzip.BadGzipFile, EOFError, zlib.error))
+
+
+def _describe_read_error(error: BaseException) -> str:
+    if _is_gzip_error(error):
+        return f"corrupt or truncated gzip data ({error})"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error)
+
+
+def _open_binary(path: Path) -> BinaryIO:
+    if path.suffix.lower() == ".gz":
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    return open(path, "rb")
+
+
+# ---------------------------------------------------------------------------
+# .txt / .md: one document per file
+
+
+def _read_whole_file(path: Path, doc_id: str, source: str) -> Iterator[DocumentOrSkipped]:
+    # The id is the file's path: one that is no valid id (a name in another encoding, a newline in it) is
+    # skipped before the file is read. A lone surrogate cannot have been indexed: no good copy to keep.
+    bad_id = _id_problem(doc_id)
+    if bad_id is not None:
+        code, message = bad_id
+        yield Skipped(source, None, message, code=code,
+                      doc_id=doc_id if code is SkipReason.CONTROL_CHARACTER_IN_ID else None)
+        return
+    try:
+        with _open_input(path) as stream:
+            data = stream.read()
+    except (EOFError, zlib.error) as error:
+        yield Skipped(source, None, f"corrupt or truncated gzip data ({error})", hides_documents=True,
+                      code=SkipReason.TRUNCATED_GZIP, doc_id=doc_id)
+        return
+    # Skips of a file whose id is known carry it: the index keeps that id's good copy.
+    if b"\x00" in data:
+        yield Skipped(source, None, "binary file (contains NUL bytes)", code=SkipReason.BINARY_FILE, doc_id=doc_id)
+        return
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        yield Skipped(source, None, f"invalid UTF-8 at byte {error.start}", code=SkipReason.INVALID_UTF8_AT,
+                      doc_id=doc_id)
+        return
+    if not text.strip():
+        yield Skipped(source, None, "empty text", code=SkipReason.EMPTY_TEXT, doc_id=doc_id)
+        return
+    yield Document(doc_id, text, source)
+
+
+# ---------------------------------------------------------------------------
+# .jsonl / .ndjson (and stdin)
+
+
+def read_json_lines(stream: BinaryIO, source: str, fields: FieldNames) -> Iterator[DocumentOrSkipped]:
+    """Documents (and skipped lines) of a JSON Lines stream, one object per line; blank lines are passed over.
+
+    A stream that fails part-way (a damaged gzip) ends with one Skipped for the rest of it.
+    """
+    line_number = 0
+    lines = iter(stream)
+    while True:
+        try:
+            raw = next(lines)
+        except StopIteration:
+            return
+        except _READ_ERRORS as error:
+            code = SkipReason.READ_CUT_SHORT_GZIP if _is_gzip_error(error) else SkipReason.READ_CUT_SHORT
+            yield Skipped(source, line_number + 1,
+                          f"cannot read further, rest of file skipped: {_describe_read_error(error)}",
+                          hides_documents=True, code=code)
+            return
+        line_number += 1
+        if not raw.strip():
+            continue
+        yield _json_line_to_document(raw, source, line_number, fields)
+
+
+def _json_line_to_document(raw: bytes, source: str, line: int, fields: FieldNames) -> DocumentOrSkipped:
+    # Until the record is parsed its id is unknown: these skips hide documents (the line may have held any id).
+    try:
+        decoded = raw.decode("utf-8-sig" if line == 1 else "utf-8")
+    except UnicodeDecodeError as error:
+        return Skipped(source, line, f"invalid UTF-8 at byte {error.start}", hides_documents=True,
+                       code=SkipReason.INVALID_UTF8_AT)
+    try:
+        record = json.loads(decoded)
+    except json.JSONDecodeError as error:
+        return Skipped(source, line, f"malformed JSON ({error.msg} at column {error.colno})", hides_documents=True,
+                       code=SkipReason.MALFORMED_JSON)
+    except RecursionError:  # nesting deeper than the recursion limit: the parser gives up, the run must not
+        return Skipped(source, line, "JSON nested too deeply", hides_documents=True, code=SkipReason.JSON_TOO_DEEP)
+    except ValueError as error:  # valid JSON Python will not take: an integer of more than 4300 digits
+        return Skipped(source, line, f"malformed JSON ({error})", hides_documents=True,
+                       code=SkipReason.MALFORMED_JSON)
+    if not isinstance(record, dict):
+        return Skipped(source, line, f"JSON line is not an object (got {type(record).__name__})",
+                       hides_documents=True, code=SkipReason.NOT_AN_OBJECT)
+    return record_to_document(record, source, line, fields)
+
+
+def record_to_document(record: Mapping[str, object], source: str, line: int, fields: FieldNames) -> DocumentOrSkipped:
+    """Pick id, text and optional title out of one record; the title is prepended to the text.
+
+    A record skipped before its id is known hides documents; one skipped after carries its id (`doc_id`).
+    """
+    id_field = next((f for f in fields.id_fields if record.get(f) is not None), None)
+    if id_field is None:
+        return Skipped(source, line, f"no id field (looked for {', '.join(fields.id_fields)})", hides_documents=True,
+                       code=SkipReason.NO_ID_FIELD)
+    doc_id = record[id_field]
+    if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
+        return Skipped(source, line, f"id field {id_field!r} is a {type(doc_id).__name__}, not a string or integer",
+                       hides_documents=True, code=SkipReason.BAD_ID_TYPE)
+    doc_id = str(doc_id)
+    if not doc_id.strip():
+        return Skipped(source, line, "empty id", hides_documents=True, code=SkipReason.EMPTY_ID)
+    bad_id = _id_problem(doc_id, id_field)
+    if bad_id is not None:
+        code, message = bad_id
+        if code is SkipReason.LONE_SURROGATE:
+            # No index can hold this id (UTF-8 cannot encode it): a damaged copy of some other id, perhaps.
+            return Skipped(source, line, message, hides_documents=True, code=code)
+        return Skipped(source, line, message, code=code, doc_id=doc_id)  # an older index may hold it: kept
+    text_field = next((f for f in fields.text_fields if record.get(f) is not None), None)
+    if text_field is None:
+        return Skipped(source, line, f"no text field (looked for {', '.join(fields.text_fields)})",
+                       code=SkipReason.NO_TEXT_FIELD, doc_id=doc_id)
+    text = record[text_field]
+    if not isinstance(text, str):
+        return Skipped(source, line, f"text field {text_field!r} is a {type(text).__name__}, not a string",
+                       code=SkipReason.BAD_TEXT_TYPE, doc_id=doc_id)
+    title = record.get(fields.title_field)
+    if title is not None and not isinstance(title, str):
+        return Skipped(source, line, f"title field {fields.title_field!r} is a {type(title).__name__}, not a string",
+                       code=SkipReason.BAD_TITLE_TYPE, doc_id=doc_id)
+    for name, value in ((text_field, text), (fields.title_field, title)):
+        surrogate = _lone_surrogate(value) if value else None
+        if surrogate is not None:
+            return Skipped(source, line, _surrogate_message(name, value, surrogate),  # type: ignore[arg-type]
+                           code=SkipReason.LONE_SURROGATE, doc_id=doc_id)
+    if not text.strip():
+        return Skipped(source, line, "empty text", code=SkipReason.EMPTY_TEXT, doc_id=doc_id)
+    if title and title.strip():
+        # BEIR's convention (and FlagEmbedding's evaluation): "title text".
+        text = f"{title.strip()} {text}"
+    return Document(doc_id, text, source, line)
+
+
+def _lone_surrogate(text: str) -> int | None:
+    """The position of the first lone surrogate in `text` (U+D800-U+DFFF: not valid Unicode), None if none.
+
+    Python strings hold them (a JSON "\\ud800" escape, an undecodable file name); UTF-8 cannot encode them, so
+    a text or id holding one would fail later, when it is written. The encode attempt is the fast check.
+    """
+    if text.isascii():  # a flag of the string, no scan: the common case costs nothing
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return error.start
+    return None
+
+
+def _surrogate_message(field_name: str, value: str, position: int) -> str:
+    return f"lone surrogate in field {field_name!r} (U+{ord(value[position]):04X} at character {position})"
+
+
+def _id_problem(doc_id: str, field_name: str = "id") -> tuple[SkipReason, str] | None:
+    """Why `doc_id` cannot be an id, or None: a lone surrogate, or a control character (NUL, tab, newline...).
+
+    Ids are keys and are printed as fields of TSV and TREC lines, where a tab or line break would
+    shift or split the line; U+2028/U+2029 break lines too.
+    """
+    surrogate = _lone_surrogate(doc_id)
+    if surrogate is not None:
+        return SkipReason.LONE_SURROGATE, _surrogate_message(field_name, doc_id, surrogate)
+    control = _ID_CONTROL.search(doc_id)
+    if control is not None:
+        return (SkipReason.CONTROL_CHARACTER_IN_ID,
+                f"control character in id (U+{ord(control.group()):04X} at character {control.start()})")
+    return None
+
+
+# Unicode's control characters (category Cc: C0, DEL, C1) and the line and paragraph separators.
+_ID_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _known_id(record: Mapping[str, object], fields: FieldNames) -> str | None:
+    """The record's id if it holds a valid one: what a skip of the record carries, so its indexed copy stays."""
+    id_field = next((f for f in fields.id_fields if record.get(f) is not None), None)
+    doc_id = record.get(id_field) if id_field is not None else None
+    if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
+        return None
+    doc_id = str(doc_id)
+    return doc_id if doc_id.strip() and _id_problem(doc_id) is None else None
+
+
+# ---------------------------------------------------------------------------
+# .csv / .tsv with a header row
+
+
+# Fed to the CSV reader after the file's last line. A quote still open at the end of the file takes it into
+# its field; otherwise it is a row of its own. So a field holding it is a quote that never closed: the row
+# would have swallowed the rest of the file as its text, and the rows in it would be lost. (Noncharacters:
+# no text holds them; if one did, the file would be skipped safely, its documents kept.)
+_END_OF_INPUT = "\ufdd0bge-index: end of input\ufdd1"
+
+
+def _lines_then_end_mark(lines: Iterator[str]) -> Iterator[str]:
+    yield from lines
+    yield _END_OF_INPUT
+
+
+def _read_table(stream: BinaryIO, source: str, fields: FieldNames, delimiter: str) -> Iterator[DocumentOrSkipped]:
+    # surrogateescape keeps undecodable bytes visible per row instead of failing the whole file.
+    text_stream = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
+    # TSV is taken literally (BEIR style: no quoting); CSV follows RFC 4180 quoting.
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    csv.field_size_limit(2**31 - 1)  # the default 128 KiB would reject long documents
+    reader = csv.reader(_lines_then_end_mark(text_stream), delimiter=delimiter, quoting=quoting)
+    try:
+        header = next(reader)
+    except StopIteration:
+        return
+    except csv.Error as error:
+        yield Skipped(source, 1, f"unreadable header row ({error})", hides_documents=True,
+                      code=SkipReason.UNREADABLE_HEADER)
+        return
+    if header == [_END_OF_INPUT]:
+        return  # an empty file
+    if any(_END_OF_INPUT in name for name in header):
+        yield _unterminated_quote(source, 1)
+        return
+    header = [name.strip() for name in header]
+    missing = _missing_columns(header, fields)
+    if missing:
+        code, message = missing
+        yield Skipped(source, 1, f"{message}; whole file skipped (header: {', '.join(header)})", hides_documents=True,
+                      code=code)
+        return
+    row_start = reader.line_num + 1
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as error:
+            # After a parse error the reader starts again on the next line, quote state lost: later rows
+            # could be cut out of the middle of a field. The rest of the file is skipped, its documents kept.
+            yield Skipped(source, row_start, f"malformed row ({error}); rest of file skipped", hides_documents=True,
+                          code=SkipReason.MALFORMED_ROW)
+            return
+        line, row_start = row_start, reader.line_num + 1
+        if row == [_END_OF_INPUT]:
+            return
+        if any(_END_OF_INPUT in cell for cell in row):
+            yield _unterminated_quote(source, line)
+            return
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) != len(header):
+            # Which cell holds the id is not known when the columns do not line up: the row may be any id's.
+            yield Skipped(source, line, f"expected {len(header)} columns, found {len(row)}", hides_documents=True,
+                          code=SkipReason.WRONG_COLUMN_COUNT)
+            continue
+        record = dict(zip(header, row))
+        if any(_lone_surrogate(cell) is not None for cell in row):
+            # Undecodable bytes (kept as surrogates by surrogateescape): the row's id, if it is intact, is kept.
+            doc_id = _known_id(record, fields)
+            yield Skipped(source, line, "invalid UTF-8", hides_documents=doc_id is None, code=SkipReason.INVALID_UTF8,
+                          doc_id=doc_id)
+            continue
+        yield record_to_document(record, source, line, fields)
+
+
+def _unterminated_quote(source: str, line: int) -> Skipped:
+    """A CSV quote that never closed: that row and the rest of the file are skipped, and nothing in them removed."""
+    return Skipped(source, line, f"cannot parse to the end: unterminated quote starting at line {line}",
+                   hides_documents=True, code=SkipReason.UNTERMINATED_QUOTE)
+
+
+def _missing_columns(columns: Sequence[str], fields: FieldNames) -> tuple[SkipReason, str] | None:
+    """The code and message for a table without an id or a text column, None when both are there."""
+    if not any(f in columns for f in fields.id_fields):
+        return SkipReason.NO_ID_COLUMN, f"no id column (looked for {', '.join(fields.id_fields)})"
+    if not any(f in columns for f in fields.text_fields):
+        return SkipReason.NO_TEXT_COLUMN, f"no text column (looked for {', '.join(fields.text_fields)})"
+    return None
+
+
+# ---------------------------------------------------------------------------
+# .parquet
+
+
+def _read_parquet(path: Path, source: str, fields: FieldNames) -> Iterator[DocumentOrSkipped]:
+    import pyarrow as pa  # only Parquet inputs need pyarrow
+
+    # OSError/EOFError/zlib.error: unreadable files and damaged .parquet.gz; ArrowException: not Parquet, or cut off.
+    unreadable = (OSError, EOFError, zlib.error, pa.ArrowException)
+
+    def skip_whole_file(error: BaseException) -> Skipped:
+        """The Skipped record for a Parquet file that cannot be read: it hides documents, so no removals follow."""
+        return Skipped(source, None, f"not a readable Parquet file ({error})", hides_documents=True,
+                       code=SkipReason.UNREADABLE_PARQUET)
+
+    with contextlib.ExitStack() as cleanup:
+        try:
+            parquet = _open_parquet(path, cleanup)
+            columns = list(parquet.schema_arrow.names)
+        except unreadable as error:
+            yield skip_whole_file(error)
+            return
+        missing = _missing_columns(columns, fields)
+        if missing:
+            code, message = missing
+            yield Skipped(source, None, f"{message}; whole file skipped", hides_documents=True, code=code)
+            return
+        wanted = [c for c in (*fields.id_fields, *fields.text_fields, fields.title_field) if c in columns]
+        row_number = 0
+        batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=wanted)
+        while True:
+            try:
+                batch = next(batches, None)
+                records = _batch_records(batch) if batch is not None else None
+            except unreadable as error:
+                yield skip_whole_file(error)
+                return
+            if records is None:
+                return
+            for record in records:
+                row_number += 1
+                bad = [name for name, value in record.items() if value is _UNDECODABLE]
+                if bad:
+                    doc_id = _known_id(record, fields)
+                    yield Skipped(source, row_number, f"invalid UTF-8 in field {bad[0]!r}", hides_documents=doc_id is None,
+                                  code=SkipReason.INVALID_UTF8, doc_id=doc_id)
+                    continue
+                yield record_to_document(record, source, row_number, fields)
+
+
+# Stands for a Parquet string cell that is not valid UTF-8 (other writers do not all check).
+_UNDECODABLE = object()
+
+
+def _batch_records(batch) -> list[dict]:
+    """A record batch as dicts; a string cell that is not valid UTF-8 becomes `_UNDECODABLE`, its row skipped.
+
+    pyarrow fails the whole batch on one such cell (UnicodeDecodeError), which would stop the run:
+    then the batch is converted again, a column at a time and, in a failing column, a cell at a time.
+    """
+    try:
+        return batch.to_pylist()
+    except UnicodeDecodeError:
+        pass
+    columns = {}
+    for name, column in zip(batch.schema.names, batch.columns):
+        try:
+            columns[name] = column.to_pylist()
+        except UnicodeDecodeError:
+            columns[name] = [_cell(column, i) for i in range(len(column))]
+    return [{name: values[i] for name, values in columns.items()} for i in range(batch.num_rows)]
+
+
+def _cell(column, index: int) -> object:
+    try:
+        return column[index].as_py()
+    except UnicodeDecodeError:
+        return _UNDECODABLE
+
+
+def _open_parquet(path: Path, cleanup: contextlib.ExitStack):
+    """The file as a pyarrow ParquetFile, closed by `cleanup`.
+
+    Parquet needs random access, so a `.parquet.gz` is first unpacked to a temporary file.
+    """
+    import pyarrow.parquet as pq
+
+    if path.suffix.lower() != ".gz":
+        # Opened here, not by path: open_regular_file makes sure it is no FIFO put in its place.
+        return cleanup.enter_context(pq.ParquetFile(cleanup.enter_context(open_regular_file(path))))
+    unpacked = cleanup.enter_context(tempfile.TemporaryFile())
+    with _open_input(path) as packed:
+        shutil.copyfileobj(packed, unpacked)
+    unpacked.seek(0)
+    return cleanup.enter_context(pq.ParquetFile(unpacked))
+
+
+# ---------------------------------------------------------------------------
+# Query files
+
+
+def read_queries(path: str, stdin: BinaryIO | None = None) -> list[Document]:
+    """Queries from JSONL (`_id`/`id` + `text`) or TSV (`id<TAB>text`, no header); `-` reads stdin."""
+    fields = FieldNames(id_fields=("_id", "id", "query_id", "qid"), text_fields=("text", "query"))
+    if path == STDIN:
+        stream: BinaryIO = stdin if stdin is not None else sys.stdin.buffer
+        source = STDIN_NAME
+    else:
+        try:
+            stream = _open_binary(Path(path))
+        except OSError as error:
+            raise QueryFileError(f"--queries {path}: {_describe_read_error(error)}") from error
+        source = path
+    tsv = path != STDIN and format_of(Path(path)) in (".tsv", ".txt")
+    with stream:
+        records = _read_tsv_queries(stream, source) if tsv else read_json_lines(stream, source, fields)
+        queries = []
+        try:
+            for item in records:
+                if isinstance(item, Skipped):
+                    raise QueryFileError(f"{item.location}: {item.reason}")
+                queries.append(item)
+        except _READ_ERRORS as error:
+            raise QueryFileError(f"--queries {path}: {_describe_read_error(error)}") from error
+    if not queries:
+        raise QueryFileError(f"--queries {path}: no queries found")
+    return queries
+
+
+def _read_tsv_queries(stream: BinaryIO, source: str) -> Iterator[DocumentOrSkipped]:
+    for line_number, raw in enumerate(stream, start=1):
+        if not raw.strip():
+            continue
+        try:
+            line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as error:
+            yield Skipped(source, line_number, f"invalid UTF-8 at byte {error.start}", code=SkipReason.INVALID_UTF8_AT)
+            continue
+        query_id, tab, text = line.partition("\t")
+        if not tab or not query_id.strip() or not text.strip():
+            yield Skipped(source, line_number, "expected 'id<TAB>text' with a non-empty id and text",
+                          code=SkipReason.BAD_QUERY_LINE)
+            continue
+        yield Document(query_id, text, source, line_number)

@@ -1,0 +1,116 @@
+"""The local search backend: an index folder's memory-mapped search files and the model that made it.
+
+`LocalIndex` opens the manifest, loads the index's own model (a different
+one is refused) in the index's precision, memory-maps every shard's search
+files (vector_store.py) and answers `SearchRequest`s exactly (search.py).
+Hits come back as `QueryResult`s with ids, texts and, on request, the query
+tokens each hit matched:
+
+    index = LocalIndex(Path("notes-index"))
+    [result] = index.search([Query("1", "sourdough starter")], SearchRequest(k=5))
+    result.hits[0].id, result.hits[0].hit.score
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from bge_index.encoder import Encoder, load_encoder
+from bge_index.errors import NoColbertVectors
+from bge_index.manifest import read_manifest
+from bge_index.model import QUERY_MAX_LENGTH, ModelIdentity
+from bge_index.query import Hit, Mode, Normalize, Query, QueryResult, QueryVectors, RankedDocument, SearchRequest
+from bge_index.search import Searcher
+from bge_index.shard_reader import read_column, read_rows
+from bge_index.vector_store import open_store
+
+QUERY_BATCH = 32
+
+
+def encode_queries(encoder: Encoder, texts: Sequence[str], colbert: bool = False) -> list[QueryVectors]:
+    """Queries -> vectors, the one way every search backend encodes them (at most QUERY_MAX_LENGTH tokens)."""
+    vectors: list[QueryVectors] = []
+    for start in range(0, len(texts), QUERY_BATCH):
+        encoded = encoder.encode_texts(texts[start:start + QUERY_BATCH], QUERY_MAX_LENGTH, colbert=colbert)
+        for row in range(len(encoded.dense)):
+            ids, weights = encoded.sparse[row]
+            vectors.append(QueryVectors(encoded.dense[row], ids, weights,
+                                        encoded.colbert[row] if encoded.colbert is not None else None))
+    return vectors
+
+
+def load_index_encoder(manifest, model: str | None = None, device: str = "auto", dtype: str = "auto") -> Encoder:
+    """The model an index records, in the index's precision unless told otherwise (a different model is refused)."""
+    recorded = ModelIdentity.from_json(manifest.model)
+    dtype = manifest.model.get("dtype", "auto") if dtype == "auto" else dtype
+    return load_encoder(model or recorded.name, device, dtype, expected=recorded)
+
+
+class LocalIndex:
+    """An opened index with the encoder that made it, ready for queries (the local `SearchBackend`)."""
+
+    def __init__(self, index_dir: Path, model: str | None = None, device: str = "auto", dtype: str = "auto"):
+        self.index_dir = index_dir
+        self.notes: list[str] = []
+        self.manifest = read_manifest(index_dir)
+        self.encoder = load_index_encoder(self.manifest, model, device, dtype)
+        shards = open_store(index_dir, self.manifest)
+        self.shard_starts = np.array([s.start for s in shards] + [sum(s.rows for s in shards)], dtype=np.int64)
+        self.searcher = Searcher(shards, self.manifest.vocab_size, doc_ids=self._doc_ids)
+
+    def close(self) -> None:
+        """Drop the model and the memory maps."""
+        self.encoder = None
+        self.searcher = None
+
+    def encode_queries(self, texts: Sequence[str], colbert: bool = False) -> list[QueryVectors]:
+        """Query texts -> vectors with this index's model."""
+        return encode_queries(self.encoder, texts, colbert)
+
+    def search(self, queries: Sequence[Query], request: SearchRequest = SearchRequest()) -> list[QueryResult]:
+        """One result per query: exact top-k (dense, sparse, hybrid), or a ColBERT re-rank of hybrid candidates."""
+        colbert = request.mode is Mode.COLBERT
+        if colbert and not self.manifest.has_colbert:
+            raise NoColbertVectors(f"{self.index_dir} has no ColBERT vectors: rebuild it with --colbert, "
+                                   "or search with --mode hybrid|dense|sparse")
+        query_vectors = self.encode_queries([q.text for q in queries], colbert=colbert)
+        normalize = None if request.normalize is Normalize.NONE else request.normalize.value
+        all_hits = self.searcher.search_many(query_vectors, request.k, request.mode.value, request.weights,
+                                             fetch_colbert=self._fetch_colbert, group_by_doc=request.group_by_doc,
+                                             fusion=request.fusion.value, normalize=normalize)
+        return [QueryResult(query, self._describe(vectors, hits, request))
+                for query, vectors, hits in zip(queries, query_vectors, all_hits)]
+
+    def _locations(self, rows: Sequence[int]) -> list[tuple[int, int]]:
+        shard_numbers = np.searchsorted(self.shard_starts, rows, side="right") - 1
+        return [(int(s), int(r - self.shard_starts[s])) for s, r in zip(shard_numbers, rows)]
+
+    def _doc_ids(self) -> np.ndarray:
+        column = "doc_id" if self.manifest.chunking else "id"
+        return read_column(self.index_dir, self.manifest, column)
+
+    def _fetch_colbert(self, rows: Sequence[int]) -> list[np.ndarray]:
+        return read_rows(self.index_dir, self.manifest, self._locations(rows), "colbert")
+
+    def _describe(self, query: QueryVectors, hits: list[Hit], request: SearchRequest) -> list[RankedDocument]:
+        grouped = request.group_by_doc
+        locations = self._locations([h.row for h in hits])
+        ids = read_rows(self.index_dir, self.manifest, locations, "id") if hits else []
+        texts = read_rows(self.index_dir, self.manifest, locations, "text") \
+            if request.with_text and self.manifest.store_text and hits else [None] * len(hits)
+        doc_ids = read_rows(self.index_dir, self.manifest, locations, "doc_id") \
+            if grouped and self.manifest.chunking and hits else ids
+        ranked = []
+        for rank, (hit, row_id, doc_id, text) in enumerate(zip(hits, ids, doc_ids, texts), start=1):
+            tokens: tuple[tuple[str, float], ...] = ()
+            if request.explain:
+                tokens = tuple((self.encoder.decode_token(token), weight)
+                               for token, weight in self.searcher.sparse_contributions(query, hit.row)[:8])
+            if grouped:
+                ranked.append(RankedDocument(rank, doc_id, hit, text, tokens, row_id))
+            else:
+                ranked.append(RankedDocument(rank, row_id, hit, text, tokens))
+        return ranked

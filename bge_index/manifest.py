@@ -1,0 +1,290 @@
+"""The on-disk format's definition: file names, the versioned manifest, the shard schema.
+
+An index folder holds
+
+    manifest.json                              format version, model, dims, shard list
+    shard-GGGGGG-NNNNN.parquet                 at most `shard_rows` rows each, never modified
+    shard-GGGGGG-NNNNN.deleted-HHHHHH.npy      rows of that shard no longer live (uint32)
+    shard-GGGGGG-NNNNN.<kind>.npy              search files derived from that shard (vector_store.py)
+    .lock                                      the writer's lock (see lock.py)
+
+Shard columns (`shard_schema`): `id` string; `content_hash` string (of the
+document text, for incremental runs); with chunking `doc_id` string, `chunk`
+int32, `char_start` and `char_end` int64; `text` string (unless text is not
+stored); `dense` fixed_size_list<float16>[D]; `sparse` struct{indices:
+list<uint32>, values: list<float32>} with indices ascending (the layout Milvus
+bulk import reads); optional `colbert` list<fixed_size_list<float16>[Dc]>.
+
+A reader starts from manifest.json: it names every live file with its size
+and SHA-256, so the manifest alone says what the index is:
+
+    >>> m = Manifest(model={"name": "BAAI/bge-m3"}, dense_dim=1024, colbert_dim=None, vocab_size=250002,
+    ...              store_text=True, generation=1)
+    >>> Manifest.from_json(m.to_json()) == m
+    True
+
+Writing is shard_writer.py's, reading and verifying shard_reader.py's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+
+from bge_index.errors import IndexFormatError
+
+FORMAT_NAME = "bge-index"
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+SHARD_PATTERN = re.compile(r"^shard-(\d{6,})-(\d{5,})\.parquet$")
+DELETED_PATTERN = re.compile(r"^shard-(\d{6,})-(\d{5,})\.deleted-(\d{6,})\.npy$")
+# Search files derived from a shard (vector_store.py): kept exactly as long as their shard.
+DERIVED_PATTERN = re.compile(r"^(shard-\d{6,}-\d{5,})\.(dense|token-ptr|posting-rows|posting-weights|heavy-ids|heavy-columns|stamp)\.npy$")
+CHUNK_COLUMNS = ("doc_id", "chunk", "char_start", "char_end")
+# How every shard is written, by IndexWriter (shard_writer.py) and by the Ray engine's Parquet sink (ray_engine.py).
+# Float vectors neither dictionary-encode nor have useful min/max statistics.
+SHARD_WRITE_OPTIONS = {"compression": "zstd", "use_dictionary": ["id", "text", "doc_id"],
+                       "write_statistics": ["id"], "write_page_checksum": True}
+SHARD_ROW_GROUP_ROWS = 1024  # rows per Parquet row group: what a reader decodes at a time
+
+
+
+def fault_point(name: str) -> None:
+    """Crash-test hook: die by SIGKILL here when BGE_INDEX_FAULT_AT names this point.
+
+    The crash-safety tests use it to kill a real run at exact places (mid
+    shard, after a shard, before and after the manifest switch).
+    """
+    if os.environ.get("BGE_INDEX_FAULT_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """A shard as the manifest lists it: file, rows, bytes, SHA-256, and its deletion set (if any)."""
+
+    file: str
+    rows: int
+    bytes: int
+    sha256: str
+    deleted_file: str | None = None
+    deleted_rows: int = 0
+    deleted_sha256: str | None = None
+
+    @property
+    def live_rows(self) -> int:
+        """Rows not deleted."""
+        return self.rows - self.deleted_rows
+
+
+@dataclass
+class Manifest:
+    """Everything a reader needs to know before opening a shard."""
+
+    model: dict
+    dense_dim: int
+    colbert_dim: int | None
+    vocab_size: int
+    store_text: bool
+    chunking: dict | None = None  # {"tokens": N, "overlap": M} when documents are split into passages
+    documents: int = 0  # live rows (passages, when chunked)
+    shards: list[ShardInfo] = field(default_factory=list)
+    generation: int = 0
+    state: str = "complete"  # "partial" after an interrupted run: rerun to finish
+    created: str = ""
+    updated: str = ""
+    tool_version: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict:
+        """The manifest.json document: format name and version, model, vector types, chunking, counts and shard list."""
+        return {
+            "format": FORMAT_NAME,
+            "format_version": self.format_version,
+            "created": self.created,
+            "updated": self.updated,
+            "generation": self.generation,
+            "state": self.state,
+            "tool_version": self.tool_version,
+            "model": self.model,
+            "vectors": {
+                "dense": {"dim": self.dense_dim, "dtype": "float16", "normalized": True},
+                "sparse": {"vocab_size": self.vocab_size, "indices": "uint32", "values": "float32"},
+                "colbert": None if self.colbert_dim is None else {"dim": self.colbert_dim, "dtype": "float16"},
+            },
+            "chunking": self.chunking,
+            "store_text": self.store_text,
+            "documents": self.documents,
+            "shards": [asdict(s) for s in self.shards],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Manifest":
+        """The Manifest of a manifest.json document; KeyError, TypeError or ValueError when it is damaged."""
+        vectors = data["vectors"]
+        colbert = vectors.get("colbert")
+        return cls(
+            model=data["model"],
+            dense_dim=int(vectors["dense"]["dim"]),
+            colbert_dim=None if colbert is None else int(colbert["dim"]),
+            vocab_size=int(vectors["sparse"]["vocab_size"]),
+            store_text=bool(data["store_text"]),
+            chunking=data.get("chunking"),
+            documents=int(data["documents"]),
+            shards=[ShardInfo(**s) for s in data["shards"]],
+            generation=int(data.get("generation", 0)),
+            state=data.get("state", "complete"),
+            created=data.get("created", ""),
+            updated=data.get("updated", ""),
+            tool_version=data.get("tool_version", ""),
+            format_version=int(data["format_version"]),
+        )
+
+    @property
+    def has_colbert(self) -> bool:
+        """Whether the shards hold ColBERT vectors."""
+        return self.colbert_dim is not None
+
+    def files(self) -> set[str]:
+        """Every file this manifest refers to."""
+        names = {s.file for s in self.shards}
+        return names | {s.deleted_file for s in self.shards if s.deleted_file}
+
+
+def utc_now() -> str:
+    """The current UTC time, ISO 8601 to the second (2024-05-01T12:00:00+00:00)."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------------------
+# Manifest I/O
+
+
+def is_index(index_dir: Path) -> bool:
+    """Whether `index_dir` holds a manifest.json (its content is not checked)."""
+    return (index_dir / MANIFEST_FILE).is_file()
+
+
+def read_manifest(index_dir: Path) -> Manifest:
+    """The manifest of the index in `index_dir`; IndexFormatError if missing, damaged or of another format version."""
+    path = index_dir / MANIFEST_FILE
+    if not index_dir.is_dir():
+        raise IndexFormatError(f"{index_dir}: no such index folder")
+    if not path.is_file():
+        raise IndexFormatError(f"{index_dir}: not a bge-index index (no {MANIFEST_FILE})")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise IndexFormatError(f"{path}: unreadable manifest ({error})") from error
+    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+        raise IndexFormatError(f"{path}: not a bge-index manifest")
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        raise IndexFormatError(
+            f"{path}: index format version {version}, this bge-index reads version {FORMAT_VERSION}; "
+            "rebuild the index with this version or use a matching bge-index")
+    try:
+        return Manifest.from_json(data)
+    except (KeyError, TypeError, ValueError) as error:
+        raise IndexFormatError(f"{path}: damaged manifest (missing or bad {error})") from error
+
+
+def write_atomically(path: Path, write) -> None:
+    """Write through `write(stream)` to a temporary file, fsync it, rename it over `path`."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as stream:
+            write(stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """fsync a folder so the renames in it survive a crash; best effort (skipped where that is not possible)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read 4 MiB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def content_hash(text: str) -> str:
+    """What incremental runs compare: 128 bits of BLAKE2b over the document text."""
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
+
+def shard_file_name(generation: int, number: int) -> str:
+    """`shard-GGGGGG-NNNNN.parquet`: shard `number` of generation `generation`."""
+    return f"shard-{generation:06d}-{number:05d}.parquet"
+
+
+def is_index_data_file(name: str) -> bool:
+    """Shards, deletion sets, their search files and temporary files: what writers and readers leave here."""
+    return bool(SHARD_PATTERN.match(name) or DELETED_PATTERN.match(name) or DERIVED_PATTERN.match(name)
+                or (name.startswith(".") and name.endswith(".tmp")))
+
+
+def index_size_bytes(index_dir: Path, manifest: Manifest) -> int:
+    """Bytes of manifest.json and of the shards and deletion sets it names (search files not counted)."""
+    deletion_sets = sum((index_dir / s.deleted_file).stat().st_size for s in manifest.shards if s.deleted_file)
+    return sum(s.bytes for s in manifest.shards) + deletion_sets + (index_dir / MANIFEST_FILE).stat().st_size
+
+
+@dataclass(frozen=True, slots=True)  # one per row written in a run: kept small
+class RowLocation:
+    """Where a row lives: shard file name and row number inside it."""
+
+    file: str
+    row: int
+
+
+
+def shard_schema(dense_dim: int, colbert_dim: int | None, store_text: bool, chunked: bool) -> pa.Schema:
+    """The Arrow schema of a shard with these settings (see the module docstring; format version in metadata)."""
+    fields = [pa.field("id", pa.string(), nullable=False), pa.field("content_hash", pa.string(), nullable=False)]
+    if chunked:
+        fields += [pa.field("doc_id", pa.string(), nullable=False), pa.field("chunk", pa.int32(), nullable=False),
+                   pa.field("char_start", pa.int64(), nullable=False), pa.field("char_end", pa.int64(), nullable=False)]
+    if store_text:
+        fields.append(pa.field("text", pa.string()))
+    fields.append(pa.field("dense", pa.list_(pa.float16(), dense_dim), nullable=False))
+    fields.append(pa.field("sparse", pa.struct([
+        pa.field("indices", pa.list_(pa.uint32()), nullable=False),
+        pa.field("values", pa.list_(pa.float32()), nullable=False),
+    ]), nullable=False))
+    if colbert_dim is not None:
+        fields.append(pa.field("colbert", pa.list_(pa.list_(pa.float16(), colbert_dim))))
+    return pa.schema(fields, metadata={"bge_index_format_version": str(FORMAT_VERSION)})
+
+
+def manifest_schema(manifest: Manifest) -> pa.Schema:
+    """The shard schema of an index with this manifest's settings."""
+    return shard_schema(manifest.dense_dim, manifest.colbert_dim, manifest.store_text, manifest.chunking is not None)

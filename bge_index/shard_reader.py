@@ -1,0 +1,284 @@
+"""Reading an index's shards (live rows, columns, vectors, deletion sets) and verifying every file.
+
+Every reader goes through `open_shard`, which checks the shard's size and row
+count against the manifest and has Parquet verify page checksums, so a
+damaged file is an IndexFormatError naming it, never wrong data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bge_index.errors import IndexFormatError
+from bge_index.manifest import (MANIFEST_FILE, Manifest, RowLocation, ShardInfo, file_sha256, manifest_schema,
+                                read_manifest)
+
+
+
+
+def read_deleted_rows(index_dir: Path, shard: ShardInfo) -> np.ndarray:
+    """The sorted deleted row numbers of a shard (empty when none)."""
+    if not shard.deleted_file:
+        return np.zeros(0, dtype=np.uint32)
+    path = index_dir / shard.deleted_file
+    try:
+        rows = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
+        raise IndexFormatError(f"{path}: damaged or missing deletion set ({error})") from error
+    if rows.ndim != 1 or len(rows) != shard.deleted_rows or (len(rows) and int(rows.max()) >= shard.rows):
+        raise IndexFormatError(f"{path}: damaged deletion set (rows do not match the manifest's)")
+    return rows
+
+
+def live_mask(index_dir: Path, shard: ShardInfo) -> np.ndarray:
+    """[rows] bool: True for rows that are not deleted."""
+    mask = np.ones(shard.rows, dtype=bool)
+    mask[read_deleted_rows(index_dir, shard)] = False
+    return mask
+
+
+def open_shard(index_dir: Path, shard: ShardInfo) -> pq.ParquetFile:
+    """The shard's ParquetFile, page checksums verified on read; IndexFormatError when it is missing, unreadable,
+    or its size or row count differs from the manifest's."""
+    path = index_dir / shard.file
+    try:
+        size = path.stat().st_size
+    except OSError as error:
+        raise IndexFormatError(f"{path}: damaged or missing shard ({error.strerror})") from error
+    if size != shard.bytes:
+        raise IndexFormatError(f"{path}: damaged shard ({size} bytes, manifest says {shard.bytes})")
+    try:
+        parquet = pq.ParquetFile(path, page_checksum_verification=True)
+    except (OSError, pa.ArrowException) as error:
+        raise IndexFormatError(f"{path}: damaged or missing shard ({error})") from error
+    if parquet.metadata.num_rows != shard.rows:
+        raise IndexFormatError(f"{path}: damaged shard ({parquet.metadata.num_rows} rows, manifest says {shard.rows})")
+    return parquet
+
+
+def _read_columns(index_dir: Path, shard: ShardInfo, columns: list[str]) -> pa.Table:
+    try:
+        return open_shard(index_dir, shard).read(columns=columns)
+    except (OSError, pa.ArrowException) as error:
+        raise IndexFormatError(f"{index_dir / shard.file}: damaged shard ({error})") from error
+
+
+def iter_live_keys(index_dir: Path, manifest: Manifest) -> Iterator[tuple[str, str, RowLocation]]:
+    """(document id, content hash, location) of every live row, shard by shard."""
+    id_column = "doc_id" if manifest.chunking else "id"
+    for shard in manifest.shards:
+        table = _read_columns(index_dir, shard, [id_column, "content_hash"])
+        mask = live_mask(index_dir, shard)
+        ids = table.column(id_column).to_pylist()
+        hashes = table.column("content_hash").to_pylist()
+        for row in np.flatnonzero(mask).tolist():
+            yield ids[row], hashes[row], RowLocation(shard.file, row)
+
+
+def read_shard_column(index_dir: Path, shard: ShardInfo, column: str) -> list:
+    """One column of one shard (deleted rows included), in row order."""
+    return _read_columns(index_dir, shard, [column]).column(column).to_pylist()
+
+
+@dataclass
+class LiveRows:
+    """A batch of live rows of one shard, for export.
+
+    dense:          [B, D] float16, as stored
+    sparse_indptr:  [B + 1] int64 CSR row pointers into sparse_indices / sparse_values
+    sparse_indices: [nnz] uint32 token ids, ascending within a row
+    sparse_values:  [nnz] float32 weights
+    texts:          B texts, or None when not asked for (or not stored)
+    """
+
+    ids: list[str]
+    dense: np.ndarray
+    sparse_indptr: np.ndarray
+    sparse_indices: np.ndarray
+    sparse_values: np.ndarray
+    texts: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def iter_live_rows(index_dir: Path, manifest: Manifest, batch_rows: int = 1000,
+                   with_text: bool = False) -> Iterator[LiveRows]:
+    """Every live row, shard by shard, `batch_rows` at a time: memory stays at one batch, whatever the index size."""
+    columns = ["id", "dense", "sparse"] + (["text"] if with_text and manifest.store_text else [])
+    for shard in manifest.shards:
+        mask = live_mask(index_dir, shard)
+        start = 0
+        try:
+            for batch in open_shard(index_dir, shard).iter_batches(batch_size=batch_rows, columns=columns):
+                keep = mask[start:start + batch.num_rows]
+                start += batch.num_rows
+                if not keep.any():
+                    continue
+                if not keep.all():
+                    batch = batch.filter(pa.array(keep))
+                # flatten() (not field()) honours the offset of a sliced struct array.
+                indices, values = batch.column("sparse").flatten()
+                offsets = indices.offsets.to_numpy().astype(np.int64)
+                yield LiveRows(
+                    ids=batch.column("id").to_pylist(),
+                    dense=batch.column("dense").flatten().to_numpy(zero_copy_only=False)
+                    .reshape(-1, manifest.dense_dim).astype(np.float16, copy=False),
+                    sparse_indptr=offsets - offsets[0],
+                    sparse_indices=indices.flatten().to_numpy(zero_copy_only=False).astype(np.uint32, copy=False),
+                    sparse_values=values.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False),
+                    texts=batch.column("text").to_pylist() if "text" in columns else None,
+                )
+        except (OSError, pa.ArrowException) as error:
+            raise IndexFormatError(f"{index_dir / shard.file}: damaged shard ({error})") from error
+
+
+def read_column(index_dir: Path, manifest: Manifest, column: str) -> np.ndarray:
+    """One column of every row (deleted rows included), in row order, as an object array."""
+    parts = [np.asarray(_read_columns(index_dir, shard, [column]).column(column).to_pylist(), dtype=object)
+             for shard in manifest.shards]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=object)
+
+
+def read_shard_vectors(index_dir: Path, manifest: Manifest, shard: ShardInfo
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """All rows of one shard, deleted ones included: dense [rows, D] float16 and sparse CSR (indptr, ids, weights)."""
+    table = _read_columns(index_dir, shard, ["dense", "sparse"])
+    return (_dense_rows(table.column("dense").combine_chunks(), manifest.dense_dim),
+            *_sparse_csr(table.column("sparse").combine_chunks()))
+
+
+def iter_shard_dense(index_dir: Path, manifest: Manifest, shard: ShardInfo) -> Iterator[np.ndarray]:
+    """[group rows, D] float16 dense vectors of one shard, a row group at a time (deleted rows included)."""
+    for group in _iter_row_groups(index_dir, shard, "dense"):
+        yield _dense_rows(group.column("dense").combine_chunks(), manifest.dense_dim)
+
+
+def iter_shard_sparse(index_dir: Path, shard: ShardInfo) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Sparse vectors of one shard a row group at a time, as CSR (indptr from 0, ids uint32, weights float32)."""
+    for group in _iter_row_groups(index_dir, shard, "sparse"):
+        yield _sparse_csr(group.column("sparse").combine_chunks())
+
+
+def _iter_row_groups(index_dir: Path, shard: ShardInfo, column: str) -> Iterator[pa.Table]:
+    parquet = open_shard(index_dir, shard)
+    for group in range(parquet.num_row_groups):
+        try:
+            table = parquet.read_row_group(group, columns=[column])
+        except (OSError, pa.ArrowException) as error:
+            raise IndexFormatError(f"{index_dir / shard.file}: damaged shard ({error})") from error
+        yield table
+
+
+def _dense_rows(dense: pa.Array, dim: int) -> np.ndarray:
+    """A fixed-size-list float16 column as a [rows, dim] array."""
+    return dense.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float16, copy=False)
+
+
+def _sparse_csr(sparse: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A sparse column (struct of index and value lists) as CSR: indptr from 0, ids uint32, weights float32."""
+    offsets = sparse.field("indices").offsets.to_numpy().astype(np.int64)
+    indices = sparse.field("indices").flatten().to_numpy(zero_copy_only=False)
+    values = sparse.field("values").flatten().to_numpy(zero_copy_only=False)
+    return offsets - offsets[0], indices.astype(np.uint32, copy=False), values.astype(np.float32, copy=False)
+
+
+def read_rows(index_dir: Path, manifest: Manifest, locations: Sequence[tuple[int, int]], column: str) -> list:
+    """Values of one column at (shard number, row in shard) locations, reading only the row groups that hold them."""
+    wanted: dict[tuple[int, int], object] = {}
+    by_shard: dict[int, list[int]] = {}
+    for shard_number, local in locations:
+        by_shard.setdefault(int(shard_number), []).append(int(local))
+    for shard_number, local_rows in by_shard.items():
+        shard = manifest.shards[shard_number]
+        parquet = open_shard(index_dir, shard)
+        group_sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
+        group_starts = np.concatenate([[0], np.cumsum(group_sizes)])
+        by_group: dict[int, list[int]] = {}
+        for local in local_rows:
+            by_group.setdefault(int(np.searchsorted(group_starts, local, side="right") - 1), []).append(local)
+        for group, group_rows in by_group.items():
+            try:
+                values = parquet.read_row_group(group, columns=[column]).column(column)
+            except (OSError, pa.ArrowException) as error:
+                raise IndexFormatError(f"{index_dir / shard.file}: damaged shard ({error})") from error
+            for local in group_rows:
+                value = values[local - int(group_starts[group])]
+                wanted[(shard_number, local)] = _colbert_matrix(value) if column == "colbert" else value.as_py()
+    return [wanted[(int(s), int(r))] for s, r in locations]
+
+
+def _colbert_matrix(value: pa.Scalar) -> np.ndarray:
+    """One row's ColBERT vectors as [n_tokens - 1, Dc] float32."""
+    tokens = value.values  # FixedSizeListArray
+    dim = tokens.type.list_size
+    return tokens.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
+
+
+# ---------------------------------------------------------------------------
+# Verification
+
+
+
+def verify_index(index_dir: Path) -> list[str]:
+    """Check every file against the manifest; returns one line per problem (empty: all good).
+
+    Checks: each shard's size and SHA-256, that Parquet can read every page
+    (page checksums included), row counts, the schema, each deletion set's
+    checksum and range, the manifest's live-row total, and duplicate live ids.
+    """
+    manifest = read_manifest(index_dir)
+    problems: list[str] = []
+    expected_schema = manifest_schema(manifest)
+    seen_ids: dict[str, str] = {}
+    live_total = 0
+    for shard in manifest.shards:
+        path = index_dir / shard.file
+        problem = _verify_file(path, shard.bytes, shard.sha256, "shard")
+        if problem:
+            problems.append(problem)
+            continue
+        try:
+            table = _read_columns(index_dir, shard, expected_schema.names)
+        except IndexFormatError as error:
+            problems.append(str(error))
+            continue
+        if not table.schema.equals(expected_schema, check_metadata=False):
+            problems.append(f"{path}: damaged shard (schema differs from the manifest's)")
+            continue
+        if shard.deleted_file:
+            problem = _verify_file(index_dir / shard.deleted_file, None, shard.deleted_sha256, "deletion set")
+            if problem:
+                problems.append(problem)
+                continue
+        try:
+            mask = live_mask(index_dir, shard)
+        except IndexFormatError as error:
+            problems.append(str(error))
+            continue
+        live_total += int(mask.sum())
+        ids = table.column("id").to_pylist()
+        for row in np.flatnonzero(mask).tolist():
+            if ids[row] in seen_ids:
+                problems.append(f"{path}: duplicate id {ids[row]!r} (also live in {seen_ids[ids[row]]})")
+            seen_ids[ids[row]] = shard.file
+    if live_total != manifest.documents and not problems:
+        problems.append(f"{index_dir / MANIFEST_FILE}: says {manifest.documents} live rows, shards hold {live_total}")
+    return problems
+
+
+def _verify_file(path: Path, size: int | None, sha256: str | None, kind: str) -> str | None:
+    if not path.is_file():
+        return f"{path}: missing {kind}"
+    if size is not None and path.stat().st_size != size:
+        return f"{path}: damaged {kind} ({path.stat().st_size} bytes, manifest says {size})"
+    if sha256 is not None and file_sha256(path) != sha256:
+        return f"{path}: damaged {kind} (SHA-256 differs from the manifest's)"
+    return None
+

@@ -1,0 +1,314 @@
+"""Writing an index: new shards, deletion sets, compaction and the manifest switch.
+
+Shards are immutable: an updated or removed document is masked out by its
+shard's deletion set, and a shard more than half dead is compacted into a
+new one. Every file is written to a temporary name, fsynced and renamed into
+place, and the manifest is renamed last: a reader that starts from
+manifest.json sees the previous state or the new one, never a mix. Files of
+the previous state are kept until the next write, so a reader that has just
+read the old manifest can still open its shards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bge_index.errors import IndexFormatError
+from bge_index.manifest import (DERIVED_PATTERN, MANIFEST_FILE, SHARD_ROW_GROUP_ROWS, SHARD_WRITE_OPTIONS, Manifest,
+                                RowLocation, ShardInfo, fault_point, file_sha256, fsync_dir, is_index_data_file,
+                                manifest_schema, shard_file_name, utc_now, write_atomically)
+from bge_index.shard_reader import open_shard, read_deleted_rows
+
+COMPACT_WHEN_DEAD = 0.5  # a shard with more than this fraction of deleted rows is rewritten
+_ROW_GROUP_BYTES = 64 << 20  # bounds memory when rows are large (ColBERT vectors of long documents)
+
+
+@dataclass
+class RowBatch:
+    """Rows ready to store. dense: [B, D] float; sparse: B (ids, weights); colbert: B [n, Dc] or None.
+
+    With chunking, `doc_ids`, `chunks` and `spans` (char start, end) say which passage of which document a row is.
+    """
+
+    ids: list[str]
+    content_hashes: list[str]
+    texts: list[str] | None
+    dense: np.ndarray
+    sparse: list[tuple[np.ndarray, np.ndarray]]
+    colbert: list[np.ndarray] | None = None
+    doc_ids: list[str] | None = None
+    chunks: list[int] | None = None
+    spans: list[tuple[int, int]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _list_array(parts: Sequence[np.ndarray], value_type: pa.DataType) -> pa.Array:
+    lengths = np.fromiter((len(p) for p in parts), dtype=np.int64, count=len(parts))
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    values = np.concatenate(parts) if parts else np.zeros(0)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=value_type))
+
+
+def _fixed_list_array(matrix: np.ndarray, dim: int) -> pa.Array:
+    """[N, dim] -> fixed_size_list<float16>[dim], one row per list."""
+    flat = np.ascontiguousarray(matrix, dtype=np.float16).reshape(-1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat, type=pa.float16()), dim)
+
+
+def rows_to_table(rows: RowBatch, schema: pa.Schema) -> pa.Table:
+    """A RowBatch as an Arrow table of a shard `schema`: dense and ColBERT vectors as float16, sparse as uint32 ids
+    and float32 weights."""
+    dense_dim = schema.field("dense").type.list_size
+    columns: dict[str, pa.Array] = {"id": pa.array(rows.ids, type=pa.string()),
+                                    "content_hash": pa.array(rows.content_hashes, type=pa.string())}
+    if "doc_id" in schema.names:
+        assert rows.doc_ids is not None and rows.chunks is not None and rows.spans is not None
+        columns["doc_id"] = pa.array(rows.doc_ids, type=pa.string())
+        columns["chunk"] = pa.array(rows.chunks, type=pa.int32())
+        columns["char_start"] = pa.array([s[0] for s in rows.spans], type=pa.int64())
+        columns["char_end"] = pa.array([s[1] for s in rows.spans], type=pa.int64())
+    if "text" in schema.names:
+        columns["text"] = pa.array(rows.texts, type=pa.string())
+    columns["dense"] = _fixed_list_array(rows.dense, dense_dim)
+    columns["sparse"] = pa.StructArray.from_arrays(
+        [_list_array([s[0] for s in rows.sparse], pa.uint32()), _list_array([s[1] for s in rows.sparse], pa.float32())],
+        fields=list(schema.field("sparse").type),
+    )
+    if "colbert" in schema.names:
+        colbert_dim = schema.field("colbert").type.value_type.list_size
+        assert rows.colbert is not None
+        token_counts = np.fromiter((len(c) for c in rows.colbert), dtype=np.int64, count=len(rows.colbert))
+        offsets = np.concatenate([[0], np.cumsum(token_counts)]).astype(np.int32)
+        stacked = np.concatenate(rows.colbert) if rows.colbert else np.zeros((0, colbert_dim))
+        columns["colbert"] = pa.ListArray.from_arrays(pa.array(offsets), _fixed_list_array(stacked, colbert_dim))
+    return pa.Table.from_arrays(list(columns.values()), schema=schema)
+
+
+class IndexWriter:
+    """Builds the next generation of an index on top of `base` (the current manifest, if any).
+
+    New rows go to new shards; rows of existing or new shards are retired
+    with `delete`; `commit` writes deletion sets, compacts mostly-dead
+    shards, publishes the manifest and then removes files that neither the
+    new nor the previous manifest names (leftovers of crashed runs included).
+    Until `commit` renames the manifest, readers see `base`. `abort` removes
+    what this writer wrote. Memory stays bounded: rows are buffered only up
+    to one row group.
+    """
+
+    def __init__(self, index_dir: Path, manifest: Manifest, shard_rows: int, base: Manifest | None = None):
+        if shard_rows < 1:
+            raise ValueError("shard_rows must be at least 1")
+        self.index_dir = index_dir
+        self.manifest = manifest
+        self.base = base
+        self.shard_rows = shard_rows
+        self.schema = manifest_schema(manifest)
+        self.carried: list[ShardInfo] = list(base.shards) if base else []
+        self.shards: list[ShardInfo] = []  # written by this writer
+        self._deletions: dict[str, set[int]] = {}
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+        self._pending_bytes = 0
+        self._writer: pq.ParquetWriter | None = None
+        self._shard_path: Path | None = None
+        self._shard_row_count = 0
+        self._publishing = False
+        index_dir.mkdir(parents=True, exist_ok=True)
+
+    def shard_name(self, number: int) -> str:
+        """File name of this writer's shard `number`, in its generation."""
+        return shard_file_name(self.manifest.generation, number)
+
+    # -- rows in ------------------------------------------------------------
+
+    def write(self, rows: RowBatch) -> list[RowLocation]:
+        """Append rows; returns where each one will live once committed."""
+        return self._write_table(rows_to_table(rows, self.schema))
+
+    def _write_table(self, table: pa.Table) -> list[RowLocation]:
+        locations = []
+        start = 0
+        while start < table.num_rows:
+            room = self.shard_rows - self._shard_row_count - self._pending_rows
+            piece = table.slice(start, room)
+            first_row = self._shard_row_count + self._pending_rows
+            name = self.shard_name(len(self.shards))
+            locations += [RowLocation(name, first_row + i) for i in range(piece.num_rows)]
+            self._pending.append(piece)
+            self._pending_rows += piece.num_rows
+            self._pending_bytes += piece.nbytes
+            start += piece.num_rows
+            if self._shard_row_count + self._pending_rows >= self.shard_rows:
+                self._flush_row_group()
+                self._close_shard()
+            elif self._pending_rows >= SHARD_ROW_GROUP_ROWS or self._pending_bytes >= _ROW_GROUP_BYTES:
+                self._flush_row_group()
+        return locations
+
+    def adopt(self, staged: Path) -> ShardInfo | None:
+        """Take in a complete shard written by someone else into a temporary name in this folder.
+
+        The Ray engine's write tasks write shards as `.NAME.parquet.tmp` files
+        (see ray_engine.py); this checks the file's schema against this
+        index's, fsyncs it and renames it to this writer's next shard name,
+        the same protocol as a shard written here. An empty file is removed.
+        Call it between shards (not while rows are buffered).
+        """
+        if self._writer is not None or self._pending_rows:
+            raise RuntimeError("adopt() between shards only: this writer has a shard open")
+        try:
+            parquet = pq.ParquetFile(staged)
+            schema, rows = parquet.schema_arrow, parquet.metadata.num_rows
+        except (OSError, pa.ArrowException) as error:
+            raise IndexFormatError(f"{staged}: not a readable shard ({error})") from error
+        # As verify_index compares (list item names aside: Parquet calls them "element"), plus the format version.
+        if not schema.equals(self.schema) or schema.metadata != self.schema.metadata:
+            raise IndexFormatError(f"{staged}: schema differs from this index's:\n{schema}\nexpected:\n{self.schema}")
+        if rows == 0:
+            staged.unlink()
+            return None
+        with open(staged, "rb+") as stream:
+            os.fsync(stream.fileno())
+        final = self.index_dir / self.shard_name(len(self.shards))
+        os.replace(staged, final)
+        fsync_dir(self.index_dir)
+        info = ShardInfo(final.name, rows, final.stat().st_size, file_sha256(final))
+        self.shards.append(info)
+        fault_point("shard-written")
+        return info
+
+    def delete(self, location: RowLocation) -> None:
+        """Retire a row of an existing shard or of one written by this writer."""
+        self._deletions.setdefault(location.file, set()).add(location.row)
+
+    def _flush_row_group(self) -> None:
+        if not self._pending_rows:
+            return
+        if self._writer is None:
+            self._shard_path = self.index_dir / f".{self.shard_name(len(self.shards))}.tmp"
+            self._writer = pq.ParquetWriter(self._shard_path, self.schema, **SHARD_WRITE_OPTIONS)
+        group = pa.concat_tables(self._pending)
+        self._writer.write_table(group, row_group_size=group.num_rows)
+        self._shard_row_count += group.num_rows
+        self._pending, self._pending_rows, self._pending_bytes = [], 0, 0
+        fault_point("row-group-written")
+
+    def _close_shard(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()
+        assert self._shard_path is not None
+        with open(self._shard_path, "rb+") as stream:
+            os.fsync(stream.fileno())
+        final = self.index_dir / self.shard_name(len(self.shards))
+        os.replace(self._shard_path, final)
+        self.shards.append(ShardInfo(final.name, self._shard_row_count, final.stat().st_size, file_sha256(final)))
+        self._writer, self._shard_path, self._shard_row_count = None, None, 0
+        fault_point("shard-written")
+
+    # -- publishing ---------------------------------------------------------
+
+    def commit(self, state: str = "complete") -> Manifest:
+        """Finish shards, apply deletions, publish the manifest, remove files nobody refers to."""
+        self._flush_row_group()
+        self._close_shard()
+        kept = self._apply_deletions(self.carried) + self._apply_deletions(list(self.shards))
+        # Compaction above may have opened new shards; they are complete and live.
+        self._flush_row_group()
+        self._close_shard()
+        written = {s.file for s in kept}
+        kept += [s for s in self.shards if s.file not in written and s.file not in self._deletions]
+        now = utc_now()
+        self.manifest.shards = kept
+        self.manifest.documents = sum(s.live_rows for s in kept)
+        self.manifest.state = state
+        self.manifest.created = (self.base.created if self.base else "") or now
+        self.manifest.updated = now
+        fault_point("before-manifest")
+        payload = (json.dumps(self.manifest.to_json(), indent=2, ensure_ascii=False) + "\n").encode()
+        self._publishing = True  # from here on, abort() first checks whether the switch happened
+        write_atomically(self.index_dir / MANIFEST_FILE, lambda stream: stream.write(payload))
+        fault_point("after-manifest")
+        self._remove_unreferenced_files()
+        return self.manifest
+
+    def _apply_deletions(self, shards: list[ShardInfo]) -> list[ShardInfo]:
+        """Shards with their deletion sets brought up to date; dead shards dropped, mostly-dead ones compacted."""
+        kept = []
+        for shard in shards:
+            new = self._deletions.get(shard.file)
+            if not new:
+                kept.append(shard)
+                continue
+            deleted = new | set(read_deleted_rows(self.index_dir, shard).tolist())
+            if len(deleted) >= shard.rows:
+                continue
+            if len(deleted) > COMPACT_WHEN_DEAD * shard.rows:
+                self._compact(shard, deleted)
+                continue
+            kept.append(self._write_deletion_set(shard, deleted))
+        return kept
+
+    def _compact(self, shard: ShardInfo, deleted: set[int]) -> None:
+        """Copy a shard's live rows into new shards, one row group at a time (bounded memory)."""
+        mask = np.ones(shard.rows, dtype=bool)
+        mask[np.fromiter(deleted, dtype=np.int64)] = False
+        parquet = open_shard(self.index_dir, shard)
+        start = 0
+        for group in range(parquet.num_row_groups):
+            table = parquet.read_row_group(group)
+            keep = mask[start:start + table.num_rows]
+            start += table.num_rows
+            if keep.any():
+                self._write_table(table.filter(pa.array(keep)).cast(self.schema))
+
+    def _write_deletion_set(self, shard: ShardInfo, deleted: set[int]) -> ShardInfo:
+        stem = shard.file.removesuffix(".parquet")
+        path = self.index_dir / f"{stem}.deleted-{self.manifest.generation:06d}.npy"
+        rows = np.array(sorted(deleted), dtype=np.uint32)
+        write_atomically(path, lambda stream: np.save(stream, rows, allow_pickle=False))
+        return replace(shard, deleted_file=path.name, deleted_rows=len(rows), deleted_sha256=file_sha256(path))
+
+    def abort(self) -> None:
+        """Remove what this writer wrote, unless its manifest is already the published one."""
+        if self._publishing and self._published_generation() == self.manifest.generation:
+            return
+        if self._writer is not None:
+            self._writer.close()
+        if self._shard_path is not None:
+            self._shard_path.unlink(missing_ok=True)
+        for shard in self.shards:
+            (self.index_dir / shard.file).unlink(missing_ok=True)
+        self._writer, self._shard_path, self.shards = None, None, []
+
+    def _published_generation(self) -> int | None:
+        try:
+            return int(json.loads((self.index_dir / MANIFEST_FILE).read_text(encoding="utf-8"))["generation"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def remove_leftovers(self) -> None:
+        """Without a commit: delete files of crashed runs (and of states before `base`)."""
+        self._remove_files_outside(self.base.files() if self.base else set())
+
+    def _remove_unreferenced_files(self) -> None:
+        self._remove_files_outside(self.manifest.files() | (self.base.files() if self.base else set()))
+
+    def _remove_files_outside(self, keep: set[str]) -> None:
+        for path in self.index_dir.iterdir():
+            derived = DERIVED_PATTERN.match(path.name)
+            kept = f"{derived.group(1)}.parquet" in keep if derived else path.name in keep
+            if is_index_data_file(path.name) and not kept:
+                path.unlink(missing_ok=True)
+
