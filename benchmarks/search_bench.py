@@ -57,7 +57,6 @@ def unit_rows(rng: np.random.Generator, rows: int) -> np.ndarray:
 def build(index_dir: Path, size: int, seed: int = 0) -> None:
     from bge_index.manifest import Manifest
     from bge_index.shard_writer import IndexWriter, RowBatch
-    from bge_index.vector_store import ensure_search_files
 
     rng, cdf = np.random.default_rng(seed), zipf_cdf()
     manifest = Manifest(model={"name": "synthetic", "revision": "none", "sha256": None, "files": {},
@@ -70,8 +69,7 @@ def build(index_dir: Path, size: int, seed: int = 0) -> None:
         sparse = [(t, (rng.random(len(t), dtype=np.float32) * 0.3 + 0.01)) for t in ids]
         writer.write(RowBatch([f"doc{start + i}" for i in range(count)], ["0" * 32] * count, None,
                               unit_rows(rng, count), sparse))
-    final = writer.commit()
-    ensure_search_files(index_dir, final)
+    writer.commit()  # builds each shard's search files before publishing the manifest
 
 
 def rss_bytes() -> tuple[int, int]:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,18 +154,40 @@ def load_encoder(model: str = DEFAULT_MODEL, device: str = "auto", dtype: str = 
     torch_dtype = resolve_dtype(dtype, torch_device)
     with _quiet_transformers():
         try:
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-            # No pooler: BGE-M3 never uses it, and skipping it saves a matmul per batch.
-            network = AutoModel.from_pretrained(folder, dtype=torch_dtype, add_pooling_layer=False,
-                                                attn_implementation="sdpa")
+            with stage_timer("tokenizer"):
+                tokenizer = AutoTokenizer.from_pretrained(folder)
+            with stage_timer("weights"):
+                # No pooler: BGE-M3 never uses it, and skipping it saves a matmul per batch. Loaded in its
+                # dtype directly: no float32 copy to convert.
+                network = AutoModel.from_pretrained(folder, dtype=torch_dtype, add_pooling_layer=False,
+                                                    attn_implementation="sdpa")
         except (OSError, ValueError, KeyError, RuntimeError) as error:
             raise ModelError(f"cannot load the model in {folder}: {error}") from error
     hidden = network.config.hidden_size
-    sparse_head = _load_head(folder / SPARSE_HEAD_FILE, hidden, out_features=1)
-    colbert_head = _load_head(folder / COLBERT_HEAD_FILE, hidden, out_features=None)
-    network.eval().to(torch_device)
+    with stage_timer("heads"):
+        sparse_head = _load_head(folder / SPARSE_HEAD_FILE, hidden, out_features=1)
+        colbert_head = _load_head(folder / COLBERT_HEAD_FILE, hidden, out_features=None)
+    network.eval()
+    if torch_device.type != "cpu":  # from_pretrained loads on the CPU; elsewhere one move is needed
+        network.to(torch_device)
     return Encoder(tokenizer, network, sparse_head.to(torch_device, torch_dtype),
                    colbert_head.to(torch_device, torch_dtype), torch_device, torch_dtype, identity)
+
+
+@contextlib.contextmanager
+def stage_timer(stage: str) -> Iterator[None]:
+    """With BGE_INDEX_TIMINGS=1, print `bge-index: timing: STAGE SECONDS` to stderr when the stage ends.
+
+    A measuring aid (benchmarks/cold_search_bench.py reads it): off, it costs one environment lookup.
+    """
+    if os.environ.get("BGE_INDEX_TIMINGS") != "1":
+        yield
+        return
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        print(f"bge-index: timing: {stage} {time.perf_counter() - started:.4f}", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
@@ -237,6 +261,7 @@ class Encoder:
         """
         max_length = self.effective_max_length(max_length)
         if self._backend is not None:
+            _clear_padding_and_truncation(self._backend)
             all_ids = [encoding.ids for encoding in self._backend.encode_batch(list(texts), add_special_tokens=True)]
         else:
             all_ids = self.tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
@@ -261,6 +286,7 @@ class Encoder:
             raise ValueError(f"chunk overlap must be between 0 and {body - 1} tokens for {chunk_tokens}-token chunks")
         if self._backend is None:
             raise ModelError("chunking needs a fast (Rust) tokenizer with character offsets")
+        _clear_padding_and_truncation(self._backend)
         encoding = self._backend.encode(text, add_special_tokens=False)
         ids, offsets = encoding.ids, encoding.offsets
         cls_id, eos_id = self.tokenizer.cls_token_id, self.eos_id
@@ -284,6 +310,22 @@ class Encoder:
     def encode_texts(self, texts: Sequence[str], max_length: int = QUERY_MAX_LENGTH, colbert: bool = False) -> EncodedBatch:
         """Encode a few texts at once (queries): one padded batch."""
         return self.encode_ids([t.ids for t in self.tokenize(texts, max_length)], colbert=colbert)
+
+    def encode_queries(self, texts: Sequence[str], max_length: int = QUERY_MAX_LENGTH,
+                       colbert: bool = False) -> EncodedBatch:
+        """Encode queries one at a time, unpadded, so a query's vectors never depend on its neighbours.
+
+        In a padded batch a short query shares its matmuls with longer ones, and
+        in bf16/fp16 (and, through kernel choice, even fp32) its vectors come out
+        a few ulps different from the same query encoded alone: `search "q"`,
+        `search --queries` and `eval` could rank differently. Alone, each
+        forward is [1, n_tokens] with no padding: the same bits wherever the
+        query comes from. Measured on CPU (BENCHMARKS.md) this costs nothing:
+        queries are short, and padding wasted as much as batching saved.
+        """
+        with stage_timer("encode queries"):
+            tokenized = self.tokenize(texts, max_length)  # one call: the Rust tokenizer batches well
+            return EncodedBatch.concatenate([self.encode_ids([t.ids], colbert=colbert) for t in tokenized])
 
     def encode_ids(self, batch: Sequence[Sequence[int]], colbert: bool = False) -> EncodedBatch:
         """Vectors for a batch of token id lists, in the batch's order.
@@ -380,13 +422,20 @@ def _is_out_of_memory(error: BaseException) -> bool:
 
 
 def _plain_backend(tokenizer):
-    """A copy of the fast tokenizer's backend with no padding or truncation configured."""
+    """The fast tokenizer's backend (Rust), with no padding or truncation configured."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return None
-    from tokenizers import Tokenizer
+    # Shared, not copied: a copy (to_str/from_str) parses the 250k-entry vocabulary a second time, 0.3-1 s
+    # of every cold search. transformers sets padding and truncation on this backend at each call of its own
+    # and leaves them set, so ours clear them before each use (_clear_padding_and_truncation).
+    _clear_padding_and_truncation(backend)
+    return backend
 
-    plain = Tokenizer.from_str(backend.to_str())
-    plain.no_padding()
-    plain.no_truncation()
-    return plain
+
+def _clear_padding_and_truncation(backend) -> None:
+    """No padding, no truncation on a Rust tokenizer (two attribute reads when already clear)."""
+    if backend.padding is not None:
+        backend.no_padding()
+    if backend.truncation is not None:
+        backend.no_truncation()

@@ -44,6 +44,10 @@ class InvalidOptionError(UsageError):
     """Options that cannot work together, or a value out of range."""
 
 
+class EmptyQueryError(UsageError):
+    """A query with no text (an empty or whitespace-only query argument or query-file record)."""
+
+
 class InputError(UsageError):
     """An input argument that names nothing (no such file, a glob with no match)."""
 

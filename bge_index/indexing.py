@@ -47,7 +47,8 @@ def build_index(inputs: Sequence[str], index_dir: Path, options: IndexOptions, e
                 encoder=None, should_stop: Callable[[], bool] = _never) -> IndexSummary:
     """Bring the index in `index_dir` up to date with the files, folders and globs in `inputs` (creating it)."""
     refuse_foreign_folder(index_dir)
-    documents = iter_documents(inputs, options.fields)  # raises InputError before any work
+    # The index folder is never input: an --out inside an input folder must not index its own files.
+    documents = iter_documents(inputs, options.fields, exclude=[index_dir])  # raises InputError before any work
     return index_documents(documents, index_dir, options, events, encoder, should_stop)
 
 
@@ -126,7 +127,7 @@ class LocalEngine:
         try:
             self._consume(documents)
             self._drain()
-            return run.finish(before_search_files=self._release_workers)
+            return run.finish()
         except BaseException:
             run.abort()
             raise
@@ -236,6 +237,7 @@ class LocalEngine:
             from bge_index.encoder import load_encoder
             from bge_index.workers import EncodingWorkers
 
+            self.events.stage("loading model")
             started = time.perf_counter()
             encoders = [self.encoder] if self.encoder is not None else [
                 load_encoder(self.options.model, device, self.run_state.precision) for device in self._devices()]
@@ -281,7 +283,7 @@ class LocalEngine:
             self.summary.tokens += sum(len(rows.token_ids[i]) for i in batch)
             self.summary.elapsed = time.perf_counter() - self.run_state.started
             self.events.progress(IndexProgress(len(self.run_state.seen), self.summary.encoded + int(finished.sum()),
-                                               self.summary.tokens, self.summary.elapsed))
+                                               self.summary.tokens, self.summary.elapsed, self.summary.load_seconds))
             if not self.summary.interrupted and self.should_stop() and not finished.all():
                 self._stop(window)
         return rows.complete_documents(finished)

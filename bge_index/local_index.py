@@ -1,8 +1,9 @@
 """The local search backend: an index folder's memory-mapped search files and the model that made it.
 
 `LocalIndex` opens the manifest, loads the index's own model (a different
-one is refused) in the index's precision, memory-maps every shard's search
-files (vector_store.py) and answers `SearchRequest`s exactly (search.py).
+one is refused) in the index's precision, opens every file of that
+generation at once (vector_store.OpenIndex: Parquet handles, deletion sets,
+memory-mapped search files, so later commits never disturb it) and answers `SearchRequest`s exactly (search.py).
 Hits come back as `QueryResult`s with ids, texts and, on request, the query
 tokens each hit matched:
 
@@ -19,26 +20,28 @@ from pathlib import Path
 import numpy as np
 
 from bge_index.encoder import Encoder, load_encoder
-from bge_index.errors import NoColbertVectors
+from bge_index.errors import ModelMismatchError, NoColbertVectors
 from bge_index.manifest import read_manifest
 from bge_index.model import QUERY_MAX_LENGTH, ModelIdentity
 from bge_index.query import Hit, Mode, Normalize, Query, QueryResult, QueryVectors, RankedDocument, SearchRequest
 from bge_index.search import Searcher
-from bge_index.shard_reader import read_column, read_rows
-from bge_index.vector_store import open_store
-
-QUERY_BATCH = 32
-
+from bge_index.vector_store import OpenIndex
 
 def encode_queries(encoder: Encoder, texts: Sequence[str], colbert: bool = False) -> list[QueryVectors]:
-    """Queries -> vectors, the one way every search backend encodes them (at most QUERY_MAX_LENGTH tokens)."""
+    """Queries -> vectors, the one way every search backend encodes them (at most QUERY_MAX_LENGTH tokens).
+
+    Each query is encoded alone and unpadded (Encoder.encode_queries), so its
+    vectors, and so its hits and scores, are the same bits whether it is
+    searched alone, in a --queries batch, in eval or over HTTP.
+    """
+    if not texts:
+        return []
+    encoded = encoder.encode_queries(texts, QUERY_MAX_LENGTH, colbert=colbert)
     vectors: list[QueryVectors] = []
-    for start in range(0, len(texts), QUERY_BATCH):
-        encoded = encoder.encode_texts(texts[start:start + QUERY_BATCH], QUERY_MAX_LENGTH, colbert=colbert)
-        for row in range(len(encoded.dense)):
-            ids, weights = encoded.sparse[row]
-            vectors.append(QueryVectors(encoded.dense[row], ids, weights,
-                                        encoded.colbert[row] if encoded.colbert is not None else None))
+    for row in range(len(encoded.dense)):
+        ids, weights = encoded.sparse[row]
+        vectors.append(QueryVectors(encoded.dense[row], ids, weights,
+                                    encoded.colbert[row] if encoded.colbert is not None else None))
     return vectors
 
 
@@ -52,14 +55,32 @@ def load_index_encoder(manifest, model: str | None = None, device: str = "auto",
 class LocalIndex:
     """An opened index with the encoder that made it, ready for queries (the local `SearchBackend`)."""
 
-    def __init__(self, index_dir: Path, model: str | None = None, device: str = "auto", dtype: str = "auto"):
+    def __init__(self, index_dir: Path, model: str | None = None, device: str = "auto", dtype: str = "auto",
+                 encoder: Encoder | None = None, opened: OpenIndex | None = None):
+        """Open `index_dir`'s current generation with its model (or `encoder`, if it is the index's model)."""
         self.index_dir = index_dir
         self.notes: list[str] = []
-        self.manifest = read_manifest(index_dir)
-        self.encoder = load_index_encoder(self.manifest, model, device, dtype)
-        shards = open_store(index_dir, self.manifest)
-        self.shard_starts = np.array([s.start for s in shards] + [sum(s.rows for s in shards)], dtype=np.int64)
-        self.searcher = Searcher(shards, self.manifest.vocab_size, doc_ids=self._doc_ids)
+        manifest = opened.manifest if opened is not None else read_manifest(index_dir)
+        if encoder is None:
+            encoder = load_index_encoder(manifest, model, device, dtype)
+        else:
+            recorded = ModelIdentity.from_json(manifest.model)
+            if not encoder.identity.same_model(recorded):
+                raise ModelMismatchError(f"the index was built with {recorded.describe()}, but the loaded model is "
+                                         f"{encoder.identity.describe()}")
+        self.encoder = encoder
+        # Every file of one generation opened now: later commits never disturb this object's searches.
+        self.opened = opened if opened is not None else OpenIndex.open(index_dir, manifest)
+        self.manifest = self.opened.manifest
+        self.shard_starts = self.opened.starts
+        self.searcher = Searcher(self.opened.vectors, self.manifest.vocab_size, doc_ids=self._doc_ids)
+
+    def reopen(self) -> "LocalIndex":
+        """A LocalIndex on the newest committed generation sharing this encoder; self if it has not changed."""
+        opened = self.opened.reopen()
+        if opened is self.opened:
+            return self
+        return LocalIndex(self.index_dir, encoder=self.encoder, opened=opened)
 
     def close(self) -> None:
         """Drop the model and the memory maps."""
@@ -84,24 +105,19 @@ class LocalIndex:
         return [QueryResult(query, self._describe(vectors, hits, request))
                 for query, vectors, hits in zip(queries, query_vectors, all_hits)]
 
-    def _locations(self, rows: Sequence[int]) -> list[tuple[int, int]]:
-        shard_numbers = np.searchsorted(self.shard_starts, rows, side="right") - 1
-        return [(int(s), int(r - self.shard_starts[s])) for s, r in zip(shard_numbers, rows)]
-
     def _doc_ids(self) -> np.ndarray:
-        column = "doc_id" if self.manifest.chunking else "id"
-        return read_column(self.index_dir, self.manifest, column)
+        return self.opened.read_column("doc_id" if self.manifest.chunking else "id")
 
     def _fetch_colbert(self, rows: Sequence[int]) -> list[np.ndarray]:
-        return read_rows(self.index_dir, self.manifest, self._locations(rows), "colbert")
+        return self.opened.read_rows(rows, "colbert")
 
     def _describe(self, query: QueryVectors, hits: list[Hit], request: SearchRequest) -> list[RankedDocument]:
         grouped = request.group_by_doc
-        locations = self._locations([h.row for h in hits])
-        ids = read_rows(self.index_dir, self.manifest, locations, "id") if hits else []
-        texts = read_rows(self.index_dir, self.manifest, locations, "text") \
+        rows = [h.row for h in hits]
+        ids = self.opened.read_rows(rows, "id") if hits else []
+        texts = self.opened.read_rows(rows, "text") \
             if request.with_text and self.manifest.store_text and hits else [None] * len(hits)
-        doc_ids = read_rows(self.index_dir, self.manifest, locations, "doc_id") \
+        doc_ids = self.opened.read_rows(rows, "doc_id") \
             if grouped and self.manifest.chunking and hits else ids
         ranked = []
         for rank, (hit, row_id, doc_id, text) in enumerate(zip(hits, ids, doc_ids, texts), start=1):

@@ -5,7 +5,8 @@ An index folder holds
     manifest.json                              format version, model, dims, shard list
     shard-GGGGGG-NNNNN.parquet                 at most `shard_rows` rows each, never modified
     shard-GGGGGG-NNNNN.deleted-HHHHHH.npy      rows of that shard no longer live (uint32)
-    shard-GGGGGG-NNNNN.<kind>.npy              search files derived from that shard (vector_store.py)
+    search/shard-GGGGGG-NNNNN.<kind>.npy       search files derived from that shard (vector_store.py),
+                                               named in the manifest with their size and CRC-32
     .lock                                      the writer's lock (see lock.py)
 
 Shard columns (`shard_schema`): `id` string; `content_hash` string (of the
@@ -34,6 +35,7 @@ import os
 import re
 import signal
 import tempfile
+import zlib
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,11 +45,18 @@ import pyarrow as pa
 from bge_index.errors import IndexFormatError
 
 FORMAT_NAME = "bge-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: search files in search/, listed per shard in the manifest (ShardInfo.search)
+READABLE_FORMAT_VERSIONS = (1, 2)  # a version 1 index is read (search files built in memory), written as 2
+SHARD_FORMAT_VERSION = 1  # the Parquet shards' own layout, in their schema metadata: unchanged since version 1
 MANIFEST_FILE = "manifest.json"
 SHARD_PATTERN = re.compile(r"^shard-(\d{6,})-(\d{5,})\.parquet$")
 DELETED_PATTERN = re.compile(r"^shard-(\d{6,})-(\d{5,})\.deleted-(\d{6,})\.npy$")
 # Search files derived from a shard (vector_store.py): kept exactly as long as their shard.
+# A search file as the manifest names it, relative to INDEX_DIR/search/ (vector_store.py).
+SEARCH_FILE_PATTERN = re.compile(r"^shard-\d{6,}-\d{5,}\.[a-z-]+\.npy$")
+SEARCH_DIR = "search"
+SEARCH_KINDS = ("dense", "token-ids", "token-ptr", "posting-rows", "posting-weights", "heavy-ids", "heavy-columns")
+# Format version 1 kept them beside the shards (below), with a stamp file; a version 2 reader ignores those.
 DERIVED_PATTERN = re.compile(r"^(shard-\d{6,}-\d{5,})\.(dense|token-ptr|posting-rows|posting-weights|heavy-ids|heavy-columns|stamp)\.npy$")
 CHUNK_COLUMNS = ("doc_id", "chunk", "char_start", "char_end")
 # How every shard is written, by IndexWriter (shard_writer.py) and by the Ray engine's Parquet sink (ray_engine.py).
@@ -78,6 +87,12 @@ class ShardInfo:
     deleted_file: str | None = None
     deleted_rows: int = 0
     deleted_sha256: str | None = None
+    # Search files (format version 2): one {"kind", "file" (a name in search/), "bytes", "crc32"} per kind;
+    # None when the shard has none yet (a version 1 index): readers then build its vectors in memory.
+    search: list | None = None
+    # The shard's mtime when its search files were built: a reader finding another one (the file was touched,
+    # or copied without its times) checks the shard's SHA-256 once per process before searching it.
+    mtime_ns: int | None = None
 
     @property
     def live_rows(self) -> int:
@@ -174,34 +189,89 @@ def is_index(index_dir: Path) -> bool:
 
 
 def read_manifest(index_dir: Path) -> Manifest:
-    """The manifest of the index in `index_dir`; IndexFormatError if missing, damaged or of another format version."""
+    """The manifest of the index in `index_dir`; IndexFormatError if missing, damaged or of another format version.
+
+    Damaged includes a manifest.json that is a symlink and one that names any file but a plain name of its kind
+    (see `_bad_file_name`): nothing outside the index folder is ever read or written because of a manifest.
+    """
     path = index_dir / MANIFEST_FILE
     if not index_dir.is_dir():
         raise IndexFormatError(f"{index_dir}: no such index folder")
     if not path.is_file():
         raise IndexFormatError(f"{index_dir}: not a bge-index index (no {MANIFEST_FILE})")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        # Not through a symlink: nothing outside the index folder is read.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as stream:
+            data = json.loads(stream.read().decode("utf-8"))
     except (OSError, ValueError) as error:
         raise IndexFormatError(f"{path}: unreadable manifest ({error})") from error
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
         raise IndexFormatError(f"{path}: not a bge-index manifest")
     version = data.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_FORMAT_VERSIONS:
         raise IndexFormatError(
-            f"{path}: index format version {version}, this bge-index reads version {FORMAT_VERSION}; "
+            f"{path}: index format version {version}, this bge-index reads versions 1 to {FORMAT_VERSION}; "
             "rebuild the index with this version or use a matching bge-index")
     try:
-        return Manifest.from_json(data)
+        manifest = Manifest.from_json(data)
     except (KeyError, TypeError, ValueError) as error:
         raise IndexFormatError(f"{path}: damaged manifest (missing or bad {error})") from error
+    if (bad := _bad_file_name(manifest)) is not None:
+        raise IndexFormatError(f"{path}: damaged manifest (names the file {bad}, not a file of this index)")
+    return manifest
+
+
+def _bad_file_name(manifest: Manifest) -> str | None:
+    """The first file name in `manifest` that is not a plain name of its kind (no `/`, no `..`), or None.
+
+    The index folder is a boundary: a manifest naming `../x.parquet` or `/etc/passwd` must not make a reader
+    (or a writer's clean-up) touch anything outside it. Search files are plain names in search/ (format 2).
+    """
+    for shard in manifest.shards:
+        if not isinstance(shard.file, str) or not SHARD_PATTERN.match(shard.file):
+            return repr(shard.file)
+        if shard.deleted_file is not None:
+            deleted = DELETED_PATTERN.match(shard.deleted_file) if isinstance(shard.deleted_file, str) else None
+            if deleted is None or f"shard-{deleted.group(1)}-{deleted.group(2)}.parquet" != shard.file:
+                return repr(shard.deleted_file)
+        search = getattr(shard, "search", None)
+        if search is None:
+            continue
+        if not isinstance(search, list):
+            return repr(search)
+        for record in search:
+            name = record.get("file") if isinstance(record, dict) else record
+            if not isinstance(name, str) or not SEARCH_FILE_PATTERN.match(name):
+                return repr(name)
+    return None
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where /proc allows (changing it races other threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_atomically(path: Path, write) -> None:
-    """Write through `write(stream)` to a temporary file, fsync it, rename it over `path`."""
+    """Write through `write(stream)` to a temporary file, fsync it, rename it over `path`.
+
+    The temporary file is mkstemp's (O_CREAT|O_EXCL|O_NOFOLLOW: never through a link) and the rename replaces
+    whatever `path` names, a link included, without following it. Permissions follow the umask (0644 under 022),
+    not mkstemp's 0600: an index written by a cron job must be readable by the services that search it.
+    """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as stream:
+            os.fchmod(fd, 0o666 & ~current_umask())
             write(stream)
             stream.flush()
             os.fsync(stream.fileno())
@@ -226,6 +296,15 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def file_crc32(path: Path) -> int:
+    """CRC-32 (zlib) of a file, read 4 MiB at a time: the search files' checksum (about 1 GB/s)."""
+    crc = 0
+    with open(path, "rb") as stream:
+        while chunk := stream.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
 def file_sha256(path: Path) -> str:
     """Hex SHA-256 of a file, read 4 MiB at a time."""
     digest = hashlib.sha256()
@@ -247,9 +326,10 @@ def shard_file_name(generation: int, number: int) -> str:
 
 
 def is_index_data_file(name: str) -> bool:
-    """Shards, deletion sets, their search files and temporary files: what writers and readers leave here."""
+    """Shards, deletion sets, their search files (the search/ folder; format 1's beside the shards) and temporary
+    files: what writers and readers leave here."""
     return bool(SHARD_PATTERN.match(name) or DELETED_PATTERN.match(name) or DERIVED_PATTERN.match(name)
-                or (name.startswith(".") and name.endswith(".tmp")))
+                or name == SEARCH_DIR or (name.startswith(".") and name.endswith(".tmp")))
 
 
 def index_size_bytes(index_dir: Path, manifest: Manifest) -> int:
@@ -282,7 +362,7 @@ def shard_schema(dense_dim: int, colbert_dim: int | None, store_text: bool, chun
     ]), nullable=False))
     if colbert_dim is not None:
         fields.append(pa.field("colbert", pa.list_(pa.list_(pa.float16(), colbert_dim))))
-    return pa.schema(fields, metadata={"bge_index_format_version": str(FORMAT_VERSION)})
+    return pa.schema(fields, metadata={"bge_index_format_version": str(SHARD_FORMAT_VERSION)})
 
 
 def manifest_schema(manifest: Manifest) -> pa.Schema:

@@ -32,13 +32,15 @@ ranking), or `RRFRanker(60)`. Each route (dense, sparse) returns its best
 `route_limit` rows (with rrf, at least RRF_DEPTH); a row outside one route's
 list gets nothing from that route, so the weighted top-k equals local
 search's when every true top-k row is in both lists (always when the collection holds at most `route_limit`
-rows): the caveat the README explains.
+rows; by default 16,384, the most Milvus allows): the caveat the README explains. Credentials in a URI
+(`http://user:password@host`) or a token never appear in a message (`mask_secrets`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -46,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bge_index.errors import ExtraUnavailableError, IndexFormatError, InvalidOptionError, MilvusError
+from bge_index.errors import BgeIndexError, ExtraUnavailableError, IndexFormatError, InvalidOptionError, MilvusError
 from bge_index.extras import require
 from bge_index.manifest import Manifest, read_manifest
 from bge_index.model import ModelIdentity
@@ -61,14 +63,45 @@ DENSE_TYPES = ("auto", "float", "float16")
 _HNSW_BUILD = {"M": 16, "efConstruction": 200}
 
 
+_URL_PASSWORD = re.compile(r"(\w+://[^\s:/@]*:)[^\s@/]*@")
+MASK = "***"
+
+
+def mask_secrets(text: str, uri: str | None = None, token: str | None = None) -> str:
+    """`text` without credentials: the password of any `scheme://user:password@` URL, and the token (and the
+    password part of a `user:password` token) wherever they occur, become `***`. Every message, warning and
+    error that may quote a --uri or a server's answer passes through here."""
+    text = _URL_PASSWORD.sub(rf"\g<1>{MASK}@", text)
+    secrets = []
+    if token:
+        secrets += [token, token.partition(":")[2]]
+    if uri and _URL_PASSWORD.search(uri):
+        secrets.append(_URL_PASSWORD.search(uri).group(0).rsplit(":", 1)[1][:-1])  # the URI's password
+    for secret in sorted(filter(None, secrets), key=len, reverse=True):  # the longest first: a token holds its password
+        text = text.replace(secret, MASK)
+    return text
+
+
+def public_uri(uri: str) -> str:
+    """`uri` as it may be shown: `http://user:***@host:19530` (no password)."""
+    return mask_secrets(uri)
+
+
 @contextlib.contextmanager
-def _milvus_errors(doing: str) -> Iterator[None]:
-    """pymilvus's exceptions (only importable with the extra) as MilvusError, naming what was being done."""
+def _milvus_errors(doing: str, uri: str | None = None, token: str | None = None) -> Iterator[None]:
+    """pymilvus's exceptions (only importable with the extra) as MilvusError, naming what was being done.
+
+    Messages are masked (`mask_secrets`): a server's answer may quote the URI or the token.
+    """
     try:
         yield
+    except BgeIndexError as error:
+        # Ours, built from the URI (a missing collection...): masked too.
+        error.args = (mask_secrets(str(error), uri, token),)
+        raise
     except Exception as error:
         if type(error).__module__.startswith(("pymilvus", "grpc", "milvus_lite")):
-            raise MilvusError(f"Milvus: {doing}: {error}") from error
+            raise MilvusError(mask_secrets(f"Milvus: {doing}: {error}", uri, token)) from None  # no credentials
         raise
 
 
@@ -88,7 +121,8 @@ def connect(uri: str, token: str | None = None):
     try:
         return pymilvus.MilvusClient(uri=uri, token=token or "")
     except Exception as error:  # pymilvus raises its own and gRPC's errors alike
-        raise ExtraUnavailableError(f"--uri {uri}: cannot connect to Milvus ({error})") from error
+        raise ExtraUnavailableError(mask_secrets(f"--uri {uri}: cannot connect to Milvus ({error})", uri, token)) \
+            from None  # the chained error would carry the credentials into a traceback
 
 
 # ---------------------------------------------------------------------------
@@ -133,9 +167,10 @@ def export_index(index_dir: Path, uri: str, collection: str, batch: int = 1000, 
     manifest = read_manifest(index_dir)
     started = time.perf_counter()
     client = connect(uri, token)
-    with _milvus_errors(f"export of {index_dir} into {collection!r}"):
+    with _milvus_errors(f"export of {index_dir} into {collection!r}", uri, token):
         summary = _export(client, manifest, index_dir, uri, collection, batch, index_type, with_text, drop_existing,
                           dense_type, progress)
+    summary.uri = public_uri(uri)  # the summary is printed and written to --report
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -273,9 +308,16 @@ def _delete_stale(client, collection: str, live_ids: set[str], batch: int) -> in
 # Search
 
 
+MAX_ROUTE_LIMIT = 16_384  # Milvus's largest `limit` (topk) for one search
+
+
 def default_route_limit(k: int) -> int:
-    """Rows each route returns when --route-limit is not given: 5 per hit asked for, at least 100."""
-    return max(5 * k, 100)
+    """Rows each route returns when --route-limit is not given: as many as Milvus allows (16,384).
+
+    So a hybrid search equals local search on any collection up to that size; shallower defaults (5k) agreed
+    with local search on only 21% of top-10 ranks on a 310-row collection. `k` never exceeds it.
+    """
+    return max(MAX_ROUTE_LIMIT, k)
 
 
 class MilvusBackend:
@@ -294,8 +336,9 @@ class MilvusBackend:
         self.route_limit = route_limit
         self.client = connect(uri, token)
         self.collection = collection
-        with _milvus_errors(f"opening collection {collection!r}"):
-            self._open(index_dir, uri, collection)
+        self.secrets = (uri, token)
+        with _milvus_errors(f"opening collection {collection!r}", uri, token):
+            self._open(index_dir, public_uri(uri), collection)
         self.encoder = load_index_encoder(self.manifest, model, device, dtype)
 
     def close(self) -> None:
@@ -341,7 +384,7 @@ class MilvusBackend:
     def search(self, queries: Sequence[Query], request: SearchRequest = SearchRequest()) -> list[QueryResult]:
         """Top-k per query: hybrid (weighted or rrf), dense or sparse, as local search scores them."""
         self.check_request(request)
-        with _milvus_errors(f"searching collection {self.collection!r}"):
+        with _milvus_errors(f"searching collection {self.collection!r}", *self.secrets):
             found = self._search([q.text for q in queries], request.k, request.mode.value, request.weights,
                                  request.fusion.value, self.route_limit, request.with_text)
         return [QueryResult(query, [RankedDocument(rank, hit_id, hit, text)

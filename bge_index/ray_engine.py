@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -139,6 +140,7 @@ def ray_session(options: RayOptions) -> Iterator[tuple[object, bool]]:
     if ray.is_initialized():
         yield ray, _is_local_instance(ray)
         return
+    handlers = _stop_handlers()
     if local:
         start_local_ray(ray)
     else:
@@ -148,10 +150,33 @@ def ray_session(options: RayOptions) -> Iterator[tuple[object, bool]]:
         except (ConnectionError, RuntimeError, ValueError) as error:
             raise ExtraUnavailableError(f"--ray-address {options.address}: cannot join the Ray cluster ({error})") \
                 from error
+    _restore_stop_handlers(handlers)
     try:
         yield ray, local
+    except BaseException:
+        # Aborting (a second stop request, a failure): the write thread may still be inside Ray Data, which
+        # logs tracebacks once Ray is shut down under it. The run's own error is what the user must see.
+        for name in ("ray", "ray.data"):
+            logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+        raise
     finally:
         ray.shutdown()
+
+
+def _stop_handlers() -> dict[int, object]:
+    """This process's SIGINT/SIGTERM handlers (the CLI's stop requests), to put back after `ray.init`."""
+    return {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore_stop_handlers(handlers: dict[int, object]) -> None:
+    """Undo what `ray.init` does to signals: it sets a Python SIGTERM handler that exits at once (status 15) and
+    its core worker installs a native crash handler for SIGTERM that dumps a stack and kills the process (status
+    15 or 134). Either way a stop request would lose the run's work; re-setting the handlers from Python also
+    re-installs them in the kernel, over the native one. Only the main thread may set handlers."""
+    if threading.current_thread() is threading.main_thread():
+        for number, handler in handlers.items():
+            if handler is not None:
+                signal.signal(number, handler)
 
 
 def start_local_ray(ray=None, num_cpus: int | None = None) -> None:
@@ -179,8 +204,10 @@ def _plan_rows_of_file(item: dict, fields: FieldNames) -> list[dict]:
             rows.append({"file": item["file"], "ordinal": ordinal, "id": record.id, "hash": content_hash(record.text),
                          "line": record.line, "reason": None, "hides": False, "code": None})
         else:
-            rows.append({"file": item["file"], "ordinal": ordinal, "id": None, "hash": None, "line": record.line,
-                         "reason": record.reason, "hides": record.hides_documents, "code": record.code.value})
+            # "id": a bad record's id when it was read (its indexed rows are kept), else None.
+            rows.append({"file": item["file"], "ordinal": ordinal, "id": getattr(record, "doc_id", None),
+                         "hash": None, "line": record.line, "reason": record.reason,
+                         "hides": record.hides_documents, "code": record.code.value})
     return rows
 
 
@@ -229,6 +256,15 @@ class RunCounters:
 
     def __init__(self) -> None:
         self.documents = self.rows = self.tokens = self.truncated = 0
+        self.stop_requested = False
+
+    def request_stop(self) -> None:
+        """The driver got a stop request: encoding actors encode nothing more (see `stopping`)."""
+        self.stop_requested = True
+
+    def stopping(self) -> bool:
+        """Whether the encoding actors should pass their remaining batches by (a stop request)."""
+        return self.stop_requested
 
     def add(self, documents: int, rows: int, tokens: int, truncated: int) -> None:
         """Count one actor call: documents, rows, tokens and truncated documents."""
@@ -259,14 +295,18 @@ class ShardEncoder:
                                    settings.chunking is not None)
 
     def __call__(self, batch):  # pyarrow.Table -> pyarrow.Table
+        import ray
+
+        if ray.get(self.counters.stopping.remote()):
+            # A stop request: this call is a batch boundary. Nothing more is encoded, so the write ends soon and
+            # what was written is committed; these documents are simply not reached.
+            return self.schema.empty_table()
         ids = batch.column("id").to_pylist()
         settings = self.settings
         rows, tokens, truncated = encode_documents(
             self.encoder, ids, batch.column("text").to_pylist(), batch.column("content_hash").to_pylist(),
             colbert=settings.colbert, store_text=settings.store_text, max_length=settings.max_length,
             chunking=settings.chunking, batch_tokens=settings.batch_tokens)
-        import ray
-
         # Waited for, so the totals are complete once the write has finished.
         ray.get(self.counters.add.remote(len(ids), len(rows), tokens, truncated))
         return rows_to_table(rows, self.schema)
@@ -330,7 +370,7 @@ def build_index_on_ray(inputs: Sequence[str], index_dir: Path, options: IndexOpt
     if options.device.startswith("cuda") and ray_options.gpus_per_worker <= 0:
         raise InvalidOptionError("--engine ray with --device cuda needs --gpus-per-worker (GPUs per actor)")
     refuse_foreign_folder(index_dir)
-    files = list(resolve_inputs(inputs))  # InputError before any work
+    files = list(resolve_inputs(inputs, exclude=[index_dir]))  # InputError before any work; --out is never input
     if any(f.path is None for f in files):
         raise InvalidOptionError(f"--engine ray reads files; {STDIN_NAME} (-) needs the local engine")
     if options.dry_run:
@@ -401,7 +441,8 @@ class _RayRun:
             for row in records.iter_rows():
                 source = files[row["file"]].display
                 if row["reason"] is not None:
-                    run.skip(Skipped(source, row["line"], row["reason"], bool(row["hides"]), SkipReason(row["code"])))
+                    run.skip(Skipped(source, row["line"], row["reason"], bool(row["hides"]), SkipReason(row["code"]),
+                                     doc_id=row["id"]))
                     continue
                 run.arrive(row["id"], source, row["line"])
                 run.decide(row["id"], row["hash"], source, row["line"], slot=(row["file"], row["ordinal"]))
@@ -483,11 +524,15 @@ class _RayRun:
                 outcome.append(error)
 
         # The write runs Ray's executor in a thread so that this one can report progress as the actors count it.
-        # A stop request cannot cut a Ray write short: what it writes is committed when it ends.
+        # A stop request tells the actors to encode no more (RunCounters.stop_requested): the write then ends
+        # after the calls under way, and what it wrote is committed.
         writing = threading.Thread(target=write, name="ray-write", daemon=True)
         writing.start()
         while writing.is_alive():
             writing.join(timeout=1.0)
+            if self.should_stop() and not self.summary.interrupted:
+                self.summary.interrupted = True
+                ray.get(counters.request_stop.remote())
             documents_done, _, tokens, _ = ray.get(counters.totals.remote())
             self.events.progress(IndexProgress(len(run.seen), documents_done, tokens,
                                                time.perf_counter() - run.started))

@@ -12,6 +12,11 @@ this module owns every decision around that:
 - the outcome of each id (an `Outcome`) and the counts in the summary;
 - removals: an indexed id that the inputs no longer hold is removed only by
   a run that completed and read every input whole (unless `--keep-missing`);
+  an input that could not be read whole is named in the summary
+  (`failed_inputs`), and a bad record whose id is known keeps that id's rows
+  (`Outcome.KEPT`); a run that would remove more than `--max-remove` of the
+  index's documents (default half: an unmounted share reads as an empty
+  folder) removes nothing and says why (`removal_refused`);
 - the commit: a run writes a new generation only when something changed (or
   the index is new, or a stopped run's index is now complete), then builds
   the search files; a no-change run writes nothing at all.
@@ -66,8 +71,10 @@ class IndexOptions:
     keep_missing: bool = False
     dry_run: bool = False
     wait: bool = False
+    max_remove: str = "50%"  # --max-remove: a share ("50%", "0.5") or a count ("100") of the index's documents
 
     def __post_init__(self) -> None:
+        parse_max_remove(self.max_remove)  # InvalidOptionError (exit 2) before any work
         if self.batch_tokens < 1 or self.shard_rows < 1 or self.max_length < 2:
             raise InvalidOptionError("--batch-tokens and --shard-rows must be at least 1, --max-length at least 2")
         if self.chunk_tokens is not None and self.chunk_tokens < 3:
@@ -88,6 +95,7 @@ class Outcome(str, Enum):
     ADDED = "added"  # written, new to the index
     UPDATED = "updated"  # written, replacing the rows of an earlier version
     NOT_REACHED = "not reached"  # a stop came first; an earlier version stays live
+    KEPT = "kept"  # a bad record with this id was skipped: the index's rows of it stay (never removed)
 
 
 _COUNTED = (Outcome.UNCHANGED, Outcome.ADDED, Outcome.UPDATED)
@@ -101,6 +109,7 @@ class IndexProgress:
     encoded: int
     tokens: int
     elapsed: float
+    loading: float = 0.0  # of `elapsed`, seconds spent loading the model (rates leave them out)
 
 
 @dataclass
@@ -129,6 +138,9 @@ class IndexSummary:
     interrupted: bool = False
     dry_run: bool = False
     wrote: bool = False
+    failed_inputs: list[dict] = field(default_factory=list)  # {"location", "reason"} of inputs not read whole
+    removal_refused: str = ""  # why the removals were held back by --max-remove ("" if they were not)
+    created: bool = False  # this run wrote the index's first generation
 
     @property
     def encoded(self) -> int:
@@ -136,14 +148,25 @@ class IndexSummary:
         return self.added + self.updated
 
     @property
+    def working_seconds(self) -> float:
+        """The seconds the rates are measured over: encoding time when the engine measured it, else the run's
+        time without the model load (never the load: a one-document run would read as 0.1 docs/s)."""
+        return self.encode_seconds if self.encode_seconds > 0 else max(self.elapsed - self.load_seconds, 0.0)
+
+    @property
     def documents_per_second(self) -> float:
-        """Encoded documents per second of the run's total time (0.0 until `elapsed` is set)."""
-        return self.encoded / self.elapsed if self.elapsed > 0 else 0.0
+        """Encoded documents per second of `working_seconds` (0.0 until it is known)."""
+        return self.encoded / self.working_seconds if self.working_seconds > 0 else 0.0
 
     @property
     def tokens_per_second(self) -> float:
-        """Tokens encoded per second of the run's total time (0.0 until `elapsed` is set)."""
-        return self.tokens / self.elapsed if self.elapsed > 0 else 0.0
+        """Tokens encoded per second of `working_seconds` (0.0 until it is known)."""
+        return self.tokens / self.working_seconds if self.working_seconds > 0 else 0.0
+
+    @property
+    def changed(self) -> bool:
+        """Whether the run changed the index's documents (or would, in a dry run)."""
+        return bool(self.added or self.updated or self.removed)
 
     def to_json(self) -> dict:
         """The `--report` document."""
@@ -159,6 +182,8 @@ class IndexSummary:
                         "encode_seconds": round(self.encode_seconds, 3),
                         "documents_per_second": round(self.documents_per_second, 3),
                         "tokens_per_second": round(self.tokens_per_second, 1)},
+            "failed_inputs": list(self.failed_inputs),
+            "removal_refused": self.removal_refused or None,
             "model": self.model,
             "max_length": self.max_length,
             "index": {"generation": self.generation, "live_rows": self.live_rows, "shards": self.shards,
@@ -177,6 +202,9 @@ class IndexEvents:
 
     def progress(self, state: IndexProgress) -> None:
         """Called after every encoded batch."""
+
+    def stage(self, description: str) -> None:
+        """The run enters a long step that encodes nothing yet (e.g. "loading model")."""
 
 
 @dataclass(slots=True)  # one per indexed document: kept small
@@ -277,7 +305,13 @@ class IndexRun:
         if self.options.strict:
             raise StrictModeError(item)
         self.summary.skipped[item.category] += 1
-        self.inputs_incomplete |= item.hides_documents
+        if item.hides_documents:
+            self.inputs_incomplete = True
+            self.summary.failed_inputs.append({"location": item.location, "reason": item.reason})
+        doc_id = getattr(item, "doc_id", None)
+        if doc_id is not None and doc_id not in self.seen:
+            # The id was read but its record is bad: the index's copy stays (a later good occurrence replaces it).
+            self.seen[doc_id] = Seen(item.source, item.line, Outcome.KEPT)
         self.events.skipped(item)
 
     def arrive(self, doc_id: str, source: str, line: int | None) -> Seen | None:
@@ -287,6 +321,8 @@ class IndexRun:
         here, and the engine drops its rows once this one's are written.
         """
         prior = self.seen.get(doc_id)
+        if prior is not None and prior.outcome is Outcome.KEPT:
+            return None  # a skipped bad record is no occurrence to replace: this one is simply the document
         if prior is not None:
             self.events.warning(f"duplicate id {doc_id!r}: {where(source, line)} replaces "
                                 f"the earlier occurrence at {prior.where}")
@@ -350,17 +386,22 @@ class IndexRun:
         if self.summary.interrupted or self.options.keep_missing:
             return {}
         if self.inputs_incomplete:
-            self.events.warning("some input files could not be read whole, so documents missing from this run "
-                                "are kept; the next run that reads every file will remove them")
+            return {}  # the inputs not read whole are in summary.failed_inputs (the CLI names them and exits 1)
+        gone = {doc_id: old.rows for doc_id, old in self.existing.items() if doc_id not in self.seen}
+        limit = removal_limit(self.options.max_remove, len(self.existing))
+        if len(gone) > limit:
+            share = len(gone) / len(self.existing)
+            self.summary.removal_refused = (
+                f"this run would remove {len(gone):,} of the index's {len(self.existing):,} documents "
+                f"({share:.0%}), more than --max-remove {self.options.max_remove} allows; nothing was removed "
+                "(is an input missing or unmounted? if the removals are meant, run again with --max-remove 100%)")
+            self.events.warning(self.summary.removal_refused)
             return {}
-        return {doc_id: old.rows for doc_id, old in self.existing.items() if doc_id not in self.seen}
+        return gone
 
-    def finish(self, before_search_files: Callable[[], None] = lambda: None) -> IndexSummary:
-        """Apply removals, commit if anything changed, build the search files and fill in the summary.
-
-        `before_search_files` runs between the commit and the search files (the local engine frees its model there,
-        so building them does not add to the run's peak memory).
-        """
+    def finish(self) -> IndexSummary:
+        """Apply removals, commit if anything changed (the writer builds the search files before it) and fill in
+        the summary."""
         for doc_id, rows in self.removals().items():
             self.summary.removed += 1
             if self.writer is not None:
@@ -373,10 +414,7 @@ class IndexRun:
             if previous is None or changed or (complete and previous.state != "complete"):
                 final = self.writer.commit(state="complete" if complete else "partial")
                 self.summary.wrote = True
-                before_search_files()
-                from bge_index.vector_store import ensure_search_files
-
-                ensure_search_files(self.index_dir, final)  # so the first search need not build them
+                self.summary.created = previous is None
             else:
                 self.writer.remove_leftovers()
         if final is not None:  # None only for a dry run over a folder that is not an index yet
@@ -397,12 +435,42 @@ class IndexRun:
 # Settings
 
 
+def parse_max_remove(text: str) -> tuple[str, float]:
+    """`--max-remove`: ("share", 0.5) for "50%" or "0.5", ("count", 100) for "100"; else InvalidOptionError."""
+    value = str(text).strip()
+    try:
+        if value.endswith("%"):
+            share = float(value[:-1]) / 100
+            if 0 <= share <= 1:
+                return "share", share
+        elif "." in value:
+            share = float(value)
+            if 0 <= share <= 1:
+                return "share", share
+        elif int(value) >= 0:
+            return "count", int(value)
+    except ValueError:
+        pass
+    raise InvalidOptionError(f"--max-remove {text}: expected a share (50%, 0.5) or a count of documents (100)")
+
+
+def removal_limit(max_remove: str, indexed: int) -> float:
+    """How many of an index's `indexed` documents one run may remove under `--max-remove`."""
+    kind, value = parse_max_remove(max_remove)
+    return value * indexed if kind == "share" else value
+
+
+
 def refuse_foreign_folder(index_dir: Path) -> None:
     """--out must be an index, a new folder, or what a crashed first build left (shards and a lock)."""
-    if is_index(index_dir) or not index_dir.exists():
-        return
-    if not index_dir.is_dir() or any(p.name != LOCK_FILE and not is_index_data_file(p.name)
-                                     for p in index_dir.iterdir()):
+    try:
+        if is_index(index_dir) or not index_dir.exists():
+            return
+        foreign = not index_dir.is_dir() or any(p.name != LOCK_FILE and not is_index_data_file(p.name)
+                                                for p in index_dir.iterdir())
+    except OSError as error:
+        raise OutputFolderError(f"--out {index_dir}: cannot be read ({error.strerror or error})") from error
+    if foreign:
         raise OutputFolderError(f"--out {index_dir}: exists and is not a bge-index index; "
                                 "refusing to write into it (choose an empty or new folder)")
 

@@ -29,6 +29,7 @@ MODES = ("hybrid", "dense", "sparse", "colbert")
 FUSIONS = ("weighted", "rrf")
 # Rows widened to float32 at a time: 2048 x 1024 x 4 B = 8 MiB stays in cache between the widening
 # and the multiplication; measured fastest of 512..16384 on a 1M-row index (benchmarks/search_bench.py).
+_DENSE_QUERY_BLOCK = 8  # queries per sgemm in dense_scores_many (see there)
 _DENSE_CHUNK_ROWS = 2048
 COLBERT_CANDIDATES_PER_HIT = 10
 COLBERT_MIN_CANDIDATES = 100
@@ -82,20 +83,26 @@ class Searcher:
         threaded) into a reused buffer, then multiplied in float32. One pass over
         the matrix serves all the queries.
         """
-        q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))  # [Q, D]
-        q_columns = q.T.contiguous()  # [D, Q]: rows @ columns is the faster sgemm layout
+        q = np.ascontiguousarray(queries, dtype=np.float32)  # [Q, D]
+        # Queries go through the sgemm in zero-padded blocks of a fixed width, so a query's scores are computed
+        # by the same kernel on the same shapes whether it is searched alone or among others: the same bits.
+        width = _DENSE_QUERY_BLOCK
+        blocks = -(-q.shape[0] // width)
+        q_columns = np.zeros((q.shape[1], blocks * width), dtype=np.float32)  # [D, Q padded]
+        q_columns[:, :q.shape[0]] = q.T
+        q_columns = torch.from_numpy(q_columns)
         out = np.empty((q.shape[0], self.rows), dtype=np.float32)
-        # One query is memory-bound (small chunks stay in cache); many are compute-bound (bigger sgemm tiles).
-        chunk = _DENSE_CHUNK_ROWS if q.shape[0] == 1 else 2 * _DENSE_CHUNK_ROWS
+        chunk = 2 * _DENSE_CHUNK_ROWS
         for shard in self.shards:
             for start in range(0, shard.rows, chunk):
                 block = torch.from_numpy(shard.dense[start:start + chunk])  # [c, D] float16
                 widened = self._widen(block)  # [c, D] float32
                 first = shard.start + start
-                if q.shape[0] == 1:
-                    torch.mv(widened, q[0], out=torch.from_numpy(out[0, first:first + block.shape[0]]))
-                else:
-                    out[:, first:first + block.shape[0]] = torch.mm(widened, q_columns).T.numpy()  # [Q, c]
+                for b in range(blocks):
+                    columns = q_columns[:, b * width:(b + 1) * width].contiguous()  # [D, width], same strides always
+                    scores = torch.mm(widened, columns).T.numpy()  # [width, c]
+                    rows_here = min(width, q.shape[0] - b * width)
+                    out[b * width:b * width + rows_here, first:first + block.shape[0]] = scores[:rows_here]
             if shard.live is not None:
                 out[:, shard.start:shard.start + shard.rows][:, ~shard.live] = -np.inf
         return out

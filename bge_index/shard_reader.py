@@ -7,6 +7,11 @@ damaged file is an IndexFormatError naming it, never wrong data.
 
 from __future__ import annotations
 
+import errno
+import mmap
+import os
+import stat
+
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bge_index.errors import IndexFormatError
-from bge_index.manifest import (MANIFEST_FILE, Manifest, RowLocation, ShardInfo, file_sha256, manifest_schema,
+from bge_index.manifest import (MANIFEST_FILE, SEARCH_DIR, file_crc32, Manifest, RowLocation, ShardInfo, file_sha256, manifest_schema,
                                 read_manifest)
 
 
@@ -48,13 +53,23 @@ def open_shard(index_dir: Path, shard: ShardInfo) -> pq.ParquetFile:
     or its size or row count differs from the manifest's."""
     path = index_dir / shard.file
     try:
-        size = path.stat().st_size
+        # Never through a link; the mapping keeps the file readable after a writer unlinks it.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as error:
-        raise IndexFormatError(f"{path}: damaged or missing shard ({error.strerror})") from error
-    if size != shard.bytes:
-        raise IndexFormatError(f"{path}: damaged shard ({size} bytes, manifest says {shard.bytes})")
+        why = "a symbolic link" if error.errno == errno.ELOOP else error.strerror
+        raise IndexFormatError(f"{path}: damaged or missing shard ({why})") from error
     try:
-        parquet = pq.ParquetFile(path, page_checksum_verification=True)
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise IndexFormatError(f"{path}: damaged shard (not a regular file)")
+        size = info.st_size
+        if size != shard.bytes:
+            raise IndexFormatError(f"{path}: damaged shard ({size} bytes, manifest says {shard.bytes})")
+        mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if size else b""
+    finally:
+        os.close(fd)
+    try:
+        parquet = pq.ParquetFile(pa.BufferReader(pa.py_buffer(mapped)), page_checksum_verification=True)
     except (OSError, pa.ArrowException) as error:
         raise IndexFormatError(f"{path}: damaged or missing shard ({error})") from error
     if parquet.metadata.num_rows != shard.rows:
@@ -231,7 +246,8 @@ def verify_index(index_dir: Path) -> list[str]:
 
     Checks: each shard's size and SHA-256, that Parquet can read every page
     (page checksums included), row counts, the schema, each deletion set's
-    checksum and range, the manifest's live-row total, and duplicate live ids.
+    checksum and range, the manifest's live-row total, duplicate live ids, and each search file's size and
+    CRC-32 (a shard without search files, from a version 1 index, is fine: readers build them in memory).
     """
     manifest = read_manifest(index_dir)
     problems: list[str] = []
@@ -263,6 +279,12 @@ def verify_index(index_dir: Path) -> list[str]:
             problems.append(str(error))
             continue
         live_total += int(mask.sum())
+        for record in shard.search or []:
+            problem = _verify_file(index_dir / SEARCH_DIR / str(record.get("file")), record.get("bytes"), None,
+                                   "search file", crc32=record.get("crc32"))
+            if problem:
+                problems.append(f"{problem}; run `bge-index index` again, or delete {index_dir / SEARCH_DIR} "
+                                "and the next run rebuilds it")
         ids = table.column("id").to_pylist()
         for row in np.flatnonzero(mask).tolist():
             if ids[row] in seen_ids:
@@ -273,12 +295,17 @@ def verify_index(index_dir: Path) -> list[str]:
     return problems
 
 
-def _verify_file(path: Path, size: int | None, sha256: str | None, kind: str) -> str | None:
+def _verify_file(path: Path, size: int | None, sha256: str | None, kind: str, crc32: int | None = None
+                 ) -> str | None:
+    if path.is_symlink():
+        return f"{path}: damaged {kind} (a symbolic link)"
     if not path.is_file():
         return f"{path}: missing {kind}"
     if size is not None and path.stat().st_size != size:
         return f"{path}: damaged {kind} ({path.stat().st_size} bytes, manifest says {size})"
     if sha256 is not None and file_sha256(path) != sha256:
         return f"{path}: damaged {kind} (SHA-256 differs from the manifest's)"
+    if crc32 is not None and file_crc32(path) != crc32:
+        return f"{path}: damaged {kind} (CRC-32 differs from the manifest's)"
     return None
 

@@ -2,17 +2,26 @@
 
 Shards are immutable: an updated or removed document is masked out by its
 shard's deletion set, and a shard more than half dead is compacted into a
-new one. Every file is written to a temporary name, fsynced and renamed into
+new one. Small shards (runs that change a few documents each add one) are
+merged tier by tier, so that the index neither grows nor slows down with
+the number of runs. Every file is written to a temporary name, fsynced and renamed into
 place, and the manifest is renamed last: a reader that starts from
 manifest.json sees the previous state or the new one, never a mix. Files of
 the previous state are kept until the next write, so a reader that has just
 read the old manifest can still open its shards.
+
+The index folder is a boundary: no file is written through a symlink.
+Temporary shards are created with O_CREAT|O_EXCL|O_NOFOLLOW (a leftover of a
+crashed run, link or not, is unlinked first: that removes the link, never
+its target) and Parquet is written through that open file; renames replace
+a name without following it. Files follow the user's umask.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,8 +35,10 @@ from bge_index.manifest import (DERIVED_PATTERN, MANIFEST_FILE, SHARD_ROW_GROUP_
                                 RowLocation, ShardInfo, fault_point, file_sha256, fsync_dir, is_index_data_file,
                                 manifest_schema, shard_file_name, utc_now, write_atomically)
 from bge_index.shard_reader import open_shard, read_deleted_rows
+from bge_index.vector_store import SEARCH_DIR, build_search_files, remove_unreferenced_search_files
 
 COMPACT_WHEN_DEAD = 0.5  # a shard with more than this fraction of deleted rows is rewritten
+MERGE_FACTOR = 4  # this many small shards of one size tier are merged into one (see IndexWriter._merge_small_shards)
 _ROW_GROUP_BYTES = 64 << 20  # bounds memory when rows are large (ColBERT vectors of long documents)
 
 
@@ -94,12 +105,48 @@ def rows_to_table(rows: RowBatch, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(list(columns.values()), schema=schema)
 
 
+def create_exclusive(path: Path):
+    """A new file at `path` opened for writing (binary, buffered), never through a symlink.
+
+    A leftover at that name (a crashed run's temporary file, or a link someone planted) is unlinked first:
+    unlinking a link removes the link, not its target. O_EXCL|O_NOFOLLOW then guarantees the file is ours.
+    The mode is 0o666 less the umask, like any tool's.
+    """
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    return os.fdopen(fd, "wb")
+
+
+def merge_tier(live_rows: int) -> int:
+    """The merge tier of a shard with `live_rows` (>= 1) live rows: floor(log_MERGE_FACTOR(live_rows))."""
+    tier = 0
+    while live_rows >= MERGE_FACTOR ** (tier + 1):
+        tier += 1
+    return tier
+
+
+def merge_group(shards: list[ShardInfo], shard_rows: int) -> list[ShardInfo]:
+    """The small shards (fewer than `shard_rows` live rows) to merge now: those of the lowest tier that holds
+    MERGE_FACTOR of them or more; empty when no tier does."""
+    tiers: dict[int, list[ShardInfo]] = {}
+    for shard in shards:
+        if 0 < shard.live_rows < shard_rows:
+            tiers.setdefault(merge_tier(shard.live_rows), []).append(shard)
+    for tier in sorted(tiers):
+        if len(tiers[tier]) >= MERGE_FACTOR:
+            return tiers[tier]
+    return []
+
+
 class IndexWriter:
     """Builds the next generation of an index on top of `base` (the current manifest, if any).
 
     New rows go to new shards; rows of existing or new shards are retired
     with `delete`; `commit` writes deletion sets, compacts mostly-dead
-    shards, publishes the manifest and then removes files that neither the
+    shards, merges small ones (`_merge_small_shards`), publishes the manifest and then removes files that neither the
     new nor the previous manifest names (leftovers of crashed runs included).
     Until `commit` renames the manifest, readers see `base`. `abort` removes
     what this writer wrote. Memory stays bounded: rows are buffered only up
@@ -121,6 +168,7 @@ class IndexWriter:
         self._pending_rows = 0
         self._pending_bytes = 0
         self._writer: pq.ParquetWriter | None = None
+        self._shard_stream = None  # the open temporary shard file the ParquetWriter writes through
         self._shard_path: Path | None = None
         self._shard_row_count = 0
         self._publishing = False
@@ -168,6 +216,12 @@ class IndexWriter:
         if self._writer is not None or self._pending_rows:
             raise RuntimeError("adopt() between shards only: this writer has a shard open")
         try:
+            is_file = stat.S_ISREG(os.lstat(staged).st_mode)
+        except OSError as error:
+            raise IndexFormatError(f"{staged}: not a readable shard ({error.strerror})") from None
+        if not is_file:  # a symlink (or anything else) is never adopted: it would point outside the index
+            raise IndexFormatError(f"{staged}: not a regular file (a symbolic link?); not adopted")
+        try:
             parquet = pq.ParquetFile(staged)
             schema, rows = parquet.schema_arrow, parquet.metadata.num_rows
         except (OSError, pa.ArrowException) as error:
@@ -178,12 +232,16 @@ class IndexWriter:
         if rows == 0:
             staged.unlink()
             return None
-        with open(staged, "rb+") as stream:
-            os.fsync(stream.fileno())
+        fd = os.open(staged, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         final = self.index_dir / self.shard_name(len(self.shards))
         os.replace(staged, final)
         fsync_dir(self.index_dir)
         info = ShardInfo(final.name, rows, final.stat().st_size, file_sha256(final))
+        info = build_search_files(self.index_dir, self.manifest, info)  # before the commit: covered by it
         self.shards.append(info)
         fault_point("shard-written")
         return info
@@ -197,7 +255,8 @@ class IndexWriter:
             return
         if self._writer is None:
             self._shard_path = self.index_dir / f".{self.shard_name(len(self.shards))}.tmp"
-            self._writer = pq.ParquetWriter(self._shard_path, self.schema, **SHARD_WRITE_OPTIONS)
+            self._shard_stream = create_exclusive(self._shard_path)
+            self._writer = pq.ParquetWriter(self._shard_stream, self.schema, **SHARD_WRITE_OPTIONS)
         group = pa.concat_tables(self._pending)
         self._writer.write_table(group, row_group_size=group.num_rows)
         self._shard_row_count += group.num_rows
@@ -208,12 +267,16 @@ class IndexWriter:
         if self._writer is None:
             return
         self._writer.close()
-        assert self._shard_path is not None
-        with open(self._shard_path, "rb+") as stream:
-            os.fsync(stream.fileno())
+        assert self._shard_path is not None and self._shard_stream is not None
+        self._shard_stream.flush()
+        os.fsync(self._shard_stream.fileno())
+        self._shard_stream.close()
+        self._shard_stream = None
         final = self.index_dir / self.shard_name(len(self.shards))
         os.replace(self._shard_path, final)
-        self.shards.append(ShardInfo(final.name, self._shard_row_count, final.stat().st_size, file_sha256(final)))
+        info = ShardInfo(final.name, self._shard_row_count, final.stat().st_size, file_sha256(final))
+        self.shards.append(info)  # before its search files, so abort() removes the shard if they fail
+        self.shards[-1] = build_search_files(self.index_dir, self.manifest, info)
         self._writer, self._shard_path, self._shard_row_count = None, None, 0
         fault_point("shard-written")
 
@@ -229,6 +292,9 @@ class IndexWriter:
         self._close_shard()
         written = {s.file for s in kept}
         kept += [s for s in self.shards if s.file not in written and s.file not in self._deletions]
+        kept = self._merge_small_shards(kept)
+        # Shards of a format version 1 index get their search files now, before the manifest names them.
+        kept = [s if s.search is not None else build_search_files(self.index_dir, self.manifest, s) for s in kept]
         now = utc_now()
         self.manifest.shards = kept
         self.manifest.documents = sum(s.live_rows for s in kept)
@@ -260,10 +326,30 @@ class IndexWriter:
             kept.append(self._write_deletion_set(shard, deleted))
         return kept
 
+    def _merge_small_shards(self, kept: list[ShardInfo]) -> list[ShardInfo]:
+        """`kept` with small shards merged, tier by tier, so that runs that each add a few rows do not leave the
+        index a pile of tiny shards (each with its own Parquet footer and search files, each a step for search).
+
+        Shards below `shard_rows` live rows fall in tiers of MERGE_FACTOR: tier k holds F**k to F**(k+1)-1 live
+        rows. When a tier holds F shards or more, they are copied, live rows only, into new shards (the "close a
+        new shard" path, search files included) and leave the manifest; the merged shard lands in a higher tier,
+        which may merge in turn. Each row is so rewritten about log_F(shard_rows) times over its life, and the
+        index holds at most F-1 small shards per tier.
+        """
+        while group := merge_group(kept, self.shard_rows):
+            first_new = len(self.shards)
+            for shard in group:
+                self._compact(shard, set(read_deleted_rows(self.index_dir, shard).tolist()))
+            self._flush_row_group()
+            self._close_shard()
+            names = {s.file for s in group}
+            kept = [s for s in kept if s.file not in names] + self.shards[first_new:]
+        return kept
+
     def _compact(self, shard: ShardInfo, deleted: set[int]) -> None:
         """Copy a shard's live rows into new shards, one row group at a time (bounded memory)."""
         mask = np.ones(shard.rows, dtype=bool)
-        mask[np.fromiter(deleted, dtype=np.int64)] = False
+        mask[np.fromiter(deleted, dtype=np.int64, count=len(deleted))] = False
         parquet = open_shard(self.index_dir, shard)
         start = 0
         for group in range(parquet.num_row_groups):
@@ -285,12 +371,21 @@ class IndexWriter:
         if self._publishing and self._published_generation() == self.manifest.generation:
             return
         if self._writer is not None:
-            self._writer.close()
+            try:
+                self._writer.close()
+            except (OSError, pa.ArrowException):
+                pass  # e.g. disk full: the file is removed below anyway
+        if self._shard_stream is not None:
+            try:
+                self._shard_stream.close()
+            except OSError:
+                pass
         if self._shard_path is not None:
             self._shard_path.unlink(missing_ok=True)
         for shard in self.shards:
             (self.index_dir / shard.file).unlink(missing_ok=True)
-        self._writer, self._shard_path, self.shards = None, None, []
+        remove_unreferenced_search_files(self.index_dir, self.base.files() if self.base else set())
+        self._writer, self._shard_stream, self._shard_path, self.shards = None, None, None, []
 
     def _published_generation(self) -> int | None:
         try:
@@ -309,6 +404,7 @@ class IndexWriter:
         for path in self.index_dir.iterdir():
             derived = DERIVED_PATTERN.match(path.name)
             kept = f"{derived.group(1)}.parquet" in keep if derived else path.name in keep
-            if is_index_data_file(path.name) and not kept:
+            if is_index_data_file(path.name) and not kept and path.name != SEARCH_DIR:  # search/: below
                 path.unlink(missing_ok=True)
+        remove_unreferenced_search_files(self.index_dir, {name for name in keep if name.endswith(".parquet")})
 

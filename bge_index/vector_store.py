@@ -1,46 +1,64 @@
-"""Search structures stored beside the shards, built once and memory-mapped.
+"""Search structures derived from each shard, built before the commit and memory-mapped by readers.
 
-For every shard `shard-G-N.parquet` (immutable) there are four `.npy` files:
+For every shard `shard-G-N.parquet` (immutable) the folder `INDEX/search/` holds seven `.npy` files:
 
     shard-G-N.dense.npy            [rows, D] float16   the dense vectors, raw, for scanning
-    shard-G-N.token-ptr.npy        [vocab + 1] int64   postings of token t: [ptr[t], ptr[t + 1])
+    shard-G-N.token-ids.npy        [t] uint32          the distinct token ids present in the shard, ascending
+    shard-G-N.token-ptr.npy        [t + 1] int64       postings of token_ids[i]: [ptr[i], ptr[i + 1])
     shard-G-N.posting-rows.npy     [nnz] uint32        rows holding the token, ascending
     shard-G-N.posting-weights.npy  [nnz] float32       their weights for that token
-
-that is, the sparse vectors turned into an inverted index, plus
-
     shard-G-N.heavy-ids.npy        [h] int64           tokens present in at least half the rows
     shard-G-N.heavy-columns.npy    [h, rows] float32   their weights as dense columns (0 where absent)
 
-(for such tokens a dense column is smaller than the postings, and adding it
-is a streaming vector add instead of a scatter), and `shard-G-N.stamp.npy`
-([size, mtime_ns] of the shard when they were built).
-Because shards never change, these files never go stale: a shard without them gets them at
-its first search (or right after the index run that wrote it), and the index
-writer deletes them with their shard. Opening an index memory-maps them, so
-it costs milliseconds and the operating system shares the pages between
-processes. Each file is written to a temporary name and renamed, so two
-searches building the same file at once are harmless. A shard whose size or
-mtime no longer matches its stamp has been touched: it is checked against the
-manifest's SHA-256 before it is searched again, so a damaged shard is named,
-not silently searched through stale files.
+that is, the sparse vectors turned into an inverted index whose size follows
+the shard's rows (a token is found by binary search in `token-ids`), plus dense
+columns for common tokens (smaller than their postings, and a streaming add
+instead of a scatter).
+
+The index writer builds them right after a shard is closed, before the
+manifest is published, and the manifest names each one with its size and
+CRC-32 (`ShardInfo.search`): a run that cannot build them (disk full) fails
+before its commit, and the previous generation stays searchable. Readers
+never write into the index: a shard whose search files are missing (a
+version 1 index, or files deleted by hand) gets its vectors built in memory
+for that process. Every file is bounds-checked when opened and its CRC-32 is
+checked the first time a process uses it (about 1 GB/s, so ~0.5 s per GB of
+search files, once per process); a damaged file is an IndexFormatError naming
+it, never a wrong score.
+
+`OpenIndex` is one generation opened whole: the manifest, every shard's
+Parquet handle, deletion set and search files, all opened before the first
+query. Unlinked files stay readable through open handles, so a search that
+started on a generation finishes on it, whatever writers commit meanwhile.
 """
 
 from __future__ import annotations
 
+import errno
+import io
+import mmap
 import os
-import tempfile
-from dataclasses import dataclass
+import stat
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from bge_index.errors import IndexFormatError
-from bge_index.manifest import Manifest, ShardInfo, file_sha256
-from bge_index.shard_reader import iter_shard_dense, iter_shard_sparse, live_mask
+from bge_index.errors import IndexFormatError, OutputError
+from bge_index.manifest import (SEARCH_DIR, SEARCH_FILE_PATTERN, SEARCH_KINDS, Manifest, ShardInfo, file_sha256,
+                                fsync_dir, read_manifest)
+from bge_index.shard_reader import (_colbert_matrix, _dense_rows, _sparse_csr, open_shard, read_deleted_rows)
 
-DERIVED_SUFFIXES = ("dense", "token-ptr", "posting-rows", "posting-weights", "heavy-ids", "heavy-columns")
+DERIVED_SUFFIXES = SEARCH_KINDS  # the kinds of search file, in ShardVectors' field order
 HEAVY_DENSITY = 0.5  # a token in at least this fraction of a shard's rows also gets a dense column
+_DTYPES = {"dense": np.float16, "token-ids": np.uint32, "token-ptr": np.int64, "posting-rows": np.uint32,
+           "posting-weights": np.float32, "heavy-ids": np.int64, "heavy-columns": np.float32}
+OPEN_ATTEMPTS = 5  # generations an open may see go by (files removed under it) before it gives up
+_FIX = "run `bge-index index` again, or delete INDEX/search/ and the next run rebuilds it"
 
 
 @dataclass
@@ -49,7 +67,8 @@ class ShardVectors:
 
     start: int
     dense: np.ndarray  # [rows, D] float16
-    token_ptr: np.ndarray  # [vocab + 1] int64
+    token_ids: np.ndarray  # [t] uint32, ascending
+    token_ptr: np.ndarray  # [t + 1] int64
     posting_rows: np.ndarray  # [nnz] uint32
     posting_weights: np.ndarray  # [nnz] float32
     heavy_ids: np.ndarray | None = None  # [h] int64, ascending
@@ -71,34 +90,36 @@ class ShardVectors:
         return self.dense.shape[0]
 
     def postings(self, token: int) -> tuple[np.ndarray, np.ndarray]:
-        """(rows ascending, weights) of one token; empty for tokens past the vocabulary."""
-        if token + 1 >= len(self.token_ptr):
+        """(rows ascending, weights) of one token; empty for a token absent from the shard."""
+        at = int(np.searchsorted(self.token_ids, token))
+        if at >= len(self.token_ids) or int(self.token_ids[at]) != token:
             return self.posting_rows[:0], self.posting_weights[:0]
-        start, end = self.token_ptr[token], self.token_ptr[token + 1]
+        start, end = self.token_ptr[at], self.token_ptr[at + 1]
         return self.posting_rows[start:end], self.posting_weights[start:end]
 
 
 def invert(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, vocab_size: int
-           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """CSR rows (doc -> tokens) to postings (token -> docs): (token_ptr, rows, weights)."""
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """CSR rows (doc -> tokens) to postings (token -> docs): (token_ids [t], token_ptr [t + 1], rows, weights)."""
     rows_of_entries = np.repeat(np.arange(len(indptr) - 1, dtype=np.uint32), np.diff(indptr))  # [nnz]
     # A stable sort keeps rows ascending within each token.
     order = np.argsort(indices, kind="stable")
-    counts = np.bincount(indices, minlength=vocab_size)[:vocab_size] if len(indices) else np.zeros(vocab_size, np.int64)
+    token_ids, counts = np.unique(np.asarray(indices)[order], return_counts=True)
     token_ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return token_ptr, rows_of_entries[order], values[order].astype(np.float32)
+    return (token_ids.astype(np.uint32), token_ptr, rows_of_entries[order],
+            np.asarray(values)[order].astype(np.float32))
 
 
-def heavy_columns(token_ptr: np.ndarray, rows: np.ndarray, weights: np.ndarray, n_rows: int
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def heavy_columns(token_ids: np.ndarray, token_ptr: np.ndarray, rows: np.ndarray, weights: np.ndarray,
+                  n_rows: int) -> tuple[np.ndarray, np.ndarray]:
     """Tokens in at least HEAVY_DENSITY of the rows, and their weights as dense [h, rows] columns."""
     counts = np.diff(token_ptr)
-    heavy = np.flatnonzero(counts >= max(1, HEAVY_DENSITY * n_rows)).astype(np.int64)
-    columns = np.zeros((len(heavy), n_rows), dtype=np.float32)
-    for slot, token in enumerate(heavy.tolist()):
-        start, end = token_ptr[token], token_ptr[token + 1]
-        columns[slot, rows[start:end]] = weights[start:end]
-    return heavy, columns
+    slots = np.flatnonzero(counts >= max(1, HEAVY_DENSITY * n_rows))
+    columns = np.zeros((len(slots), n_rows), dtype=np.float32)
+    for at, slot in enumerate(slots.tolist()):
+        start, end = token_ptr[slot], token_ptr[slot + 1]
+        columns[at, rows[start:end]] = weights[start:end]
+    return token_ids[slots].astype(np.int64), columns
 
 
 def shard_vectors_from_csr(dense: np.ndarray, indptr: np.ndarray, indices: np.ndarray, values: np.ndarray,
@@ -107,61 +128,25 @@ def shard_vectors_from_csr(dense: np.ndarray, indptr: np.ndarray, indices: np.nd
 
     dense [rows, D] float16; sparse as CSR: indptr [rows + 1], indices [nnz] uint32 token ids, values [nnz] float32.
     """
-    token_ptr, rows, weights = invert(indptr, indices, values, vocab_size)
-    heavy, columns = heavy_columns(token_ptr, rows, weights, dense.shape[0])
-    return ShardVectors(start, dense, token_ptr, rows, weights, heavy, columns, live=live)
+    token_ids, token_ptr, rows, weights = invert(indptr, indices, values, vocab_size)
+    heavy, columns = heavy_columns(token_ids, token_ptr, rows, weights, dense.shape[0])
+    return ShardVectors(start, dense, token_ids, token_ptr, rows, weights, heavy, columns, live=live)
 
 
-def derived_path(index_dir: Path, shard_file: str, suffix: str) -> Path:
-    """The search file `shard-G-N.<suffix>.npy` of a shard, beside it."""
-    return index_dir / f"{shard_file.removesuffix('.parquet')}.{suffix}.npy"
-
-
-def _save(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            np.save(stream, array, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _shard_stamp(index_dir: Path, shard: ShardInfo) -> np.ndarray:
-    stat = (index_dir / shard.file).stat()
-    return np.array([stat.st_size, stat.st_mtime_ns], dtype=np.int64)
-
-
-def build_shard_files(index_dir: Path, manifest: Manifest, shard: ShardInfo) -> None:
-    """Write the search files of one shard from its Parquet columns, then its stamp.
-
-    Memory stays near the size of the posting arrays (8 bytes per stored token): the dense matrix is
-    copied a row group at a time, and the postings are filled a row group at a time (counting sort).
-    """
-    stamp = _shard_stamp(index_dir, shard)
-    _save_rows(derived_path(index_dir, shard.file, "dense"), (shard.rows, manifest.dense_dim), np.float16,
-               iter_shard_dense(index_dir, manifest, shard))
-    token_ptr, rows, weights = invert_streaming(lambda: iter_shard_sparse(index_dir, shard), manifest.vocab_size)
-    heavy, columns = heavy_columns(token_ptr, rows, weights, shard.rows)
-    for suffix, array in zip(DERIVED_SUFFIXES[1:], (token_ptr, rows, weights, heavy, columns)):
-        _save(derived_path(index_dir, shard.file, suffix), array)
-    _save(derived_path(index_dir, shard.file, "stamp"), stamp)
-
-
-def invert_streaming(groups, vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Postings (token_ptr, rows, weights) from CSR row groups read twice: once to count, once to fill.
+def invert_streaming(groups, vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Postings (token_ids, token_ptr, rows, weights) from CSR row groups read twice: once to count, once to fill.
 
     `groups()` yields (indptr, ids, weights) per row group, in row order. Entries of a token land in
-    row order (stable sort inside a group, groups in order), as `invert` gives them.
+    row order (stable sort inside a group, groups in order), as `invert` gives them. The [vocab] counts
+    are transient; what is returned is proportional to the shard's entries.
     """
     counts = np.zeros(vocab_size, dtype=np.int64)
     for _indptr, indices, _values in groups():
         counts += np.bincount(indices, minlength=vocab_size)[:vocab_size]
-    token_ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    rows = np.empty(int(token_ptr[-1]), dtype=np.uint32)
-    weights = np.empty(int(token_ptr[-1]), dtype=np.float32)
-    cursor = token_ptr[:-1].copy()  # next free slot of each token
+    full_ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # [vocab + 1]
+    rows = np.empty(int(full_ptr[-1]), dtype=np.uint32)
+    weights = np.empty(int(full_ptr[-1]), dtype=np.float32)
+    cursor = full_ptr[:-1].copy()  # next free slot of each token
     first_row = 0
     for indptr, indices, values in groups():
         entry_rows = np.repeat(np.arange(first_row, first_row + len(indptr) - 1, dtype=np.uint32), np.diff(indptr))
@@ -174,72 +159,378 @@ def invert_streaming(groups, vocab_size: int) -> tuple[np.ndarray, np.ndarray, n
         weights[slots] = values[order]
         cursor += np.bincount(indices, minlength=vocab_size)[:vocab_size]
         first_row += len(indptr) - 1
-    return token_ptr, rows, weights
+    token_ids = np.flatnonzero(counts)
+    token_ptr = np.concatenate([full_ptr[token_ids], [full_ptr[-1]]]).astype(np.int64)
+    return token_ids.astype(np.uint32), token_ptr, rows, weights
 
 
-def _save_rows(path: Path, shape: tuple[int, int], dtype, blocks) -> None:
-    """Write an .npy file of `shape` from consecutive row blocks, never holding more than one block."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+# ---------------------------------------------------------------------------
+# Writing (the index writer, before its commit)
+
+
+def search_file_name(shard_file: str, kind: str) -> str:
+    """`shard-G-N.<kind>.npy`: a search file's name, relative to INDEX/search/."""
+    return f"{shard_file.removesuffix('.parquet')}.{kind}.npy"
+
+
+def derived_path(index_dir: Path, shard_file: str, suffix: str) -> Path:
+    """The search file of kind `suffix` of a shard: INDEX/search/shard-G-N.<suffix>.npy."""
+    return index_dir / SEARCH_DIR / search_file_name(shard_file, suffix)
+
+
+def _write_npy(path: Path, dtype, shape: tuple, blocks) -> dict:
+    """Write an .npy file from consecutive blocks (temp name, fsync, rename); returns its {bytes, crc32}.
+
+    The temporary file is created O_EXCL|O_NOFOLLOW (a leftover or a planted link is removed first, never
+    followed), with mode 0666 & ~umask like any tool's output.
+    """
+    tmp = path.parent / f".{path.name}.tmp"
+    crc, size = 0, 0
     try:
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
         with os.fdopen(fd, "wb") as stream:
-            np.lib.format.write_array_header_1_0(
-                stream, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
-                         "shape": shape})
-            written = 0
-            for block in blocks:
-                stream.write(np.ascontiguousarray(block, dtype=dtype).tobytes())
-                written += len(block)
-        if written != shape[0]:
-            raise IndexFormatError(f"{path}: its shard gave {written} rows, the manifest says {shape[0]}")
+            header = _npy_header(dtype, shape)
+            for piece in (header, *(_block_bytes(b, dtype) for b in blocks)):
+                crc = zlib.crc32(piece, crc)
+                size += len(piece)
+                stream.write(piece)
+            stream.flush()
+            os.fsync(stream.fileno())
+        if size != len(header) + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize:
+            raise IndexFormatError(f"{path}: its shard gave other rows than the manifest says ({shape})")
         os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write this search file ({error.strerror or error}); nothing was "
+                          "committed, the index's previous state is intact") from error
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    return {"bytes": size, "crc32": crc}
+
+
+def _npy_header(dtype, shape: tuple) -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                  "fortran_order": False, "shape": tuple(int(s) for s in shape)})
+    return buffer.getvalue()
+
+
+def _block_bytes(block: np.ndarray, dtype) -> bytes:
+    return np.ascontiguousarray(block, dtype=dtype).tobytes()
+
+
+def build_search_files(index_dir: Path, manifest: Manifest, shard: ShardInfo) -> ShardInfo:
+    """Write a closed shard's search files into INDEX/search/ and return the shard with them recorded.
+
+    Memory stays near the size of the posting arrays (8 bytes per stored token): the dense matrix is
+    copied a row group at a time, and the postings are filled a row group at a time (counting sort).
+    Any failure (disk full) propagates: the caller's run fails before its commit.
+    """
+    folder = index_dir / SEARCH_DIR
+    try:
+        folder.mkdir(exist_ok=True)
+        is_folder = stat.S_ISDIR(os.lstat(folder).st_mode)
+    except OSError as error:
+        raise OutputError(f"{folder}: cannot create the search files' folder ({error.strerror or error})") from error
+    if not is_folder:  # a planted link would send the search files outside the index
+        raise IndexFormatError(f"{folder}: not a folder (a symbolic link?); remove it and run again")
+    parquet = open_shard(index_dir, shard)
+    dense = (_dense_rows(t.column("dense").combine_chunks(), manifest.dense_dim)
+             for t in _row_groups(parquet, index_dir / shard.file, "dense"))
+    records = [{"kind": "dense", "file": search_file_name(shard.file, "dense"),
+                **_write_npy(folder / search_file_name(shard.file, "dense"), np.float16,
+                             (shard.rows, manifest.dense_dim), dense)}]
+
+    def sparse_groups():
+        return (_sparse_csr(t.column("sparse").combine_chunks())
+                for t in _row_groups(parquet, index_dir / shard.file, "sparse"))
+
+    token_ids, token_ptr, rows, weights = invert_streaming(sparse_groups, manifest.vocab_size)
+    heavy, columns = heavy_columns(token_ids, token_ptr, rows, weights, shard.rows)
+    for kind, array in zip(SEARCH_KINDS[1:], (token_ids, token_ptr, rows, weights, heavy, columns)):
+        name = search_file_name(shard.file, kind)
+        records.append({"kind": kind, "file": name,
+                        **_write_npy(folder / name, _DTYPES[kind], array.shape, [array.reshape(-1)])})
+    fsync_dir(folder)
+    return replace(shard, search=records, mtime_ns=(index_dir / shard.file).stat().st_mtime_ns)
+
+
+def remove_unreferenced_search_files(index_dir: Path, keep_shards: set[str]) -> None:
+    """Delete files in INDEX/search/ of shards not in `keep_shards` (file names), and temporary leftovers.
+
+    Readers that opened a removed file keep reading it through their handle.
+    """
+    folder = index_dir / SEARCH_DIR
+    keep = {search_file_name(shard, kind) for shard in keep_shards for kind in SEARCH_KINDS}
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return
+    except NotADirectoryError:
+        return
+    for entry in entries:
+        ours = SEARCH_FILE_PATTERN.match(entry.name) or (entry.name.startswith(".") and entry.name.endswith(".tmp"))
+        if ours and entry.name not in keep:
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                pass
+
+
+# ---------------------------------------------------------------------------
+# Reading
+
+
+def _row_groups(parquet: pq.ParquetFile, path: Path, column: str) -> Iterator[pa.Table]:
+    for group in range(parquet.num_row_groups):
+        try:
+            yield parquet.read_row_group(group, columns=[column])
+        except (OSError, pa.ArrowException) as error:
+            raise IndexFormatError(f"{path}: damaged shard ({error})") from error
+
+
+# (st_dev, st_ino, st_size, st_mtime_ns, crc32) of search files whose checksum this process has checked.
+_CHECKED: set[tuple[int, int, int, int, int]] = set()
+
+
+def _map_search_file(index_dir: Path, record: dict) -> np.ndarray | None:
+    """One search file, memory-mapped copy-on-write and checksum-checked; None when it does not exist."""
+    name = record.get("file") if isinstance(record, dict) else None
+    kind = record.get("kind") if isinstance(record, dict) else None
+    if not isinstance(name, str) or not SEARCH_FILE_PATTERN.match(name) or kind not in _DTYPES:
+        raise IndexFormatError(f"{index_dir}: damaged manifest (search file record {record!r})")
+    path = index_dir / SEARCH_DIR / name
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        why = "a symbolic link" if error.errno == errno.ELOOP else error.strerror
+        raise IndexFormatError(f"{path}: damaged search file ({why}); {_FIX}") from error
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise IndexFormatError(f"{path}: damaged search file (not a regular file); {_FIX}")
+        if info.st_size != record.get("bytes"):
+            raise IndexFormatError(f"{path}: damaged search file ({info.st_size} bytes, manifest says "
+                                   f"{record.get('bytes')}); {_FIX}")
+        # ACCESS_COPY: writable arrays (torch.from_numpy wants them) that never write to the file.
+        mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY) if info.st_size else b""
+    finally:
+        os.close(fd)
+    key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, int(record.get("crc32", -1)))
+    if key not in _CHECKED:
+        if zlib.crc32(mapped) != record.get("crc32"):
+            raise IndexFormatError(f"{path}: damaged search file (CRC-32 differs from the manifest's); {_FIX}")
+        _CHECKED.add(key)
+    try:
+        header = io.BytesIO(mapped[:4096])
+        version = np.lib.format.read_magic(header)
+        if version != (1, 0):
+            raise ValueError(f"npy version {version}")
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(header)
+        if fortran or dtype != np.dtype(_DTYPES[kind]):
+            raise ValueError(f"dtype {dtype}, fortran order {fortran}")
+        count = int(np.prod(shape, dtype=np.int64))
+        offset = header.tell()
+        if offset + count * dtype.itemsize != len(mapped):
+            raise ValueError("size does not match the shape")
+        return np.frombuffer(mapped, dtype=dtype, count=count, offset=offset).reshape(shape)
+    except ValueError as error:
+        raise IndexFormatError(f"{path}: damaged search file ({error}); {_FIX}") from error
+
+
+def _check_bounds(index_dir: Path, manifest: Manifest, shard: ShardInfo, arrays: dict) -> None:
+    """Every invariant Searcher relies on, so a bad file is an error here and never a wrong score or a crash."""
+    rows = shard.rows
+
+    def bad(kind: str, why: str) -> IndexFormatError:
+        return IndexFormatError(f"{index_dir / SEARCH_DIR / search_file_name(shard.file, kind)}: damaged search "
+                                f"file ({why}); {_FIX}")
+
+    if arrays["dense"].shape != (rows, manifest.dense_dim):
+        raise bad("dense", f"shape {arrays['dense'].shape}, expected {(rows, manifest.dense_dim)}")
+    ids, ptr = arrays["token-ids"], arrays["token-ptr"]
+    posting_rows, posting_weights = arrays["posting-rows"], arrays["posting-weights"]
+    if ids.ndim != 1 or (len(ids) and (np.any(ids[1:] <= ids[:-1]) or int(ids[-1]) >= manifest.vocab_size)):
+        raise bad("token-ids", "token ids not strictly ascending or past the vocabulary")
+    if posting_rows.ndim != 1 or posting_weights.shape != posting_rows.shape:
+        raise bad("posting-weights", "postings of different lengths")
+    if (ptr.shape != (len(ids) + 1,) or ptr[0] != 0 or np.any(np.diff(ptr) <= 0)
+            or int(ptr[-1]) != len(posting_rows)):
+        raise bad("token-ptr", "pointers not increasing from 0 to the postings' length")
+    if len(posting_rows) and int(posting_rows.max()) >= rows:
+        raise bad("posting-rows", f"a row number past the shard's {rows} rows")
+    heavy, columns = arrays["heavy-ids"], arrays["heavy-columns"]
+    if heavy.ndim != 1 or columns.shape != (len(heavy), rows):
+        raise bad("heavy-columns", f"shape {columns.shape}, expected {(len(heavy), rows)}")
+    if len(heavy) and (np.any(heavy[1:] <= heavy[:-1]) or heavy[0] < 0 or int(heavy[-1]) >= manifest.vocab_size):
+        raise bad("heavy-ids", "token ids not strictly ascending or past the vocabulary")
+
+
+@dataclass
+class OpenShard:
+    """One shard of an opened generation: its Parquet handle, live rows and searchable vectors."""
+
+    info: ShardInfo
+    parquet: pq.ParquetFile
+    vectors: ShardVectors
+    built_in_memory: bool = False
+
+
+class OpenIndex:
+    """One committed generation, every file it needs already open: searches on it never see a writer.
+
+    Use `OpenIndex.open(index_dir)`; `reopen()` gives the newest generation as a new object.
+    """
+
+    def __init__(self, index_dir: Path, manifest: Manifest, shards: list[OpenShard]):
+        self.index_dir = index_dir
+        self.manifest = manifest
+        self.shards = shards
+        self.starts = np.array([s.vectors.start for s in shards] + [sum(s.info.rows for s in shards)],
+                               dtype=np.int64)  # [shards + 1]
+
+    @classmethod
+    def open(cls, index_dir: Path, manifest: Manifest | None = None, attempts: int = OPEN_ATTEMPTS) -> "OpenIndex":
+        """Open the current generation; if a file it names vanishes meanwhile, open the newer generation."""
+        manifest = manifest or read_manifest(index_dir)
+        for attempt in range(attempts):
+            try:
+                return cls(index_dir, manifest, _open_shards(index_dir, manifest))
+            except IndexFormatError:
+                newer = read_manifest(index_dir)
+                # The same generation: the damage is real. Another one: a writer moved on under us.
+                if newer.generation == manifest.generation or attempt == attempts - 1:
+                    raise
+                manifest = newer
+        raise AssertionError("unreachable")
+
+    def reopen(self) -> "OpenIndex":
+        """The newest committed generation (self when it has not changed); this object is left untouched."""
+        newer = read_manifest(self.index_dir)
+        if newer.generation == self.manifest.generation:
+            return self
+        return OpenIndex.open(self.index_dir, newer)
+
+    @property
+    def vectors(self) -> list[ShardVectors]:
+        """Every shard's vectors, rows numbered through the whole index."""
+        return [s.vectors for s in self.shards]
+
+    def locations(self, rows: Sequence[int]) -> list[tuple[int, int]]:
+        """(shard number, row in shard) of rows numbered through the whole index."""
+        shard_numbers = np.searchsorted(self.starts, rows, side="right") - 1
+        return [(int(s), int(r - self.starts[s])) for s, r in zip(shard_numbers, rows)]
+
+    def read_rows(self, rows: Sequence[int], column: str) -> list:
+        """Values of one column at rows numbered through the index, through the open handles."""
+        wanted: dict[tuple[int, int], object] = {}
+        by_shard: dict[int, list[int]] = {}
+        locations = self.locations(rows)
+        for shard_number, local in locations:
+            by_shard.setdefault(shard_number, []).append(local)
+        for shard_number, local_rows in by_shard.items():
+            shard = self.shards[shard_number]
+            parquet = shard.parquet
+            group_sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
+            group_starts = np.concatenate([[0], np.cumsum(group_sizes)])
+            by_group: dict[int, list[int]] = {}
+            for local in local_rows:
+                by_group.setdefault(int(np.searchsorted(group_starts, local, side="right") - 1), []).append(local)
+            for group, group_rows in by_group.items():
+                try:
+                    values = parquet.read_row_group(group, columns=[column]).column(column)
+                except (OSError, pa.ArrowException) as error:
+                    raise IndexFormatError(f"{self.index_dir / shard.info.file}: damaged shard ({error})") from error
+                for local in group_rows:
+                    value = values[local - int(group_starts[group])]
+                    wanted[(shard_number, local)] = _colbert_matrix(value) if column == "colbert" else value.as_py()
+        return [wanted[location] for location in locations]
+
+    def read_column(self, column: str) -> np.ndarray:
+        """One column of every row (deleted rows included), in row order, as an object array."""
+        parts = []
+        for shard in self.shards:
+            try:
+                values = shard.parquet.read(columns=[column]).column(column).to_pylist()
+            except (OSError, pa.ArrowException) as error:
+                raise IndexFormatError(f"{self.index_dir / shard.info.file}: damaged shard ({error})") from error
+            parts.append(np.asarray(values, dtype=object))
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=object)
+
+
+# (st_dev, st_ino, st_size, st_mtime_ns) of shards whose SHA-256 this process has checked.
+_HASHED: set[tuple[int, int, int, int]] = set()
 
 
 def _check_untouched(index_dir: Path, shard: ShardInfo) -> None:
-    """A shard changed since its search files were built is verified against the manifest's checksum."""
+    """A shard whose mtime is not the one its search files were built with is checked against its SHA-256
+    (once per process): search reads only a few columns of a few rows, so damage elsewhere would go unseen."""
     path = index_dir / shard.file
     try:
-        stamp = _shard_stamp(index_dir, shard)
+        info = os.lstat(path)
     except OSError as error:
         raise IndexFormatError(f"{path}: damaged or missing shard ({error.strerror})") from error
-    if stamp[0] != shard.bytes:
-        raise IndexFormatError(f"{path}: damaged shard ({stamp[0]} bytes, manifest says {shard.bytes})")
-    stamp_path = derived_path(index_dir, shard.file, "stamp")
-    if np.array_equal(np.load(stamp_path), stamp):
+    key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+    if info.st_mtime_ns == shard.mtime_ns or key in _HASHED:
         return
     if file_sha256(path) != shard.sha256:
         raise IndexFormatError(f"{path}: damaged shard (SHA-256 differs from the manifest's)")
-    _save(stamp_path, stamp)  # only touched: the content is the manifest's
+    _HASHED.add(key)
 
 
-def ensure_search_files(index_dir: Path, manifest: Manifest) -> int:
-    """Build the search files of shards that lack them; returns how many shards were built."""
-    built = 0
+def _open_shards(index_dir: Path, manifest: Manifest) -> list[OpenShard]:
+    opened, start = [], 0
     for shard in manifest.shards:
-        if not all(derived_path(index_dir, shard.file, s).exists() for s in (*DERIVED_SUFFIXES, "stamp")):
-            build_shard_files(index_dir, manifest, shard)
-            built += 1
-    return built
+        parquet = open_shard(index_dir, shard)  # holds its file open: readable after a writer unlinks it
+        _check_untouched(index_dir, shard)
+        deleted = read_deleted_rows(index_dir, shard)
+        live = None
+        if shard.deleted_rows:
+            live = np.ones(shard.rows, dtype=bool)
+            live[deleted] = False
+        vectors, in_memory = _open_vectors(index_dir, manifest, shard, parquet, start, live)
+        opened.append(OpenShard(shard, parquet, vectors, in_memory))
+        start += shard.rows
+    return opened
+
+
+def _open_vectors(index_dir: Path, manifest: Manifest, shard: ShardInfo, parquet: pq.ParquetFile, start: int,
+                  live: np.ndarray | None) -> tuple[ShardVectors, bool]:
+    """The shard's search files mapped and checked, or (files missing) its vectors built in memory."""
+    records = {r.get("kind"): r for r in shard.search or [] if isinstance(r, dict)}
+    if shard.search is not None and set(records) != set(SEARCH_KINDS):
+        raise IndexFormatError(f"{index_dir}: damaged manifest (search files of {shard.file})")
+    arrays = {}
+    for kind in SEARCH_KINDS if shard.search is not None else ():
+        array = _map_search_file(index_dir, records[kind])
+        if array is None:
+            if read_manifest(index_dir).generation != manifest.generation:
+                # Removed by a writer's clean-up: OpenIndex.open retries on the newer generation.
+                raise IndexFormatError(f"{index_dir / SEARCH_DIR / records[kind]['file']}: removed by a newer run")
+            break
+        arrays[kind] = array
+    else:
+        if shard.search is not None:
+            _check_bounds(index_dir, manifest, shard, arrays)
+            return ShardVectors(start, *(arrays[k] for k in SEARCH_KINDS), live=live), False
+    # No search files (format version 1, or deleted by hand): built here, for this process only.
+    path = index_dir / shard.file
+    dense = np.concatenate([_dense_rows(t.column("dense").combine_chunks(), manifest.dense_dim)
+                            for t in _row_groups(parquet, path, "dense")] or
+                           [np.zeros((0, manifest.dense_dim), np.float16)])
+    groups: Callable = lambda: (_sparse_csr(t.column("sparse").combine_chunks())  # noqa: E731
+                                for t in _row_groups(parquet, path, "sparse"))
+    token_ids, token_ptr, rows, weights = invert_streaming(groups, manifest.vocab_size)
+    heavy, columns = heavy_columns(token_ids, token_ptr, rows, weights, shard.rows)
+    if dense.shape != (shard.rows, manifest.dense_dim):
+        raise IndexFormatError(f"{path}: damaged shard (dense vectors of shape {dense.shape})")
+    return ShardVectors(start, dense, token_ids, token_ptr, rows, weights, heavy, columns, live=live), True
 
 
 def open_store(index_dir: Path, manifest: Manifest) -> list[ShardVectors]:
-    """Memory-map every shard's search files (building missing ones first)."""
-    ensure_search_files(index_dir, manifest)
-    shards, start = [], 0
-    for shard in manifest.shards:
-        _check_untouched(index_dir, shard)
-        try:
-            # mode "c" (copy-on-write) gives writable arrays without ever touching the files.
-            arrays = [np.load(derived_path(index_dir, shard.file, s), mmap_mode="c") for s in DERIVED_SUFFIXES]
-        except (OSError, ValueError) as error:
-            raise IndexFormatError(f"search files of {index_dir / shard.file} are unreadable ({error}); "
-                                   "delete them and they will be rebuilt") from error
-        if arrays[0].shape != (shard.rows, manifest.dense_dim):
-            raise IndexFormatError(f"{derived_path(index_dir, shard.file, 'dense')}: does not match its shard "
-                                   f"(shape {arrays[0].shape}); delete it and it will be rebuilt")
-        live = live_mask(index_dir, shard) if shard.deleted_rows else None
-        shards.append(ShardVectors(start, *arrays, live=live))
-        start += shard.rows
-    return shards
+    """Every shard's searchable vectors (memory-mapped search files, or built in memory); writes nothing."""
+    return OpenIndex.open(index_dir, manifest).vectors

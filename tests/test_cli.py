@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -14,7 +16,7 @@ import torch
 from helpers import REPO, SAMPLE_CORPUS, SAMPLE_QUERIES, invoke, load_vectors, module_command, run_process
 
 from bge_index.evaluation import evaluate, read_qrels, read_run
-from bge_index.manifest import read_manifest
+from bge_index.manifest import FORMAT_VERSION, read_manifest
 
 
 def expected_sample_ids() -> set[str]:
@@ -60,14 +62,43 @@ def test_summary_reports_counts(tiny_model, tmp_path):
     assert result.exit_code == 0, result.output
     assert f"{len(expected_sample_ids())} added, 0 updated, 0 unchanged, 0 removed" in result.stdout
     assert "skipped: 0" in result.stdout and "truncated to 512 tokens: 0" in result.stdout
-    assert f"index: {len(expected_sample_ids())} rows in 1 shards" in result.stdout
+    assert f"index: {len(expected_sample_ids())} rows in 1 shard " in result.stdout  # singular: "1 shard"
+    # A new index is "Created"; off a terminal the summary's first line starts with an ISO 8601 date-time.
+    first = result.stdout.splitlines()[0]
+    assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d Created ", first), first
+    # The model load is reported apart, and the rates leave it out.
+    assert "model loaded in" in result.stdout
+
+
+def test_summary_says_what_changed_in_the_right_number(tiny_model, tmp_path):
+    corpus, out = tmp_path / "c.jsonl", tmp_path / "ix"
+    corpus.write_text('{"id": "a", "text": "the moon"}\n')
+    created = invoke("index", corpus, "--out", out, "--model", tiny_model)
+    assert "Created" in created.stdout and "encoded 1 row (" in created.stdout and " 1 row in 1 shard " in created.stdout
+    # A no-change run: exactly one line, timestamped, on stdout; nothing on stderr.
+    same = invoke("index", corpus, "--out", out, "--model", tiny_model)
+    assert same.exit_code == 0 and same.stderr == ""
+    lines = same.stdout.splitlines()
+    assert len(lines) == 1 and re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d No changes ", lines[0])
+    corpus.write_text('{"id": "a", "text": "the moon"}\n{"id": "b", "text": "the tides"}\n')
+    updated = invoke("index", corpus, "--out", out, "--model", tiny_model)
+    assert "Updated" in updated.stdout and " 2 rows in " in updated.stdout
+
+
+def test_index_summary_rates_leave_out_the_model_load():
+    from bge_index.run import IndexSummary
+
+    summary = IndexSummary(Path("ix"), added=10, tokens=1000, elapsed=12.0, load_seconds=10.0)
+    assert summary.documents_per_second == 5.0 and summary.tokens_per_second == 500.0
+    summary.encode_seconds = 0.5  # measured by the engine: the rates are over encoding time
+    assert summary.documents_per_second == 20.0
 
 
 def test_info_describes_the_index(sample_index, tiny_model):
     result = invoke("info", sample_index, "--format", "json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert data["format_version"] == 1 and data["documents"] == len(expected_sample_ids())
+    assert data["format_version"] == FORMAT_VERSION and data["documents"] == len(expected_sample_ids())
     assert data["model"]["name"] == str(tiny_model) and len(data["model"]["sha256"]) == 64
     assert data["vectors"]["dense"]["dim"] == 32 and data["vectors"]["colbert"]["dim"] == 32
     assert data["bytes"] > 0 and data["created"]
@@ -112,7 +143,9 @@ def test_rerun_with_fewer_inputs_removes_the_missing_documents(tiny_model, tmp_p
     out = tmp_path / "ix"
     assert invoke("index", SAMPLE_CORPUS, "--out", out, "--model", tiny_model).exit_code == 0
     first = read_manifest(out)
-    result = invoke("index", SAMPLE_CORPUS / "articles.jsonl", "--out", out, "--model", tiny_model)
+    # Removing 34 of 44 documents is more than --max-remove's default half: it must be asked for.
+    result = invoke("index", SAMPLE_CORPUS / "articles.jsonl", "--out", out, "--model", tiny_model,
+                    "--max-remove", "100%")
     assert result.exit_code == 0, result.output
     assert f"0 added, 0 updated, 10 unchanged, {first.documents - 10} removed" in result.stdout
     second = read_manifest(out)
@@ -156,7 +189,9 @@ def write_bad_corpus(folder):
 def test_bad_documents_are_skipped_and_reported(tiny_model, tmp_path):
     write_bad_corpus(tmp_path / "in")
     result = invoke("index", tmp_path / "in", "--out", tmp_path / "ix", "--model", tiny_model)
-    assert result.exit_code == 0, result.output
+    # The malformed line could have held any id: the run commits the rest, names the input and exits 1.
+    assert result.exit_code == 1, result.output
+    assert "bge-index: error: 1 input could not be read whole" in result.stderr and "good.jsonl:2" in result.stderr
     for expected in ("good.jsonl:2: skipped: malformed JSON", "good.jsonl:3: skipped: empty text",
                      "binary.txt: skipped: binary file", "latin1.md: skipped: invalid UTF-8"):
         assert expected in result.stderr
@@ -503,3 +538,141 @@ def test_a_report_that_cannot_be_written_is_one_line_exit_1_after_the_run(tiny_m
     assert len(errors) == 1 and errors[0].startswith("bge-index: error: --report /dev/full: cannot write")
     assert "Traceback" not in result.output and "5 added" in result.stdout
     assert read_manifest(out).documents == 5  # the index run itself succeeded
+
+
+# ---------------------------------------------------------------------------
+# One line, no traceback
+
+
+@pytest.mark.parametrize("query", ["", "   ", "\t\n"])
+def test_an_empty_query_is_a_usage_error(sample_index, query):
+    result = invoke("search", sample_index, query)
+    assert result.exit_code == 2 and "bge-index: error: the query is empty" in result.stderr
+    assert "Traceback" not in result.output and result.stdout == ""
+
+
+@pytest.mark.parametrize("name, content", [("q.jsonl", '{"_id": "a", "text": "moon"}\n{"_id": "b", "text": "  "}\n'),
+                                           ("q.tsv", "a\tmoon\nb\t \n")])
+def test_an_empty_query_in_a_query_file_is_a_usage_error(sample_index, tmp_path, name, content):
+    (tmp_path / name).write_text(content)
+    result = invoke("search", sample_index, "--queries", tmp_path / name)
+    assert result.exit_code == 2 and f"{name}:2" in result.stderr and "empty query" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_duplicate_query_ids_are_warned_about_and_answered_in_order(sample_index, tmp_path):
+    queries = tmp_path / "q.jsonl"
+    queries.write_text('{"_id": "a", "text": "moon"}\n{"_id": "b", "text": "tides"}\n{"_id": "a", "text": "bread"}\n')
+    result = invoke("search", sample_index, "--queries", queries, "-k", "1", "--format", "json")
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "duplicate query ids" in warnings[0] and warnings[0].endswith(": a")
+    assert [(q["query_id"], q["query"]) for q in json.loads(result.stdout)] == [("a", "moon"), ("b", "tides"),
+                                                                                 ("a", "bread")]
+
+
+def test_an_out_folder_that_cannot_be_written_is_one_line(tiny_model, tmp_path):
+    # /proc refuses new folders even to root, where a read-only mode would not stop anything.
+    if not Path("/proc/self").exists():
+        pytest.skip("needs /proc")
+    result = invoke("index", SAMPLE_CORPUS / "articles.jsonl", "--out", "/proc/bge-index-test/ix", "--model", tiny_model)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stderr.strip().splitlines() == [line for line in result.stderr.strip().splitlines()
+                                                  if line.startswith("bge-index: error: --out /proc/bge-index-test/ix")]
+
+
+# ---------------------------------------------------------------------------
+# Pipelines and help
+
+
+MAKEFILE = """\
+CORPUS := $(shell find corpus -type f)
+
+all: index.stamp info.json
+
+# The index step runs when an input file (or the folder: a file added or deleted) is newer than the last run.
+index.stamp: corpus $(CORPUS)
+\t$(BGE_INDEX) index corpus --out index
+\ttouch $@
+
+# A run that changes nothing leaves index/manifest.json as it was: depend on it downstream.
+index/manifest.json: | index.stamp
+
+info.json: index/manifest.json
+\t$(BGE_INDEX) info index --format json > $@
+"""
+
+
+@pytest.mark.slow  # four make runs, three of them real index runs
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_the_readme_makefile_recipe(tiny_model, tmp_path):
+    """touch an input: one make re-runs the index step, the next does nothing; an edit reaches downstream."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("the moon moves away from the earth")
+    (tmp_path / "corpus" / "b.txt").write_text("tides follow the moon")
+    (tmp_path / "Makefile").write_text(MAKEFILE)
+    env = {**os.environ, "BGE_INDEX_MODEL": str(tiny_model), "PYTHONPATH": str(REPO)}
+    bge_index = f"BGE_INDEX={sys.executable} -m bge_index"
+
+    def make(*args):
+        return subprocess.run(["make", bge_index, *args], cwd=tmp_path, env=env, capture_output=True, text=True)
+
+    def age_everything():
+        """Move every file 100 s into the past, so what is touched next is strictly newer (no sleeping)."""
+        for path in tmp_path.rglob("*"):
+            stat = path.stat()
+            os.utime(path, ns=(stat.st_atime_ns - 100 * 10**9, stat.st_mtime_ns - 100 * 10**9))
+
+    first = make()
+    assert first.returncode == 0, first.stderr
+    assert json.loads((tmp_path / "info.json").read_text())["documents"] == 2
+    assert make("-q").returncode == 0
+    age_everything()
+    (tmp_path / "corpus" / "a.txt").touch()  # same content, newer file
+    info_before = (tmp_path / "info.json").stat().st_mtime_ns
+    after_touch = make()
+    assert after_touch.returncode == 0 and "index corpus --out index" in after_touch.stdout, after_touch.stdout
+    assert "info index --format json" not in after_touch.stdout  # nothing changed: downstream is not rebuilt
+    assert (tmp_path / "info.json").stat().st_mtime_ns == info_before
+    again = make()
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout, again.stdout
+    assert make("-q").returncode == 0
+    age_everything()
+    (tmp_path / "corpus" / "c.txt").write_text("bread needs time")  # an edit: downstream follows in the same run
+    edited = make()
+    assert edited.returncode == 0 and "info index --format json" in edited.stdout, edited.stdout
+    assert json.loads((tmp_path / "info.json").read_text())["documents"] == 3
+    assert make("-q").returncode == 0
+
+
+def _all_commands():
+    import typer.main
+
+    from bge_index.cli import app
+
+    def walk(command, path):
+        if hasattr(command, "commands"):  # a group (typer's click, whichever it bundles)
+            for name, sub in command.commands.items():
+                yield from walk(sub, [*path, name])
+        else:
+            yield " ".join(path), command
+
+    return list(walk(typer.main.get_command(app), []))
+
+
+def test_every_option_and_argument_has_help():
+    missing = [f"{name} {param.name}" for name, command in _all_commands() for param in command.params
+               if not (getattr(param, "help", None) or "").strip()]
+    assert len(_all_commands()) >= 6 and missing == []
+
+
+def test_help_shows_the_extras_and_shell_completion():
+    index_help = invoke("index", "--help")
+    assert "bge-index[ray]" in index_help.stdout
+    assert "bge-index[milvus]" in invoke("export", "--help").stdout
+    top = invoke("--help")
+    assert "--install-completion" in top.stdout and "--show-completion" in top.stdout

@@ -17,7 +17,7 @@ import time
 import pytest
 from helpers import REPO, live_rows, module_command, run_process
 
-from bge_index.manifest import DERIVED_PATTERN, is_index, read_manifest
+from bge_index.manifest import SEARCH_DIR, is_index, read_manifest
 from bge_index.shard_reader import verify_index
 
 pytestmark = pytest.mark.slow  # every test starts several real indexing processes
@@ -72,11 +72,13 @@ def test_sigkill_during_a_first_build(tiny_model, tmp_path, point):
     finished = run(index_command(corpus, out, tiny_model))
     assert finished.returncode == 0, finished.stderr
     assert state(out) == expected_state(35)
-    kept = read_manifest(out).files()
-    search_files = {p.name for p in out.iterdir()
-                    if (m := DERIVED_PATTERN.match(p.name)) and f"{m.group(1)}.parquet" in kept}
-    leftovers = {p.name for p in out.iterdir()} - kept - search_files - {"manifest.json", ".lock"}
+    manifest = read_manifest(out)
+    kept = {s.file for s in manifest.shards} | {s.deleted_file for s in manifest.shards if s.deleted_file}
+    leftovers = {p.name for p in out.iterdir()} - kept - {"manifest.json", ".lock", SEARCH_DIR}
     assert leftovers == set()
+    # Search files (format 2) live in search/, exactly those the manifest names.
+    named = {record["file"] for s in manifest.shards for record in s.search or []}
+    assert {p.name for p in (out / SEARCH_DIR).iterdir()} == named
 
 
 @pytest.mark.parametrize("point", POINTS)

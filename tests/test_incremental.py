@@ -416,7 +416,8 @@ def test_unreadable_input_file_does_not_remove_its_documents(tiny_model, tmp_pat
     (folder / "b.jsonl.gz").write_bytes(gzip.compress(b'{"id": "b1", "text": "train"}\n'))
     index(folder, out, tiny_model)
     (folder / "b.jsonl.gz").write_bytes(b"this is not gzip at all")
-    result = index(folder, out, tiny_model)
+    result = invoke("index", folder, "--out", out, "--model", tiny_model)
+    assert result.exit_code == 1  # the input is named and the run fails, its documents kept
     assert "0 removed" in result.stdout and "could not be read whole" in result.stderr
     assert set(live_texts(out)) == {"a1", "a2", "b1"}
     (folder / "b.jsonl.gz").unlink()

@@ -204,3 +204,44 @@ def test_milvus_errors(exported, tiny_model, tmp_path):
 
 def _live_ids(out: Path) -> list[str]:
     return list(load_vectors(out, read_manifest(out)).ids)
+
+
+def test_milvus_hybrid_equals_local_by_default_past_the_old_route_limit(spread_model, tmp_path):
+    """300 rows: more than the old default route limit (max(5k, 100) = 100 for k = 10), under Milvus's 16,384."""
+    corpus, out, uri, queries_file = tmp_path / "c.jsonl", tmp_path / "ix", tmp_path / "m.db", tmp_path / "q.jsonl"
+    # 300 different windows over the sample texts' words: no two rows alike, so no near-ties in the ranking.
+    words = " ".join(sample_texts()).split()
+    write_jsonl(corpus, [{"id": f"d{i:03d}", "text": " ".join(words[(i * 7) % (len(words) - 40):][:12 + i % 17])}
+                         for i in range(300)])
+    ok("index", corpus, "--out", out, "--model", spread_model, *FP32)
+    ok("export", "milvus", out, "--uri", uri, "--collection", "big")
+    write_jsonl(queries_file, [{"_id": f"q{i}", "text": t} for i, t in enumerate(queries())])
+    local = search(out, queries_file)
+    remote = search(out, queries_file, "--backend", "milvus", "--uri", uri, "--collection", "big")
+    assert_same_top10(local, remote)
+
+
+def test_default_route_limit_is_as_deep_as_milvus_allows():
+    from bge_index.milvus import MAX_ROUTE_LIMIT, default_route_limit
+
+    assert MAX_ROUTE_LIMIT == 16_384 and default_route_limit(10) == 16_384 and default_route_limit(1000) == 16_384
+
+
+def test_credentials_are_masked_in_every_message(exported):
+    out, _, _, _ = exported
+    uri, token = "http://alice:s3cretpw@127.0.0.1:1", "bob:t0kenpass"
+    for command in (("export", "milvus", out, "--uri", uri, "--collection", "c", "--token", token),
+                    ("search", out, "moon", "--backend", "milvus", "--uri", uri, "--collection", "c",
+                     "--token", token, *FP32)):
+        result = invoke(*command)
+        assert result.exit_code == 1 and "cannot connect to Milvus" in result.output
+        assert "s3cretpw" not in result.output and "t0kenpass" not in result.output, result.output
+        assert "alice:***@127.0.0.1" in result.output and "Traceback" not in result.output
+
+
+def test_mask_secrets():
+    from bge_index.milvus import mask_secrets, public_uri
+
+    assert public_uri("http://u:p4ss@host:19530") == "http://u:***@host:19530"
+    assert public_uri("./index.db") == "./index.db" and public_uri("http://host:19530") == "http://host:19530"
+    assert mask_secrets("token root:Milvus, password Milvus", token="root:Milvus") == "token ***, password ***"

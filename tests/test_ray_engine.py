@@ -6,13 +6,16 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from helpers import SAMPLE_CORPUS, SAMPLE_QUERIES, index, invoke, load_vectors, ok, write_jsonl
+from helpers import (REPO, SAMPLE_CORPUS, SAMPLE_QUERIES, index, invoke, live_texts, load_vectors, module_command, ok,
+                     write_jsonl)
 
 from bge_index.extras import ExtraUnavailableError
 from bge_index.ray_engine import RayOptions, import_ray, plan_reservations, start_local_ray
@@ -143,9 +146,11 @@ def test_incremental_runs_work_across_engines(local_ray, tiny_model, tmp_path):
                                   {"id": "d7", "text": "the later d7 wins"}])
     with corpus.open("a") as stream:
         stream.write("{not json\n")
-    result = index(corpus, out, tiny_model, *FP32, "--engine", "ray",
-                   "--report", tmp_path / "r.json")
-    # The malformed line could have held any id (d5 among them), so this run removes nothing.
+    result = invoke("index", corpus, "--out", out, "--model", tiny_model, *FP32, "--engine", "ray",
+                    "--report", tmp_path / "r.json")
+    # The malformed line could have held any id (d5 among them), so this run removes nothing, names the
+    # input and exits 1; the good work is committed.
+    assert result.exit_code == 1 and "1 input could not be read whole" in result.stderr, result.output
     assert "1 added, 2 updated, 9 unchanged, 0 removed" in result.stdout, result.stdout
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["documents"]["duplicates"] == 1 and report["documents"]["skipped"] == 1
@@ -223,3 +228,60 @@ def test_missing_ray_extra_is_a_clear_failure(tiny_model, tmp_path, monkeypatch)
     assert result.exit_code == 1, result.output
     assert "pip install 'bge-index[ray]'" in result.output
     assert not (tmp_path / "ix" / MANIFEST_FILE).exists()
+
+
+@pytest.mark.slow  # a Ray instance of its own in a subprocess, and a model load
+@pytest.mark.parametrize("second_signal", [False, True])
+def test_sigterm_stops_a_ray_run_cleanly(tiny_model, tmp_path, second_signal):
+    """ray.init replaced the CLI's SIGTERM handler (Python: sys.exit(15); native: a crash handler that dumps a
+    stack, exit 15 or 134), losing the run. Now: one SIGTERM stops at a batch boundary, saves, exits 143;
+    a second one aborts at once, keeping the previous state (none here), also 143."""
+    pytest.importorskip("ray")
+    corpus, out = tmp_path / "c.jsonl", tmp_path / "ix"
+    write_jsonl(corpus, [{"id": f"d{i}", "text": f"the moon and the train, document number {i} " * 5}
+                         for i in range(3000)])
+    command = module_command("index", corpus, "--out", out, "--model", tiny_model, *FP32, "--engine", "ray",
+                             "--batch-tokens", "64", "--progress-every", "0.1", "--shard-rows", "500")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    for line in process.stderr:  # the first batch is written: a stop now has work to save
+        if "documents read, " in line and not line.split("documents read, ")[1].startswith("0 encoded"):
+            break
+    process.send_signal(signal.SIGTERM)
+    if second_signal:
+        for line in process.stderr:
+            if "SIGTERM received" in line:
+                break
+        process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 143, stderr
+    assert "Fatal Python error" not in stderr and "*** SIGTERM received" not in stderr
+    if second_signal:
+        assert not (out / MANIFEST_FILE).exists()  # aborted: the previous state (no index) stays
+        return
+    assert "stopped early" in stdout
+    assert read_manifest(out).state == "partial" and 0 < len(live_texts(out)) < 3000
+    resumed = index(corpus, out, tiny_model, *FP32)  # the next run finishes the work
+    assert len(live_texts(out)) == 3000 and read_manifest(out).state == "complete", resumed.stdout
+
+
+@pytest.mark.slow
+def test_ray_engine_keeps_what_it_did_not_see_gone(local_ray, tiny_model, tmp_path):
+    """The rules of run.py on Ray too: --out inside the input folder is not read, --max-remove holds back a
+    mass removal (exit 1, additions committed), a bad record with a known id keeps that id's rows."""
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", [{"id": f"d{i}", "text": f"the moon and the train {i}"} for i in range(6)])
+    out = folder / "index"
+    ray = ("--engine", "ray", *FP32)
+    assert "6 added" in index(folder, out, tiny_model, *ray).stdout
+    again = index(folder, out, tiny_model, *ray)
+    assert "0 added, 0 updated, 6 unchanged, 0 removed" in again.stdout  # the index folder was not read
+    # d1 is now a bad record (empty text) with its id known; d2..d5 are gone (4 of 6: more than half); one is new.
+    write_jsonl(folder / "a.jsonl", [{"id": "d0", "text": "the moon and the train 0"}, {"id": "d1", "text": ""},
+                                     {"id": "new", "text": "a new moon"}])
+    guarded = invoke("index", folder, "--out", out, "--model", tiny_model, *ray)
+    assert guarded.exit_code == 1 and "--max-remove" in guarded.stderr, guarded.output
+    assert "1 added" in guarded.stdout and "0 removed" in guarded.stdout
+    assert set(live_texts(out)) == {f"d{i}" for i in range(6)} | {"new"}
+    allowed = index(folder, out, tiny_model, *ray, "--max-remove", "100%")
+    assert "4 removed" in allowed.stdout and set(live_texts(out)) == {"d0", "d1", "new"}  # d1 kept

@@ -6,7 +6,7 @@ owns the Typer `app` (which commands exist, under which names), `--version`,
 and the one mapping of library errors to what the user sees: every command
 runs inside `run_library_call`, so a `BgeIndexError` from anywhere becomes
 one line, `bge-index: error: MESSAGE`, and its exit code (1 failure,
-2 usage, 75 index busy; 130 for an interrupt), never a traceback.
+2 usage, 75 index busy; 130/143 for an interrupt), never a traceback.
 
 One module per command (index, search, eval, info, verify, export), with
 display.py for the printing they share and options.py for shared options.
@@ -35,8 +35,9 @@ app = typer.Typer(
     name="bge-index",
     help="Index documents into BGE-M3 sparse + dense vectors (Parquet shards) and search them.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help is plain text: `bge-index[ray]` keeps its brackets (rich markup ate them)
 )
 
 
@@ -47,9 +48,10 @@ def run_library_call(action: Callable[[], T]) -> T:
     except BgeIndexError as failure:
         error(str(failure))
         raise typer.Exit(failure.exit_code) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         stderr.print("bge-index: interrupted")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        # A second SIGTERM (index.StopNow) exits 143 like the first; Ctrl-C 130.
+        raise typer.Exit(128 + getattr(interrupt, "signal_number", EXIT_INTERRUPTED - 128)) from None
 
 
 def library_command(command: Callable[..., None]) -> Callable[..., None]:
@@ -80,7 +82,8 @@ app.command("eval")(library_command(eval_command.evaluate_index))
 app.command("info")(library_command(info.info))
 app.command("verify")(library_command(verify.verify))
 
-export_app = typer.Typer(help="Copy an index into a search engine that serves it at scale.", no_args_is_help=True)
+export_app = typer.Typer(help="Copy an index into a search engine that serves it at scale.", no_args_is_help=True,
+                         rich_markup_mode=None)
 export_app.command("milvus")(library_command(export.export_milvus))
 app.add_typer(export_app, name="export")
 

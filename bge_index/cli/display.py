@@ -19,6 +19,7 @@ import json
 import re
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 from rich.console import Console
@@ -195,43 +196,90 @@ class IndexDisplay(IndexEvents):
         if not self.quiet:
             self.bar.console.print(f"bge-index: warning: {escape(message)}")
 
+    def stage(self, description: str) -> None:
+        """A long step with no progress to count (loading the model): shown on the live line."""
+        if self.live:
+            self.bar.update(self.task, description=f"{description}…")
+        elif not self.quiet and self.last_line > float("-inf"):
+            # Off a terminal, only a run that is already logging progress says so (a quick run stays quiet).
+            stderr.print(f"bge-index: {log_time()} {description}", markup=False)
+
     def progress(self, state: IndexProgress) -> None:
         """Update the live line, or print a plain one when `every` seconds have passed."""
         if self.live:
             self.bar.update(self.task, description=_progress_line(state))
         elif not self.quiet and time.monotonic() - self.last_line >= self.every:
             self.last_line = time.monotonic()
-            stderr.print(f"bge-index: {time.strftime('%H:%M:%S')} {_progress_line(state)} "
+            stderr.print(f"bge-index: {log_time()} {_progress_line(state)} "
                          f"({state.elapsed:,.0f} s)", markup=False)
 
 
 def _progress_line(state: IndexProgress) -> str:
-    rate = state.encoded / state.elapsed if state.elapsed else 0.0
-    token_rate = state.tokens / state.elapsed if state.elapsed else 0.0
+    working = state.elapsed - state.loading  # rates over encoding time, not the model load
+    rate = state.encoded / working if working > 0 else 0.0
+    token_rate = state.tokens / working if working > 0 else 0.0
     return (f"{state.documents:,} documents read, {state.encoded:,} encoded · {rate:,.1f} docs/s · "
             f"{token_rate:,.0f} tokens/s")
 
 
+def plural(count: int, noun: str, plural_noun: str | None = None) -> str:
+    """`1 row`, `2 rows`, `1,024 documents`: a count and its noun in the right number."""
+    return f"{count:,} {noun if count == 1 else (plural_noun or noun + 's')}"
+
+
+def log_time() -> str:
+    """Now as ISO 8601 with the UTC offset (`2026-11-30T09:41:07+00:00`), for lines that end up in logs."""
+    return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
 def print_index_summary(summary: IndexSummary) -> None:
-    """What an index run did, on stdout: counts, speed, skips, truncations, the index's size."""
+    """What an index run did, on stdout: counts, speed, skips, truncations, the index's size.
+
+    A run that changed nothing (and skipped nothing) is one line. Off a terminal (cron, pipes) the first
+    line starts with the ISO 8601 date-time, so a log shows when each run happened.
+    """
     lines = []
-    verb = "Would change" if summary.dry_run else "Interrupted; saved" if summary.interrupted else "Updated"
-    lines.append(f"{verb} {summary.index_dir}: {summary.added:,} added, {summary.updated:,} updated, "
-                 f"{summary.unchanged:,} unchanged, {summary.removed:,} removed")
-    if not summary.dry_run:
-        lines.append(f"  encoded {summary.rows:,} rows ({summary.tokens:,} tokens) in {summary.elapsed:.1f} s: "
-                     f"{summary.documents_per_second:,.1f} docs/s, {summary.tokens_per_second:,.0f} tokens/s")
+    if summary.dry_run:
+        verb = "Would change" if summary.changed else "Would not change"
+    elif summary.interrupted:
+        verb = "Interrupted; saved"
+    elif summary.created:
+        verb = "Created"
+    elif summary.changed:
+        verb = "Updated"
+    else:
+        verb = "No changes to"
+    counts = (f"{verb} {summary.index_dir}: {summary.added:,} added, {summary.updated:,} updated, "
+              f"{summary.unchanged:,} unchanged, {summary.removed:,} removed")
+    index_line = (f"index: {plural(summary.live_rows, 'row')} in {plural(summary.shards, 'shard')} "
+                  f"({human_bytes(summary.bytes)}); model: {summary.model}")
     skipped = sum(summary.skipped.values())
-    reasons = ", ".join(f"{reason}: {count}" for reason, count in summary.skipped.most_common())
-    lines.append(f"  skipped: {skipped:,}" + (f" ({reasons})" if reasons else ""))
-    if summary.duplicates:
-        lines.append(f"  duplicate ids (last occurrence kept): {summary.duplicates:,}")
-    lines.append(f"  truncated to {summary.max_length:,} tokens: {summary.truncated:,}")
-    if not summary.dry_run:
-        state = "" if summary.wrote else ", nothing to write"
-        lines.append(f"  index: {summary.live_rows:,} rows in {summary.shards} shards ({human_bytes(summary.bytes)})"
-                     f"{state}; model: {summary.model}")
-    if summary.interrupted:
-        lines.append("  stopped early: run the same command again to finish")
+    quiet_run = (not summary.dry_run and not summary.interrupted and not summary.rows and not skipped
+                 and not summary.duplicates and not summary.truncated and not summary.failed_inputs
+                 and not summary.removal_refused and not summary.wrote)
+    if quiet_run:
+        lines.append(f"{counts}; {index_line}")
+    else:
+        lines.append(counts)
+        if not summary.dry_run and summary.rows:
+            load = f"; model loaded in {summary.load_seconds:.1f} s" if summary.load_seconds else ""
+            lines.append(f"  encoded {plural(summary.rows, 'row')} ({plural(summary.tokens, 'token')}) "
+                         f"in {summary.working_seconds:.1f} s: {summary.documents_per_second:,.1f} docs/s, "
+                         f"{summary.tokens_per_second:,.0f} tokens/s{load}; the whole run {summary.elapsed:.1f} s")
+        reasons = ", ".join(f"{reason}: {count}" for reason, count in summary.skipped.most_common())
+        lines.append(f"  skipped: {skipped:,}" + (f" ({reasons})" if reasons else ""))
+        for failed in summary.failed_inputs:
+            lines.append(f"  not read whole (its documents were kept): {failed['location']}: {failed['reason']}")
+        if summary.duplicates:
+            lines.append(f"  duplicate ids (last occurrence kept): {summary.duplicates:,}")
+        lines.append(f"  truncated to {summary.max_length:,} tokens: {summary.truncated:,}")
+        if summary.removal_refused:
+            lines.append("  removals held back by --max-remove")
+        if not summary.dry_run:
+            lines.append(f"  {index_line}" + ("" if summary.wrote else ", nothing to write"))
+        if summary.interrupted:
+            lines.append("  stopped early: run the same command again to finish")
+    if not stdout.is_terminal:
+        lines[0] = f"{log_time()} {lines[0]}"
     for line in lines:
         stdout.print(line, markup=False)

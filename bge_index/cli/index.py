@@ -1,8 +1,11 @@
 """`bge-index index`: create or update an index, with progress, a summary, and stop requests honoured.
 
 This module owns the `index` flags (and which ones need which engine), the
-SIGINT/SIGTERM handling that asks a run to stop at the next batch boundary,
-and the `--report` file. The work is the library's: `indexing.build_index`
+SIGINT/SIGTERM handling that asks a run to stop at the next batch boundary
+(130/143; a second signal aborts, same codes), the `--report` file, and the
+exit status of a run that committed its good work but could not do all of it:
+1, with one error line, when inputs could not be read whole (their documents
+kept) or when `--max-remove` held the removals back. The work is the library's: `indexing.build_index`
 (local engine) or `ray_engine.build_index_on_ray`, both torch-free at import:
 the model, and torch with it, load only when something needs encoding.
 """
@@ -15,10 +18,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from bge_index.cli.display import IndexDisplay, print_index_summary, stderr, write_json
+from bge_index.cli.display import IndexDisplay, error, print_index_summary, stderr, write_json
 from bge_index.cli.options import Device, Devices, Dtype, Engine, Quiet, check_output_file
 from bge_index.documents import FieldNames
-from bge_index.errors import UsageError
+from bge_index.errors import EXIT_FAILURE, UsageError
 from bge_index.model import DEFAULT_MODEL
 from bge_index.run import IndexOptions, IndexSummary
 
@@ -47,6 +50,9 @@ def index(
     id_field: Annotated[Optional[str], typer.Option(help="Id field/column (default: id, _id or docid).")] = None,
     text_field: Annotated[Optional[str], typer.Option(help="Text field/column (default: text or contents).")] = None,
     keep_missing: Annotated[bool, typer.Option("--keep-missing", help="Keep indexed documents missing from the inputs.")] = False,
+    max_remove: Annotated[str, typer.Option(envvar="BGE_INDEX_MAX_REMOVE",
+                                            help="Remove nothing if a run would remove more than this share (50%, 0.5) "
+                                                 "or count (100) of the index's documents; 100% allows all.")] = "50%",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Report what would be added/updated/removed; write nothing.")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="If another run holds the index, wait for it instead of exiting 75.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Any bad document fails the run (exit 1) before writing.")] = False,
@@ -73,7 +79,7 @@ def index(
                            max_length=max_length, shard_rows=shard_rows, colbert=colbert, store_text=store_text,
                            strict=strict, fields=FieldNames.from_options(id_field, text_field),
                            chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap, keep_missing=keep_missing,
-                           dry_run=dry_run, wait=wait)
+                           dry_run=dry_run, wait=wait, max_remove=max_remove)
 
     def run_index(display: IndexDisplay, should_stop) -> IndexSummary:
         if engine is Engine.local:
@@ -94,6 +100,25 @@ def index(
         write_json(report, summary.to_json(), "--report")
     if summary.interrupted:
         raise typer.Exit(128 + (stop.signal_number or signal.SIGINT))
+    # The good work is committed; what could not be done still fails the run, so cron and make notice.
+    problems = []
+    if summary.failed_inputs:
+        failed = len(summary.failed_inputs)
+        problems.append(f"{failed} input{'s' if failed != 1 else ''} could not be read whole; their documents "
+                        "were kept: " + ", ".join(f["location"] for f in summary.failed_inputs))
+    if summary.removal_refused:
+        problems.append(f"removals held back by --max-remove {max_remove} (see the warning above)")
+    if problems:
+        error("; ".join(problems))
+        raise typer.Exit(EXIT_FAILURE)
+
+
+class StopNow(KeyboardInterrupt):
+    """A second stop request: abort at once (the previous state stays); the exit status is 128 + the signal."""
+
+    def __init__(self, signal_number: int) -> None:
+        super().__init__(signal_number)
+        self.signal_number = signal_number
 
 
 class StopRequests:
@@ -112,7 +137,7 @@ class StopRequests:
 
     def _handle(self, signal_number: int, _frame) -> None:
         if self.signal_number is not None:
-            raise KeyboardInterrupt
+            raise StopNow(signal_number)
         self.signal_number = signal_number
         stderr.print(f"bge-index: {signal.Signals(signal_number).name} received: finishing the current batch "
                      "and saving what is done (send it again to abort)")

@@ -19,7 +19,7 @@ import typer
 from bge_index.cli.display import print_results, warning
 from bge_index.cli.options import Backend, Device, Dtype, IndexDir, QueryDtype, QueryModel, ResultFormat
 from bge_index.documents import read_queries
-from bge_index.errors import UsageError
+from bge_index.errors import EmptyQueryError, QueryFileError, UsageError
 from bge_index.query import Fusion, Mode, Normalize, Query, ScoreWeights, SearchBackend, SearchRequest
 
 
@@ -46,7 +46,7 @@ def search(
     uri: Annotated[Optional[str], typer.Option(envvar="BGE_INDEX_MILVUS_URI", help="--backend milvus: a Milvus Lite file or a server URL.")] = None,
     collection: Annotated[Optional[str], typer.Option(envvar="BGE_INDEX_MILVUS_COLLECTION", help="--backend milvus: collection name.")] = None,
     token: Annotated[Optional[str], typer.Option(envvar="BGE_INDEX_MILVUS_TOKEN", help="--backend milvus: server token (user:password).")] = None,
-    route_limit: Annotated[Optional[int], typer.Option(min=1, help="--backend milvus, hybrid: rows each route (dense, sparse) returns before fusion; default max(5k, 100).")] = None,
+    route_limit: Annotated[Optional[int], typer.Option(min=1, help="--backend milvus, hybrid: rows each route (dense, sparse) returns before fusion; default 16384, the most Milvus allows.")] = None,
 ) -> None:
     """Search an index with one query or a file of queries."""
     if (query is None) == (queries is None):
@@ -62,7 +62,12 @@ def search(
         from bge_index.milvus import MilvusBackend
 
         MilvusBackend.check_request(request)  # before the model loads
-    query_list = [Query("1", query)] if query is not None else [Query(d.id, d.text) for d in read_queries(queries)]
+    if query is not None and not query.strip():
+        raise EmptyQueryError("the query is empty: give the text to search for")
+    query_list = [Query("1", query)] if query is not None else read_query_file(queries)
+    repeated = _repeated_ids(query_list)
+    if repeated:
+        warning(f"duplicate query ids (each occurrence is answered, in order): {', '.join(repeated)}")
     opened = open_backend(backend, index_dir, model, device, dtype.value,
                           uri=uri, collection=collection, token=token, route_limit=route_limit)
     try:
@@ -72,6 +77,27 @@ def search(
     finally:
         opened.close()
     print_results(results, output_format, mode.value, run_tag)
+
+
+def read_query_file(path: str) -> list[Query]:
+    """The queries of --queries; a query with no text is a usage error (exit 2), like an empty query argument."""
+    try:
+        documents = read_queries(path)
+    except QueryFileError as error:
+        # The reader refuses a record without text on its own terms (exit 1); for the user it is an empty query.
+        if str(error).endswith(("empty text", "with a non-empty id and text")):
+            raise EmptyQueryError(f"{error} (an empty query)") from None
+        raise
+    return [Query(d.id, d.text) for d in documents]
+
+
+def _repeated_ids(queries: list[Query]) -> list[str]:
+    """Query ids that occur more than once, sorted."""
+    seen: set[str] = set()
+    repeated: set[str] = set()
+    for query in queries:
+        (repeated if query.id in seen else seen).add(query.id)
+    return sorted(repeated)
 
 
 def open_backend(backend: Backend, index_dir: Path, model: str | None, device: str, dtype: str, *,
