@@ -12,7 +12,7 @@ import mmap
 import os
 import stat
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bge_index.errors import IndexFormatError
-from bge_index.manifest import (MANIFEST_FILE, SEARCH_DIR, file_crc32, Manifest, RowLocation, ShardInfo, file_sha256, manifest_schema,
-                                read_manifest)
+from bge_index.manifest import (MANIFEST_FILE, SEARCH_DIR, Manifest, RowLocation, ShardInfo, file_crc32, file_sha256,
+                                manifest_schema, read_manifest)
 
 
 
@@ -206,13 +206,23 @@ def _sparse_csr(sparse: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def read_rows(index_dir: Path, manifest: Manifest, locations: Sequence[tuple[int, int]], column: str) -> list:
     """Values of one column at (shard number, row in shard) locations, reading only the row groups that hold them."""
+    shards = manifest.shards
+    return read_rows_through(lambda number: (open_shard(index_dir, shards[number]), index_dir / shards[number].file),
+                             locations, column)
+
+
+def read_rows_through(open_parquet: Callable[[int], tuple[pq.ParquetFile, Path]],
+                      locations: Sequence[tuple[int, int]], column: str) -> list:
+    """`read_rows` with the shards given as `open_parquet(shard number) -> (ParquetFile, path for messages)`.
+
+    Only the row groups holding the wanted rows are decoded; ColBERT values come back as [n, Dc] float32 arrays.
+    """
     wanted: dict[tuple[int, int], object] = {}
     by_shard: dict[int, list[int]] = {}
     for shard_number, local in locations:
         by_shard.setdefault(int(shard_number), []).append(int(local))
     for shard_number, local_rows in by_shard.items():
-        shard = manifest.shards[shard_number]
-        parquet = open_shard(index_dir, shard)
+        parquet, path = open_parquet(shard_number)
         group_sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
         group_starts = np.concatenate([[0], np.cumsum(group_sizes)])
         by_group: dict[int, list[int]] = {}
@@ -222,7 +232,7 @@ def read_rows(index_dir: Path, manifest: Manifest, locations: Sequence[tuple[int
             try:
                 values = parquet.read_row_group(group, columns=[column]).column(column)
             except (OSError, pa.ArrowException) as error:
-                raise IndexFormatError(f"{index_dir / shard.file}: damaged shard ({error})") from error
+                raise IndexFormatError(f"{path}: damaged shard ({error})") from error
             for local in group_rows:
                 value = values[local - int(group_starts[group])]
                 wanted[(shard_number, local)] = _colbert_matrix(value) if column == "colbert" else value.as_py()

@@ -51,7 +51,7 @@ import pyarrow.parquet as pq
 from bge_index.errors import IndexFormatError, OutputError
 from bge_index.manifest import (SEARCH_DIR, SEARCH_FILE_PATTERN, SEARCH_KINDS, Manifest, ShardInfo, file_sha256,
                                 fsync_dir, read_manifest)
-from bge_index.shard_reader import (_colbert_matrix, _dense_rows, _sparse_csr, open_shard, read_deleted_rows)
+from bge_index.shard_reader import (_dense_rows, _sparse_csr, open_shard, read_deleted_rows, read_rows_through)
 
 DERIVED_SUFFIXES = SEARCH_KINDS  # the kinds of search file, in ShardVectors' field order
 HEAVY_DENSITY = 0.5  # a token in at least this fraction of a shard's rows also gets a dense column
@@ -427,28 +427,10 @@ class OpenIndex:
 
     def read_rows(self, rows: Sequence[int], column: str) -> list:
         """Values of one column at rows numbered through the index, through the open handles."""
-        wanted: dict[tuple[int, int], object] = {}
-        by_shard: dict[int, list[int]] = {}
-        locations = self.locations(rows)
-        for shard_number, local in locations:
-            by_shard.setdefault(shard_number, []).append(local)
-        for shard_number, local_rows in by_shard.items():
-            shard = self.shards[shard_number]
-            parquet = shard.parquet
-            group_sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
-            group_starts = np.concatenate([[0], np.cumsum(group_sizes)])
-            by_group: dict[int, list[int]] = {}
-            for local in local_rows:
-                by_group.setdefault(int(np.searchsorted(group_starts, local, side="right") - 1), []).append(local)
-            for group, group_rows in by_group.items():
-                try:
-                    values = parquet.read_row_group(group, columns=[column]).column(column)
-                except (OSError, pa.ArrowException) as error:
-                    raise IndexFormatError(f"{self.index_dir / shard.info.file}: damaged shard ({error})") from error
-                for local in group_rows:
-                    value = values[local - int(group_starts[group])]
-                    wanted[(shard_number, local)] = _colbert_matrix(value) if column == "colbert" else value.as_py()
-        return [wanted[location] for location in locations]
+        def handle(number: int) -> tuple[pq.ParquetFile, Path]:
+            return self.shards[number].parquet, self.index_dir / self.shards[number].info.file
+
+        return read_rows_through(handle, self.locations(rows), column)
 
     def read_column(self, column: str) -> np.ndarray:
         """One column of every row (deleted rows included), in row order, as an object array."""
