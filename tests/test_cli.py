@@ -471,6 +471,7 @@ def test_commands_that_run_no_model_import_neither_torch_nor_transformers(tiny_m
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [["--dry-run"], []])  # a dry run; a run with nothing to encode
 def test_an_explicit_dtype_imports_no_torch_when_nothing_is_encoded(tiny_model, tmp_path, extra):
     out = tmp_path / "ix"

@@ -424,6 +424,7 @@ def test_unreadable_input_file_does_not_remove_its_documents(tiny_model, tmp_pat
     assert "1 removed" in index(folder, out, tiny_model).stdout
 
 
+@pytest.mark.slow
 def test_stop_between_two_occurrences_of_an_id_keeps_the_document(tiny_model, tmp_path, monkeypatch):
     corpus, out = tmp_path / "c.jsonl", tmp_path / "ix"
     write_jsonl(corpus, [{"id": "d", "text": "old text"}, {"id": "x", "text": "x"}])

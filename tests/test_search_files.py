@@ -141,6 +141,7 @@ def test_symlinked_search_file_is_refused(ix, tmp_path):
     assert any("symbolic link" in p for p in verify_index(ix))
 
 
+@pytest.mark.slow
 def test_disk_full_while_building_search_files_keeps_the_previous_generation(tiny_model, tmp_path, monkeypatch):
     out, docs = tmp_path / "ix", tmp_path / "docs.jsonl"
     corpus(docs, 30)
@@ -167,6 +168,7 @@ def test_disk_full_while_building_search_files_keeps_the_previous_generation(tin
     assert {p.name for p in out.glob("shard-*.parquet")} == {s.file for s in before.shards}
 
 
+@pytest.mark.slow
 def test_an_open_index_finishes_on_its_generation_through_later_commits(tiny_model, encoder, tmp_path):
     out, docs = tmp_path / "ix", tmp_path / "docs.jsonl"
     corpus(docs, 30)
@@ -192,6 +194,7 @@ def test_an_open_index_finishes_on_its_generation_through_later_commits(tiny_mod
     assert sorted(h.id for h in latest.hits) == sorted(f"d{i}" for i in range(30) if i != 5)
 
 
+@pytest.mark.slow
 def test_open_retries_when_the_generation_moves_under_it(tiny_model, tmp_path):
     out, docs = tmp_path / "ix", tmp_path / "docs.jsonl"
     corpus(docs, 20)
@@ -205,6 +208,7 @@ def test_open_retries_when_the_generation_moves_under_it(tiny_model, tmp_path):
     assert opened.manifest.generation == read_manifest(out).generation
 
 
+@pytest.mark.slow
 def test_a_version_1_index_is_searched_and_upgraded_by_the_next_write(tiny_model, tmp_path):
     out, docs = tmp_path / "ix", tmp_path / "docs.jsonl"
     corpus(docs, 25)
@@ -228,6 +232,7 @@ def test_a_version_1_index_is_searched_and_upgraded_by_the_next_write(tiny_model
     assert search_ids(out, "moon", "-k", "30") == search_ids(out, "moon", "-k", "30")
 
 
+@pytest.mark.slow
 def test_clean_up_keeps_only_the_search_files_of_named_shards(tiny_model, tmp_path):
     out, docs = tmp_path / "ix", tmp_path / "docs.jsonl"
     for n, edit in ((20, set()), (20, set(range(12))), (22, set(range(20)))):

@@ -162,6 +162,7 @@ def test_devices_all_without_a_gpu_says_so(tiny_model, tmp_path):
 # Precision chosen by auto
 
 
+@pytest.mark.slow
 def test_auto_precision_is_native_bf16_or_fp32_and_later_runs_keep_the_index_own(tiny_model, tmp_path):
     auto_env = {"BGE_INDEX_DTYPE": "auto"}
     corpus = tmp_path / "corpus.jsonl"
