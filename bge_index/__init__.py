@@ -39,6 +39,8 @@ _EXPORTS = {
     "ScoreWeights": "bge_index.query",
     "QueryResult": "bge_index.query",
     "LocalIndex": "bge_index.local_index",
+    "SearchService": "bge_index.search_service",
+    "results_json": "bge_index.query",
     "BgeIndexError": "bge_index.errors",
     "read_manifest": "bge_index.manifest",
     "verify_index": "bge_index.shard_reader",

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +33,11 @@ os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
-from transformers import AutoModel, AutoTokenizer  # noqa: E402
+from transformers import AutoModel  # noqa: E402
 
 from bge_index.errors import ModelError, ModelMismatchError  # noqa: E402
+from bge_index.timings import stage_timer  # noqa: E402
+from bge_index.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
 from bge_index.model import (COLBERT_HEAD_FILE, DEFAULT_MODEL, QUERY_MAX_LENGTH, SPARSE_HEAD_FILE,  # noqa: E402
                              ModelIdentity, check_device, check_head, choose_precision, effective_max_length,
                              identify_model, parse_devices)
@@ -152,10 +152,10 @@ def load_encoder(model: str = DEFAULT_MODEL, device: str = "auto", dtype: str = 
             "use the index's own model (leave out --model), or build a new index with this one")
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    with stage_timer("tokenizer"):
+        tokenizer = load_tokenizer(folder)  # tokenizer.json straight into Rust (tokenizer.py)
     with _quiet_transformers():
         try:
-            with stage_timer("tokenizer"):
-                tokenizer = AutoTokenizer.from_pretrained(folder)
             with stage_timer("weights"):
                 # No pooler: BGE-M3 never uses it, and skipping it saves a matmul per batch. Loaded in its
                 # dtype directly: no float32 copy to convert.
@@ -172,22 +172,6 @@ def load_encoder(model: str = DEFAULT_MODEL, device: str = "auto", dtype: str = 
         network.to(torch_device)
     return Encoder(tokenizer, network, sparse_head.to(torch_device, torch_dtype),
                    colbert_head.to(torch_device, torch_dtype), torch_device, torch_dtype, identity)
-
-
-@contextlib.contextmanager
-def stage_timer(stage: str) -> Iterator[None]:
-    """With BGE_INDEX_TIMINGS=1, print `bge-index: timing: STAGE SECONDS` to stderr when the stage ends.
-
-    A measuring aid (benchmarks/cold_search_bench.py reads it): off, it costs one environment lookup.
-    """
-    if os.environ.get("BGE_INDEX_TIMINGS") != "1":
-        yield
-        return
-    started = time.perf_counter()
-    try:
-        yield
-    finally:
-        print(f"bge-index: timing: {stage} {time.perf_counter() - started:.4f}", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
@@ -223,7 +207,7 @@ def _load_head(path: Path, hidden: int, out_features: int | None) -> torch.nn.Li
 class Encoder:
     """A loaded BGE-M3: tokenise texts, encode batches of token ids into vectors."""
 
-    def __init__(self, tokenizer, network, sparse_head: torch.nn.Linear, colbert_head: torch.nn.Linear,
+    def __init__(self, tokenizer: Tokenizer, network, sparse_head: torch.nn.Linear, colbert_head: torch.nn.Linear,
                  device: torch.device, dtype: torch.dtype, identity: ModelIdentity):
         self.tokenizer = tokenizer
         self.network = network
@@ -242,7 +226,6 @@ class Encoder:
         special = {tokenizer.cls_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id}
         self.special_ids = torch.tensor(sorted(i for i in special if i is not None), device=device)
         self.vocab_size = int(network.config.vocab_size)
-        self._backend = _plain_backend(tokenizer)
         # Rows x padded length above which a batch is split before it is tried; lowered by out-of-memory errors.
         self.max_padded_tokens = 1 << 62
         self.out_of_memory_splits = 0
@@ -260,12 +243,7 @@ class Encoder:
         but the truncation is reported instead of silent.
         """
         max_length = self.effective_max_length(max_length)
-        if self._backend is not None:
-            _clear_padding_and_truncation(self._backend)
-            all_ids = [encoding.ids for encoding in self._backend.encode_batch(list(texts), add_special_tokens=True)]
-        else:
-            all_ids = self.tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
-        return [self._truncate(ids, max_length) for ids in all_ids]
+        return [self._truncate(ids, max_length) for ids in self.tokenizer.encode_batch(texts)]
 
     def _truncate(self, ids: list[int], max_length: int) -> Tokenized:
         if len(ids) <= max_length:
@@ -284,11 +262,7 @@ class Encoder:
         body = chunk_tokens - 2  # room left by <s> and </s>
         if not 0 <= overlap < body:
             raise ValueError(f"chunk overlap must be between 0 and {body - 1} tokens for {chunk_tokens}-token chunks")
-        if self._backend is None:
-            raise ModelError("chunking needs a fast (Rust) tokenizer with character offsets")
-        _clear_padding_and_truncation(self._backend)
-        encoding = self._backend.encode(text, add_special_tokens=False)
-        ids, offsets = encoding.ids, encoding.offsets
+        ids, offsets = self.tokenizer.encode_with_offsets(text)
         cls_id, eos_id = self.tokenizer.cls_token_id, self.eos_id
         passages = []
         start = 0
@@ -303,7 +277,7 @@ class Encoder:
 
     def decode_token(self, token_id: int) -> str:
         """The vocabulary entry of one token id (a SentencePiece piece: '▁' marks a word start)."""
-        return self.tokenizer.convert_ids_to_tokens(int(token_id))
+        return self.tokenizer.id_to_token(token_id)
 
     # -- encoding ----------------------------------------------------------
 
@@ -419,23 +393,3 @@ def _is_out_of_memory(error: BaseException) -> bool:
     # CUDA raises OutOfMemoryError; MPS says "out of memory"; the CPU allocator "can't allocate memory".
     message = str(error).lower()
     return isinstance(error, _OUT_OF_MEMORY) or "out of memory" in message or "can't allocate memory" in message
-
-
-def _plain_backend(tokenizer):
-    """The fast tokenizer's backend (Rust), with no padding or truncation configured."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return None
-    # Shared, not copied: a copy (to_str/from_str) parses the 250k-entry vocabulary a second time, 0.3-1 s
-    # of every cold search. transformers sets padding and truncation on this backend at each call of its own
-    # and leaves them set, so ours clear them before each use (_clear_padding_and_truncation).
-    _clear_padding_and_truncation(backend)
-    return backend
-
-
-def _clear_padding_and_truncation(backend) -> None:
-    """No padding, no truncation on a Rust tokenizer (two attribute reads when already clear)."""
-    if backend.padding is not None:
-        backend.no_padding()
-    if backend.truncation is not None:
-        backend.no_truncation()

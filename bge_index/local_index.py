@@ -25,6 +25,7 @@ from bge_index.manifest import read_manifest
 from bge_index.model import QUERY_MAX_LENGTH, ModelIdentity
 from bge_index.query import Hit, Mode, Normalize, Query, QueryResult, QueryVectors, RankedDocument, SearchRequest
 from bge_index.search import Searcher
+from bge_index.timings import stage_timer
 from bge_index.vector_store import OpenIndex
 
 def encode_queries(encoder: Encoder, texts: Sequence[str], colbert: bool = False) -> list[QueryVectors]:
@@ -70,7 +71,10 @@ class LocalIndex:
                                          f"{encoder.identity.describe()}")
         self.encoder = encoder
         # Every file of one generation opened now: later commits never disturb this object's searches.
-        self.opened = opened if opened is not None else OpenIndex.open(index_dir, manifest)
+        if opened is None:
+            with stage_timer("open index"):
+                opened = OpenIndex.open(index_dir, manifest)
+        self.opened = opened
         self.manifest = self.opened.manifest
         self.shard_starts = self.opened.starts
         self.searcher = Searcher(self.opened.vectors, self.manifest.vocab_size, doc_ids=self._doc_ids)
@@ -99,11 +103,13 @@ class LocalIndex:
                                    "or search with --mode hybrid|dense|sparse")
         query_vectors = self.encode_queries([q.text for q in queries], colbert=colbert)
         normalize = None if request.normalize is Normalize.NONE else request.normalize.value
-        all_hits = self.searcher.search_many(query_vectors, request.k, request.mode.value, request.weights,
-                                             fetch_colbert=self._fetch_colbert, group_by_doc=request.group_by_doc,
-                                             fusion=request.fusion.value, normalize=normalize)
-        return [QueryResult(query, self._describe(vectors, hits, request))
-                for query, vectors, hits in zip(queries, query_vectors, all_hits)]
+        with stage_timer("score"):
+            all_hits = self.searcher.search_many(query_vectors, request.k, request.mode.value, request.weights,
+                                                 fetch_colbert=self._fetch_colbert, group_by_doc=request.group_by_doc,
+                                                 fusion=request.fusion.value, normalize=normalize)
+        with stage_timer("read hits"):
+            return [QueryResult(query, self._describe(vectors, hits, request))
+                    for query, vectors, hits in zip(queries, query_vectors, all_hits)]
 
     def _doc_ids(self) -> np.ndarray:
         return self.opened.read_column("doc_id" if self.manifest.chunking else "id")

@@ -338,6 +338,14 @@ def index_size_bytes(index_dir: Path, manifest: Manifest) -> int:
     return sum(s.bytes for s in manifest.shards) + deletion_sets + (index_dir / MANIFEST_FILE).stat().st_size
 
 
+def index_info(index_dir: Path, manifest: Manifest) -> dict:
+    """The manifest as JSON plus where the index is and its size: what `info --format json` prints."""
+    data = manifest.to_json()
+    data["index_dir"] = str(index_dir)
+    data["bytes"] = index_size_bytes(index_dir, manifest)
+    return data
+
+
 @dataclass(frozen=True, slots=True)  # one per row written in a run: kept small
 class RowLocation:
     """Where a row lives: shard file name and row number inside it."""

@@ -16,6 +16,7 @@ No torch here: the types are plain data (numpy arrays for vectors).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol, Sequence
@@ -134,6 +135,45 @@ class QueryResult:
 
     query: Query
     hits: list[RankedDocument]
+
+
+def hit_record(result: QueryResult, ranked: RankedDocument) -> dict:
+    """One hit as a JSON object (a `search --format jsonl` line): query id, rank, id, scores rounded to 6 places,
+    and the passage, text and matching tokens when present."""
+    record = {"query_id": result.query.id, "rank": ranked.rank, "id": ranked.id, "score": round(ranked.hit.score, 6),
+              "dense": round(ranked.hit.dense, 6), "sparse": round(ranked.hit.sparse, 6)}
+    if ranked.hit.colbert is not None:
+        record["colbert"] = round(ranked.hit.colbert, 6)
+    if ranked.passage_id is not None:
+        record["passage"] = ranked.passage_id
+    if ranked.text is not None:
+        record["text"] = ranked.text
+    if ranked.top_tokens:
+        record["tokens"] = [{"token": t, "contribution": round(c, 6)} for t, c in ranked.top_tokens]
+    return record
+
+
+def results_json(results: Sequence[QueryResult], mode: Mode | str) -> str:
+    """Results as `search --format json` prints them and `serve` returns them: one document, the same bytes.
+
+        >>> hit = RankedDocument(1, "doc-7", Hit(row=6, score=0.5, dense=0.5, sparse=0.0))
+        >>> print(results_json([QueryResult(Query("1", "q"), [hit])], Mode.DENSE))  # doctest: +ELLIPSIS
+        [
+          {
+            "query_id": "1",
+            "query": "q",
+            "mode": "dense",
+            "hits": [
+              {
+                "rank": 1,
+                "id": "doc-7",
+        ...
+    """
+    mode = Mode(mode).value
+    payload = [{"query_id": r.query.id, "query": r.query.text, "mode": mode,
+                "hits": [{k: v for k, v in hit_record(r, h).items() if k != "query_id"} for h in r.hits]}
+               for r in results]
+    return json.dumps(payload, ensure_ascii=False, indent=2) + "\n"
 
 
 class SearchBackend(Protocol):

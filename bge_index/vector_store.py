@@ -22,9 +22,10 @@ before its commit, and the previous generation stays searchable. Readers
 never write into the index: a shard whose search files are missing (a
 version 1 index, or files deleted by hand) gets its vectors built in memory
 for that process. Every file is bounds-checked when opened and its CRC-32 is
-checked the first time a process uses it (about 1 GB/s, so ~0.5 s per GB of
-search files, once per process); a damaged file is an IndexFormatError naming
-it, never a wrong score.
+checked once per state of the file (about 2.5 GB/s; remembered for this user
+across processes by checked_files.py, so a cold search does not re-read 3 GB
+of a million-row index that no one has touched); a damaged file is an
+IndexFormatError naming it, never a wrong score.
 
 `OpenIndex` is one generation opened whole: the manifest, every shard's
 Parquet handle, deletion set and search files, all opened before the first
@@ -48,6 +49,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bge_index.checked_files import CheckedFiles, file_key
 from bge_index.errors import IndexFormatError, OutputError
 from bge_index.manifest import (SEARCH_DIR, SEARCH_FILE_PATTERN, SEARCH_KINDS, Manifest, ShardInfo, file_sha256,
                                 fsync_dir, read_manifest)
@@ -291,10 +293,6 @@ def _row_groups(parquet: pq.ParquetFile, path: Path, column: str) -> Iterator[pa
             raise IndexFormatError(f"{path}: damaged shard ({error})") from error
 
 
-# (st_dev, st_ino, st_size, st_mtime_ns, crc32) of search files whose checksum this process has checked.
-_CHECKED: set[tuple[int, int, int, int, int]] = set()
-
-
 def _map_search_file(index_dir: Path, record: dict) -> np.ndarray | None:
     """One search file, memory-mapped copy-on-write and checksum-checked; None when it does not exist."""
     name = record.get("file") if isinstance(record, dict) else None
@@ -320,11 +318,12 @@ def _map_search_file(index_dir: Path, record: dict) -> np.ndarray | None:
         mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY) if info.st_size else b""
     finally:
         os.close(fd)
-    key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, int(record.get("crc32", -1)))
-    if key not in _CHECKED:
+    # Checked once per state of the file, by any process of this user (checked_files.py): not on every search.
+    checked, key = CheckedFiles.default(), file_key(info, f"crc32={record.get('crc32')}")
+    if not checked.known(key):
         if zlib.crc32(mapped) != record.get("crc32"):
             raise IndexFormatError(f"{path}: damaged search file (CRC-32 differs from the manifest's); {_FIX}")
-        _CHECKED.add(key)
+        checked.remember(key)
     try:
         header = io.BytesIO(mapped[:4096])
         version = np.lib.format.read_magic(header)
@@ -444,10 +443,6 @@ class OpenIndex:
         return np.concatenate(parts) if parts else np.zeros(0, dtype=object)
 
 
-# (st_dev, st_ino, st_size, st_mtime_ns) of shards whose SHA-256 this process has checked.
-_HASHED: set[tuple[int, int, int, int]] = set()
-
-
 def _check_untouched(index_dir: Path, shard: ShardInfo) -> None:
     """A shard whose mtime is not the one its search files were built with is checked against its SHA-256
     (once per process): search reads only a few columns of a few rows, so damage elsewhere would go unseen."""
@@ -456,12 +451,12 @@ def _check_untouched(index_dir: Path, shard: ShardInfo) -> None:
         info = os.lstat(path)
     except OSError as error:
         raise IndexFormatError(f"{path}: damaged or missing shard ({error.strerror})") from error
-    key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
-    if info.st_mtime_ns == shard.mtime_ns or key in _HASHED:
+    checked, key = CheckedFiles.default(), file_key(info, f"sha256={shard.sha256}")
+    if info.st_mtime_ns == shard.mtime_ns or checked.known(key):
         return
     if file_sha256(path) != shard.sha256:
         raise IndexFormatError(f"{path}: damaged shard (SHA-256 differs from the manifest's)")
-    _HASHED.add(key)
+    checked.remember(key)
 
 
 def _open_shards(index_dir: Path, manifest: Manifest) -> list[OpenShard]:

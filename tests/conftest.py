@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,8 @@ from bge_index.encoder import load_encoder  # noqa: E402
 # Tests never reach a model hub: huggingface_hub must answer from its cache or fail at once.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Remembered checksum checks (checked_files.py) go to a folder of this test session, never the user's cache.
+os.environ["BGE_INDEX_CACHE_DIR"] = tempfile.mkdtemp(prefix="bge-index-test-cache-")
 # The CLI's --dtype auto means bf16 on CPUs with native bf16 and fp32 elsewhere; tests that compare
 # vectors with an fp32 computation need the same precision on every machine. Tests of `auto` unset this.
 os.environ["BGE_INDEX_DTYPE"] = "fp32"

@@ -460,7 +460,7 @@ def test_commands_that_run_no_model_import_neither_torch_nor_transformers(tiny_m
     out = tmp_path / "ix"
     assert invoke("index", SAMPLE_CORPUS / "faq.ndjson", "--out", out, "--model", tiny_model).exit_code == 0
     env = {k: v for k, v in os.environ.items() if k != "BGE_INDEX_DTYPE"}  # the default, --dtype auto
-    for args in (["--version"], ["--help"], ["index", "--help"], ["info", out], ["info", out, "--format", "json"],
+    for args in (["--version"], ["--help"], ["index", "--help"], ["serve", "--help"], ["info", out], ["info", out, "--format", "json"],
                  ["verify", out],
                  ["index", SAMPLE_CORPUS, "--out", tmp_path / "new", "--model", tiny_model, "--dry-run"],
                  ["index", SAMPLE_CORPUS / "faq.ndjson", "--out", out, "--model", tiny_model, "--dry-run"]):

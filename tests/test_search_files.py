@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import stat
+import time
 import zlib
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 from helpers import SAMPLE_CORPUS, index, invoke, write_jsonl
 
 import bge_index.vector_store as vector_store
+from bge_index.checked_files import CACHE_ENV, CheckedFiles
 from bge_index.errors import IndexFormatError
 from bge_index.local_index import LocalIndex
 from bge_index.manifest import FORMAT_VERSION, SEARCH_DIR, SEARCH_KINDS, read_manifest
@@ -246,3 +248,60 @@ def test_clean_up_keeps_only_the_search_files_of_named_shards(tiny_model, tmp_pa
     present = {p.name for p in (out / SEARCH_DIR).iterdir()}
     shards = {p.name.removesuffix(".parquet") for p in out.glob("shard-*.parquet")}
     assert named <= present and {p.split(".")[0] for p in present} <= shards
+
+
+def _count_crc32(monkeypatch) -> list[int]:
+    """Count the CRC-32 computations of search files (vector_store's zlib.crc32)."""
+    calls: list[int] = []
+    real = zlib.crc32
+
+    def counting(data, value=0):
+        calls.append(len(data))
+        return real(data, value)
+
+    monkeypatch.setattr(vector_store.zlib, "crc32", counting)
+    return calls
+
+
+def _new_process(monkeypatch, cache) -> None:
+    """What a new process sees: no checks remembered in memory, only the user's record in `cache`."""
+    monkeypatch.setenv(CACHE_ENV, str(cache))
+    monkeypatch.setattr(CheckedFiles, "_default", None)
+
+
+def test_a_file_checked_once_is_not_read_again_by_the_next_search(ix, tmp_path, monkeypatch):
+    _new_process(monkeypatch, tmp_path / "cache")
+    calls = _count_crc32(monkeypatch)
+    OpenIndex.open(ix)
+    assert len(calls) == len(SEARCH_KINDS) * len(read_manifest(ix).shards)  # every search file, once
+    _new_process(monkeypatch, tmp_path / "cache")
+    calls.clear()
+    OpenIndex.open(ix)
+    assert calls == []  # a cold search on an untouched index reads no file whole
+    assert (tmp_path / "cache" / "checked-files").stat().st_mode & 0o077 == 0  # the user's own
+
+
+def test_a_file_changed_after_its_check_is_checked_again_even_with_its_mtime_put_back(ix, tmp_path, monkeypatch):
+    _new_process(monkeypatch, tmp_path / "cache")
+    OpenIndex.open(ix)
+    record = next(r for r in read_manifest(ix).shards[0].search if r["kind"] == "dense")
+    path = ix / SEARCH_DIR / record["file"]
+    before = path.stat()
+    time.sleep(0.05)  # past the file system's timestamp granularity
+    _flip_byte(path)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # same size, same mtime: only ctime moved
+    _new_process(monkeypatch, tmp_path / "cache")
+    with pytest.raises(IndexFormatError, match="CRC-32 differs"):
+        OpenIndex.open(ix)
+
+
+def test_an_unusable_cache_folder_only_means_every_check_runs(ix, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    _new_process(monkeypatch, blocker / "cache")
+    calls = _count_crc32(monkeypatch)
+    assert search_ids(ix)
+    first = len(calls)
+    _new_process(monkeypatch, blocker / "cache")
+    assert search_ids(ix)
+    assert first > 0 and len(calls) == 2 * first

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import XLMRobertaConfig, XLMRobertaModel, XLMRobertaTokenizerFast
 
 TRAINING_TEXT = """
@@ -33,8 +33,10 @@ Tomatoes need sun, warmth and regular watering to ripen in the garden.
 
 def build_tokenizer(vocab_size: int = 400) -> XLMRobertaTokenizerFast:
     tokenizer = Tokenizer(models.Unigram())
-    tokenizer.normalizer = normalizers.NFKC()
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    # The real XLM-R tokenizer.json's pipeline (less its SentencePiece charsmap normaliser): whitespace split,
+    # then Metaspace. transformers 5 rebuilds XLM-R tokenizers with exactly this, whatever tokenizer.json says,
+    # so the test tokenizer must agree with it for bge_index.tokenizer (tokenizer.json as written) to match.
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace()])
     tokenizer.decoder = decoders.Metaspace()
     trainer = trainers.UnigramTrainer(vocab_size=vocab_size, unk_token="<unk>",
                                       special_tokens=["<s>", "<pad>", "</s>", "<unk>"])

@@ -8,9 +8,9 @@ runs inside `run_library_call`, so a `BgeIndexError` from anywhere becomes
 one line, `bge-index: error: MESSAGE`, and its exit code (1 failure,
 2 usage, 75 index busy; 130/143 for an interrupt), never a traceback.
 
-One module per command (index, search, eval, info, verify, export), with
+One module per command (index, search, serve, eval, info, verify, export), with
 display.py for the printing they share and options.py for shared options.
-No module imports torch at import time: only `search`, `eval` and an `index`
+No module imports torch at import time: only `search`, `serve`, `eval` and an `index`
 run with something to encode load the model, inside the command.
 """
 
@@ -24,7 +24,7 @@ import typer
 
 from bge_index import __version__
 from bge_index.cli import eval as eval_command
-from bge_index.cli import export, index, info, search, verify
+from bge_index.cli import export, index, info, search, serve, verify
 from bge_index.cli.display import error, stderr, stdout
 from bge_index.errors import BgeIndexError
 
@@ -79,6 +79,7 @@ def _main(version: Annotated[bool, typer.Option("--version", callback=_version, 
 app.command("index")(library_command(index.index))
 app.command("search")(library_command(search.search))
 app.command("eval")(library_command(eval_command.evaluate_index))
+app.command("serve")(library_command(serve.serve))
 app.command("info")(library_command(info.info))
 app.command("verify")(library_command(verify.verify))
 

@@ -30,7 +30,7 @@ from rich.table import Table
 from bge_index.cli.options import ResultFormat
 from bge_index.document_types import Skipped
 from bge_index.errors import OutputError
-from bge_index.query import QueryResult, RankedDocument
+from bge_index.query import QueryResult, hit_record, results_json
 from bge_index.run import IndexEvents, IndexProgress, IndexSummary
 
 SNIPPET_CHARS = 90
@@ -92,14 +92,11 @@ def print_results(results: list[QueryResult], output_format: ResultFormat, mode:
     if output_format is ResultFormat.table:
         _print_table(results, mode)
     elif output_format is ResultFormat.json:
-        payload = [{"query_id": r.query.id, "query": r.query.text, "mode": mode,
-                    "hits": [{k: v for k, v in _hit_json(r, h).items() if k != "query_id"} for h in r.hits]}
-                   for r in results]
-        sys.stdout.write(json.dumps(payload, ensure_ascii=False, indent=2) + "\n")
+        sys.stdout.write(results_json(results, mode))
     elif output_format is ResultFormat.jsonl:
         for result in results:
             for ranked in result.hits:
-                sys.stdout.write(json.dumps(_hit_json(result, ranked), ensure_ascii=False) + "\n")
+                sys.stdout.write(json.dumps(hit_record(result, ranked), ensure_ascii=False) + "\n")
     elif output_format is ResultFormat.tsv:
         sys.stdout.write("query_id\trank\tid\tscore\tdense\tsparse\n")
         for result in results:
@@ -129,20 +126,6 @@ def _print_table(results: list[QueryResult], mode: str) -> None:
                 row.append(escape(", ".join(f"{t} {c:.3f}" for t, c in ranked.top_tokens)))
             table.add_row(*row)
         stdout.print(table)
-
-
-def _hit_json(result: QueryResult, ranked: RankedDocument) -> dict:
-    record = {"query_id": result.query.id, "rank": ranked.rank, "id": ranked.id, "score": round(ranked.hit.score, 6),
-              "dense": round(ranked.hit.dense, 6), "sparse": round(ranked.hit.sparse, 6)}
-    if ranked.hit.colbert is not None:
-        record["colbert"] = round(ranked.hit.colbert, 6)
-    if ranked.passage_id is not None:
-        record["passage"] = ranked.passage_id
-    if ranked.text is not None:
-        record["text"] = ranked.text
-    if ranked.top_tokens:
-        record["tokens"] = [{"token": t, "contribution": round(c, 6)} for t, c in ranked.top_tokens]
-    return record
 
 
 def _snippet(text: str | None) -> str:

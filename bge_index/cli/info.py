@@ -15,7 +15,7 @@ from rich.table import Table
 
 from bge_index.cli.display import human_bytes, stdout
 from bge_index.cli.options import IndexDir, ReportFormat
-from bge_index.manifest import Manifest, index_size_bytes, read_manifest
+from bge_index.manifest import Manifest, index_info, index_size_bytes, read_manifest
 
 
 def info(
@@ -24,13 +24,10 @@ def info(
 ) -> None:
     """Describe an index: model, dimensions, documents, shards, sizes, format version."""
     manifest = read_manifest(index_dir)
-    size = index_size_bytes(index_dir, manifest)
     if output_format is ReportFormat.json:
-        data = manifest.to_json()
-        data["index_dir"] = str(index_dir)
-        data["bytes"] = size
-        sys.stdout.write(json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+        sys.stdout.write(json.dumps(index_info(index_dir, manifest), ensure_ascii=False, indent=2) + "\n")
         return
+    size = index_size_bytes(index_dir, manifest)
     table = Table(title=f"bge-index {escape(str(index_dir))}", show_header=False, title_justify="left")
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")

@@ -1,0 +1,206 @@
+"""`bge-index serve` against in-process search: one client's latency, 16 clients' throughput, the CLI's answers.
+
+    python benchmarks/serve_bench.py /tmp/bge-m3-full --rows 1000000      # full-size model, 1M-row index
+    python benchmarks/serve_bench.py /tmp/m3-6x384 --rows 100000 --queries 32
+
+The index is synthetic in the real on-disk format (benchmarks/search_bench.py's
+generator: unit float16 dense vectors of the model's width, ~150 Zipf-drawn
+sparse tokens per row), recorded as made by CHECKPOINT (a checkpoint from
+../shared/tools/make_m3_checkpoint.py, with the real tokenizer), so the
+model that encodes the queries is the real thing and the scan is the size
+asked. Queries are Cranfield's (`--queries-file`). In one run, one after the
+other (nothing else running), it measures:
+
+1. in process: `LocalIndex.search([query])` per query (encode + score + ids/texts), p50 and mean;
+2. one HTTP client (keep-alive, `GET /search`): p50 latency and queries/s;
+3. 16 HTTP clients at once, each asking every query: queries/s;
+4. that every HTTP answer equals `bge-index search --queries FILE --format json` run as a process (its hits,
+   per query; GET answers say query_id "1").
+
+The load average is printed before and after: compare ratios, on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import quote
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+
+
+def load() -> str:
+    return repr(os.getloadavg())
+
+
+def build_index(index_dir: Path, checkpoint: Path, rows: int) -> None:
+    """A synthetic index of `rows` rows recorded as made by `checkpoint` (its identity from a one-row real run)."""
+    import search_bench
+
+    from bge_index.manifest import Manifest, read_manifest
+    from bge_index.shard_writer import IndexWriter, RowBatch
+
+    seed_index = index_dir.with_name(index_dir.name + "-seed")
+    if not (seed_index / "manifest.json").exists():
+        corpus = index_dir.with_name(index_dir.name + "-seed.jsonl")
+        corpus.write_text(json.dumps({"id": "seed", "text": "seed"}) + "\n", encoding="utf-8")
+        subprocess.run([sys.executable, "-m", "bge_index", "index", str(corpus), "--out", str(seed_index),
+                        "--model", str(checkpoint), "--dtype", "fp32", "-q"], check=True, cwd=REPO)
+    seed = read_manifest(seed_index)
+    search_bench.DIM = seed.dense_dim
+    rng, cdf = np.random.default_rng(0), search_bench.zipf_cdf()
+    manifest = Manifest(model=seed.model, dense_dim=seed.dense_dim, colbert_dim=None, vocab_size=seed.vocab_size,
+                        store_text=False, generation=1)
+    writer = IndexWriter(index_dir, manifest, shard_rows=250_000)
+    for start in range(0, rows, search_bench.WRITE_BATCH):
+        count = min(search_bench.WRITE_BATCH, rows - start)
+        ids = search_bench.draw_tokens(rng, cdf, count, 200)
+        sparse = [(t, (rng.random(len(t), dtype=np.float32) * 0.3 + 0.01)) for t in ids]
+        writer.write(RowBatch([f"doc{start + i}" for i in range(count)], ["0" * 32] * count, None,
+                              search_bench.unit_rows(rng, count), sparse))
+    writer.commit()
+
+
+class Client:
+    def __init__(self, port: int):
+        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+
+    def get(self, path: str) -> bytes:
+        self.connection.request("GET", path)
+        response = self.connection.getresponse()
+        body = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"{response.status}: {body[:200]!r}")
+        return body
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--index", type=Path, help="default: CHECKPOINT-serve-ROWS (built if missing)")
+    parser.add_argument("--queries-file", type=Path, default=SHARED / "eval" / "cranfield-beir" / "queries.jsonl")
+    parser.add_argument("--queries", type=int, default=16, help="distinct queries (each client asks them all)")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--mode", default="hybrid")
+    parser.add_argument("--dtype", default="fp32", help="query precision (server, in-process and CLI alike)")
+    parser.add_argument("--build-only", action="store_true", help="build the index and stop")
+    args = parser.parse_args()
+
+    index_dir = args.index or args.checkpoint.with_name(f"{args.checkpoint.name}-serve-{args.rows}")
+    if not (index_dir / "manifest.json").exists():
+        print(f"building a {args.rows:,}-row index in {index_dir} ...", flush=True)
+        started = time.perf_counter()
+        build_index(index_dir, args.checkpoint, args.rows)
+        print(f"built in {time.perf_counter() - started:.0f} s", flush=True)
+    if args.build_only:
+        return
+    texts = []
+    with open(args.queries_file, encoding="utf-8") as source:
+        for line in source:
+            texts.append(" ".join(json.loads(line)["text"].split()))
+            if len(texts) == args.queries:
+                break
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    print(f"index {index_dir} ({args.rows:,} rows), model {args.checkpoint}, {len(texts)} queries, "
+          f"mode {args.mode}, dtype {args.dtype}")
+    print(f"load before: {load()}", flush=True)
+
+    # 1. in process
+    from bge_index.local_index import LocalIndex
+    from bge_index.query import Query, SearchRequest
+
+    local = LocalIndex(index_dir, dtype=args.dtype)
+    request = SearchRequest(k=10, mode=args.mode)
+    local.search([Query("1", texts[0])], request)  # warm-up, as serve does at start
+    in_process = []
+    for text in texts * 2:
+        started = time.perf_counter()
+        local.search([Query("1", text)], request)
+        in_process.append(time.perf_counter() - started)
+    local.close()
+    del local
+
+    # 2-3. the server, as a process
+    env = dict(os.environ)
+    server = subprocess.Popen([sys.executable, "-m", "bge_index", "serve", str(index_dir), "--port", "0",
+                               "--dtype", args.dtype, "--no-access-log"], stderr=subprocess.PIPE, text=True,
+                              env=env, cwd=REPO)
+    port = None
+    for line in server.stderr:
+        found = re.search(r"at http://127\.0\.0\.1:(\d+)", line)
+        if found:
+            port = int(found.group(1))
+            break
+    if port is None:
+        sys.exit("the server did not start")
+    threading.Thread(target=lambda: [None for _ in server.stderr], daemon=True).start()  # keep the pipe drained
+    try:
+        paths = [f"/search?k=10&mode={args.mode}&q={quote(text)}" for text in texts]
+        one = Client(port)
+        one.get(paths[0])
+        latencies, answers = [], {}
+        started_all = time.perf_counter()
+        for path in paths * 2:
+            started = time.perf_counter()
+            answers[path] = one.get(path)
+            latencies.append(time.perf_counter() - started)
+        one_rate = len(latencies) / (time.perf_counter() - started_all)
+
+        def client_run(offset: int) -> list[tuple[str, bytes]]:
+            client = Client(port)
+            order = paths[offset:] + paths[:offset]  # clients start at different queries
+            return [(path, client.get(path)) for path in order]
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(args.clients) as pool:
+            results = list(pool.map(client_run, [n % len(paths) for n in range(args.clients)]))
+        many_seconds = time.perf_counter() - started
+        many_rate = sum(len(r) for r in results) / many_seconds
+        concurrent_same = all(body == answers[path] for result in results for path, body in result)
+    finally:
+        server.terminate()
+        server.wait(60)
+    print(f"load after:  {load()}")
+
+    # 4. the CLI's answers
+    queries = index_dir.with_name(index_dir.name + "-queries.jsonl")
+    queries.write_text("".join(json.dumps({"_id": str(n), "text": t}) + "\n" for n, t in enumerate(texts)),
+                       encoding="utf-8")
+    printed = subprocess.run([sys.executable, "-m", "bge_index", "search", str(index_dir), "--queries", str(queries),
+                              "-k", "10", "--mode", args.mode, "--dtype", args.dtype, "--format", "json"],
+                             capture_output=True, text=True, check=True, env=env, cwd=REPO).stdout
+    cli = {r["query"]: r["hits"] for r in json.loads(printed)}
+    same_as_cli = all(json.loads(answers[path])[0]["hits"] == cli[text] for path, text in zip(paths, texts))
+
+    p50_local, p50_http = statistics.median(in_process), statistics.median(latencies)
+    print()
+    print("| measure | value |")
+    print("|---|---|")
+    print(f"| in-process `LocalIndex.search`, one query: p50 / mean | {p50_local * 1e3:.1f} / "
+          f"{statistics.mean(in_process) * 1e3:.1f} ms |")
+    print(f"| HTTP, one client: p50 / mean | {p50_http * 1e3:.1f} / {statistics.mean(latencies) * 1e3:.1f} ms |")
+    print(f"| HTTP p50 minus in-process p50 (goal: at most 2 ms) | {(p50_http - p50_local) * 1e3:+.1f} ms |")
+    print(f"| HTTP, one client | {one_rate:.2f} q/s |")
+    print(f"| HTTP, {args.clients} clients at once | {many_rate:.2f} q/s |")
+    print(f"| ratio {args.clients} clients / one (goal: at least 3) | {many_rate / one_rate:.2f} |")
+    print(f"| answers under concurrency = answers alone | {'yes' if concurrent_same else 'NO'} |")
+    print(f"| HTTP answers = `search --queries --format json` | {'yes' if same_as_cli else 'NO'} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Files whose checksum this user has already checked, remembered across processes, so a check is never repeated
+on bytes that cannot have changed.
+
+A search checks each search file's CRC-32 (and a shard whose mtime moved, its
+SHA-256) before trusting it: on a million-row index that is 1.2 s of
+reading 3 GB, for every cold `bge-index search`. A check is remembered under
+a key of what any change to the file would change: device, inode, size,
+mtime, **ctime** (which every write and every `touch` moves, and which no
+user can set back) and the checksum it was checked against. A file with the
+same key has the bytes that passed.
+
+    checked = CheckedFiles.default()
+    key = file_key(os.fstat(fd), "crc32=1234")
+    if not checked.known(key):
+        ...check...
+        checked.remember(key)
+
+The record is one line per key in `$BGE_INDEX_CACHE_DIR`, else
+`$XDG_CACHE_HOME/bge-index`, else `~/.cache/bge-index`: `checked-files`,
+appended with O_APPEND (lines of concurrent processes never interleave) and
+cut to its newest half past MAX_LINES. Never inside an index folder: a
+search writes nothing there. A cache that cannot be read or written just
+remembers nothing: every check then runs, as before.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+CACHE_ENV = "BGE_INDEX_CACHE_DIR"
+RECORD_FILE = "checked-files"
+MAX_LINES = 20_000  # ~1.5 MB; a year of daily commits on a 20-shard index stays well under it
+
+
+def cache_dir() -> Path:
+    """Where bge-index keeps per-user state that may be lost at any time."""
+    explicit = os.environ.get(CACHE_ENV)
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "bge-index"
+
+
+def file_key(info: os.stat_result, checksum: str) -> str:
+    """The key of a file's state (from os.stat/fstat) and the checksum it must have (`crc32=...`, no colon)."""
+    return (f"{info.st_dev}:{info.st_ino}:{info.st_size}:{info.st_mtime_ns}:{info.st_ctime_ns}:"
+            f"{checksum}")
+
+
+class CheckedFiles:
+    """The keys checked in this process and, when the record can be read, by earlier ones."""
+
+    _default: "CheckedFiles | None" = None
+    _default_lock = threading.Lock()
+
+    def __init__(self, record: Path | None):
+        self.record = record
+        self._keys: set[str] | None = None  # read on first use
+        self._lock = threading.Lock()
+
+    @classmethod
+    def default(cls) -> "CheckedFiles":
+        """The process-wide instance on this user's record (a new one if the cache directory setting changed)."""
+        record = cache_dir() / RECORD_FILE
+        with cls._default_lock:
+            if cls._default is None or cls._default.record != record:
+                cls._default = cls(record)
+            return cls._default
+
+    def known(self, key: str) -> bool:
+        """Whether a file in this state passed its check before."""
+        with self._lock:
+            return key in self._load()
+
+    def remember(self, key: str) -> None:
+        """Record a passed check (in this process always; in the record when it can be written)."""
+        with self._lock:
+            keys = self._load()
+            if key in keys:
+                return
+            keys.add(key)
+            if self.record is None:
+                return
+            try:
+                self.record.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.record, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                try:
+                    os.write(fd, (key + "\n").encode("ascii"))
+                finally:
+                    os.close(fd)
+                if len(keys) > MAX_LINES:
+                    self._cut()
+            except OSError:
+                pass  # read-only home, full disk: remembered in this process only
+
+    def _load(self) -> set[str]:
+        if self._keys is None:
+            self._keys = set()
+            if self.record is not None:
+                try:
+                    fd = os.open(self.record, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                    with os.fdopen(fd, "rb") as stream:
+                        data = stream.read(1 << 24)
+                    self._keys = {line for line in data.decode("ascii", "replace").splitlines() if line.count(":") == 5}
+                except OSError:
+                    pass
+        return self._keys
+
+    def _cut(self) -> None:
+        """Keep the newest half of the record (written aside, then renamed over it)."""
+        assert self.record is not None
+        try:
+            lines = self.record.read_bytes().splitlines()[-MAX_LINES // 2:]
+            temporary = self.record.with_name(f"{RECORD_FILE}.{os.getpid()}.tmp")
+            temporary.write_bytes(b"\n".join(lines) + b"\n")
+            os.replace(temporary, self.record)
+            self._keys = {line.decode("ascii", "replace") for line in lines}
+        except OSError:
+            pass

@@ -1,0 +1,114 @@
+"""`bge-index serve`: keep an index's model loaded and answer searches over HTTP (JSON).
+
+This module owns the command's flags, the refusal of a non-loopback address
+without --allow-remote, the server's log lines on stderr (ISO 8601 times;
+the token is never among them), and what a stop looks like: SIGTERM or
+Ctrl-C stop taking connections, answer what was asked, and exit 0.
+The routes and the batching are the library's (http_api.py,
+search_service.py); the model loads here, inside the command, as in `search`.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from typing import Annotated, Optional
+
+import typer
+
+from bge_index.cli.display import stderr, warning
+from bge_index.cli.options import Device, Dtype, IndexDir, QueryDtype, QueryModel
+from bge_index.errors import InvalidOptionError
+from bge_index.query import Query, SearchRequest
+
+DEFAULT_PORT = 8765
+TOKEN_ENV = "BGE_INDEX_SERVE_TOKEN"
+
+
+class _LogFormat(logging.Formatter):
+    """`bge-index: 2026-11-30T12:00:00+00:00 MESSAGE`, the format of every log line bge-index prints."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from bge_index.cli.display import log_time
+
+        return f"bge-index: {log_time()} {super().format(record)}"
+
+
+def _log_to_stderr(access_log: bool) -> None:
+    handler = logging.StreamHandler(stderr.file)
+    handler.setFormatter(_LogFormat("%(message)s"))
+    # uvicorn's own start/stop chatter (INFO) is left out: the "serving" and "stopped" lines say it.
+    for name, level in (("bge_index", logging.INFO), ("uvicorn.error", logging.WARNING), ("uvicorn.access", logging.INFO)):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(level)
+        logger.propagate = False
+    logging.getLogger("uvicorn.access").disabled = not access_log
+
+
+def serve(
+    index_dir: IndexDir,
+    host: Annotated[str, typer.Option(envvar="BGE_INDEX_SERVE_HOST",
+                                      help="Address to listen on; one other than loopback needs --allow-remote.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, envvar="BGE_INDEX_SERVE_PORT",
+                                      help="Port to listen on (0: any free port, printed at start).")] = DEFAULT_PORT,
+    allow_remote: Annotated[bool, typer.Option("--allow-remote", help="Listen on an address other machines can reach.")] = False,
+    token: Annotated[Optional[str], typer.Option(envvar=TOKEN_ENV, show_default=False,
+                                                 help=f"Bearer token every request but /healthz must carry. Prefer "
+                                                      f"the {TOKEN_ENV} variable: an argument shows in `ps`.")] = None,
+    max_batch: Annotated[int, typer.Option(min=1, max=1024, help="Queries answered together at most.")] = 64,
+    access_log: Annotated[bool, typer.Option("--access-log/--no-access-log", help="Log each request (method, path, status).")] = True,
+    model: QueryModel = None,
+    device: Device = "auto",
+    dtype: QueryDtype = Dtype("auto"),
+) -> None:
+    """Answer searches over HTTP with the model loaded once: GET /search?q=..., POST /search, GET /info, GET /healthz.
+
+    Answers are what `search --format json` and `info --format json` print. A run that commits a new
+    generation is served from the next request on, without a restart.
+    """
+    from bge_index import http_api  # needs the serve extra: a clear error before the model loads
+
+    if not http_api.is_loopback(host) and not allow_remote:
+        raise InvalidOptionError(f"--host {host} can be reached from other machines: add --allow-remote "
+                                 f"(and set {TOKEN_ENV} so that only your clients can search)")
+    if token is not None and not token.strip():
+        raise InvalidOptionError(f"the token ({TOKEN_ENV} or --token) is empty")
+    listener = http_api.bind(host, port)  # before the model loads: a port in use fails at once (exit 2)
+
+    from bge_index.local_index import LocalIndex
+    from bge_index.search_service import SearchService
+
+    _log_to_stderr(access_log)
+    log = logging.getLogger("bge_index.serve")
+    index = LocalIndex(index_dir, model=model, device=device, dtype=dtype.value)
+    for message in index.notes:
+        warning(message)
+    # One search before the first client: the first request should not pay for kernel selection.
+    index.search([Query("warm-up", "warm up")], SearchRequest(k=1))
+    service = SearchService(index, max_batch=max_batch)
+    app = http_api.create_app(service, str(index_dir), token=token)
+    server = http_api.make_server(app, access_log=access_log)
+
+    if not http_api.is_loopback(host) and not token:
+        warning(f"no token: anyone who can reach {host}:{listener.getsockname()[1]} can search this index")
+    manifest = index.manifest
+    log.info("serving %s (generation %d, %s rows, model %s) at %s%s", index_dir, manifest.generation,
+             f"{manifest.documents:,}", index.encoder.identity.name, http_api.bound_address(listener),
+             ", bearer token required" if token else "")
+    stopped_by: list[int] = []
+    # uvicorn stops gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler found before it:
+    # ours records it, so the command ends normally (exit 0) instead of being killed by the default action.
+    previous = {sig: signal.signal(sig, lambda number, frame: stopped_by.append(number))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.run(sockets=[listener])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        service.close()
+        listener.close()
+    if not server.started:
+        raise typer.Exit(1)
+    reason = signal.Signals(stopped_by[0]).name if stopped_by else "a stop request"
+    log.info("stopped (%s); every request received was answered", reason)

@@ -1,0 +1,191 @@
+"""A long-lived searcher: one index's newest generation and one thread that answers queued searches in batches.
+
+`bge-index serve` keeps the model loaded and the index memory-mapped; this
+module owns what that needs beyond `LocalIndex`:
+
+- **Batching.** Callers `submit(queries, request)` from any thread and get a
+  `Future`. One worker thread takes everything waiting (up to `max_batch`
+  queries), groups it by `SearchRequest`, and answers each group with one
+  `LocalIndex.search` call, so concurrent queries share the pass over the
+  dense matrix (search.py scores queries in blocks of 8). A query's answer
+  does not depend on its company: each query is encoded alone and unpadded,
+  and scored in a fixed-width block (see local_index.encode_queries), so
+  the bits are those of `bge-index search` with that one query.
+- **New generations.** Before each batch the worker compares the manifest's
+  (inode, mtime, size) with the one it opened; when a run has committed, it
+  opens the new generation (`LocalIndex.reopen`) and answers the whole batch
+  from it. A batch is never answered from two generations, and a request
+  that arrives after a commit sees that commit. If the new generation cannot
+  be opened (damaged, half-written by hand), the old one keeps serving and
+  the failure is logged; the next change is tried again.
+
+    service = SearchService(LocalIndex(Path("notes-index")))
+    future = service.submit([Query("1", "sourdough starter")], SearchRequest(k=5))
+    [result] = future.result().results
+    service.close()
+
+No torch here: the model runs inside `LocalIndex`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from bge_index.errors import BgeIndexError, NoColbertVectors
+from bge_index.local_index import LocalIndex
+from bge_index.manifest import MANIFEST_FILE
+from bge_index.query import Mode, Query, QueryResult, SearchRequest
+
+log = logging.getLogger("bge_index.serve")
+
+MAX_BATCH = 64  # queries answered together at most; more waiting ones go in the next batch
+_STOP = object()
+
+
+class ServiceClosed(BgeIndexError):
+    """The service is stopping and takes no more searches."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a submitted search's future gives: one result per query, and the generation that answered."""
+
+    results: list[QueryResult]
+    generation: int
+
+
+@dataclass
+class _Pending:
+    """One submitted search: its queries, its request, and the future its caller waits on."""
+
+    queries: list[Query]
+    request: SearchRequest
+    future: Future = field(default_factory=Future)
+
+
+def _manifest_key(index_dir) -> tuple[int, int, int, int] | None:
+    """What changes when a run commits (the manifest is replaced by a rename), or None if it cannot be stat'ed."""
+    try:
+        info = os.stat(index_dir / MANIFEST_FILE)
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size)
+
+
+class SearchService:
+    """Answers searches on one worker thread, in batches, always from one committed generation."""
+
+    def __init__(self, index: LocalIndex, max_batch: int = MAX_BATCH):
+        self._index = index
+        self._key = _manifest_key(index.index_dir)
+        self._refresh_lock = threading.Lock()
+        self.max_batch = max_batch
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = False
+        self.batches = 0  # batches answered so far (fewer than requests when requests wait together)
+        self._worker = threading.Thread(target=self._work, name="bge-index-search", daemon=True)
+        self._worker.start()
+
+    # -- what callers use ------------------------------------------------------
+
+    def submit(self, queries: Sequence[Query], request: SearchRequest) -> Future:
+        """Queue a search; the future's result is an `Answer` (or the search's error)."""
+        if self._closed:
+            raise ServiceClosed("the server is stopping")
+        pending = _Pending(list(queries), request)
+        self._queue.put(pending)
+        return pending.future
+
+    def current(self) -> LocalIndex:
+        """The newest committed generation (opened now if a run has committed since the last look)."""
+        with self._refresh_lock:
+            key = _manifest_key(self._index.index_dir)
+            if key is not None and key != self._key:
+                try:
+                    self._index = self._index.reopen()
+                    self._key = key
+                    log.info("serving generation %d (%d rows)", self._index.manifest.generation,
+                             self._index.manifest.documents)
+                except BgeIndexError as failure:
+                    # Keep answering from the generation we have; try again when the manifest changes again.
+                    self._key = key
+                    log.error("cannot open the new generation, still serving generation %d: %s",
+                              self._index.manifest.generation, failure)
+            return self._index
+
+    def check(self, request: SearchRequest) -> None:
+        """Refuse, before queueing, a request this index cannot answer (so it never fails a whole batch)."""
+        # Whether an index stores ColBERT vectors never changes between its generations: no refresh needed.
+        if request.mode is Mode.COLBERT and not self._index.manifest.has_colbert:
+            raise NoColbertVectors(f"{self._index.index_dir} has no ColBERT vectors: search with mode "
+                                   "hybrid, dense or sparse")
+
+    def close(self) -> None:
+        """Answer what is queued, then stop the worker (idempotent)."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(_STOP)
+        self._worker.join()
+
+    # -- the worker ------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            batch = [item]
+            size = len(item.queries)
+            while size < self.max_batch:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is _STOP:
+                    self._queue.put(_STOP)  # after this batch
+                    break
+                batch.append(more)
+                size += len(more.queries)
+            try:
+                self._answer(batch)
+            except Exception:  # noqa: BLE001 - a bug here must not stop the server answering
+                log.exception("internal error while answering a batch")
+                for pending in batch:
+                    if not pending.future.done():
+                        pending.future.set_exception(RuntimeError("internal error"))
+
+    def _answer(self, batch: list[_Pending]) -> None:
+        """Answer a batch from one generation: one search per distinct request."""
+        # A caller that gave up (client gone) cancelled its future: skip it; the rest can no longer be cancelled.
+        batch = [pending for pending in batch if pending.future.set_running_or_notify_cancel()]
+        if not batch:
+            return
+        self.batches += 1
+        try:
+            index = self.current()
+        except Exception as failure:  # noqa: BLE001 - every caller must hear back
+            for pending in batch:
+                pending.future.set_exception(failure)
+            return
+        groups: dict[SearchRequest, list[_Pending]] = {}
+        for pending in batch:
+            groups.setdefault(pending.request, []).append(pending)
+        for request, members in groups.items():
+            queries = [q for pending in members for q in pending.queries]
+            try:
+                results: list[QueryResult] = index.search(queries, request)
+            except Exception as failure:  # noqa: BLE001 - handed to the callers, who report it
+                for pending in members:
+                    pending.future.set_exception(failure)
+                continue
+            start = 0
+            for pending in members:
+                pending.future.set_result(Answer(results[start:start + len(pending.queries)],
+                                                 index.manifest.generation))
+                start += len(pending.queries)
