@@ -14,7 +14,8 @@ Search options go by their flag names (`k` or `top-k`, `mode`,
 `dense-weight`, `sparse-weight`, `colbert-weight`, `fusion`, `normalize`,
 `explain`, `group-by-doc`); an unknown one is an error, never ignored.
 A bad request gets a 4xx status and one line of JSON, `{"error": "..."}`;
-a header `X-Bge-Index-Generation` names the generation that answered.
+a header `X-Bge-Index-Generation` names the generation that answered, and
+`Server-Timing: search;dur=MS` what the search took (encode + score).
 With a token, every route but /healthz wants `Authorization: Bearer TOKEN`
 (compared in constant time; the token is never logged).
 
@@ -227,8 +228,10 @@ def create_app(service: SearchService, index_label: str, token: str | None = Non
     async def answer(queries: list[Query], request: SearchRequest) -> Response:
         service.check(request)
         answer = await asyncio.wrap_future(service.submit(queries, request))
+        # Server-Timing: what the search itself took, so a client can tell it from the network and queueing.
         return Response(results_json(answer.results, request.mode), media_type=JSON_TYPE,
-                        headers={"X-Bge-Index-Generation": str(answer.generation)})
+                        headers={"X-Bge-Index-Generation": str(answer.generation),
+                                 "Server-Timing": f"search;dur={answer.seconds * 1000:.3f}"})
 
     async def search_get(request: Request) -> Response:
         params = request.query_params

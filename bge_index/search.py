@@ -29,8 +29,11 @@ MODES = ("hybrid", "dense", "sparse", "colbert")
 FUSIONS = ("weighted", "rrf")
 # Rows widened to float32 at a time: 2048 x 1024 x 4 B = 8 MiB stays in cache between the widening
 # and the multiplication; measured fastest of 512..16384 on a 1M-row index (benchmarks/search_bench.py).
-_DENSE_QUERY_BLOCK = 8  # queries per sgemm in dense_scores_many (see there)
-_DENSE_CHUNK_ROWS = 2048
+# Queries per sgemm in dense_scores_many (see there). Measured per million 1024-dim rows on this project's
+# 2-core machine (MKL sgemm, chunks of 1,024 rows): width 1 (mv) 0.66 s, 8: 1.10 s, 16: 0.81 s, 32: 1.30 s.
+# 16 is the fastest width that still lets queries share the pass (BENCHMARKS.md).
+_DENSE_QUERY_BLOCK = 16
+_DENSE_CHUNK_ROWS = 512  # dense_scores_many widens 2x this many rows at a time: 4 MB of float32, cache-sized
 COLBERT_CANDIDATES_PER_HIT = 10
 COLBERT_MIN_CANDIDATES = 100
 

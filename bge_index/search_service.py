@@ -7,7 +7,7 @@ module owns what that needs beyond `LocalIndex`:
   `Future`. One worker thread takes everything waiting (up to `max_batch`
   queries), groups it by `SearchRequest`, and answers each group with one
   `LocalIndex.search` call, so concurrent queries share the pass over the
-  dense matrix (search.py scores queries in blocks of 8). A query's answer
+  dense matrix (search.py scores queries in fixed blocks of 16). A query's answer
   does not depend on its company: each query is encoded alone and unpadded,
   and scored in a fixed-width block (see local_index.encode_queries), so
   the bits are those of `bge-index search` with that one query.
@@ -33,6 +33,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -54,10 +55,12 @@ class ServiceClosed(BgeIndexError):
 
 @dataclass(frozen=True)
 class Answer:
-    """What a submitted search's future gives: one result per query, and the generation that answered."""
+    """What a submitted search's future gives: one result per query, the generation that answered, and the
+    seconds its search (encode + score + read hits, for the whole batch it was part of) took."""
 
     results: list[QueryResult]
     generation: int
+    seconds: float = 0.0
 
 
 @dataclass
@@ -178,14 +181,16 @@ class SearchService:
             groups.setdefault(pending.request, []).append(pending)
         for request, members in groups.items():
             queries = [q for pending in members for q in pending.queries]
+            started = time.perf_counter()
             try:
                 results: list[QueryResult] = index.search(queries, request)
             except Exception as failure:  # noqa: BLE001 - handed to the callers, who report it
                 for pending in members:
                     pending.future.set_exception(failure)
                 continue
+            seconds = time.perf_counter() - started
             start = 0
             for pending in members:
                 pending.future.set_result(Answer(results[start:start + len(pending.queries)],
-                                                 index.manifest.generation))
+                                                 index.manifest.generation, seconds))
                 start += len(pending.queries)

@@ -98,3 +98,17 @@ def test_eval_runs_equal_each_query_searched_alone(bf16_index, tmp_path, dtype):
             [alone] = json.loads(ok("search", bf16_index, query["text"], "--mode", mode, "-k", "10",
                                     "--format", "json", env=env).stdout)
             assert {hit["id"]: hit["score"] for hit in alone["hits"]} == pytest.approx(run[query["_id"]], abs=1e-6)
+
+
+def test_dense_scores_of_a_query_do_not_depend_on_its_place_among_many(bf16_index):
+    from bge_index.local_index import LocalIndex
+    from bge_index.search import _DENSE_QUERY_BLOCK
+
+    searcher = LocalIndex(bf16_index, dtype="fp32").searcher
+    rng = np.random.default_rng(0)
+    others = rng.standard_normal((3 * _DENSE_QUERY_BLOCK, searcher.shards[0].dense.shape[1])).astype(np.float32)
+    query = others[0] / np.linalg.norm(others[0])
+    alone = searcher.dense_scores_many(query[None, :])[0]
+    for position in (0, 5, _DENSE_QUERY_BLOCK - 1, _DENSE_QUERY_BLOCK, 2 * _DENSE_QUERY_BLOCK + 3):
+        batch = np.insert(others[1:position + 6], position, query, axis=0)
+        assert searcher.dense_scores_many(batch)[position].tobytes() == alone.tobytes(), position

@@ -117,6 +117,7 @@ def test_get_search_answers_what_search_format_json_prints(sample_index, client,
         f"&{name}={value}" for name, value in options.items()))
     assert status == 200, body
     assert headers["content-type"].startswith("application/json")
+    assert re.fullmatch(r"search;dur=\d+\.\d{3}", headers["server-timing"])
     flags = []
     for name, value in options.items():
         flag = "-k" if name == "k" else f"--{name}"
