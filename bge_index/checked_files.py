@@ -15,23 +15,32 @@ same key has the bytes that passed.
         ...check...
         checked.remember(key)
 
-The record is one line per key in `$BGE_INDEX_CACHE_DIR`, else
-`$XDG_CACHE_HOME/bge-index`, else `~/.cache/bge-index`: `checked-files`,
-appended with O_APPEND (lines of concurrent processes never interleave) and
-cut to its newest half past MAX_LINES. Never inside an index folder: a
-search writes nothing there. A cache that cannot be read or written just
-remembers nothing: every check then runs, as before.
+The record is one line per key and the time of its check, in
+`$BGE_INDEX_CACHE_DIR`, else `$XDG_CACHE_HOME/bge-index`, else
+`~/.cache/bge-index`: `checked-files`, appended with O_APPEND (lines of
+concurrent processes never interleave) and cut to its newest half past
+MAX_LINES. A check is trusted for MAX_AGE_DAYS, then done again: bytes that
+rot under unchanged metadata (a bad sector, a copy that keeps inode and
+timestamps at a coarse clock) are caught within a week. The record is only
+believed when it is this user's own and no one else can write it (folder
+0700, file 0600). Never inside an index folder: a search writes nothing
+there. A cache that cannot be read or written just remembers nothing:
+every check then runs, as before. `verify` never uses it.
 """
 
 from __future__ import annotations
 
 import os
+import stat
+import tempfile
 import threading
+import time
 from pathlib import Path
 
 CACHE_ENV = "BGE_INDEX_CACHE_DIR"
 RECORD_FILE = "checked-files"
-MAX_LINES = 20_000  # ~1.5 MB; a year of daily commits on a 20-shard index stays well under it
+MAX_LINES = 20_000  # ~2 MB; a year of daily commits on a 20-shard index stays well under it
+MAX_AGE_DAYS = 7
 
 
 def cache_dir() -> Path:
@@ -58,6 +67,7 @@ class CheckedFiles:
     def __init__(self, record: Path | None):
         self.record = record
         self._keys: set[str] | None = None  # read on first use
+        self._lines = 0  # lines in the record, as far as this process knows
         self._lock = threading.Lock()
 
     @classmethod
@@ -84,38 +94,68 @@ class CheckedFiles:
             if self.record is None:
                 return
             try:
-                self.record.parent.mkdir(parents=True, exist_ok=True)
+                self.record.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
                 fd = os.open(self.record, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
                 try:
-                    os.write(fd, (key + "\n").encode("ascii"))
+                    if _trusted(os.fstat(fd)):
+                        os.write(fd, f"{key} {int(time.time())}\n".encode("ascii"))
+                        self._lines += 1
                 finally:
                     os.close(fd)
-                if len(keys) > MAX_LINES:
+                if self._lines > MAX_LINES:
                     self._cut()
             except OSError:
                 pass  # read-only home, full disk: remembered in this process only
 
     def _load(self) -> set[str]:
         if self._keys is None:
-            self._keys = set()
-            if self.record is not None:
-                try:
-                    fd = os.open(self.record, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-                    with os.fdopen(fd, "rb") as stream:
-                        data = stream.read(1 << 24)
-                    self._keys = {line for line in data.decode("ascii", "replace").splitlines() if line.count(":") == 5}
-                except OSError:
-                    pass
+            self._keys, self._lines = set(), 0
+            for line in self._read_lines():
+                key, _, checked_at = line.partition(" ")
+                # a key has six fields; a line cut short by a crash lacks its time and is ignored
+                if key.count(":") == 5 and checked_at.isdigit() and time.time() - int(checked_at) < _MAX_AGE:
+                    self._keys.add(key)
         return self._keys
 
-    def _cut(self) -> None:
-        """Keep the newest half of the record (written aside, then renamed over it)."""
-        assert self.record is not None
+    def _read_lines(self) -> list[str]:
+        """The record's lines, if it is this user's own and no one else can write it; else none."""
+        if self.record is None:
+            return []
         try:
-            lines = self.record.read_bytes().splitlines()[-MAX_LINES // 2:]
-            temporary = self.record.with_name(f"{RECORD_FILE}.{os.getpid()}.tmp")
-            temporary.write_bytes(b"\n".join(lines) + b"\n")
-            os.replace(temporary, self.record)
-            self._keys = {line.decode("ascii", "replace") for line in lines}
+            fd = os.open(self.record, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return []
+        with os.fdopen(fd, "rb") as stream:
+            if not _trusted(os.fstat(stream.fileno())):
+                return []
+            try:
+                lines = stream.read().decode("ascii", "replace").splitlines()
+            except OSError:
+                return []
+        self._lines = len(lines)
+        return lines
+
+    def _cut(self) -> None:
+        """Keep the newest half of the record (written to a private temporary file, renamed over it)."""
+        assert self.record is not None
+        lines = self._read_lines()[-MAX_LINES // 2:]
+        try:
+            fd, temporary = tempfile.mkstemp(prefix=f".{RECORD_FILE}.", dir=self.record.parent)  # 0600, O_EXCL
+            try:
+                with os.fdopen(fd, "w", encoding="ascii") as stream:
+                    stream.write("".join(line + "\n" for line in lines))
+                os.replace(temporary, self.record)
+            except OSError:
+                os.unlink(temporary)
+                raise
+            self._lines = len(lines)
         except OSError:
             pass
+
+
+_MAX_AGE = MAX_AGE_DAYS * 86_400
+
+
+def _trusted(info: os.stat_result) -> bool:
+    """A record this user owns, a regular file, writable by no one else."""
+    return stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid() and not info.st_mode & 0o022

@@ -592,9 +592,13 @@ def _open_parquet(path: Path, cleanup: contextlib.ExitStack):
 # Query files
 
 
+# The fields of a query record (a --queries JSONL line, a POST /search query): BEIR's, and common others.
+QUERY_FIELDS = FieldNames(id_fields=("_id", "id", "query_id", "qid"), text_fields=("text", "query"))
+
+
 def read_queries(path: str, stdin: BinaryIO | None = None) -> list[Document]:
     """Queries from JSONL (`_id`/`id` + `text`) or TSV (`id<TAB>text`, no header); `-` reads stdin."""
-    fields = FieldNames(id_fields=("_id", "id", "query_id", "qid"), text_fields=("text", "query"))
+    fields = QUERY_FIELDS
     if path == STDIN:
         stream: BinaryIO = stdin if stdin is not None else sys.stdin.buffer
         source = STDIN_NAME

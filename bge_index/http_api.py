@@ -15,7 +15,8 @@ Search options go by their flag names (`k` or `top-k`, `mode`,
 `explain`, `group-by-doc`); an unknown one is an error, never ignored.
 A bad request gets a 4xx status and one line of JSON, `{"error": "..."}`;
 a header `X-Bge-Index-Generation` names the generation that answered, and
-`Server-Timing: search;dur=MS` what the search took (encode + score).
+`Server-Timing: search;dur=MS` what the search of the batch it was answered
+in took (encode + score; alone, that is this request's own).
 With a token, every route but /healthz wants `Authorization: Bearer TOKEN`
 (compared in constant time; the token is never logged).
 
@@ -50,6 +51,8 @@ except ImportError as missing:  # pragma: no cover - exercised only without the 
     raise ExtraUnavailableError(f"bge-index serve needs the serve extra: pip install 'bge-index[serve]' "
                                 f"({missing.name} is not installed)") from None
 
+from bge_index.document_types import Skipped, SkipReason
+from bge_index.formats import QUERY_FIELDS, record_to_document
 from bge_index.manifest import index_info
 from bge_index.query import Fusion, Mode, Normalize, Query, ScoreWeights, SearchRequest, results_json
 from bge_index.search_service import SearchService, ServiceClosed
@@ -59,6 +62,9 @@ log = logging.getLogger("bge_index.serve")
 MAX_BODY_BYTES = 1 << 20  # a POST /search body; 1 MiB holds thousands of queries
 MAX_QUERIES = 1024  # queries in one POST
 MAX_K = 10_000
+MAX_HITS = 100_000  # queries x k in one request: each hit may carry its text, so this bounds a response's size
+MAX_EXPLAINED_HITS = 1_000  # with explain, each hit costs a walk over its query's tokens
+MAX_COLBERT_K = 1_000  # colbert re-ranks 10 x k candidates, reading each one's token vectors
 JSON_TYPE = "application/json"
 OPEN_PATHS = frozenset({"/healthz"})  # answered without the token: load balancers probe it
 
@@ -92,8 +98,8 @@ def _number(name: str, value: Any) -> float:
         raise RequestError(400, f"{name} must be a number (got {value!r})")
     try:
         number = float(value)
-    except ValueError:
-        raise RequestError(400, f"{name} must be a number (got {value!r})") from None
+    except (ValueError, OverflowError):
+        raise RequestError(400, f"{name} must be a number (got {str(value)[:40]!r})") from None
     if not math.isfinite(number):
         raise RequestError(400, f"{name} must be a finite number (got {value!r})")
     return number
@@ -169,9 +175,6 @@ def _query_text(text: Any, where: str) -> str:
     return text
 
 
-_ID_FIELDS, _TEXT_FIELDS = ("_id", "id", "query_id", "qid"), ("text", "query")  # as in query files
-
-
 def posted_queries(body: Any) -> tuple[list[Query], SearchRequest]:
     """The queries and options of a POST /search body (the fields of a query file's lines, and flag names)."""
     if not isinstance(body, dict):
@@ -183,18 +186,30 @@ def posted_queries(body: Any) -> tuple[list[Query], SearchRequest]:
     if len(records) > MAX_QUERIES:
         raise RequestError(413, f"{len(records):,} queries in one request; at most {MAX_QUERIES:,}")
     queries = []
-    for number, record in enumerate(records, start=1):
-        where = f"queries[{number - 1}]"
+    for number, record in enumerate(records):
+        where = f"queries[{number}]"
         if not isinstance(record, dict):
             raise RequestError(400, f"{where}: must be an object with an id and a text")
-        query_id = next((record[f] for f in _ID_FIELDS if f in record), None)
-        if isinstance(query_id, int) and not isinstance(query_id, bool):
-            query_id = str(query_id)
-        if not isinstance(query_id, str) or not query_id.strip():
-            raise RequestError(400, f"{where}: needs a non-empty id (one of {', '.join(_ID_FIELDS)})")
-        text = next((record[f] for f in _TEXT_FIELDS if f in record), None)
-        queries.append(Query(query_id, _query_text(text, f"{where} ({query_id})")))
-    return queries, search_request(options)
+        # The same reading as a --queries line: id and text fields, title prepended, ids checked.
+        read = record_to_document(record, where, number, QUERY_FIELDS)
+        if isinstance(read, Skipped):
+            empty = read.code is SkipReason.EMPTY_TEXT
+            raise RequestError(400, f"{where}: {'the query is empty: give the text to search for' if empty else read.reason}")
+        queries.append(Query(read.id, read.text))
+    request = search_request(options)
+    check_size(len(queries), request)
+    return queries, request
+
+
+def check_size(count: int, request: SearchRequest) -> None:
+    """Refuse (413) a request whose answer would be too big to build: queries x k hits, explained or re-ranked."""
+    hits = count * request.k
+    limit = MAX_EXPLAINED_HITS if request.explain else MAX_HITS
+    if hits > limit:
+        raise RequestError(413, f"{count:,} queries x k {request.k:,} = {hits:,} hits; at most {limit:,} in one "
+                                f"request{' with explain' if request.explain else ''} (send fewer queries, or a smaller k)")
+    if request.mode is Mode.COLBERT and request.k > MAX_COLBERT_K:
+        raise RequestError(413, f"k {request.k:,} with mode colbert; at most {MAX_COLBERT_K:,}")
 
 
 # ---------------------------------------------------------------------------
@@ -229,7 +244,8 @@ def create_app(service: SearchService, index_label: str, token: str | None = Non
         service.check(request)
         answer = await asyncio.wrap_future(service.submit(queries, request))
         # Server-Timing: what the search itself took, so a client can tell it from the network and queueing.
-        return Response(results_json(answer.results, request.mode), media_type=JSON_TYPE,
+        body = await run_in_threadpool(results_json, answer.results, request.mode)  # big answers: off the loop
+        return Response(body, media_type=JSON_TYPE,
                         headers={"X-Bge-Index-Generation": str(answer.generation),
                                  "Server-Timing": f"search;dur={answer.seconds * 1000:.3f}"})
 
@@ -242,14 +258,20 @@ def create_app(service: SearchService, index_label: str, token: str | None = Non
         if "q" not in options:
             raise RequestError(400, "missing q, the query text: /search?q=TEXT")
         text = _query_text(options.pop("q"), "q")
-        return await answer([Query("1", text)], search_request(options))
+        search = search_request(options)
+        check_size(1, search)
+        return await answer([Query("1", text)], search)
 
     async def search_post(request: Request) -> Response:
+        if request.query_params:
+            raise RequestError(400, "POST /search takes its options in the JSON body, not the query string")
         body = await _read_body(request)
         try:
             data = json.loads(body)
         except (UnicodeDecodeError, ValueError) as error:
             raise RequestError(400, f"the body is not JSON ({error})") from None
+        except RecursionError:
+            raise RequestError(400, "the body is not JSON we take (nested too deeply)") from None
         queries, search = posted_queries(data)
         return await answer(queries, search)
 
@@ -264,9 +286,11 @@ def create_app(service: SearchService, index_label: str, token: str | None = Non
                         headers={"X-Bge-Index-Generation": str(index.manifest.generation)})
 
     async def healthz(request: Request) -> Response:
-        index = await run_in_threadpool(service.current)
-        return _json(200, {"status": "ok", "generation": index.manifest.generation,
-                           "rows": index.manifest.documents})
+        # No look at the disk: a probe must answer at once, even while a new generation is being opened.
+        if not service.alive():
+            return _json(503, {"status": "stopped", "error": "the search worker has stopped"})
+        manifest = service.index.manifest
+        return _json(200, {"status": "ok", "generation": manifest.generation, "rows": manifest.documents})
 
     def guarded(handler):
         async def route(request: Request) -> Response:
@@ -375,7 +399,6 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as error:
         listener.close()
         raise InvalidOptionError(f"--host {host} --port {port}: cannot listen there ({error.strerror})") from None
-    listener.set_inheritable(True)
     return listener
 
 

@@ -27,13 +27,13 @@ from bge_index.vector_store import ShardVectors
 
 MODES = ("hybrid", "dense", "sparse", "colbert")
 FUSIONS = ("weighted", "rrf")
-# Rows widened to float32 at a time: 2048 x 1024 x 4 B = 8 MiB stays in cache between the widening
-# and the multiplication; measured fastest of 512..16384 on a 1M-row index (benchmarks/search_bench.py).
 # Queries per sgemm in dense_scores_many (see there). Measured per million 1024-dim rows on this project's
 # 2-core machine (MKL sgemm, chunks of 1,024 rows): width 1 (mv) 0.66 s, 8: 1.10 s, 16: 0.81 s, 32: 1.30 s.
 # 16 is the fastest width that still lets queries share the pass (BENCHMARKS.md).
 _DENSE_QUERY_BLOCK = 16
-_DENSE_CHUNK_ROWS = 512  # dense_scores_many widens 2x this many rows at a time: 4 MB of float32, cache-sized
+# dense_scores_many widens 2 x this many rows to float32 at a time: 1,024 x 1,024 x 4 B = 4 MiB stays in cache
+# between the widening and the multiplication (4,096 rows before: 16 MiB did not; BENCHMARKS.md, issue 12).
+_DENSE_CHUNK_ROWS = 512
 COLBERT_CANDIDATES_PER_HIT = 10
 COLBERT_MIN_CANDIDATES = 100
 

@@ -4,8 +4,9 @@
 module owns what that needs beyond `LocalIndex`:
 
 - **Batching.** Callers `submit(queries, request)` from any thread and get a
-  `Future`. One worker thread takes everything waiting (up to `max_batch`
-  queries), groups it by `SearchRequest`, and answers each group with one
+  `Future`. One worker thread takes what is waiting (whole submissions, until
+  they reach `max_batch` queries; one submission is never split), groups it
+  by `SearchRequest`, and answers each group with one
   `LocalIndex.search` call, so concurrent queries share the pass over the
   dense matrix (search.py scores queries in fixed blocks of 16). A query's answer
   does not depend on its company: each query is encoded alone and unpadded,
@@ -91,6 +92,8 @@ class SearchService:
         self.max_batch = max_batch
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
+        self._submit_lock = threading.Lock()
+        self._in_flight: list[_Pending] = []  # the batch being answered
         self.batches = 0  # batches answered so far (fewer than requests when requests wait together)
         self._worker = threading.Thread(target=self._work, name="bge-index-search", daemon=True)
         self._worker.start()
@@ -99,11 +102,21 @@ class SearchService:
 
     def submit(self, queries: Sequence[Query], request: SearchRequest) -> Future:
         """Queue a search; the future's result is an `Answer` (or the search's error)."""
-        if self._closed:
-            raise ServiceClosed("the server is stopping")
         pending = _Pending(list(queries), request)
-        self._queue.put(pending)
+        with self._submit_lock:  # never queued after the worker's last look at the queue
+            if self._closed:
+                raise ServiceClosed("the server is stopping")
+            self._queue.put(pending)
         return pending.future
+
+    @property
+    def index(self) -> LocalIndex:
+        """The generation being served, as last opened (no look at the disk)."""
+        return self._index
+
+    def alive(self) -> bool:
+        """Whether the worker is still answering."""
+        return self._worker.is_alive() and not self._closed
 
     def current(self) -> LocalIndex:
         """The newest committed generation (opened now if a run has committed since the last look)."""
@@ -129,16 +142,35 @@ class SearchService:
             raise NoColbertVectors(f"{self._index.index_dir} has no ColBERT vectors: search with mode "
                                    "hybrid, dense or sparse")
 
-    def close(self) -> None:
-        """Answer what is queued, then stop the worker (idempotent)."""
-        if not self._closed:
-            self._closed = True
-            self._queue.put(_STOP)
-        self._worker.join()
+    def close(self, timeout: float | None = None) -> None:
+        """Answer what is queued, then stop the worker (idempotent); wait at most `timeout` seconds for it."""
+        with self._submit_lock:
+            if not self._closed:
+                self._closed = True
+                self._queue.put(_STOP)
+        self._worker.join(timeout)
 
     # -- the worker ------------------------------------------------------------
 
     def _work(self) -> None:
+        try:
+            self._serve_queue()
+        finally:
+            # Whatever stopped the loop, nobody may wait for ever: the batch in hand and what is queued are refused.
+            with self._submit_lock:
+                self._closed = True
+            for pending in self._in_flight:
+                if not pending.future.done():
+                    pending.future.set_exception(ServiceClosed("the server is stopping"))
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not _STOP and item.future.set_running_or_notify_cancel():
+                    item.future.set_exception(ServiceClosed("the server is stopping"))
+
+    def _serve_queue(self) -> None:
         while True:
             item = self._queue.get()
             if item is _STOP:
@@ -155,6 +187,7 @@ class SearchService:
                     break
                 batch.append(more)
                 size += len(more.queries)
+            self._in_flight = batch
             try:
                 self._answer(batch)
             except Exception:  # noqa: BLE001 - a bug here must not stop the server answering

@@ -25,7 +25,10 @@ for that process. Every file is bounds-checked when opened and its CRC-32 is
 checked once per state of the file (about 2.5 GB/s; remembered for this user
 across processes by checked_files.py, so a cold search does not re-read 3 GB
 of a million-row index that no one has touched); a damaged file is an
-IndexFormatError naming it, never a wrong score.
+IndexFormatError naming it, never a wrong score (a file changed through the
+file system moves its ctime and is checked again; bytes that rot under
+unchanged metadata are caught within checked_files.MAX_AGE_DAYS, and
+`verify` always reads everything).
 
 `OpenIndex` is one generation opened whole: the manifest, every shard's
 Parquet handle, deletion set and search files, all opened before the first
@@ -445,7 +448,8 @@ class OpenIndex:
 
 def _check_untouched(index_dir: Path, shard: ShardInfo) -> None:
     """A shard whose mtime is not the one its search files were built with is checked against its SHA-256
-    (once per process): search reads only a few columns of a few rows, so damage elsewhere would go unseen."""
+    (once per state of the file, checked_files.py): search reads only a few columns of a few rows, so damage
+    elsewhere would go unseen."""
     path = index_dir / shard.file
     try:
         info = os.lstat(path)

@@ -305,3 +305,44 @@ def test_an_unusable_cache_folder_only_means_every_check_runs(ix, tmp_path, monk
     _new_process(monkeypatch, blocker / "cache")
     assert search_ids(ix)
     assert first > 0 and len(calls) == 2 * first
+
+
+def test_a_record_others_can_write_is_not_believed(ix, tmp_path, monkeypatch):
+    _new_process(monkeypatch, tmp_path / "cache")
+    OpenIndex.open(ix)
+    record = tmp_path / "cache" / "checked-files"
+    assert stat.S_IMODE(record.stat().st_mode) == 0o600 and stat.S_IMODE(record.parent.stat().st_mode) == 0o700
+    record.chmod(0o666)  # anyone could have added lines: every check runs
+    _new_process(monkeypatch, tmp_path / "cache")
+    calls = _count_crc32(monkeypatch)
+    OpenIndex.open(ix)
+    assert len(calls) == len(SEARCH_KINDS) * len(read_manifest(ix).shards)
+
+
+def test_a_check_older_than_a_week_is_done_again(ix, tmp_path, monkeypatch):
+    from bge_index import checked_files
+
+    _new_process(monkeypatch, tmp_path / "cache")
+    OpenIndex.open(ix)
+    record = tmp_path / "cache" / "checked-files"
+    old = int(time.time()) - checked_files.MAX_AGE_DAYS * 86_400 - 60
+    record.write_text("".join(f"{line.split(' ')[0]} {old}\n" for line in record.read_text().splitlines()))
+    _new_process(monkeypatch, tmp_path / "cache")
+    calls = _count_crc32(monkeypatch)
+    OpenIndex.open(ix)
+    assert len(calls) == len(SEARCH_KINDS) * len(read_manifest(ix).shards)
+
+
+def test_the_record_is_cut_to_its_newest_half(tmp_path, monkeypatch):
+    from bge_index import checked_files
+
+    monkeypatch.setattr(checked_files, "MAX_LINES", 10)
+    checked = CheckedFiles(tmp_path / "c" / "checked-files")
+    keys = [f"1:{n}:3:4:5:crc32={n}" for n in range(12)]
+    for key in keys:
+        checked.remember(key)
+    lines = (tmp_path / "c" / "checked-files").read_text().splitlines()
+    assert len(lines) <= 10 and lines[-1].startswith(keys[-1] + " ")
+    assert stat.S_IMODE((tmp_path / "c" / "checked-files").stat().st_mode) == 0o600
+    fresh = CheckedFiles(tmp_path / "c" / "checked-files")
+    assert fresh.known(keys[-1]) and not fresh.known(keys[0])

@@ -255,11 +255,15 @@ def test_a_commit_is_served_from_the_next_request_and_never_mixed(tmp_path, tiny
         expected: dict[int, bytes] = {}
         stop = threading.Event()
 
+        failures: list[str] = []
+
         def hammer() -> None:
             connection = Client(port)
             while not stop.is_set():
                 status, headers, body = connection.request("GET", "/search?k=50&q=moon")
-                assert status == 200
+                if status != 200:
+                    failures.append(f"{status} {body[:200]!r}")
+                    continue
                 collected.append((int(headers["x-bge-index-generation"]), body))
             connection.close()
 
@@ -288,6 +292,7 @@ def test_a_commit_is_served_from_the_next_request_and_never_mixed(tmp_path, tiny
             stop.set()
             thread.join(60)
     assert generation > first
+    assert not failures
     assert collected
     for seen_generation, body in collected:
         assert body == expected[seen_generation]  # one generation's answer, never a mix
@@ -338,14 +343,25 @@ def test_a_damaged_new_generation_leaves_the_old_one_serving(tmp_path, tiny_mode
     ("POST", "/search", b"\xff\xfe", 400, "the body is not JSON"),
     ("POST", "/search", [1, 2], 400, "the body must be a JSON object"),
     ("POST", "/search", {"queries": []}, 400, "non-empty list"),
-    ("POST", "/search", {"queries": [{"text": "moon"}]}, 400, "needs a non-empty id"),
+    ("POST", "/search", {"queries": [{"text": "moon"}]}, 400, "no id field"),
     ("POST", "/search", {"queries": [{"id": "1", "text": " "}]}, 400, "the query is empty"),
-    ("POST", "/search", {"queries": [{"id": "1", "text": 5}]}, 400, "must be a string"),
-    ("POST", "/search", '{"queries": [{"id": "1", "text": "\\ud800"}]}', 400, "lone surrogate"),
+    ("POST", "/search", {"queries": [{"id": "1", "text": 5}]}, 400, "not a string"),
+    ("POST", "/search", {"queries": ["moon"]}, 400, "must be an object"),
+    ("POST", "/search", '{"queries": [{"id": "\\ud800", "text": "moon"}]}', 400, "surrogate"),
+    ("POST", "/search", {"queries": [{"id": "a\tb", "text": "moon"}]}, 400, "control character in id"),
+    ("POST", "/search?k=3", {"queries": [{"id": "1", "text": "moon"}]}, 400, "in the JSON body"),
+    ("POST", "/search", '{"queries": [{"id": "1", "text": "moon"}], "dense-weight": 1' + "0" * 400 + '}', 400,
+     "dense-weight must be a number"),
+    ("POST", "/search", b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply"),
+    ("GET", "/search?q=moon&k=5000&explain", None, 413, "with explain"),
+    ("GET", "/search?q=moon&k=2000&mode=colbert", None, 413, "mode colbert"),
+    ("POST", "/search", '{"queries": [{"id": "1", "text": "\\ud800"}]}', 400, "surrogate"),
     ("POST", "/search", {"queries": [{"id": "1", "text": "moon"}], "k": True}, 400, "k must be an integer"),
     ("POST", "/search", {"queries": [{"id": "1", "text": "moon"}], "colour": 1}, 400, "unknown option 'colour'"),
     ("POST", "/search", {"queries": [{"id": str(n), "text": "x"} for n in range(1025)]}, 413, "at most 1,024"),
     ("POST", "/search", b"[" + b" " * (1 << 20) + b"]", 413, "bytes"),
+    ("POST", "/search", {"queries": [{"id": str(n), "text": "x"} for n in range(11)], "k": 10_000}, 413,
+     "at most 100,000"),
     ("GET", "/nowhere", None, 404, "Not Found"),
     ("DELETE", "/search", None, 405, "Method Not Allowed"),
     ("POST", "/info", None, 405, "Method Not Allowed"),
@@ -460,3 +476,53 @@ def test_serve_without_the_extra_names_it(sample_index, tmp_path):
     assert done.returncode == 1
     assert "pip install 'bge-index[serve]'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_post_reads_query_records_as_a_query_file_does(sample_index, client, tmp_path):
+    # null fields are passed over, a title goes in front of the text: as `search --queries` reads a line
+    records = [{"_id": None, "id": "q1", "title": "Moon", "text": "orbit"}, {"qid": 7, "text": None, "query": "tunnel"}]
+    queries = tmp_path / "queries.jsonl"
+    write_jsonl(queries, records)
+    status, _, body = client.request("POST", "/search", {"queries": records, "k": 3})
+    assert status == 200, body
+    assert body.decode("utf-8") == ok("search", sample_index, "--queries", queries, "-k", "3", "--format", "json").stdout
+    assert [r["query"] for r in json.loads(body)] == ["Moon orbit", "tunnel"]
+
+
+class _FailingIndex(_BlockingIndex):
+    """Its second search kills the worker thread (a BaseException no handler catches)."""
+
+    def search(self, queries, request):
+        self.sizes.append(len(queries))
+        if len(self.sizes) == 1:
+            assert self.release.wait(30)
+            raise SystemExit("worker dies")
+        return self.real.search(queries, request)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_nobody_waits_for_ever_on_a_stopped_worker(sample_index):
+    blocking = _FailingIndex(LocalIndex(sample_index, dtype="fp32"))
+    service = SearchService(blocking)
+    first = service.submit([Query("0", "moon")], SearchRequest(k=1))
+    while not blocking.sizes:
+        time.sleep(0.001)
+    waiting = service.submit([Query("1", "tunnel")], SearchRequest(k=1))
+    blocking.release.set()
+    with pytest.raises(Exception, match="stopping"):
+        first.result(10)
+    with pytest.raises(Exception, match="stopping"):
+        waiting.result(10)
+    service.close(timeout=10)  # the thread's end (and its SystemExit report) within this test
+    assert not service.alive()
+    with pytest.raises(Exception, match="stopping"):
+        service.submit([Query("2", "moon")], SearchRequest(k=1))
+
+
+def test_close_answers_what_was_queued_then_refuses(sample_index):
+    service = SearchService(LocalIndex(sample_index, dtype="fp32"))
+    futures = [service.submit([Query(str(n), text)], SearchRequest(k=2)) for n, text in enumerate(QUERIES[:5])]
+    service.close()
+    assert all(len(future.result(30).results) == 1 for future in futures)
+    with pytest.raises(Exception, match="stopping"):
+        service.submit([Query("x", "moon")], SearchRequest(k=1))

@@ -3,7 +3,8 @@
 This module owns the command's flags, the refusal of a non-loopback address
 without --allow-remote, the server's log lines on stderr (ISO 8601 times;
 the token is never among them), and what a stop looks like: SIGTERM or
-Ctrl-C stop taking connections, answer what was asked, and exit 0.
+Ctrl-C while serving stop taking connections, answer what was asked (30 s
+at most), and exit 0; while the model loads they stop it at once (143, 130).
 The routes and the batching are the library's (http_api.py,
 search_service.py); the model loads here, inside the command, as in `search`.
 """
@@ -56,7 +57,8 @@ def serve(
     token: Annotated[Optional[str], typer.Option(envvar=TOKEN_ENV, show_default=False,
                                                  help=f"Bearer token every request but /healthz must carry. Prefer "
                                                       f"the {TOKEN_ENV} variable: an argument shows in `ps`.")] = None,
-    max_batch: Annotated[int, typer.Option(min=1, max=1024, help="Queries answered together at most.")] = 64,
+    max_batch: Annotated[int, typer.Option(min=1, max=1024, help="Queries answered together at most (whole requests: "
+                                                                  "one request is never split).")] = 64,
     access_log: Annotated[bool, typer.Option("--access-log/--no-access-log", help="Log each request (method, path, status).")] = True,
     model: QueryModel = None,
     device: Device = "auto",
@@ -72,16 +74,44 @@ def serve(
     if not http_api.is_loopback(host) and not allow_remote:
         raise InvalidOptionError(f"--host {host} can be reached from other machines: add --allow-remote "
                                  f"(and set {TOKEN_ENV} so that only your clients can search)")
-    if token is not None and not token.strip():
-        raise InvalidOptionError(f"the token ({TOKEN_ENV} or --token) is empty")
+    if token is not None:
+        token = token.strip()  # a token read from a file or an EnvironmentFile often ends in a newline
+        if not token:
+            raise InvalidOptionError(f"the token ({TOKEN_ENV} or --token) is empty")
     listener = http_api.bind(host, port)  # before the model loads: a port in use fails at once (exit 2)
-
-    from bge_index.local_index import LocalIndex
-    from bge_index.search_service import SearchService
 
     _log_to_stderr(access_log)
     log = logging.getLogger("bge_index.serve")
-    index = LocalIndex(index_dir, model=model, device=device, dtype=dtype.value)
+    stopped_by: list[int] = []
+    loading = [True]
+
+    def on_signal(number: int, frame) -> None:
+        # While loading: stop at once (exit 130 for Ctrl-C, 143 for SIGTERM). While serving, uvicorn holds the
+        # signals, stops gracefully, then re-raises them here: recorded, so the command exits 0.
+        stopped_by.append(number)
+        if loading[0]:
+            interrupt = KeyboardInterrupt()
+            interrupt.signal_number = number  # run_library_call exits 128 + this
+            raise interrupt
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        _serve(index_dir, listener, host, token, max_batch, access_log, model, device, dtype.value, stopped_by,
+               loading, log)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        listener.close()
+
+
+def _serve(index_dir, listener, host, token, max_batch, access_log, model, device, dtype, stopped_by, loading,
+           log) -> None:
+    """Load, warm up, serve until a signal; the part of `serve` that runs with its signal handler in place."""
+    from bge_index import http_api
+    from bge_index.local_index import LocalIndex
+    from bge_index.search_service import SearchService
+
+    index = LocalIndex(index_dir, model=model, device=device, dtype=dtype)
     for message in index.notes:
         warning(message)
     # One search before the first client: the first request should not pay for kernel selection.
@@ -96,19 +126,13 @@ def serve(
     log.info("serving %s (generation %d, %s rows, model %s) at %s%s", index_dir, manifest.generation,
              f"{manifest.documents:,}", index.encoder.identity.name, http_api.bound_address(listener),
              ", bearer token required" if token else "")
-    stopped_by: list[int] = []
-    # uvicorn stops gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler found before it:
-    # ours records it, so the command ends normally (exit 0) instead of being killed by the default action.
-    previous = {sig: signal.signal(sig, lambda number, frame: stopped_by.append(number))
-                for sig in (signal.SIGTERM, signal.SIGINT)}
+    loading[0] = False
     try:
         server.run(sockets=[listener])
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        service.close()
-        listener.close()
+        # A batch still running after uvicorn's 30 s grace is not waited for (the worker is a daemon thread).
+        service.close(timeout=5)
     if not server.started:
         raise typer.Exit(1)
     reason = signal.Signals(stopped_by[0]).name if stopped_by else "a stop request"
-    log.info("stopped (%s); every request received was answered", reason)
+    log.info("stopped (%s)", reason)
