@@ -526,3 +526,26 @@ def test_close_answers_what_was_queued_then_refuses(sample_index):
     assert all(len(future.result(30).results) == 1 for future in futures)
     with pytest.raises(Exception, match="stopping"):
         service.submit([Query("x", "moon")], SearchRequest(k=1))
+
+
+@pytest.mark.slow  # a 2,500-row index
+def test_http_answers_equal_the_cli_on_an_index_of_many_chunks_shards_and_deleted_rows(tmp_path, tiny_model):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    words = ["moon", "tide", "orbit", "tunnel", "bread", "octopus", "laser", "copper", "silver", "sky"]
+    write_jsonl(corpus / "docs.jsonl", [{"id": f"d{n}", "text": f"{words[n % 10]} {words[n * 7 % 10]} note {n}"}
+                                        for n in range(2500)])
+    out = tmp_path / "index"
+    index(corpus, out, tiny_model, "--shard-rows", "1000")
+    write_jsonl(corpus / "docs.jsonl", [{"id": f"d{n}", "text": f"{words[n % 10]} {'edited' if n % 3 else 'note'} {n}"}
+                                        for n in range(2500) if n % 5])  # edits and deletions in every shard
+    index(corpus, out, tiny_model, "--shard-rows", "1000")
+    with serving(out) as (port, _):
+        connection = Client(port)
+        for mode in ("dense", "sparse", "hybrid"):
+            for query in ("moon tide", "edited octopus"):
+                status, _, body = connection.request("GET", f"/search?k=25&mode={mode}&q={quote(query)}")
+                assert status == 200
+                assert body.decode("utf-8") == ok("search", out, query, "-k", "25", "--mode", mode,
+                                                  "--format", "json").stdout
+        connection.close()
