@@ -31,7 +31,7 @@ import numpy as np
 
 from bge_index.batching import WindowRows, token_budget_batches
 from bge_index.documents import Document, Skipped, iter_documents
-from bge_index.lock import IndexLock
+from bge_index.lock import run_lock
 from bge_index.manifest import RowLocation, content_hash
 from bge_index.run import IndexEvents, IndexOptions, IndexProgress, IndexRun, IndexSummary, Outcome, refuse_foreign_folder
 from bge_index.shard_writer import RowBatch
@@ -63,9 +63,7 @@ def index_documents(documents: Iterable[Document | Skipped], index_dir: Path, op
     index's copies of them). `encoder` (an encoder.Encoder) skips loading the model.
     """
     refuse_foreign_folder(index_dir)
-    if options.dry_run:
-        return LocalEngine(index_dir, options, events, encoder, should_stop).run(documents)
-    with IndexLock(index_dir, wait=options.wait, on_wait=events.warning, should_stop=should_stop):
+    with run_lock(index_dir, options.dry_run, wait=options.wait, on_wait=events.warning, should_stop=should_stop):
         return LocalEngine(index_dir, options, events, encoder, should_stop).run(documents)
 
 

@@ -13,10 +13,12 @@ first run) removes the lock file, and the folder if it made it, so no folder
 holding only `.lock` is left; a process that waited on that lock notices its
 file was unlinked (the path no longer names the inode it locked) and retries.
 An --out that cannot be created or written is an OutputFolderError.
+`run_lock` is what both engines take: the lock, or nothing for a dry run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -32,6 +34,15 @@ from bge_index.errors import IndexLockedError, OutputFolderError
 
 LOCK_FILE = ".lock"
 MANIFEST_FILE, SEARCH_DIR = "manifest.json", "search"  # as manifest.py names them (it imports pyarrow: not here)
+
+
+def run_lock(index_dir: Path, dry_run: bool, wait: bool = False, on_wait: Callable[[str], None] | None = None,
+             should_stop: Callable[[], bool] | None = None) -> contextlib.AbstractContextManager:
+    """The lock an index run holds: IndexLock, or none for a dry run (it writes nothing, so it may run beside
+    a writer, and it must not create the folder)."""
+    if dry_run:
+        return contextlib.nullcontext()
+    return IndexLock(index_dir, wait=wait, on_wait=on_wait, should_stop=should_stop)
 
 
 class IndexLock:

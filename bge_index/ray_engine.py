@@ -59,7 +59,7 @@ from bge_index.documents import (STDIN_NAME, Document, FieldNames, InputFile, Sk
                                  resolve_inputs)
 from bge_index.errors import ExtraUnavailableError, InvalidOptionError
 from bge_index.extras import require
-from bge_index.lock import IndexLock
+from bge_index.lock import run_lock
 from bge_index.manifest import SHARD_ROW_GROUP_ROWS, SHARD_WRITE_OPTIONS, content_hash, shard_schema
 from bge_index.run import IndexEvents, IndexOptions, IndexProgress, IndexRun, IndexSummary, Outcome, refuse_foreign_folder
 from bge_index.shard_reader import read_shard_column
@@ -373,9 +373,7 @@ def build_index_on_ray(inputs: Sequence[str], index_dir: Path, options: IndexOpt
     files = list(resolve_inputs(inputs, exclude=[index_dir]))  # InputError before any work; --out is never input
     if any(f.path is None for f in files):
         raise InvalidOptionError(f"--engine ray reads files; {STDIN_NAME} (-) needs the local engine")
-    if options.dry_run:
-        return _RayRun(index_dir, options, ray_options, events, should_stop).run(files)
-    with IndexLock(index_dir, wait=options.wait, on_wait=events.warning, should_stop=should_stop):
+    with run_lock(index_dir, options.dry_run, wait=options.wait, on_wait=events.warning, should_stop=should_stop):
         return _RayRun(index_dir, options, ray_options, events, should_stop).run(files)
 
 

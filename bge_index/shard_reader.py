@@ -48,24 +48,46 @@ def live_mask(index_dir: Path, shard: ShardInfo) -> np.ndarray:
     return mask
 
 
+def open_index_file(path: Path, kind: str, expected_bytes: object, advice: str = "",
+                    missing_ok: bool = False) -> tuple[int, os.stat_result] | None:
+    """A file a manifest names, opened read-only and never through a symbolic link, and checked to be a regular
+    file of `expected_bytes`: (fd, its fstat); the caller closes fd.
+
+    Anything else is an IndexFormatError, `PATH: damaged KIND (why)` then `; ADVICE`. With `missing_ok`, a
+    file that does not exist is None (an optional file); without, its error says "damaged or missing".
+    """
+    tail = f"; {advice}" if advice else ""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError as error:
+        if missing_ok:
+            return None
+        raise IndexFormatError(f"{path}: damaged or missing {kind} ({error.strerror}){tail}") from error
+    except OSError as error:
+        why = "a symbolic link" if error.errno == errno.ELOOP else error.strerror
+        state = "damaged" if missing_ok else "damaged or missing"
+        raise IndexFormatError(f"{path}: {state} {kind} ({why}){tail}") from error
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise IndexFormatError(f"{path}: damaged {kind} (not a regular file){tail}")
+        if info.st_size != expected_bytes:
+            raise IndexFormatError(f"{path}: damaged {kind} ({info.st_size} bytes, manifest says {expected_bytes})"
+                                   f"{tail}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, info
+
+
 def open_shard(index_dir: Path, shard: ShardInfo) -> pq.ParquetFile:
     """The shard's ParquetFile, page checksums verified on read; IndexFormatError when it is missing, unreadable,
     or its size or row count differs from the manifest's."""
     path = index_dir / shard.file
+    fd, info = open_index_file(path, "shard", shard.bytes)
     try:
-        # Never through a link; the mapping keeps the file readable after a writer unlinks it.
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as error:
-        why = "a symbolic link" if error.errno == errno.ELOOP else error.strerror
-        raise IndexFormatError(f"{path}: damaged or missing shard ({why})") from error
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise IndexFormatError(f"{path}: damaged shard (not a regular file)")
-        size = info.st_size
-        if size != shard.bytes:
-            raise IndexFormatError(f"{path}: damaged shard ({size} bytes, manifest says {shard.bytes})")
-        mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if size else b""
+        # The mapping keeps the file readable after a writer unlinks it.
+        mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if info.st_size else b""
     finally:
         os.close(fd)
     try:

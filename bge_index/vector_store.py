@@ -38,7 +38,6 @@ started on a generation finishes on it, whatever writers commit meanwhile.
 
 from __future__ import annotations
 
-import errno
 import io
 import mmap
 import os
@@ -56,7 +55,8 @@ from bge_index.checked_files import CheckedFiles, file_key
 from bge_index.errors import IndexFormatError, OutputError
 from bge_index.manifest import (SEARCH_DIR, SEARCH_FILE_PATTERN, SEARCH_KINDS, Manifest, ShardInfo, file_sha256,
                                 fsync_dir, read_manifest)
-from bge_index.shard_reader import (_dense_rows, _sparse_csr, open_shard, read_deleted_rows, read_rows_through)
+from bge_index.shard_reader import (_dense_rows, _sparse_csr, open_index_file, open_shard, read_deleted_rows,
+                                    read_rows_through)
 
 DERIVED_SUFFIXES = SEARCH_KINDS  # the kinds of search file, in ShardVectors' field order
 HEAVY_DENSITY = 0.5  # a token in at least this fraction of a shard's rows also gets a dense column
@@ -303,20 +303,11 @@ def _map_search_file(index_dir: Path, record: dict) -> np.ndarray | None:
     if not isinstance(name, str) or not SEARCH_FILE_PATTERN.match(name) or kind not in _DTYPES:
         raise IndexFormatError(f"{index_dir}: damaged manifest (search file record {record!r})")
     path = index_dir / SEARCH_DIR / name
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
+    opened = open_index_file(path, "search file", record.get("bytes"), _FIX, missing_ok=True)
+    if opened is None:
         return None
-    except OSError as error:
-        why = "a symbolic link" if error.errno == errno.ELOOP else error.strerror
-        raise IndexFormatError(f"{path}: damaged search file ({why}); {_FIX}") from error
+    fd, info = opened
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise IndexFormatError(f"{path}: damaged search file (not a regular file); {_FIX}")
-        if info.st_size != record.get("bytes"):
-            raise IndexFormatError(f"{path}: damaged search file ({info.st_size} bytes, manifest says "
-                                   f"{record.get('bytes')}); {_FIX}")
         # ACCESS_COPY: writable arrays (torch.from_numpy wants them) that never write to the file.
         mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY) if info.st_size else b""
     finally:
