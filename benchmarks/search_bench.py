@@ -35,8 +35,8 @@ VOCAB, DIM, DOC_TOKENS, QUERY_TOKENS = 250_002, 1024, 150, 12
 WRITE_BATCH = 10_000
 
 
-def zipf_cdf(s: float = 1.0) -> np.ndarray:
-    weights = 1.0 / np.arange(1, VOCAB + 1) ** s
+def zipf_cdf(s: float = 1.0, vocab_size: int = VOCAB) -> np.ndarray:
+    weights = 1.0 / np.arange(1, vocab_size + 1) ** s
     return np.cumsum(weights) / weights.sum()
 
 
@@ -48,27 +48,32 @@ def draw_tokens(rng: np.random.Generator, cdf: np.ndarray, rows: int, draws: int
     return [row[mask] for row, mask in zip(samples, keep)]
 
 
-def unit_rows(rng: np.random.Generator, rows: int) -> np.ndarray:
-    matrix = rng.standard_normal((rows, DIM), dtype=np.float32)
+def unit_rows(rng: np.random.Generator, rows: int, dim: int = DIM) -> np.ndarray:
+    matrix = rng.standard_normal((rows, dim), dtype=np.float32)
     matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
     return matrix
 
 
-def build(index_dir: Path, size: int, seed: int = 0) -> None:
+SYNTHETIC_MODEL = {"name": "synthetic", "revision": "none", "sha256": None, "files": {}, "dtype": "fp16",
+                   "max_length": 8192}
+
+
+def build(index_dir: Path, size: int, seed: int = 0, model: dict = SYNTHETIC_MODEL, dim: int = DIM,
+          vocab_size: int = VOCAB, shard_rows: int = 100_000) -> None:
+    """A synthetic index of `size` rows recorded as made by `model` (a manifest's model record)."""
     from bge_index.manifest import Manifest
     from bge_index.shard_writer import IndexWriter, RowBatch
 
-    rng, cdf = np.random.default_rng(seed), zipf_cdf()
-    manifest = Manifest(model={"name": "synthetic", "revision": "none", "sha256": None, "files": {},
-                               "dtype": "fp16", "max_length": 8192},
-                        dense_dim=DIM, colbert_dim=None, vocab_size=VOCAB, store_text=False, generation=1)
-    writer = IndexWriter(index_dir, manifest, shard_rows=100_000)
+    rng, cdf = np.random.default_rng(seed), zipf_cdf(vocab_size=vocab_size)
+    manifest = Manifest(model=model, dense_dim=dim, colbert_dim=None, vocab_size=vocab_size, store_text=False,
+                        generation=1)
+    writer = IndexWriter(index_dir, manifest, shard_rows=shard_rows)
     for start in range(0, size, WRITE_BATCH):
         count = min(WRITE_BATCH, size - start)
         ids = draw_tokens(rng, cdf, count, 200)  # ~150 distinct of 200 draws
         sparse = [(t, (rng.random(len(t), dtype=np.float32) * 0.3 + 0.01)) for t in ids]
         writer.write(RowBatch([f"doc{start + i}" for i in range(count)], ["0" * 32] * count, None,
-                              unit_rows(rng, count), sparse))
+                              unit_rows(rng, count, dim), sparse))
     writer.commit()  # builds each shard's search files before publishing the manifest
 
 

@@ -41,7 +41,6 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
 
 
 def load() -> str:
@@ -52,8 +51,7 @@ def build_index(index_dir: Path, checkpoint: Path, rows: int) -> None:
     """A synthetic index of `rows` rows recorded as made by `checkpoint` (its identity from a one-row real run)."""
     import search_bench
 
-    from bge_index.manifest import Manifest, read_manifest
-    from bge_index.shard_writer import IndexWriter, RowBatch
+    from bge_index.manifest import read_manifest
 
     seed_index = index_dir.with_name(index_dir.name + "-seed")
     if not (seed_index / "manifest.json").exists():
@@ -62,18 +60,8 @@ def build_index(index_dir: Path, checkpoint: Path, rows: int) -> None:
         subprocess.run([sys.executable, "-m", "bge_index", "index", str(corpus), "--out", str(seed_index),
                         "--model", str(checkpoint), "--dtype", "fp32", "-q"], check=True, cwd=REPO)
     seed = read_manifest(seed_index)
-    search_bench.DIM = seed.dense_dim
-    rng, cdf = np.random.default_rng(0), search_bench.zipf_cdf()
-    manifest = Manifest(model=seed.model, dense_dim=seed.dense_dim, colbert_dim=None, vocab_size=seed.vocab_size,
-                        store_text=False, generation=1)
-    writer = IndexWriter(index_dir, manifest, shard_rows=250_000)
-    for start in range(0, rows, search_bench.WRITE_BATCH):
-        count = min(search_bench.WRITE_BATCH, rows - start)
-        ids = search_bench.draw_tokens(rng, cdf, count, 200)
-        sparse = [(t, (rng.random(len(t), dtype=np.float32) * 0.3 + 0.01)) for t in ids]
-        writer.write(RowBatch([f"doc{start + i}" for i in range(count)], ["0" * 32] * count, None,
-                              search_bench.unit_rows(rng, count), sparse))
-    writer.commit()
+    search_bench.build(index_dir, rows, model=seed.model, dim=seed.dense_dim, vocab_size=seed.vocab_size,
+                       shard_rows=250_000)
 
 
 class Client:

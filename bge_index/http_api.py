@@ -241,7 +241,8 @@ def create_app(service: SearchService, index_label: str, token: str | None = Non
     (what `info` prints as index_dir); with `token`, requests must carry it as a bearer token."""
 
     async def answer(queries: list[Query], request: SearchRequest) -> Response:
-        service.check(request)
+        # A request the index cannot answer (colbert without ColBERT vectors) fails in LocalIndex.search, alone:
+        # the worker searches each distinct request separately.
         answer = await asyncio.wrap_future(service.submit(queries, request))
         # Server-Timing: what the search itself took, so a client can tell it from the network and queueing.
         body = await run_in_threadpool(results_json, answer.results, request.mode)  # big answers: off the loop

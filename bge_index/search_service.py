@@ -39,10 +39,10 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from bge_index.errors import BgeIndexError, NoColbertVectors
+from bge_index.errors import BgeIndexError
 from bge_index.local_index import LocalIndex
 from bge_index.manifest import MANIFEST_FILE
-from bge_index.query import Mode, Query, QueryResult, SearchRequest
+from bge_index.query import Query, QueryResult, SearchRequest
 
 log = logging.getLogger("bge_index.serve")
 
@@ -134,13 +134,6 @@ class SearchService:
                     log.error("cannot open the new generation, still serving generation %d: %s",
                               self._index.manifest.generation, failure)
             return self._index
-
-    def check(self, request: SearchRequest) -> None:
-        """Refuse, before queueing, a request this index cannot answer (so it never fails a whole batch)."""
-        # Whether an index stores ColBERT vectors never changes between its generations: no refresh needed.
-        if request.mode is Mode.COLBERT and not self._index.manifest.has_colbert:
-            raise NoColbertVectors(f"{self._index.index_dir} has no ColBERT vectors: search with mode "
-                                   "hybrid, dense or sparse")
 
     def close(self, timeout: float | None = None) -> None:
         """Answer what is queued, then stop the worker (idempotent); wait at most `timeout` seconds for it."""

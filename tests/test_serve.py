@@ -15,6 +15,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from helpers import REPO, SAMPLE_CORPUS, index, invoke, module_command, ok, write_jsonl
@@ -74,10 +75,14 @@ def serving(index_dir: Path, token: str | None = None, max_batch: int = 64):
         listener.close()
 
 
-def quote(text: str) -> str:
-    from urllib.parse import quote as url_quote
-
-    return url_quote(text, safe="")
+def corpus_index(tmp_path: Path, tiny_model: Path, records: list[dict], *extra) -> tuple[Path, Path]:
+    """A corpus folder holding docs.jsonl with `records`, indexed: (corpus folder, index folder)."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_jsonl(corpus / "docs.jsonl", records)
+    out = tmp_path / "index"
+    index(corpus, out, tiny_model, *extra)
+    return corpus, out
 
 
 @pytest.fixture(scope="module")
@@ -245,11 +250,8 @@ def test_max_batch_bounds_a_batch(sample_index):
 
 
 def test_a_commit_is_served_from_the_next_request_and_never_mixed(tmp_path, tiny_model):
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    write_jsonl(corpus / "docs.jsonl", [{"id": f"d{n}", "text": f"note {n} about the moon and tides"} for n in range(20)])
-    out = tmp_path / "index"
-    index(corpus, out, tiny_model)
+    corpus, out = corpus_index(tmp_path, tiny_model,
+                               [{"id": f"d{n}", "text": f"note {n} about the moon and tides"} for n in range(20)])
     with serving(out) as (port, _):
         collected: list[tuple[int, bytes]] = []
         expected: dict[int, bytes] = {}
@@ -299,11 +301,7 @@ def test_a_commit_is_served_from_the_next_request_and_never_mixed(tmp_path, tiny
 
 
 def test_a_damaged_new_generation_leaves_the_old_one_serving(tmp_path, tiny_model, caplog):
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    write_jsonl(corpus / "docs.jsonl", [{"id": f"d{n}", "text": f"note {n}"} for n in range(5)])
-    out = tmp_path / "index"
-    index(corpus, out, tiny_model)
+    _, out = corpus_index(tmp_path, tiny_model, [{"id": f"d{n}", "text": f"note {n}"} for n in range(5)])
     with serving(out) as (port, _):
         connection = Client(port)
         _, headers, before = connection.request("GET", "/search?q=note")
@@ -530,13 +528,10 @@ def test_close_answers_what_was_queued_then_refuses(sample_index):
 
 @pytest.mark.slow  # a 2,500-row index
 def test_http_answers_equal_the_cli_on_an_index_of_many_chunks_shards_and_deleted_rows(tmp_path, tiny_model):
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
     words = ["moon", "tide", "orbit", "tunnel", "bread", "octopus", "laser", "copper", "silver", "sky"]
-    write_jsonl(corpus / "docs.jsonl", [{"id": f"d{n}", "text": f"{words[n % 10]} {words[n * 7 % 10]} note {n}"}
-                                        for n in range(2500)])
-    out = tmp_path / "index"
-    index(corpus, out, tiny_model, "--shard-rows", "1000")
+    corpus, out = corpus_index(tmp_path, tiny_model, [{"id": f"d{n}", "text": f"{words[n % 10]} {words[n * 7 % 10]} "
+                                                                            f"note {n}"} for n in range(2500)],
+                               "--shard-rows", "1000")
     write_jsonl(corpus / "docs.jsonl", [{"id": f"d{n}", "text": f"{words[n % 10]} {'edited' if n % 3 else 'note'} {n}"}
                                         for n in range(2500) if n % 5])  # edits and deletions in every shard
     index(corpus, out, tiny_model, "--shard-rows", "1000")

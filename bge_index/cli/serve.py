@@ -107,7 +107,7 @@ def serve(
 def _serve(index_dir, listener, host, token, max_batch, access_log, model, device, dtype, stopped_by, loading,
            log) -> None:
     """Load, warm up, serve until a signal; the part of `serve` that runs with its signal handler in place."""
-    from bge_index import http_api
+    from bge_index import http_api  # imported (and its extra checked) by `serve` already
     from bge_index.local_index import LocalIndex
     from bge_index.search_service import SearchService
 
