@@ -7,7 +7,7 @@ indexes a small corpus (the first 200 Cranfield documents), then times, best of 
 - plain:     python -c "import torch, transformers; AutoTokenizer; AutoModel.from_pretrained(dtype); one forward"
 - search:    `bge-index search INDEX "q"` end to end, as a new process
 - breakdown: the search's stages from BGE_INDEX_TIMINGS=1 (tokenizer, weights, heads, query encoding), its
-             imports (`import bge_index.cli, bge_index.local_index` alone), and the rest (manifest, search
+             imports (`import bge_index.cli, bge_index.search.local_index` alone), and the rest (manifest, search
              files, scoring, printing) as end-to-end minus those.
 
     python benchmarks/cold_search_bench.py /tmp/bge-m3-full                 # full size (build: minutes)
@@ -45,7 +45,7 @@ with torch.inference_mode():
     model(**tokenizer([sys.argv[3]], return_tensors="pt"))
 """
 
-IMPORTS = "import bge_index.cli, bge_index.cli.search, bge_index.local_index"
+IMPORTS = "import bge_index.cli, bge_index.cli.search, bge_index.search.local_index"
 
 
 def load() -> str:
@@ -71,7 +71,7 @@ def query_encoding_table(checkpoint: Path, corpus: Path, repeats: int) -> None:
     """Queries/s of each way to encode 64 queries, fp32 and bf16, best of `repeats`, in this process."""
     from collections import defaultdict
 
-    from bge_index.encoder import EncodedBatch, load_encoder
+    from bge_index.model.encoder import EncodedBatch, load_encoder
 
     texts = []
     with open(corpus, encoding="utf-8") as source:

@@ -39,7 +39,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bge_index.documents import FieldNames, Skipped, iter_documents  # noqa: E402
+from bge_index.input.documents import FieldNames, Skipped, iter_documents  # noqa: E402
 
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -169,7 +169,7 @@ def kernel_ceiling(model: Path, lengths: np.ndarray, device: str, dtype: str, ba
     import torch
     import torch.nn.functional as F
 
-    from bge_index.batching import token_budget_batches
+    from bge_index.model.batching import token_budget_batches
 
     config = json.loads((model / "config.json").read_text())
     layers, hidden, inner, heads = (config[k] for k in ("num_hidden_layers", "hidden_size", "intermediate_size",
@@ -276,8 +276,8 @@ def run_reference(python: str, pythonpath: str | None, model: Path, texts: list[
 
 
 def our_vectors(index: Path, ids: list[str]) -> tuple[np.ndarray, list[dict[int, float]]]:
-    from bge_index.manifest import read_manifest
-    from bge_index.shard_reader import iter_live_rows
+    from bge_index.store.manifest import read_manifest
+    from bge_index.store.shard_reader import iter_live_rows
 
     found: dict[str, tuple[np.ndarray, dict[int, float]]] = {}
     for batch in iter_live_rows(index, read_manifest(index)):
@@ -317,9 +317,9 @@ def agreement(a: tuple[np.ndarray, list[dict]], b: tuple[np.ndarray, list[dict]]
 
 
 def top10_overlap(index_a: Path, index_b: Path, queries_file: str) -> dict:
-    from bge_index.documents import read_queries
-    from bge_index.local_index import LocalIndex
-    from bge_index.query import Query, SearchRequest
+    from bge_index.input.documents import read_queries
+    from bge_index.search.local_index import LocalIndex
+    from bge_index.search.query import Query, SearchRequest
 
     queries = [Query(q.id, q.text) for q in read_queries(queries_file)]
     overlaps = {}
@@ -384,7 +384,7 @@ def main() -> None:
             out = work / f"index-{dtype}"
             seconds, rss, report = run_bge_index(model, inputs, out, dtype, device, args.max_length,
                                                  args.batch_tokens)
-            from bge_index.manifest import read_manifest
+            from bge_index.store.manifest import read_manifest
 
             used = read_manifest(out).model["dtype"]
             peaks.setdefault(used, matmul_peak(device, used))

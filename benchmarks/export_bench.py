@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bge_index.milvus import export_index
-from bge_index.manifest import Manifest, read_manifest
-from bge_index.shard_writer import IndexWriter, RowBatch
+from bge_index.search.milvus import export_index
+from bge_index.store.manifest import Manifest, read_manifest
+from bge_index.store.shard_writer import IndexWriter, RowBatch
 
 VOCAB = 250_002
 

@@ -16,9 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bge_index.encoder import load_encoder
-from bge_index.indexing import build_index
-from bge_index.run import IndexOptions
+from bge_index.model.encoder import load_encoder
+from bge_index.run.local import build_index
+from bge_index.run.index_run import IndexOptions
 
 REPO = Path(__file__).resolve().parent.parent
 

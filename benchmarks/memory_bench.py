@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bge_index.documents import FieldNames, Skipped, iter_documents  # noqa: E402
+from bge_index.input.documents import FieldNames, Skipped, iter_documents  # noqa: E402
 
 
 def sentences_from(paths: list[str]) -> list[str]:

@@ -18,9 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bge_index.indexing import build_index
-from bge_index.run import IndexOptions
-from bge_index.ray_engine import RayOptions, build_index_on_ray
+from bge_index.run.local import build_index
+from bge_index.run.index_run import IndexOptions
+from bge_index.run.ray import RayOptions, build_index_on_ray
 
 
 def write_corpus(inputs: list[str], documents: int, path: Path) -> int:

@@ -61,8 +61,8 @@ SYNTHETIC_MODEL = {"name": "synthetic", "revision": "none", "sha256": None, "fil
 def build(index_dir: Path, size: int, seed: int = 0, model: dict = SYNTHETIC_MODEL, dim: int = DIM,
           vocab_size: int = VOCAB, shard_rows: int = 100_000) -> None:
     """A synthetic index of `size` rows recorded as made by `model` (a manifest's model record)."""
-    from bge_index.manifest import Manifest
-    from bge_index.shard_writer import IndexWriter, RowBatch
+    from bge_index.store.manifest import Manifest
+    from bge_index.store.shard_writer import IndexWriter, RowBatch
 
     rng, cdf = np.random.default_rng(seed), zipf_cdf(vocab_size=vocab_size)
     manifest = Manifest(model=model, dense_dim=dim, colbert_dim=None, vocab_size=vocab_size, store_text=False,
@@ -101,11 +101,11 @@ def percentiles(values: list[float]) -> tuple[float, float]:
 
 
 def measure(index_dir: Path, batch_queries: int, latency_queries: int) -> dict:
-    from bge_index.manifest import read_manifest
-    from bge_index.query import QueryVectors
-    from bge_index.search import Searcher, top_k
-    from bge_index.shard_reader import read_shard_vectors
-    from bge_index.vector_store import open_store
+    from bge_index.store.manifest import read_manifest
+    from bge_index.search.query import QueryVectors
+    from bge_index.search.scoring import Searcher, top_k
+    from bge_index.store.shard_reader import read_shard_vectors
+    from bge_index.store.vector_store import open_store
 
     manifest = read_manifest(index_dir)
     opened = time.perf_counter()
@@ -167,8 +167,8 @@ def measure(index_dir: Path, batch_queries: int, latency_queries: int) -> dict:
 
 def open_twice(index_dir: Path) -> tuple[float, float]:
     """Seconds for a first open (builds search files when missing) and a second one, each in a new process."""
-    code = ("import sys,time;from pathlib import Path;from bge_index.manifest import read_manifest;"
-            "from bge_index.vector_store import open_store;t=time.perf_counter();d=Path(sys.argv[1]);"
+    code = ("import sys,time;from pathlib import Path;from bge_index.store.manifest import read_manifest;"
+            "from bge_index.store.vector_store import open_store;t=time.perf_counter();d=Path(sys.argv[1]);"
             "open_store(d, read_manifest(d));print(time.perf_counter()-t)")
     times = [float(subprocess.run([sys.executable, "-c", code, str(index_dir)], check=True, capture_output=True,
                                   text=True).stdout) for _ in range(2)]

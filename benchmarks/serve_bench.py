@@ -51,7 +51,7 @@ def build_index(index_dir: Path, checkpoint: Path, rows: int) -> None:
     """A synthetic index of `rows` rows recorded as made by `checkpoint` (its identity from a one-row real run)."""
     import search_bench
 
-    from bge_index.manifest import read_manifest
+    from bge_index.store.manifest import read_manifest
 
     seed_index = index_dir.with_name(index_dir.name + "-seed")
     if not (seed_index / "manifest.json").exists():
@@ -113,8 +113,8 @@ def main() -> None:
     print(f"load before: {load()}", flush=True)
 
     # 1-2. in process and over HTTP, query by query in turns (so drift in the machine's speed hits both alike)
-    from bge_index.local_index import LocalIndex
-    from bge_index.query import Query, SearchRequest
+    from bge_index.search.local_index import LocalIndex
+    from bge_index.search.query import Query, SearchRequest
 
     local = LocalIndex(index_dir, dtype=args.dtype)
     request = SearchRequest(k=10, mode=args.mode)

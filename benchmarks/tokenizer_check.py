@@ -1,4 +1,4 @@
-"""Check that bge_index.tokenizer (tokenizer.json read straight into Rust) gives transformers' AutoTokenizer's ids.
+"""Check that bge_index.model.tokenizer (tokenizer.json read straight into Rust) gives transformers' AutoTokenizer's ids.
 
     python benchmarks/tokenizer_check.py ../shared/xlmr-tokenizer ../shared/eval/xquad-beir/*/corpus.jsonl
 
@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from bge_index.tokenizer import load_tokenizer
+from bge_index.model.tokenizer import load_tokenizer
 
 
 def main() -> None:

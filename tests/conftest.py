@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_checkpoint import build_checkpoint  # noqa: E402
 
-from bge_index.encoder import load_encoder  # noqa: E402
+from bge_index.model.encoder import load_encoder  # noqa: E402
 
 # Tests never reach a model hub: huggingface_hub must answer from its cache or fail at once.
 os.environ["HF_HUB_OFFLINE"] = "1"

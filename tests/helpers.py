@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from bge_index.manifest import Manifest, read_manifest
-from bge_index.search import Searcher
-from bge_index.shard_reader import live_mask, open_shard, read_rows
-from bge_index.vector_store import shard_vectors_from_csr
+from bge_index.store.manifest import Manifest, read_manifest
+from bge_index.search.scoring import Searcher
+from bge_index.store.shard_reader import live_mask, open_shard, read_rows
+from bge_index.store.vector_store import shard_vectors_from_csr
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_CORPUS = REPO / "sample_data" / "corpus"

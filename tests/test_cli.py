@@ -15,8 +15,8 @@ import pytest
 import torch
 from helpers import REPO, SAMPLE_CORPUS, SAMPLE_QUERIES, invoke, load_vectors, module_command, run_process
 
-from bge_index.evaluation import evaluate, read_qrels, read_run
-from bge_index.manifest import FORMAT_VERSION, read_manifest
+from bge_index.search.evaluation import evaluate, read_qrels, read_run
+from bge_index.store.manifest import FORMAT_VERSION, read_manifest
 
 
 def expected_sample_ids() -> set[str]:
@@ -86,7 +86,7 @@ def test_summary_says_what_changed_in_the_right_number(tiny_model, tmp_path):
 
 
 def test_index_summary_rates_leave_out_the_model_load():
-    from bge_index.run import IndexSummary
+    from bge_index.run.index_run import IndexSummary
 
     summary = IndexSummary(Path("ix"), added=10, tokens=1000, elapsed=12.0, load_seconds=10.0)
     assert summary.documents_per_second == 5.0 and summary.tokens_per_second == 500.0

@@ -17,8 +17,9 @@ import time
 import pytest
 from helpers import REPO, live_rows, module_command, run_process
 
-from bge_index.manifest import SEARCH_DIR, is_index, read_manifest
-from bge_index.shard_reader import verify_index
+from bge_index.store.names import SEARCH_DIR, is_index
+from bge_index.store.manifest import read_manifest
+from bge_index.store.shard_reader import verify_index
 
 pytestmark = pytest.mark.slow  # every test starts several real indexing processes
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from bge_index.documents import (
+from bge_index.input.documents import (
     STDIN_NAME,
     Document,
     FieldNames,
@@ -700,7 +700,7 @@ def test_each_skip_kind_carries_its_code(tmp_path):
 
 
 def test_query_file_skips_carry_codes(tmp_path):
-    from bge_index.formats import _read_tsv_queries
+    from bge_index.input.formats import _read_tsv_queries
 
     items = list(_read_tsv_queries(io.BytesIO(b"q1\tok\nno tab\n\xff\tx\n"), "q.tsv"))
     assert [getattr(i, "code", None) for i in items] == [None, SkipReason.BAD_QUERY_LINE, SkipReason.INVALID_UTF8_AT]
@@ -713,8 +713,8 @@ def test_documents_stage_imports_nothing_from_shards(tmp_path):
     packed.write_bytes(gzip.compress(path.read_bytes()))
     script = (
         "import sys\n"
-        "import bge_index.documents, bge_index.formats, bge_index.document_types\n"
-        "from bge_index.documents import iter_documents, Document\n"
+        "import bge_index.input.documents, bge_index.input.formats, bge_index.input.types\n"
+        "from bge_index.input.documents import iter_documents, Document\n"
         f"items = list(iter_documents([{str(path)!r}, {str(packed)!r}]))\n"
         "assert [type(i) for i in items] == [Document, Document], items\n"
         "loaded = sorted(m for m in sys.modules if m.startswith('bge_index'))\n"
@@ -725,13 +725,13 @@ def test_documents_stage_imports_nothing_from_shards(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert "bge_index.documents" in result.stdout
+    assert "bge_index.input.documents" in result.stdout
 
 
 def test_parquet_is_read_in_bounded_batches(tmp_path, monkeypatch):
     import pyarrow.parquet as pq
 
-    from bge_index import formats
+    from bge_index.input import formats
 
     path = tmp_path / "many.parquet"
     write_parquet_records(path, [{"id": str(i), "text": f"t{i}", "extra": "x" * 10} for i in range(50)])

@@ -14,9 +14,9 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from bge_index.encoder import load_encoder, resolve_device, resolve_dtype
+from bge_index.model.encoder import load_encoder, resolve_device, resolve_dtype
 from bge_index.errors import ModelError, ModelMismatchError
-from bge_index.model import ModelIdentity, cpu_has_native_bf16, model_identity
+from bge_index.model.identity import ModelIdentity, cpu_has_native_bf16, model_identity
 
 TEXTS = [
     "The Moon orbits the Earth.",

@@ -15,7 +15,7 @@ from math import log2
 import numpy as np
 import pytest
 
-from bge_index.evaluation import (
+from bge_index.search.evaluation import (
     EvaluationInputError,
     Metric,
     evaluate,

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from bge_index import batching
-from bge_index.documents import (
+from bge_index.model import batching
+from bge_index.input.documents import (
     Document,
     InputError,
     InputFile,
@@ -580,15 +580,15 @@ def test_new_codes_name_their_own_report_keys():
 
 
 def live_ids(index_dir: Path) -> set[str]:
-    from bge_index.manifest import read_manifest
-    from bge_index.shard_reader import iter_live_keys
+    from bge_index.store.manifest import read_manifest
+    from bge_index.store.shard_reader import iter_live_keys
 
     return {doc_id for doc_id, _, _ in iter_live_keys(index_dir, read_manifest(index_dir))}
 
 
 def run_index(inputs, out: Path, tiny_model, encoder, **options):
-    from bge_index.indexing import build_index
-    from bge_index.run import IndexOptions
+    from bge_index.run.local import build_index
+    from bge_index.run.index_run import IndexOptions
 
     return build_index([str(i) for i in inputs], out, IndexOptions(model=str(tiny_model), device="cpu",
                                                                    dtype="fp32", **options), encoder=encoder)

@@ -15,13 +15,14 @@ import pytest
 import torch
 from helpers import SAMPLE_CORPUS, index, invoke, live_texts, load_vectors, write_jsonl
 
-import bge_index.indexing as indexing
-from bge_index.documents import Skipped
-from bge_index.encoder import load_encoder
-from bge_index.lock import LOCK_FILE, IndexLock
-from bge_index.indexing import build_index
-from bge_index.run import IndexEvents, IndexOptions
-from bge_index.manifest import MANIFEST_FILE, read_manifest
+import bge_index.run.local as indexing
+from bge_index.input.documents import Skipped
+from bge_index.model.encoder import load_encoder
+from bge_index.store.lock import LOCK_FILE, IndexLock
+from bge_index.run.local import build_index
+from bge_index.run.index_run import IndexEvents, IndexOptions
+from bge_index.store.names import MANIFEST_FILE
+from bge_index.store.manifest import read_manifest
 
 
 def corpus_records(n=12, edit=(), drop=()):

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from helpers import SAMPLE_CORPUS, SAMPLE_QUERIES, invoke, load_vectors, ok, write_jsonl
 
-from bge_index.milvus import connect, export_index, iter_collection_ids, stored_identity
-from bge_index.manifest import Manifest, read_manifest
-from bge_index.shard_writer import IndexWriter, RowBatch
+from bge_index.search.milvus import connect, export_index, iter_collection_ids, stored_identity
+from bge_index.store.manifest import Manifest, read_manifest
+from bge_index.store.shard_writer import IndexWriter, RowBatch
 
 pytest.importorskip("milvus_lite", reason="the 'milvus' extra is not installed (pip install -e '.[test,ray,milvus]')")
 
@@ -222,7 +222,7 @@ def test_milvus_hybrid_equals_local_by_default_past_the_old_route_limit(spread_m
 
 
 def test_default_route_limit_is_as_deep_as_milvus_allows():
-    from bge_index.milvus import MAX_ROUTE_LIMIT, default_route_limit
+    from bge_index.search.milvus import MAX_ROUTE_LIMIT, default_route_limit
 
     assert MAX_ROUTE_LIMIT == 16_384 and default_route_limit(10) == 16_384 and default_route_limit(1000) == 16_384
 
@@ -240,7 +240,7 @@ def test_credentials_are_masked_in_every_message(exported):
 
 
 def test_mask_secrets():
-    from bge_index.milvus import mask_secrets, public_uri
+    from bge_index.search.milvus import mask_secrets, public_uri
 
     assert public_uri("http://u:p4ss@host:19530") == "http://u:***@host:19530"
     assert public_uri("./index.db") == "./index.db" and public_uri("http://host:19530") == "http://host:19530"

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import bge_index.model as model_module
-from bge_index.encoder import load_encoder, resolve_device, resolve_devices, resolve_dtype
+import bge_index.model.identity as model_module
+from bge_index.model.encoder import load_encoder, resolve_device, resolve_devices, resolve_dtype
 from bge_index.errors import EXIT_USAGE, InvalidOptionError, ModelError
-from bge_index.model import (ModelOptionError, check_device, check_head, choose_precision, device_type,
+from bge_index.model.identity import (ModelOptionError, check_device, check_head, choose_precision, device_type,
                              identify_model, model_identity, parse_devices, read_head_shapes)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -67,7 +67,7 @@ def test_identify_model_checks_the_sparse_head_too(tiny_model, tmp_path):
 def test_identify_model_imports_neither_torch_nor_transformers(tiny_model):
     script = (
         "import json, sys\n"
-        "from bge_index.model import identify_model\n"
+        "from bge_index.model.identity import identify_model\n"
         f"info = identify_model({str(tiny_model)!r})\n"
         "print(json.dumps([info.dense_dim, info.colbert_dim, info.identity.sha256,"
         " [m for m in ('torch', 'transformers') if m in sys.modules]]))\n"

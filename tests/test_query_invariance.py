@@ -16,9 +16,9 @@ import pytest
 import torch
 from helpers import REPO, SAMPLE_CORPUS, invoke, ok, write_jsonl
 
-from bge_index.encoder import load_encoder
-from bge_index.evaluation import read_run
-from bge_index.local_index import encode_queries
+from bge_index.model.encoder import load_encoder
+from bge_index.search.evaluation import read_run
+from bge_index.search.local_index import encode_queries
 
 QUERY = "moon orbit"
 # Seven longer queries, so QUERY is padded in any batched encoding of all eight.
@@ -101,8 +101,8 @@ def test_eval_runs_equal_each_query_searched_alone(bf16_index, tmp_path, dtype):
 
 
 def test_dense_scores_of_a_query_do_not_depend_on_its_place_among_many(bf16_index):
-    from bge_index.local_index import LocalIndex
-    from bge_index.search import _DENSE_QUERY_BLOCK
+    from bge_index.search.local_index import LocalIndex
+    from bge_index.search.scoring import _DENSE_QUERY_BLOCK
 
     searcher = LocalIndex(bf16_index, dtype="fp32").searcher
     rng = np.random.default_rng(0)

@@ -18,9 +18,10 @@ from helpers import (REPO, SAMPLE_CORPUS, SAMPLE_QUERIES, index, invoke, live_te
                      write_jsonl)
 
 from bge_index.extras import ExtraUnavailableError
-from bge_index.ray_engine import RayOptions, import_ray, plan_reservations, start_local_ray
-from bge_index.manifest import MANIFEST_FILE, read_manifest
-from bge_index.shard_reader import read_rows
+from bge_index.run.ray import RayOptions, import_ray, plan_reservations, start_local_ray
+from bge_index.store.names import MANIFEST_FILE
+from bge_index.store.manifest import read_manifest
+from bge_index.store.shard_reader import read_rows
 
 CPUS = 2  # the development machine's count: the reservation scheme must not deadlock here
 FP32 = ("--dtype", "fp32", "--device", "cpu")  # explicit: "auto" may pick bf16 on some CPUs

@@ -9,8 +9,9 @@ import pytest
 from helpers import index, invoke, live_texts, write_jsonl
 
 from bge_index.errors import InvalidOptionError
-from bge_index.manifest import MANIFEST_FILE, read_manifest
-from bge_index.run import IndexOptions, parse_max_remove, removal_limit
+from bge_index.store.names import MANIFEST_FILE
+from bge_index.store.manifest import read_manifest
+from bge_index.run.index_run import IndexOptions, parse_max_remove, removal_limit
 
 
 def records(ids, suffix=""):

@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import IndexVectors, index, ok, searcher_for, write_jsonl
 
-from bge_index import search as search_module
-from bge_index.encoder import load_encoder
-from bge_index.local_index import encode_queries
-from bge_index.search import (
+from bge_index.search import scoring as search_module
+from bge_index.model.encoder import load_encoder
+from bge_index.search.local_index import encode_queries
+from bge_index.search.scoring import (
     RRF_DEPTH,
     RRF_K,
     Hit,
@@ -24,9 +24,9 @@ from bge_index.search import (
     colbert_maxsim,
     top_k,
 )
-from bge_index.manifest import read_manifest
-from bge_index import shard_writer
-from bge_index.vector_store import ShardVectors, invert, invert_streaming, open_store
+from bge_index.store.manifest import read_manifest
+from bge_index.store import shard_writer
+from bge_index.store.vector_store import ShardVectors, invert, invert_streaming, open_store
 
 TOL = 1e-5
 VOCAB = 300

@@ -14,14 +14,15 @@ import numpy as np
 import pytest
 from helpers import SAMPLE_CORPUS, index, invoke, write_jsonl
 
-import bge_index.vector_store as vector_store
-from bge_index.checked_files import CACHE_ENV, CheckedFiles
+import bge_index.store.vector_store as vector_store
+from bge_index.store.checked_files import CACHE_ENV, CheckedFiles
 from bge_index.errors import IndexFormatError
-from bge_index.local_index import LocalIndex
-from bge_index.manifest import FORMAT_VERSION, SEARCH_DIR, SEARCH_KINDS, read_manifest
-from bge_index.query import Query, SearchRequest
-from bge_index.shard_reader import verify_index
-from bge_index.vector_store import OpenIndex
+from bge_index.search.local_index import LocalIndex
+from bge_index.store.manifest import FORMAT_VERSION, read_manifest
+from bge_index.store.names import SEARCH_DIR, SEARCH_KINDS
+from bge_index.search.query import Query, SearchRequest
+from bge_index.store.shard_reader import verify_index
+from bge_index.store.vector_store import OpenIndex
 
 
 def corpus(path, n, edit=(), drop=()):
@@ -320,7 +321,7 @@ def test_a_record_others_can_write_is_not_believed(ix, tmp_path, monkeypatch):
 
 
 def test_a_check_older_than_a_week_is_done_again(ix, tmp_path, monkeypatch):
-    from bge_index import checked_files
+    from bge_index.store import checked_files
 
     _new_process(monkeypatch, tmp_path / "cache")
     OpenIndex.open(ix)
@@ -334,7 +335,7 @@ def test_a_check_older_than_a_week_is_done_again(ix, tmp_path, monkeypatch):
 
 
 def test_the_record_is_cut_to_its_newest_half(tmp_path, monkeypatch):
-    from bge_index import checked_files
+    from bge_index.store import checked_files
 
     monkeypatch.setattr(checked_files, "MAX_LINES", 10)
     checked = CheckedFiles(tmp_path / "c" / "checked-files")

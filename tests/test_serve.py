@@ -23,10 +23,10 @@ from helpers import REPO, SAMPLE_CORPUS, index, invoke, module_command, ok, writ
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
-from bge_index.http_api import bind, create_app, make_server  # noqa: E402
-from bge_index.local_index import LocalIndex  # noqa: E402
-from bge_index.query import Query, SearchRequest  # noqa: E402
-from bge_index.search_service import SearchService  # noqa: E402
+from bge_index.serve.http_api import bind, create_app, make_server  # noqa: E402
+from bge_index.search.local_index import LocalIndex  # noqa: E402
+from bge_index.search.query import Query, SearchRequest  # noqa: E402
+from bge_index.serve.search_service import SearchService  # noqa: E402
 
 QUERIES = ["How fast is the Moon moving away from Earth?", "sourdough starter", "längster Tunnel der Welt",
            "pulpo sangre azul", "moon", "tides and the sun", "why is the sky blue", "copper heat",

@@ -11,9 +11,12 @@ import pytest
 from helpers import load_vectors
 
 from bge_index.errors import IndexFormatError
-from bge_index.manifest import FORMAT_VERSION, MANIFEST_FILE, Manifest, RowLocation, file_sha256, read_manifest
-from bge_index.shard_reader import read_rows, verify_index
-from bge_index.shard_writer import IndexWriter, RowBatch
+from bge_index.store.manifest import FORMAT_VERSION, Manifest, read_manifest
+from bge_index.store.names import MANIFEST_FILE
+from bge_index.store.shard_reader import RowLocation
+from bge_index.store.files import file_sha256
+from bge_index.store.shard_reader import read_rows, verify_index
+from bge_index.store.shard_writer import IndexWriter, RowBatch
 
 DIM, COLBERT_DIM = 8, 4
 

@@ -24,10 +24,10 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import module_command, run_process, write_jsonl
 
-from bge_index.local_index import LocalIndex
-from bge_index.manifest import read_manifest
-from bge_index.query import Mode, Query, SearchRequest
-from bge_index.shard_reader import verify_index
+from bge_index.search.local_index import LocalIndex
+from bge_index.store.manifest import read_manifest
+from bge_index.search.query import Mode, Query, SearchRequest
+from bge_index.store.shard_reader import verify_index
 
 SECONDS = float(os.environ.get("BGE_INDEX_SOAK_SECONDS", "60"))
 MAX_RUNS = 60  # bounds the count whatever the duration

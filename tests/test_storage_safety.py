@@ -14,10 +14,12 @@ import pytest
 from test_shards import make_rows, new_manifest, write_index
 
 from bge_index.errors import IndexFormatError, OutputFolderError
-from bge_index.lock import LOCK_FILE, IndexLock
-from bge_index.manifest import MANIFEST_FILE, RowLocation, read_manifest
-from bge_index.shard_reader import verify_index
-from bge_index.shard_writer import IndexWriter
+from bge_index.store.lock import LOCK_FILE, IndexLock
+from bge_index.store.names import MANIFEST_FILE
+from bge_index.store.shard_reader import RowLocation
+from bge_index.store.manifest import read_manifest
+from bge_index.store.shard_reader import verify_index
+from bge_index.store.shard_writer import IndexWriter
 
 PRECIOUS = b"someone else's file\n"
 
@@ -259,7 +261,7 @@ REAL_DIM, REAL_VOCAB = 1024, 250_002  # BGE-M3's: per-shard overheads matter rel
 
 
 def real_sized_rows(doc_ids: list[int], version: dict[int, int]):
-    from bge_index.shard_writer import RowBatch
+    from bge_index.store.shard_writer import RowBatch
 
     dense, sparse, texts = [], [], []
     for doc in doc_ids:
@@ -274,7 +276,7 @@ def real_sized_rows(doc_ids: list[int], version: dict[int, int]):
 
 
 def real_sized_manifest(generation: int):
-    from bge_index.manifest import Manifest
+    from bge_index.store.manifest import Manifest
 
     return Manifest(model={"name": "test-model", "revision": None, "sha256": "ab" * 32, "files": {}},
                     dense_dim=REAL_DIM, colbert_dim=None, vocab_size=REAL_VOCAB, store_text=True,
@@ -283,7 +285,7 @@ def real_sized_manifest(generation: int):
 
 def index_bytes(index_dir, manifest) -> tuple[int, int]:
     """(manifest + shards + deletion sets, search files) in bytes: only the files this manifest names."""
-    from bge_index.manifest import DERIVED_PATTERN
+    from bge_index.store.names import DERIVED_PATTERN
 
     data = (index_dir / MANIFEST_FILE).stat().st_size + sum(s.bytes for s in manifest.shards)
     data += sum((index_dir / s.deleted_file).stat().st_size for s in manifest.shards if s.deleted_file)
@@ -301,7 +303,7 @@ def index_bytes(index_dir, manifest) -> tuple[int, int]:
 
 @pytest.mark.slow
 def test_fifty_one_document_runs_stay_within_one_and_a_half_times_a_fresh_build(tmp_path):
-    from bge_index.shard_reader import iter_live_keys
+    from bge_index.store.shard_reader import iter_live_keys
 
     docs, runs = 1000, 50
     edited, fresh = tmp_path / "edited", tmp_path / "fresh"
@@ -334,8 +336,8 @@ def test_fifty_one_document_runs_stay_within_one_and_a_half_times_a_fresh_build(
 
 
 def test_small_shards_merge_tier_by_tier_with_their_deletions_applied(tmp_path):
-    from bge_index.shard_reader import iter_live_keys
-    from bge_index.shard_writer import MERGE_FACTOR
+    from bge_index.store.shard_reader import iter_live_keys
+    from bge_index.store.shard_writer import MERGE_FACTOR
 
     manifest = write_index(tmp_path, [make_rows(0, 50)], shard_rows=100)
     for run in range(1, 21):  # each run adds one row and retires the previous run's copy of doc-0 or a base row

@@ -12,12 +12,12 @@ import pytest
 import torch
 from helpers import REPO, SAMPLE_CORPUS, invoke, load_vectors, run_process
 
-from bge_index.encoder import load_encoder
+from bge_index.model.encoder import load_encoder
 from bge_index.errors import ModelError
-from bge_index.model import cpu_has_native_bf16
-from bge_index.indexing import build_index
-from bge_index.run import IndexOptions
-from bge_index.manifest import read_manifest
+from bge_index.model.identity import cpu_has_native_bf16
+from bge_index.run.local import build_index
+from bge_index.run.index_run import IndexOptions
+from bge_index.store.manifest import read_manifest
 
 TEXTS = ["a short one", "the moon drifts away from the earth by a few centimetres a year " * 3,
          "sourdough needs a starter", "tides", "octopuses have three hearts and blue blood " * 2,

@@ -8,9 +8,9 @@ import shutil
 import pytest
 from transformers import AutoTokenizer
 
-from bge_index.encoder import load_encoder
+from bge_index.model.encoder import load_encoder
 from bge_index.errors import ModelError
-from bge_index.tokenizer import load_tokenizer
+from bge_index.model.tokenizer import load_tokenizer
 
 TEXTS = [
     "The Moon moves 3.8 cm away from Earth every year.",

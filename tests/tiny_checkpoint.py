@@ -35,7 +35,7 @@ def build_tokenizer(vocab_size: int = 400) -> XLMRobertaTokenizerFast:
     tokenizer = Tokenizer(models.Unigram())
     # The real XLM-R tokenizer.json's pipeline (less its SentencePiece charsmap normaliser): whitespace split,
     # then Metaspace. transformers 5 rebuilds XLM-R tokenizers with exactly this, whatever tokenizer.json says,
-    # so the test tokenizer must agree with it for bge_index.tokenizer (tokenizer.json as written) to match.
+    # so the test tokenizer must agree with it for bge_index.model.tokenizer (tokenizer.json as written) to match.
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace()])
     tokenizer.decoder = decoders.Metaspace()
     trainer = trainers.UnigramTrainer(vocab_size=vocab_size, unk_token="<unk>",

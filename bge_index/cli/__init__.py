@@ -12,6 +12,9 @@ One module per command (index, search, serve, eval, info, verify, export), with
 display.py for the printing they share and options.py for shared options.
 No module imports torch at import time: only `search`, `serve`, `eval` and an `index`
 run with something to encode load the model, inside the command.
+
+The top of the layout: it may import every part. Must never import: nothing
+above it exists; no part may import the CLI back.
 """
 
 from __future__ import annotations

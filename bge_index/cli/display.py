@@ -28,10 +28,10 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from bge_index.cli.options import ResultFormat
-from bge_index.document_types import Skipped
+from bge_index.input.types import Skipped
 from bge_index.errors import OutputError
-from bge_index.query import QueryResult, hit_record, results_json
-from bge_index.run import IndexEvents, IndexProgress, IndexSummary
+from bge_index.search.query import QueryResult, hit_record, results_json
+from bge_index.run.index_run import IndexEvents, IndexProgress, IndexSummary
 
 SNIPPET_CHARS = 90
 

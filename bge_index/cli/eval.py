@@ -20,10 +20,10 @@ from rich.table import Table
 
 from bge_index.cli.display import note, stdout
 from bge_index.cli.options import Device, Dtype, IndexDir, QueryDtype, QueryModel, ReportFormat, check_output_folder
-from bge_index.documents import read_queries
+from bge_index.input.documents import read_queries
 from bge_index.errors import EvaluationInputError, InvalidOptionError, OutputError
-from bge_index.evaluation import QueryCoverage, evaluate, parse_metrics, query_coverage, read_qrels, write_trec_run
-from bge_index.query import Fusion, Mode, Normalize, Query, ScoreWeights, SearchRequest
+from bge_index.search.evaluation import QueryCoverage, evaluate, parse_metrics, query_coverage, read_qrels, write_trec_run
+from bge_index.search.query import Fusion, Mode, Normalize, Query, ScoreWeights, SearchRequest
 
 SHOWN_IDS = 5  # query ids named in a note before "…"
 
@@ -64,7 +64,7 @@ def evaluate_index(
         raise EvaluationInputError(f"no query to evaluate: no query of --queries {queries} has a relevant judgment "
                                    f"in --qrels {qrels} (do the query ids match?)")
 
-    from bge_index.local_index import LocalIndex  # loads torch and the model
+    from bge_index.search.local_index import LocalIndex  # loads torch and the model
 
     opened = LocalIndex(index_dir, model=model, device=device, dtype=dtype.value)
     table_rows = {}

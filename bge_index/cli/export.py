@@ -35,7 +35,7 @@ def export_milvus(
 ) -> None:
     """Export an index into a Milvus collection (bge-index[milvus]): ids, dense and sparse vectors, optional text."""
     check_output_file(report, "--report")
-    from bge_index.milvus import export_index
+    from bge_index.search.milvus import export_index
 
     logging.getLogger("pymilvus").setLevel(logging.CRITICAL)  # its errors reach the user as MilvusError
     last = [time.monotonic()]

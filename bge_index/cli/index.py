@@ -20,10 +20,10 @@ import typer
 
 from bge_index.cli.display import IndexDisplay, error, print_index_summary, stderr, write_json
 from bge_index.cli.options import Device, Devices, Dtype, Engine, Quiet, check_output_file
-from bge_index.documents import FieldNames
+from bge_index.input.documents import FieldNames
 from bge_index.errors import EXIT_FAILURE, UsageError
-from bge_index.model import DEFAULT_MODEL
-from bge_index.run import IndexOptions, IndexSummary
+from bge_index.model.identity import DEFAULT_MODEL
+from bge_index.run.index_run import IndexOptions, IndexSummary
 
 
 def index(
@@ -83,10 +83,10 @@ def index(
 
     def run_index(display: IndexDisplay, should_stop) -> IndexSummary:
         if engine is Engine.local:
-            from bge_index.indexing import build_index
+            from bge_index.run.local import build_index
 
             return build_index(paths, out, options, events=display, should_stop=should_stop)
-        from bge_index.ray_engine import RayOptions, build_index_on_ray
+        from bge_index.run.ray import RayOptions, build_index_on_ray
 
         ray_options = RayOptions(address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker,
                                  cpus_per_worker=cpus_per_worker)

@@ -15,7 +15,8 @@ from rich.table import Table
 
 from bge_index.cli.display import human_bytes, stdout
 from bge_index.cli.options import IndexDir, ReportFormat
-from bge_index.manifest import Manifest, index_info, index_size_bytes, read_manifest
+from bge_index.store.manifest import Manifest, read_manifest
+from bge_index.store.info import index_info, index_size_bytes
 
 
 def info(

@@ -23,7 +23,7 @@ from typing import Annotated, Optional
 import typer
 
 from bge_index.errors import InvalidOptionError
-from bge_index.model import DTYPE_CHOICES, check_device, parse_devices
+from bge_index.model.identity import DTYPE_CHOICES, check_device, parse_devices
 
 
 class ResultFormat(str, Enum):

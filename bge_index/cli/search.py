@@ -18,9 +18,9 @@ import typer
 
 from bge_index.cli.display import print_results, warning
 from bge_index.cli.options import Backend, Device, Dtype, IndexDir, QueryDtype, QueryModel, ResultFormat
-from bge_index.documents import read_queries
+from bge_index.input.documents import read_queries
 from bge_index.errors import EmptyQueryError, QueryFileError, UsageError
-from bge_index.query import Fusion, Mode, Normalize, Query, ScoreWeights, SearchBackend, SearchRequest
+from bge_index.search.query import Fusion, Mode, Normalize, Query, ScoreWeights, SearchBackend, SearchRequest
 
 
 def search(
@@ -59,7 +59,7 @@ def search(
                             fusion=fusion, normalize=normalize, explain=explain, group_by_doc=group_by_doc,
                             with_text=output_format is not ResultFormat.trec)
     if backend is Backend.milvus:
-        from bge_index.milvus import MilvusBackend
+        from bge_index.search.milvus import MilvusBackend
 
         MilvusBackend.check_request(request)  # before the model loads
     if query is not None and not query.strip():
@@ -105,11 +105,11 @@ def open_backend(backend: Backend, index_dir: Path, model: str | None, device: s
                  route_limit: int | None = None) -> SearchBackend:
     """The backend to search (it loads the model: torch is imported here, not before)."""
     if backend is Backend.milvus:
-        from bge_index.milvus import MilvusBackend
+        from bge_index.search.milvus import MilvusBackend
 
         logging.getLogger("pymilvus").setLevel(logging.CRITICAL)  # its errors reach the user as MilvusError
         return MilvusBackend(index_dir, uri, collection, model=model, device=device, dtype=dtype, token=token,
                              route_limit=route_limit)
-    from bge_index.local_index import LocalIndex
+    from bge_index.search.local_index import LocalIndex
 
     return LocalIndex(index_dir, model=model, device=device, dtype=dtype)

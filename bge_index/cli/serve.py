@@ -20,7 +20,7 @@ import typer
 from bge_index.cli.display import stderr, warning
 from bge_index.cli.options import Device, Dtype, IndexDir, QueryDtype, QueryModel
 from bge_index.errors import InvalidOptionError
-from bge_index.query import Query, SearchRequest
+from bge_index.search.query import Query, SearchRequest
 
 DEFAULT_PORT = 8765
 TOKEN_ENV = "BGE_INDEX_SERVE_TOKEN"
@@ -69,7 +69,7 @@ def serve(
     Answers are what `search --format json` and `info --format json` print. A run that commits a new
     generation is served from the next request on, without a restart.
     """
-    from bge_index import http_api  # needs the serve extra: a clear error before the model loads
+    from bge_index.serve import http_api  # needs the serve extra: a clear error before the model loads
 
     if not http_api.is_loopback(host) and not allow_remote:
         raise InvalidOptionError(f"--host {host} can be reached from other machines: add --allow-remote "
@@ -107,9 +107,9 @@ def serve(
 def _serve(index_dir, listener, host, token, max_batch, access_log, model, device, dtype, stopped_by, loading,
            log) -> None:
     """Load, warm up, serve until a signal; the part of `serve` that runs with its signal handler in place."""
-    from bge_index import http_api  # imported (and its extra checked) by `serve` already
-    from bge_index.local_index import LocalIndex
-    from bge_index.search_service import SearchService
+    from bge_index.serve import http_api  # imported (and its extra checked) by `serve` already
+    from bge_index.search.local_index import LocalIndex
+    from bge_index.serve.search_service import SearchService
 
     index = LocalIndex(index_dir, model=model, device=device, dtype=dtype)
     for message in index.notes:

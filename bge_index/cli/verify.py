@@ -12,12 +12,12 @@ from rich.markup import escape
 from bge_index.cli.display import stderr, stdout
 from bge_index.cli.options import IndexDir
 from bge_index.errors import EXIT_FAILURE
-from bge_index.manifest import read_manifest
+from bge_index.store.manifest import read_manifest
 
 
 def verify(index_dir: IndexDir) -> None:
     """Check every shard and deletion set against the manifest: sizes, checksums, schema, rows, duplicate ids."""
-    from bge_index.shard_reader import verify_index  # pyarrow.parquet: only for this command
+    from bge_index.store.shard_reader import verify_index  # pyarrow.parquet: only for this command
 
     problems = verify_index(index_dir)
     for problem in problems:

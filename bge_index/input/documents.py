@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from bge_index.document_types import (
+from bge_index.input.types import (
     STDIN,
     STDIN_NAME,
     Document,
@@ -33,7 +33,8 @@ from bge_index.document_types import (
     Skipped,
 )
 from bge_index.errors import InputError, QueryFileError
-from bge_index.formats import (
+from bge_index.store.names import FORMAT_NAME, MANIFEST_FILE
+from bge_index.input.formats import (
     SUPPORTED_FORMATS,
     format_of,
     open_regular_file,
@@ -50,10 +51,8 @@ __all__ = [
 ]
 
 _GLOB_CHARS = set("*?[")
-# How a bge-index index folder is recognised (manifest.py's MANIFEST_FILE and FORMAT_NAME, written as the
-# manifest's first key). Not imported from there: manifest.py loads pyarrow, which only Parquet inputs need.
-_INDEX_MANIFEST = "manifest.json"
-_INDEX_FORMAT = re.compile(rb'"format"\s*:\s*"bge-index"')
+# How an index folder is recognised: its manifest names FORMAT_NAME as its first key.
+_INDEX_FORMAT = re.compile(rb'"format"\s*:\s*"' + re.escape(FORMAT_NAME.encode()) + rb'"')
 _MANIFEST_HEAD_BYTES = 65536
 
 
@@ -116,7 +115,7 @@ class _PassedOver:
 def _holds_index(folder: Path) -> bool:
     """Whether `folder` holds a bge-index manifest.json: then it is an index, never input (its shards are Parquet)."""
     try:
-        with open_regular_file(folder / _INDEX_MANIFEST) as manifest:
+        with open_regular_file(folder / MANIFEST_FILE) as manifest:
             head = manifest.read(_MANIFEST_HEAD_BYTES)
     except OSError:  # none there, or unreadable (not an index we could recognise)
         return False
@@ -314,7 +313,7 @@ def _scan(top: Path, descend: Callable[[tuple[str, ...]], bool],
         except OSError as error:
             yield InputFile(folder, folder.as_posix(), problem=_describe_os_error(error))
             continue
-        if any(name == _INDEX_MANIFEST for name, _ in entries) and _holds_index(folder):
+        if any(name == MANIFEST_FILE for name, _ in entries) and _holds_index(folder):
             continue  # another bge-index index inside the corpus: its shards are no documents
         subfolders = []
         for name, kind in entries:

@@ -37,7 +37,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from bge_index.document_types import (
+from bge_index.input.types import (
     STDIN,
     STDIN_NAME,
     Document,

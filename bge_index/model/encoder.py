@@ -37,8 +37,8 @@ from transformers import AutoModel  # noqa: E402
 
 from bge_index.errors import ModelError, ModelMismatchError  # noqa: E402
 from bge_index.timings import stage_timer  # noqa: E402
-from bge_index.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
-from bge_index.model import (COLBERT_HEAD_FILE, DEFAULT_MODEL, QUERY_MAX_LENGTH, SPARSE_HEAD_FILE,  # noqa: E402
+from bge_index.model.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
+from bge_index.model.identity import (COLBERT_HEAD_FILE, DEFAULT_MODEL, QUERY_MAX_LENGTH, SPARSE_HEAD_FILE,  # noqa: E402
                              ModelIdentity, check_device, check_head, choose_precision, effective_max_length,
                              identify_model, parse_devices)
 

@@ -2,7 +2,7 @@
 
 Owns only these small types, so that input resolution (documents.py) and the
 format readers (formats.py) can share them without importing each other in a
-cycle. Import them from `bge_index.documents`, which re-exports them.
+cycle. Import them from `bge_index.input.documents`, which re-exports them.
 """
 
 from __future__ import annotations

@@ -51,11 +51,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bge_index.checked_files import CheckedFiles, file_key
+from bge_index.store.checked_files import CheckedFiles, file_key
 from bge_index.errors import IndexFormatError, OutputError
-from bge_index.manifest import (SEARCH_DIR, SEARCH_FILE_PATTERN, SEARCH_KINDS, Manifest, ShardInfo, file_sha256,
-                                fsync_dir, read_manifest)
-from bge_index.shard_reader import (_dense_rows, _sparse_csr, open_index_file, open_shard, read_deleted_rows,
+from bge_index.store.names import SEARCH_DIR, SEARCH_FILE_PATTERN, SEARCH_KINDS
+from bge_index.store.manifest import Manifest, ShardInfo, read_manifest
+from bge_index.store.files import file_sha256, fsync_dir
+from bge_index.store.shard_reader import (_dense_rows, _sparse_csr, open_index_file, open_shard, read_deleted_rows,
                                     read_rows_through)
 
 DERIVED_SUFFIXES = SEARCH_KINDS  # the kinds of search file, in ShardVectors' field order

@@ -31,9 +31,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bge_index.errors import IndexLockedError, OutputFolderError
+from bge_index.store.names import LOCK_FILE, MANIFEST_FILE, SEARCH_DIR
 
-LOCK_FILE = ".lock"
-MANIFEST_FILE, SEARCH_DIR = "manifest.json", "search"  # as manifest.py names them (it imports pyarrow: not here)
 
 
 def run_lock(index_dir: Path, dry_run: bool, wait: bool = False, on_wait: Callable[[str], None] | None = None,

@@ -51,11 +51,11 @@ except ImportError as missing:  # pragma: no cover - exercised only without the 
     raise ExtraUnavailableError(f"bge-index serve needs the serve extra: pip install 'bge-index[serve]' "
                                 f"({missing.name} is not installed)") from None
 
-from bge_index.document_types import Skipped, SkipReason
-from bge_index.formats import QUERY_FIELDS, record_to_document
-from bge_index.manifest import index_info
-from bge_index.query import Fusion, Mode, Normalize, Query, ScoreWeights, SearchRequest, results_json
-from bge_index.search_service import SearchService, ServiceClosed
+from bge_index.input.types import Skipped, SkipReason
+from bge_index.input.formats import QUERY_FIELDS, record_to_document
+from bge_index.store.info import index_info
+from bge_index.search.query import Fusion, Mode, Normalize, Query, ScoreWeights, SearchRequest, results_json
+from bge_index.serve.search_service import SearchService, ServiceClosed
 
 log = logging.getLogger("bge_index.serve")
 

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from bge_index.errors import ModelError
-from bge_index.shard_writer import RowBatch
+from bge_index.store.shard_writer import RowBatch
 
 MAX_BATCH_ROWS = 512
 

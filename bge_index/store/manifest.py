@@ -29,13 +29,8 @@ Writing is shard_writer.py's, reading and verifying shard_reader.py's.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
-import signal
-import tempfile
-import zlib
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,21 +38,11 @@ from pathlib import Path
 import pyarrow as pa
 
 from bge_index.errors import IndexFormatError
+from bge_index.store.names import DELETED_PATTERN, FORMAT_NAME, MANIFEST_FILE, SEARCH_FILE_PATTERN, SHARD_PATTERN
 
-FORMAT_NAME = "bge-index"
 FORMAT_VERSION = 2  # 2: search files in search/, listed per shard in the manifest (ShardInfo.search)
 READABLE_FORMAT_VERSIONS = (1, 2)  # a version 1 index is read (search files built in memory), written as 2
 SHARD_FORMAT_VERSION = 1  # the Parquet shards' own layout, in their schema metadata: unchanged since version 1
-MANIFEST_FILE = "manifest.json"
-SHARD_PATTERN = re.compile(r"^shard-(\d{6,})-(\d{5,})\.parquet$")
-DELETED_PATTERN = re.compile(r"^shard-(\d{6,})-(\d{5,})\.deleted-(\d{6,})\.npy$")
-# Search files derived from a shard (vector_store.py): kept exactly as long as their shard.
-# A search file as the manifest names it, relative to INDEX_DIR/search/ (vector_store.py).
-SEARCH_FILE_PATTERN = re.compile(r"^shard-\d{6,}-\d{5,}\.[a-z-]+\.npy$")
-SEARCH_DIR = "search"
-SEARCH_KINDS = ("dense", "token-ids", "token-ptr", "posting-rows", "posting-weights", "heavy-ids", "heavy-columns")
-# Format version 1 kept them beside the shards (below), with a stamp file; a version 2 reader ignores those.
-DERIVED_PATTERN = re.compile(r"^(shard-\d{6,}-\d{5,})\.(dense|token-ptr|posting-rows|posting-weights|heavy-ids|heavy-columns|stamp)\.npy$")
 CHUNK_COLUMNS = ("doc_id", "chunk", "char_start", "char_end")
 # How every shard is written, by IndexWriter (shard_writer.py) and by the Ray engine's Parquet sink (ray_engine.py).
 # Float vectors neither dictionary-encode nor have useful min/max statistics.
@@ -65,16 +50,6 @@ SHARD_WRITE_OPTIONS = {"compression": "zstd", "use_dictionary": ["id", "text", "
                        "write_statistics": ["id"], "write_page_checksum": True}
 SHARD_ROW_GROUP_ROWS = 1024  # rows per Parquet row group: what a reader decodes at a time
 
-
-
-def fault_point(name: str) -> None:
-    """Crash-test hook: die by SIGKILL here when BGE_INDEX_FAULT_AT names this point.
-
-    The crash-safety tests use it to kill a real run at exact places (mid
-    shard, after a shard, before and after the manifest switch).
-    """
-    if os.environ.get("BGE_INDEX_FAULT_AT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 @dataclass(frozen=True)
 class ShardInfo:
@@ -183,11 +158,6 @@ def utc_now() -> str:
 # Manifest I/O
 
 
-def is_index(index_dir: Path) -> bool:
-    """Whether `index_dir` holds a manifest.json (its content is not checked)."""
-    return (index_dir / MANIFEST_FILE).is_file()
-
-
 def read_manifest(index_dir: Path) -> Manifest:
     """The manifest of the index in `index_dir`; IndexFormatError if missing, damaged or of another format version.
 
@@ -245,114 +215,6 @@ def _bad_file_name(manifest: Manifest) -> str | None:
             if not isinstance(name, str) or not SEARCH_FILE_PATTERN.match(name):
                 return repr(name)
     return None
-
-
-def current_umask() -> int:
-    """The process's umask, read without changing it where /proc allows (changing it races other threads)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def write_atomically(path: Path, write) -> None:
-    """Write through `write(stream)` to a temporary file, fsync it, rename it over `path`.
-
-    The temporary file is mkstemp's (O_CREAT|O_EXCL|O_NOFOLLOW: never through a link) and the rename replaces
-    whatever `path` names, a link included, without following it. Permissions follow the umask (0644 under 022),
-    not mkstemp's 0600: an index written by a cron job must be readable by the services that search it.
-    """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            os.fchmod(fd, 0o666 & ~current_umask())
-            write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(folder: Path) -> None:
-    """fsync a folder so the renames in it survive a crash; best effort (skipped where that is not possible)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def file_crc32(path: Path) -> int:
-    """CRC-32 (zlib) of a file, read 4 MiB at a time: the search files' checksum (about 1 GB/s)."""
-    crc = 0
-    with open(path, "rb") as stream:
-        while chunk := stream.read(1 << 22):
-            crc = zlib.crc32(chunk, crc)
-    return crc
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file, read 4 MiB at a time."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while chunk := stream.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def content_hash(text: str) -> str:
-    """What incremental runs compare: 128 bits of BLAKE2b over the document text."""
-    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
-
-
-
-def shard_file_name(generation: int, number: int) -> str:
-    """`shard-GGGGGG-NNNNN.parquet`: shard `number` of generation `generation`."""
-    return f"shard-{generation:06d}-{number:05d}.parquet"
-
-
-def is_index_data_file(name: str) -> bool:
-    """Shards, deletion sets, their search files (the search/ folder; format 1's beside the shards) and temporary
-    files: what writers and readers leave here."""
-    return bool(SHARD_PATTERN.match(name) or DELETED_PATTERN.match(name) or DERIVED_PATTERN.match(name)
-                or name == SEARCH_DIR or (name.startswith(".") and name.endswith(".tmp")))
-
-
-def index_size_bytes(index_dir: Path, manifest: Manifest) -> int:
-    """Bytes of manifest.json and of the shards and deletion sets it names (search files not counted)."""
-    deletion_sets = sum((index_dir / s.deleted_file).stat().st_size for s in manifest.shards if s.deleted_file)
-    return sum(s.bytes for s in manifest.shards) + deletion_sets + (index_dir / MANIFEST_FILE).stat().st_size
-
-
-def index_info(index_dir: Path, manifest: Manifest) -> dict:
-    """The manifest as JSON plus where the index is and its size: what `info --format json` prints."""
-    data = manifest.to_json()
-    data["index_dir"] = str(index_dir)
-    data["bytes"] = index_size_bytes(index_dir, manifest)
-    return data
-
-
-@dataclass(frozen=True, slots=True)  # one per row written in a run: kept small
-class RowLocation:
-    """Where a row lives: shard file name and row number inside it."""
-
-    file: str
-    row: int
-
 
 
 def shard_schema(dense_dim: int, colbert_dim: int | None, store_text: bool, chunked: bool) -> pa.Schema:

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from bge_index.encoder import EncodedBatch, Encoder
+from bge_index.model.encoder import EncodedBatch, Encoder
 
 
 @dataclass

@@ -29,12 +29,13 @@ from pathlib import Path
 
 import numpy as np
 
-from bge_index.batching import WindowRows, token_budget_batches
-from bge_index.documents import Document, Skipped, iter_documents
-from bge_index.lock import run_lock
-from bge_index.manifest import RowLocation, content_hash
-from bge_index.run import IndexEvents, IndexOptions, IndexProgress, IndexRun, IndexSummary, Outcome, refuse_foreign_folder
-from bge_index.shard_writer import RowBatch
+from bge_index.model.batching import WindowRows, token_budget_batches
+from bge_index.input.documents import Document, Skipped, iter_documents
+from bge_index.store.lock import run_lock
+from bge_index.store.shard_reader import RowLocation
+from bge_index.run.index_run import content_hash
+from bge_index.run.index_run import IndexEvents, IndexOptions, IndexProgress, IndexRun, IndexSummary, Outcome, refuse_foreign_folder
+from bge_index.store.shard_writer import RowBatch
 
 WINDOW_DOCUMENTS = 2048
 
@@ -106,7 +107,7 @@ class LocalEngine:
 
     def _devices(self) -> list[str]:
         if self.options.devices:
-            from bge_index.encoder import resolve_devices
+            from bge_index.model.encoder import resolve_devices
 
             return resolve_devices(self.options.devices)
         return [self.options.device]
@@ -114,7 +115,7 @@ class LocalEngine:
     def _device_type(self) -> str:
         if self.encoder is not None:
             return self.encoder.device.type
-        from bge_index.encoder import resolve_device
+        from bge_index.model.encoder import resolve_device
 
         return resolve_device(self._devices()[0]).type
 
@@ -232,8 +233,8 @@ class LocalEngine:
 
     def _load_workers(self):
         if self.workers is None:
-            from bge_index.encoder import load_encoder
-            from bge_index.workers import EncodingWorkers
+            from bge_index.model.encoder import load_encoder
+            from bge_index.model.workers import EncodingWorkers
 
             self.events.stage("loading model")
             started = time.perf_counter()

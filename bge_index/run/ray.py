@@ -54,16 +54,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from bge_index.batching import encode_documents
-from bge_index.documents import (STDIN_NAME, Document, FieldNames, InputFile, SkipReason, Skipped, read_input_file,
+from bge_index.model.batching import encode_documents
+from bge_index.input.documents import (STDIN_NAME, Document, FieldNames, InputFile, SkipReason, Skipped, read_input_file,
                                  resolve_inputs)
 from bge_index.errors import ExtraUnavailableError, InvalidOptionError
 from bge_index.extras import require
-from bge_index.lock import run_lock
-from bge_index.manifest import SHARD_ROW_GROUP_ROWS, SHARD_WRITE_OPTIONS, content_hash, shard_schema
-from bge_index.run import IndexEvents, IndexOptions, IndexProgress, IndexRun, IndexSummary, Outcome, refuse_foreign_folder
-from bge_index.shard_reader import read_shard_column
-from bge_index.shard_writer import rows_to_table
+from bge_index.store.lock import run_lock
+from bge_index.store.manifest import SHARD_ROW_GROUP_ROWS, SHARD_WRITE_OPTIONS, shard_schema
+from bge_index.run.index_run import content_hash
+from bge_index.run.index_run import IndexEvents, IndexOptions, IndexProgress, IndexRun, IndexSummary, Outcome, refuse_foreign_folder
+from bge_index.store.shard_reader import read_shard_column
+from bge_index.store.shard_writer import rows_to_table
 
 DOCUMENTS_PER_CALL = 256  # documents per block and per actor call (sorted by length inside the call)
 _LOOPBACK = "127.0.0.1"
@@ -282,7 +283,7 @@ class ShardEncoder:
     """The map_batches actor: loads the model once, then turns Arrow batches of documents into shard rows."""
 
     def __init__(self, settings: EncodeSettings, counters) -> None:
-        from bge_index.encoder import load_encoder  # torch: only in the actors
+        from bge_index.model.encoder import load_encoder  # torch: only in the actors
 
         if settings.threads is not None:
             import torch  # the encoder's own import; only the thread count is set here

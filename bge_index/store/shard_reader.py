@@ -21,10 +21,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bge_index.errors import IndexFormatError
-from bge_index.manifest import (MANIFEST_FILE, SEARCH_DIR, Manifest, RowLocation, ShardInfo, file_crc32, file_sha256,
-                                manifest_schema, read_manifest)
+from bge_index.store.names import MANIFEST_FILE, SEARCH_DIR
+from bge_index.store.manifest import Manifest, ShardInfo, manifest_schema, read_manifest
+from bge_index.store.files import file_crc32, file_sha256
 
 
+
+
+@dataclass(frozen=True, slots=True)  # one per row written in a run: kept small
+class RowLocation:
+    """Where a row lives: shard file name and row number inside it."""
+
+    file: str
+    row: int
 
 
 def read_deleted_rows(index_dir: Path, shard: ShardInfo) -> np.ndarray:

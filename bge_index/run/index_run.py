@@ -36,6 +36,7 @@ never load it. Engines see the run through `IndexRun`; a typical engine does
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -44,11 +45,18 @@ from enum import Enum
 from pathlib import Path
 
 from bge_index import __version__
-from bge_index.documents import FieldNames, Skipped
+from bge_index.input.documents import FieldNames, Skipped
 from bge_index.errors import IndexMismatchError, InvalidOptionError, OutputFolderError, StrictModeError
-from bge_index.lock import LOCK_FILE
-from bge_index.manifest import Manifest, RowLocation, index_size_bytes, is_index, is_index_data_file, read_manifest
-from bge_index.model import ModelIdentity, ModelInfo, choose_precision, identify_model
+from bge_index.store.manifest import Manifest, read_manifest
+from bge_index.store.shard_reader import RowLocation
+from bge_index.store.info import index_size_bytes
+from bge_index.store.names import LOCK_FILE, is_index, is_index_data_file
+from bge_index.model.identity import ModelIdentity, ModelInfo, choose_precision, identify_model
+
+
+def content_hash(text: str) -> str:
+    """What incremental runs compare: 128 bits of BLAKE2b over the document text."""
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -278,7 +286,7 @@ class IndexRun:
         return choose_precision(self.options.dtype, device_type())
 
     def _load_existing(self) -> dict[str, Existing]:
-        from bge_index.shard_reader import iter_live_keys
+        from bge_index.store.shard_reader import iter_live_keys
 
         existing: dict[str, Existing] = {}
         if self.previous is not None:
@@ -292,7 +300,7 @@ class IndexRun:
 
     def open_writer(self):
         """The writer of this run's generation (None in a dry run)."""
-        from bge_index.shard_writer import IndexWriter
+        from bge_index.store.shard_writer import IndexWriter
 
         if not self.options.dry_run and self.writer is None:
             self.writer = IndexWriter(self.index_dir, self.manifest, self.options.shard_rows, base=self.previous)

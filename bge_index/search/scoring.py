@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from bge_index.errors import NoColbertVectors
-from bge_index.query import RRF_DEPTH, RRF_K, Hit, QueryVectors, ScoreWeights
-from bge_index.vector_store import ShardVectors
+from bge_index.search.query import RRF_DEPTH, RRF_K, Hit, QueryVectors, ScoreWeights
+from bge_index.store.vector_store import ShardVectors
 
 MODES = ("hybrid", "dense", "sparse", "colbert")
 FUSIONS = ("weighted", "rrf")

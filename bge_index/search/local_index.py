@@ -19,14 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from bge_index.encoder import Encoder, load_encoder
+from bge_index.model.encoder import Encoder, load_encoder
 from bge_index.errors import ModelMismatchError, NoColbertVectors
-from bge_index.manifest import read_manifest
-from bge_index.model import QUERY_MAX_LENGTH, ModelIdentity
-from bge_index.query import Hit, Mode, Normalize, Query, QueryResult, QueryVectors, RankedDocument, SearchRequest
-from bge_index.search import Searcher
+from bge_index.store.manifest import read_manifest
+from bge_index.model.identity import QUERY_MAX_LENGTH, ModelIdentity
+from bge_index.search.query import Hit, Mode, Normalize, Query, QueryResult, QueryVectors, RankedDocument, SearchRequest
+from bge_index.search.scoring import Searcher
 from bge_index.timings import stage_timer
-from bge_index.vector_store import OpenIndex
+from bge_index.store.vector_store import OpenIndex
 
 def encode_queries(encoder: Encoder, texts: Sequence[str], colbert: bool = False) -> list[QueryVectors]:
     """Queries -> vectors, the one way every search backend encodes them (at most QUERY_MAX_LENGTH tokens).

@@ -40,9 +40,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from bge_index.errors import BgeIndexError
-from bge_index.local_index import LocalIndex
-from bge_index.manifest import MANIFEST_FILE
-from bge_index.query import Query, QueryResult, SearchRequest
+from bge_index.search.local_index import LocalIndex
+from bge_index.store.names import MANIFEST_FILE
+from bge_index.search.query import Query, QueryResult, SearchRequest
 
 log = logging.getLogger("bge_index.serve")
 

@@ -50,11 +50,11 @@ import numpy as np
 
 from bge_index.errors import BgeIndexError, ExtraUnavailableError, IndexFormatError, InvalidOptionError, MilvusError
 from bge_index.extras import require
-from bge_index.manifest import Manifest, read_manifest
-from bge_index.model import ModelIdentity
-from bge_index.query import (RRF_DEPTH, RRF_K, Hit, Mode, Normalize, Query, QueryResult, QueryVectors, RankedDocument,
+from bge_index.store.manifest import Manifest, read_manifest
+from bge_index.model.identity import ModelIdentity
+from bge_index.search.query import (RRF_DEPTH, RRF_K, Hit, Mode, Normalize, Query, QueryResult, QueryVectors, RankedDocument,
                              ScoreWeights, SearchRequest)
-from bge_index.shard_reader import LiveRows, iter_live_rows
+from bge_index.store.shard_reader import LiveRows, iter_live_rows
 
 MAX_VARCHAR_BYTES = 65_535
 PROPERTY = "bge_index"  # collection property holding the exported index's identity (JSON)
@@ -328,7 +328,7 @@ class MilvusBackend:
 
     def __init__(self, index_dir: Path, uri: str, collection: str, model: str | None = None, device: str = "auto",
                  dtype: str = "auto", token: str | None = None, route_limit: int | None = None):
-        from bge_index.local_index import load_index_encoder
+        from bge_index.search.local_index import load_index_encoder
 
         if route_limit is not None and route_limit < 1:
             raise InvalidOptionError("--route-limit must be at least 1")
@@ -377,7 +377,7 @@ class MilvusBackend:
 
     def encode_queries(self, texts: Sequence[str]) -> list[QueryVectors]:
         """Query texts -> vectors, exactly as local search encodes them."""
-        from bge_index.local_index import encode_queries
+        from bge_index.search.local_index import encode_queries
 
         return encode_queries(self.encoder, texts)
 
