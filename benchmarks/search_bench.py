@@ -105,11 +105,11 @@ def measure(index_dir: Path, batch_queries: int, latency_queries: int) -> dict:
     from bge_index.search.query import QueryVectors
     from bge_index.search.scoring import Searcher, top_k
     from bge_index.store.shard_reader import read_shard_vectors
-    from bge_index.store.vector_store import open_store
+    from bge_index.store.vector_store import OpenIndex
 
     manifest = read_manifest(index_dir)
     opened = time.perf_counter()
-    shards = open_store(index_dir, manifest)
+    shards = OpenIndex.open(index_dir, manifest).vectors  # what LocalIndex opens, without the model
     searcher = Searcher(shards, manifest.vocab_size)
     open_seconds = time.perf_counter() - opened
     rng, cdf = np.random.default_rng(1), zipf_cdf()
@@ -168,8 +168,8 @@ def measure(index_dir: Path, batch_queries: int, latency_queries: int) -> dict:
 def open_twice(index_dir: Path) -> tuple[float, float]:
     """Seconds for a first open (builds search files when missing) and a second one, each in a new process."""
     code = ("import sys,time;from pathlib import Path;from bge_index.store.manifest import read_manifest;"
-            "from bge_index.store.vector_store import open_store;t=time.perf_counter();d=Path(sys.argv[1]);"
-            "open_store(d, read_manifest(d));print(time.perf_counter()-t)")
+            "from bge_index.store.vector_store import OpenIndex;t=time.perf_counter();d=Path(sys.argv[1]);"
+            "OpenIndex.open(d, read_manifest(d));print(time.perf_counter()-t)")
     times = [float(subprocess.run([sys.executable, "-c", code, str(index_dir)], check=True, capture_output=True,
                                   text=True).stdout) for _ in range(2)]
     return times[0], times[1]

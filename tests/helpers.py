@@ -22,7 +22,7 @@ import pyarrow as pa
 from bge_index.store.manifest import Manifest, read_manifest
 from bge_index.search.scoring import Searcher
 from bge_index.store.shard_reader import live_mask, open_shard, read_rows
-from bge_index.store.vector_store import shard_vectors_from_csr
+from bge_index.store.vector_store import ShardVectors, heavy_columns, invert
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_CORPUS = REPO / "sample_data" / "corpus"
@@ -168,9 +168,25 @@ def read_shard_table(index_dir: Path, shard, columns: list[str]):
     return open_shard(index_dir, shard).read(columns=columns)
 
 
+def shard_vectors_from_csr(dense: np.ndarray, indptr: np.ndarray, indices: np.ndarray, values: np.ndarray,
+                           vocab_size: int, start: int = 0, live: np.ndarray | None = None) -> ShardVectors:
+    """A shard's searchable vectors built in memory from its rows (what the search files hold, without files).
+
+    dense [rows, D] float16; sparse as CSR: indptr [rows + 1], indices [nnz] uint32 token ids, values [nnz] float32.
+    """
+    token_ids, token_ptr, rows, weights = invert(indptr, indices, values, vocab_size)
+    heavy, columns = heavy_columns(token_ids, token_ptr, rows, weights, dense.shape[0])
+    return ShardVectors(start, dense, token_ids, token_ptr, rows, weights, heavy, columns, live=live)
+
+
 def searcher_for(vectors: IndexVectors, vocab_size: int, doc_ids=None) -> Searcher:
     """A Searcher over vectors held in memory, as one shard."""
     shard = shard_vectors_from_csr(vectors.dense, vectors.sparse_indptr, vectors.sparse_indices, vectors.sparse_values,
                                    vocab_size)
     return Searcher([shard], vocab_size,
                     doc_ids=doc_ids or (lambda: vectors.doc_ids if vectors.doc_ids is not None else vectors.ids))
+
+
+def encode_texts(encoder, texts, max_length: int = 512, colbert: bool = False):
+    """Encode a few texts as one padded batch (what FlagEmbedding does), for comparisons in tests."""
+    return encoder.encode_ids([t.ids for t in encoder.tokenize(texts, max_length)], colbert=colbert)

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import REPO, SAMPLE_CORPUS, SAMPLE_QUERIES, invoke, load_vectors, module_command, run_process
+from helpers import REPO, SAMPLE_CORPUS, SAMPLE_QUERIES, encode_texts, invoke, load_vectors, module_command, run_process
 
 from bge_index.search.evaluation import evaluate, read_qrels, read_run
 from bge_index.store.manifest import FORMAT_VERSION, read_manifest
@@ -266,7 +266,7 @@ def test_search_refuses_a_different_model(sample_index, tiny_model, tmp_path):
 def brute_force(index, encoder, query, mode, weights=(1.0, 0.3)):
     """Score every document independently of search.py."""
     vectors = load_vectors(index, read_manifest(index))
-    encoded = encoder.encode_texts([query])
+    encoded = encode_texts(encoder, [query])
     q_dense = encoded.dense[0]
     q_sparse = dict(zip(encoded.sparse[0][0].tolist(), encoded.sparse[0][1].tolist()))
     scores = []

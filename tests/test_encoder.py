@@ -17,6 +17,7 @@ from transformers import AutoModel, AutoTokenizer
 from bge_index.model.encoder import load_encoder, resolve_device, resolve_dtype
 from bge_index.errors import ModelError, ModelMismatchError
 from bge_index.model.identity import ModelIdentity, cpu_has_native_bf16, model_identity
+from helpers import encode_texts
 
 TEXTS = [
     "The Moon orbits the Earth.",
@@ -86,7 +87,7 @@ def test_vectors_equal_reference_computation(encoder, reference):
 
 
 def test_dense_is_unit_length_and_sparse_is_sorted_positive(encoder):
-    batch = encoder.encode_texts(TEXTS, colbert=True)
+    batch = encode_texts(encoder, TEXTS, colbert=True)
     np.testing.assert_allclose(np.linalg.norm(batch.dense, axis=1), 1.0, atol=1e-5)
     for ids, weights in batch.sparse:
         assert ids.dtype == np.uint32 and weights.dtype == np.float32
@@ -116,17 +117,17 @@ def test_repeated_token_keeps_max_weight(encoder, reference):
             hidden_weights.setdefault(token, []).append(weight)
     repeated = [tok for tok, ws in hidden_weights.items() if len(ws) > 1 and tok in lexical]
     assert repeated, "the text must repeat a token with a positive weight"
-    ours = as_dict(encoder.encode_texts([text]).sparse[0])
+    ours = as_dict(encode_texts(encoder, [text]).sparse[0])
     for token in repeated:
         assert ours[token] == pytest.approx(max(hidden_weights[token]), abs=1e-5)
         assert len(set(round(w, 6) for w in hidden_weights[token])) > 1  # occurrences really differ
 
 
 def test_batch_composition_and_order_do_not_change_vectors(encoder):
-    together = encoder.encode_texts(TEXTS, colbert=True)
-    reversed_batch = encoder.encode_texts(TEXTS[::-1], colbert=True)
+    together = encode_texts(encoder, TEXTS, colbert=True)
+    reversed_batch = encode_texts(encoder, TEXTS[::-1], colbert=True)
     for row, text in enumerate(TEXTS):
-        alone = encoder.encode_texts([text], colbert=True)
+        alone = encode_texts(encoder, [text], colbert=True)
         other = len(TEXTS) - 1 - row
         for batch, index in ((alone, 0), (reversed_batch, other)):
             np.testing.assert_allclose(batch.dense[index], together.dense[row], atol=1e-5)
@@ -214,6 +215,6 @@ def test_device_and_dtype_resolution():
 
 def test_bf16_vectors_stay_close_to_fp32(tiny_model, encoder):
     bf16 = load_encoder(str(tiny_model), device="cpu", dtype="bf16")
-    ours, theirs = bf16.encode_texts(TEXTS), encoder.encode_texts(TEXTS)
+    ours, theirs = encode_texts(bf16, TEXTS), encode_texts(encoder, TEXTS)
     cosines = np.sum(ours.dense * theirs.dense, axis=1)
     assert np.all(cosines > 0.99)

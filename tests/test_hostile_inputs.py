@@ -530,6 +530,7 @@ def test_socket_and_device_are_skipped(tmp_path):
 
 
 def test_symlinks_followed_to_files_and_broken_ones_skipped(tmp_path):
+    # With --follow-links (issue 18: without it, a link out of the input folder is not read; test_input_links.py).
     corpus = tmp_path / "c"
     target = write(tmp_path / "elsewhere" / "t.txt", "target text")
     corpus.mkdir()
@@ -537,7 +538,10 @@ def test_symlinks_followed_to_files_and_broken_ones_skipped(tmp_path):
     os.symlink(tmp_path / "nowhere.txt", corpus / "dangling.txt")
     os.symlink(corpus / "loop-b.txt", corpus / "loop-a.txt")
     os.symlink(corpus / "loop-a.txt", corpus / "loop-b.txt")
-    items = read_all([corpus])
+    assert [(Path(s.source).name, s.code, s.hides_documents) for s in skips_of(read_all([corpus]))] == [
+        ("dangling.txt", SkipReason.LINK_OUTSIDE_INPUTS, False), ("link.txt", SkipReason.LINK_OUTSIDE_INPUTS, False),
+        ("loop-a.txt", SkipReason.BROKEN_LINK, True), ("loop-b.txt", SkipReason.BROKEN_LINK, True)]
+    items = read_all([corpus], follow_links=True)
     assert docs_of(items) == [Document("link.txt", "target text", str(corpus / "link.txt"))]
     assert [(Path(s.source).name, s.code, s.hides_documents) for s in skips_of(items)] == [
         ("dangling.txt", SkipReason.BROKEN_LINK, True), ("loop-a.txt", SkipReason.BROKEN_LINK, True),

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import SAMPLE_CORPUS, index, invoke, live_texts, load_vectors, write_jsonl
+from helpers import SAMPLE_CORPUS, encode_texts, index, invoke, live_texts, load_vectors, write_jsonl
 
 import bge_index.run.local as indexing
 from bge_index.input.documents import Skipped
@@ -261,7 +261,7 @@ def test_group_by_doc_ranks_documents_by_their_best_passage(tiny_model, encoder,
     assert len({h["id"] for h in hits}) == 4 and all(h["passage"].startswith(h["id"] + "#") for h in hits)
     # Brute force: a document scores as its best passage.
     vectors = load_vectors(out, read_manifest(out))
-    query = encoder.encode_texts(["moon orbits"])
+    query = encode_texts(encoder, ["moon orbits"])
     q_sparse = dict(zip(query.sparse[0][0].tolist(), query.sparse[0][1].tolist()))
     best: dict[str, float] = {}
     for row, doc_id in enumerate(vectors.doc_ids):

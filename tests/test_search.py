@@ -26,7 +26,7 @@ from bge_index.search.scoring import (
 )
 from bge_index.store.manifest import read_manifest
 from bge_index.store import shard_writer
-from bge_index.store.vector_store import ShardVectors, invert, invert_streaming, open_store
+from bge_index.store.vector_store import OpenIndex, ShardVectors, invert, invert_streaming
 
 TOL = 1e-5
 VOCAB = 300
@@ -807,13 +807,13 @@ def test_store_is_multi_shard_with_deletions_and_a_compaction(store_index):
 
 @pytest.mark.parametrize("k", [1, 13, 1000])
 def test_memory_mapped_search_files_equal_brute_force(store_index, store_queries, k):
-    """The searcher `bge-index search` builds: open_store's memory-mapped shards (with their deletion masks)."""
+    """The searcher `bge-index search` builds: OpenIndex's memory-mapped shards (with their deletion masks)."""
     out, _ = store_index
     rows = brute_force_rows(out)
     position = {row_id: row for row, row_id, _, _ in rows}
     id_of = {row: row_id for row_id, row in position.items()}
     manifest = read_manifest(out)
-    shards = open_store(out, manifest)
+    shards = OpenIndex.open(out, manifest).vectors
     assert sum(shard.live is not None for shard in shards) >= 3  # deletion sets are in play
     searcher = Searcher(shards, manifest.vocab_size)
     checked = 0

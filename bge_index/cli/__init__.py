@@ -19,7 +19,10 @@ above it exists; no part may import the CLI back.
 
 from __future__ import annotations
 
+import atexit
 import functools
+import os
+import sys
 from collections.abc import Callable
 from typing import Annotated, TypeVar
 
@@ -93,5 +96,59 @@ app.add_typer(export_app, name="export")
 
 
 def main() -> None:
-    """The console script `bge-index` (and `python -m bge_index`)."""
-    app()
+    """The console script `bge-index` (and `python -m bge_index`): run the command, then exit at once.
+
+    Usage errors are one `bge-index: error:` line and exit 2, like every other error. The process ends
+    with `os._exit` once output is flushed and atexit handlers have run: the native libraries' own threads
+    (tokenizers, torch, Arrow) may still be running when the interpreter tears down, and a C++ thread
+    destroyed then aborts the process (SIGABRT, "terminate called without an active exception") after
+    the command has succeeded. Nothing of ours is left to do by then.
+    """
+    _exit_now(_run_app())
+
+
+def _click_errors() -> tuple[type[Exception], ...]:
+    """Click's usage-error base class: Typer >= 0.26 carries its own Click, older ones use the click package."""
+    try:
+        from typer._click.exceptions import ClickException  # Typer's own Click (no public name for it)
+    except ImportError:
+        from click.exceptions import ClickException
+    return (ClickException,)
+
+
+_CLICK_ERRORS = _click_errors()
+
+
+def _run_app() -> int:
+    """The command's exit code, with Click's usage errors and aborts as one line each."""
+    try:
+        result = app(standalone_mode=False)
+    except _CLICK_ERRORS as problem:
+        if type(problem).__name__ == "NoArgsIsHelpError":  # `bge-index` alone: the help is the message
+            sys.stderr.write(problem.format_message() + "\n")
+            return problem.exit_code
+        context = getattr(problem, "ctx", None)
+        where = f" (see `{context.command_path} --help`)" if context is not None else ""
+        # Typer passes pydantic's "Value error, ..." through: the reader needs only what follows it
+        message = " ".join(problem.format_message().replace("Value error, ", "").split())
+        error(message + where)
+        return problem.exit_code
+    except typer.Abort:  # Ctrl-C or end of input at a prompt
+        stderr.print("bge-index: interrupted")
+        return EXIT_INTERRUPTED
+    return result if isinstance(result, int) else 0
+
+
+def _exit_now(code: int) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: the reader is gone, nothing more to say
+            pass
+    atexit._run_exitfuncs()  # Ray's shutdown and other Python-level clean-ups still run
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)

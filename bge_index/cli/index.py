@@ -50,6 +50,9 @@ def index(
     id_field: Annotated[Optional[str], typer.Option(help="Id field/column (default: id, _id or docid).")] = None,
     text_field: Annotated[Optional[str], typer.Option(help="Text field/column (default: text or contents).")] = None,
     keep_missing: Annotated[bool, typer.Option("--keep-missing", help="Keep indexed documents missing from the inputs.")] = False,
+    follow_links: Annotated[bool, typer.Option(
+        "--follow-links", help="Read files in input folders whose symbolic links lead out of those folders "
+                               "(skipped by default: a link to /etc/shadow is not a document).")] = False,
     max_remove: Annotated[str, typer.Option(envvar="BGE_INDEX_MAX_REMOVE",
                                             help="Remove nothing if a run would remove more than this share (50%, 0.5) "
                                                  "or count (100) of the index's documents; 100% allows all.")] = "50%",
@@ -78,7 +81,7 @@ def index(
     options = IndexOptions(model=model, device=device, devices=devices, dtype=dtype.value, batch_tokens=batch_tokens,
                            max_length=max_length, shard_rows=shard_rows, colbert=colbert, store_text=store_text,
                            strict=strict, fields=FieldNames.from_options(id_field, text_field),
-                           chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap, keep_missing=keep_missing,
+                           chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap, keep_missing=keep_missing, follow_links=follow_links,
                            dry_run=dry_run, wait=wait, max_remove=max_remove)
 
     def run_index(display: IndexDisplay, should_stop) -> IndexSummary:

@@ -61,18 +61,22 @@ def iter_documents(
     fields: FieldNames = FieldNames(),
     stdin: BinaryIO | None = None,
     exclude: Sequence[Path] = (),
+    follow_links: bool = False,
 ) -> Iterator[DocumentOrSkipped]:
     """Stream documents (and skipped records) from `inputs`, in input order.
 
     Every input is checked up front, so a typo fails before any work is done
     (InputError); folders are walked lazily. Nothing inside the `exclude` folders
-    (the index being written) or inside any other bge-index index is read.
+    (the index being written) or inside any other bge-index index is read. A file in an input folder
+    whose real path leaves that folder (a symbolic link to /etc/shadow) is skipped, not read, unless
+    `follow_links`; a file named directly is read wherever it is.
     """
-    files = resolve_inputs(inputs, exclude)
+    files = resolve_inputs(inputs, exclude, follow_links)
     return _iter_all(files, fields, stdin if stdin is not None else sys.stdin.buffer)
 
 
-def resolve_inputs(inputs: Sequence[str], exclude: Sequence[Path] = ()) -> Iterator[InputFile]:
+def resolve_inputs(inputs: Sequence[str], exclude: Sequence[Path] = (), follow_links: bool = False
+                   ) -> Iterator[InputFile]:
     """Check that every input names something, then expand them lazily into files.
 
     Ids of whole-file documents: a file given directly keeps its path as typed; a file found in a
@@ -85,7 +89,7 @@ def resolve_inputs(inputs: Sequence[str], exclude: Sequence[Path] = ()) -> Itera
     """
     if not inputs:
         raise InputError("no inputs given")
-    passed_over = _PassedOver(exclude)
+    passed_over = _PassedOver(exclude, follow_links)
     expanded: list[Callable[[], Iterable[InputFile]]] = []
     for arg in inputs:
         expanded.append(_expander(arg, passed_over))
@@ -95,8 +99,13 @@ def resolve_inputs(inputs: Sequence[str], exclude: Sequence[Path] = ()) -> Itera
 class _PassedOver:
     """The folders never read: those excluded (by real path) and any holding a bge-index manifest."""
 
-    def __init__(self, exclude: Sequence[Path]):
+    def __init__(self, exclude: Sequence[Path], follow_links: bool = False):
         self.real = {os.path.realpath(folder) for folder in exclude}
+        self.follow_links = follow_links
+
+    def root(self, folder: Path) -> str | None:
+        """The real path files found under `folder` must stay inside (None: --follow-links, no bound)."""
+        return None if self.follow_links else os.path.realpath(folder)
 
     def excluded(self, real: str) -> bool:
         """Whether the real path `real` is an excluded folder or inside one."""
@@ -262,7 +271,8 @@ def _expand_matches(matches: list[tuple[Path, str] | InputFile], base: Path,
             found = [] if passed_over.folder(path) else _walk_folder(path, base, passed_over)
         else:
             # Files, and what only looks like one (a FIFO, a dangling link): reading says why it is skipped.
-            found = [InputFile(path, path.relative_to(base).as_posix())]
+            found = [] if kind == _LINKED_FILE and passed_over.file(path) else [
+                InputFile(path, path.relative_to(base).as_posix(), root=passed_over.root(base))]
         for input_file in found:
             # `dir/**` matches a folder and the files inside it: read each file once.
             if input_file.path not in seen:
@@ -279,17 +289,20 @@ def _walk_folder(folder: Path, id_base: Path, passed_over: _PassedOver) -> Itera
     it is a Skipped that hides documents, so an unreadable folder is never taken
     for an empty one (whose documents a run would remove).
     """
+    root = passed_over.root(folder)
     for event in _scan(folder, lambda rel: True, passed_over):
         if isinstance(event, InputFile):
             assert event.path is not None
             yield InputFile(event.path, event.path.relative_to(id_base).as_posix(), event.problem)
             continue
         path, kind = event
-        if kind == _FILE and format_of(path) in SUPPORTED_FORMATS:
-            yield InputFile(path, path.relative_to(id_base).as_posix())
+        if kind == _LINKED_FILE and passed_over.file(path):
+            continue  # a link to an index's own file (another index's manifest, say): never input
+        if kind in (_FILE, _LINKED_FILE) and format_of(path) in SUPPORTED_FORMATS:
+            yield InputFile(path, path.relative_to(id_base).as_posix(), root=root)
 
 
-_FILE, _FOLDER, _LINKED_FOLDER = "file", "folder", "linked folder"
+_FILE, _LINKED_FILE, _FOLDER, _LINKED_FOLDER = "file", "linked file", "folder", "linked folder"
 
 
 def _scan(top: Path, descend: Callable[[tuple[str, ...]], bool],
@@ -297,7 +310,8 @@ def _scan(top: Path, descend: Callable[[tuple[str, ...]], bool],
     """Everything under `top` that is not hidden, as (path, kind), depth first, each folder's entries sorted by name.
 
     A folder's own entry comes before what it holds, and its files before its subfolders' contents.
-    Kinds: `_FILE` (anything not a folder: reading decides), `_FOLDER`, `_LINKED_FOLDER` (a symlink to a
+    Kinds: `_FILE` (anything not a folder: reading decides), `_LINKED_FILE` (a symbolic link to one: reading
+    checks it stays inside the input folder), `_FOLDER`, `_LINKED_FOLDER` (a symlink to a
     folder: never followed, so a symlink loop cannot trap the walk). A folder that cannot be listed comes
     as an InputFile naming it, with `problem` set. `descend(components under top)` says whether a folder
     is worth listing; folders that are excluded or hold an index are passed over with their contents.
@@ -340,7 +354,7 @@ def _list_folder(folder: Path) -> list[tuple[str, str]]:
             except OSError:
                 is_folder = False  # cannot tell (a symlink loop...): as a file, reading it says what is wrong
             if not is_folder:
-                kind = _FILE
+                kind = _LINKED_FILE if entry.is_symlink() else _FILE
             else:
                 kind = _LINKED_FOLDER if entry.is_symlink() else _FOLDER
             entries.append((entry.name, kind))

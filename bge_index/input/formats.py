@@ -66,6 +66,15 @@ def format_of(path: Path) -> str:
     return suffixes[-1] if suffixes else ""
 
 
+def is_inside(real: str, folder: str) -> bool:
+    """Whether the real path `real` is the real folder `folder` or under it.
+
+        >>> is_inside("/srv/docs/a.txt", "/srv/docs"), is_inside("/srv/docs2/a.txt", "/srv/docs")
+        (True, False)
+    """
+    return real == folder or real.startswith(folder.rstrip(os.sep) + os.sep)
+
+
 def read_input_file(input_file: InputFile, fields: FieldNames = FieldNames()) -> Iterator[DocumentOrSkipped]:
     """Documents (and skipped records) of one file, in order: what a distributed reader runs per file."""
     if input_file.path is None:
@@ -79,6 +88,10 @@ def _read_file(input_file: InputFile, fields: FieldNames) -> Iterator[DocumentOr
     source = input_file.display
     if input_file.problem is not None:  # a folder the walk could not list
         yield _unlistable(source, input_file.problem)
+        return
+    if input_file.root is not None and not is_inside(os.path.realpath(path), input_file.root):
+        yield Skipped(source, None, f"symbolic link out of the input folder (to {os.path.realpath(path)}); not read "
+                      "(--follow-links reads it)", code=SkipReason.LINK_OUTSIDE_INPUTS)
         return
     # Looked at before anything opens it: a FIFO would block the run for ever, a device may do anything.
     try:
@@ -306,7 +319,7 @@ def record_to_document(record: Mapping[str, object], source: str, line: int, fie
 
     A record skipped before its id is known hides documents; one skipped after carries its id (`doc_id`).
     """
-    id_field = next((f for f in fields.id_fields if record.get(f) is not None), None)
+    id_field = _id_field(record, fields)
     if id_field is None:
         return Skipped(source, line, f"no id field (looked for {', '.join(fields.id_fields)})", hides_documents=True,
                        code=SkipReason.NO_ID_FIELD)
@@ -368,6 +381,11 @@ def _surrogate_message(field_name: str, value: str, position: int) -> str:
     return f"lone surrogate in field {field_name!r} (U+{ord(value[position]):04X} at character {position})"
 
 
+def _id_field(record: Mapping, fields: FieldNames) -> str | None:
+    """The first of the id fields the record holds with a value, or None: one choice for reading and for skips."""
+    return next((f for f in fields.id_fields if record.get(f) is not None), None)
+
+
 def _id_problem(doc_id: str, field_name: str = "id") -> tuple[SkipReason, str] | None:
     """Why `doc_id` cannot be an id, or None: a lone surrogate, or a control character (NUL, tab, newline...).
 
@@ -390,7 +408,7 @@ _ID_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 def _known_id(record: Mapping[str, object], fields: FieldNames) -> str | None:
     """The record's id if it holds a valid one: what a skip of the record carries, so its indexed copy stays."""
-    id_field = next((f for f in fields.id_fields if record.get(f) is not None), None)
+    id_field = _id_field(record, fields)
     doc_id = record.get(id_field) if id_field is not None else None
     if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
         return None

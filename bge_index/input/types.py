@@ -41,6 +41,9 @@ class SkipReason(str, Enum):
     # A folder whose listing failed (permissions, I/O error, a share gone away): its documents are unseen, not gone.
     UNLISTABLE_FOLDER = "cannot list folder"
     BROKEN_LINK = "broken symbolic link"  # dangling, or a loop: what it stood for may come back
+    # A link found in an input folder that leads out of it (`ln -s /etc/shadow docs/x.txt`): never read unless
+    # --follow-links. It hides nothing: a document it once gave is removed, not kept.
+    LINK_OUTSIDE_INPUTS = "symbolic link out of the input folder"
     NOT_A_REGULAR_FILE = "not a regular file"  # a FIFO, socket or device: never opened (a FIFO would block)
     UNREADABLE_GZIP = "cannot read file: corrupt or truncated gzip data"
     TRUNCATED_GZIP = "corrupt or truncated gzip data"  # a whole-file (.txt/.md) gzip damaged inside
@@ -154,6 +157,9 @@ class InputFile:
     # hides its documents. (An engine that rebuilds InputFiles from path and id alone loses this text, and
     # read_input_file lists the folder again to say why.)
     problem: str | None = None
+    # The real path of the input folder (or glob base) this file was found in: a file whose real path leaves it
+    # (through a symbolic link) is not read. None for a file named directly, stdin, and with --follow-links.
+    root: str | None = None
 
     @property
     def display(self) -> str:

@@ -26,7 +26,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from bge_index.errors import ModelError
 from bge_index.store.shard_writer import RowBatch
 
 MAX_BATCH_ROWS = 512
@@ -169,13 +168,10 @@ def _tokenize_prefix(encoder, text: str, max_length: int, prefix_chars: int):
 def _token_count(encoder, text: str) -> int:
     """Tokens in `text` (with <s> and </s>), untruncated: `tokenize` reports only whether it truncated.
 
-    Counted through `passages` (non-overlapping, so their bodies add up to the text's tokens). A tokeniser
-    without passages (no character offsets) counts as 0: the caller then tokenises the whole text, as before.
+    Counted through `passages` (non-overlapping, so their bodies add up to the text's tokens); every tokenizer
+    this project loads is a Rust one with character offsets (model/tokenizer.py), so passages always exist.
     """
-    try:
-        return 2 + sum(len(p.ids) - 2 for p in encoder.passages(text, encoder.effective_max_length(1 << 30), 0))
-    except ModelError:  # a slow tokenizer: no passages
-        return 0
+    return 2 + sum(len(p.ids) - 2 for p in encoder.passages(text, encoder.effective_max_length(1 << 30), 0))
 
 
 def _passages_in_slices(encoder, text: str, chunk_tokens: int, overlap: int):

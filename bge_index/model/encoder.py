@@ -39,8 +39,8 @@ from bge_index.errors import ModelError, ModelMismatchError  # noqa: E402
 from bge_index.timings import stage_timer  # noqa: E402
 from bge_index.model.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
 from bge_index.model.identity import (COLBERT_HEAD_FILE, DEFAULT_MODEL, QUERY_MAX_LENGTH, SPARSE_HEAD_FILE,  # noqa: E402
-                             ModelIdentity, check_device, check_head, choose_precision, effective_max_length,
-                             identify_model, parse_devices)
+                                      ModelIdentity, check_chunk_overlap, check_device, check_head, choose_precision,
+                                      effective_max_length, identify_model, parse_devices, usable_positions)
 
 _TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -160,10 +160,15 @@ def load_encoder(model: str = DEFAULT_MODEL, device: str = "auto", dtype: str = 
                 # No pooler: BGE-M3 never uses it, and skipping it saves a matmul per batch. Loaded in its
                 # dtype directly: no float32 copy to convert.
                 network = AutoModel.from_pretrained(folder, dtype=torch_dtype, add_pooling_layer=False,
-                                                    attn_implementation="sdpa")
+                                                    attn_implementation="sdpa", trust_remote_code=False,
+                                                    local_files_only=True)
         except (OSError, ValueError, KeyError, RuntimeError) as error:
             raise ModelError(f"cannot load the model in {folder}: {error}") from error
     hidden = network.config.hidden_size
+    token_count = tokenizer.backend.get_vocab_size(with_added_tokens=True)
+    if token_count > network.config.vocab_size:
+        raise ModelError(f"{folder / 'tokenizer.json'} has {token_count} tokens but the model's embedding table "
+                         f"only {network.config.vocab_size} (config.json vocab_size): tokenizer and model do not match")
     with stage_timer("heads"):
         sparse_head = _load_head(folder / SPARSE_HEAD_FILE, hidden, out_features=1)
         colbert_head = _load_head(folder / COLBERT_HEAD_FILE, hidden, out_features=None)
@@ -198,6 +203,8 @@ def _load_head(path: Path, hidden: int, out_features: int | None) -> torch.nn.Li
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"head {path} holds a {type(state).__name__}; expected a state dict with weight (and bias)")
     check_head(path, {str(k): tuple(v.shape) for k, v in state.items()}, hidden, out_features)
+    if not all(bool(torch.isfinite(v.float()).all()) for v in state.values()):
+        raise ModelError(f"head {path} holds weights that are not finite float32 numbers (inf or NaN)")
     weight = state["weight"]
     head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in state)
     head.load_state_dict({k: v.float() for k, v in state.items()})
@@ -218,8 +225,7 @@ class Encoder:
         self.identity = identity
         self.dense_dim = int(network.config.hidden_size)
         self.colbert_dim = int(colbert_head.out_features)
-        # XLM-R position ids start after the padding index, so two positions are unusable.
-        self.model_max_length = int(network.config.max_position_embeddings) - 2
+        self.model_max_length = usable_positions(network.config.max_position_embeddings)
         self.pad_id = int(tokenizer.pad_token_id)
         self.eos_id = tokenizer.eos_token_id
         # FlagEmbedding drops exactly these ids from sparse vectors.
@@ -259,9 +265,8 @@ class Encoder:
         span of its tokens in `text`, so the passage is `text[start:end]`.
         """
         chunk_tokens = self.effective_max_length(chunk_tokens)
+        check_chunk_overlap(chunk_tokens, overlap)
         body = chunk_tokens - 2  # room left by <s> and </s>
-        if not 0 <= overlap < body:
-            raise ValueError(f"chunk overlap must be between 0 and {body - 1} tokens for {chunk_tokens}-token chunks")
         ids, offsets = self.tokenizer.encode_with_offsets(text)
         cls_id, eos_id = self.tokenizer.cls_token_id, self.eos_id
         passages = []
@@ -280,10 +285,6 @@ class Encoder:
         return self.tokenizer.id_to_token(token_id)
 
     # -- encoding ----------------------------------------------------------
-
-    def encode_texts(self, texts: Sequence[str], max_length: int = QUERY_MAX_LENGTH, colbert: bool = False) -> EncodedBatch:
-        """Encode a few texts at once (queries): one padded batch."""
-        return self.encode_ids([t.ids for t in self.tokenize(texts, max_length)], colbert=colbert)
 
     def encode_queries(self, texts: Sequence[str], max_length: int = QUERY_MAX_LENGTH,
                        colbert: bool = False) -> EncodedBatch:
@@ -336,6 +337,11 @@ class Encoder:
         input_ids, attention_mask = self._pad(batch)
         with torch.inference_mode():
             hidden = self.network(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, L, D]
+            if not bool(torch.isfinite(hidden).all()):  # one pass over [B, L, D]: little beside the forward
+                # inf/NaN would become `inf` scores, hits in index order and JSON that is not JSON
+                raise ModelError("the model's outputs are not finite numbers: its weights are damaged or outside "
+                                 f"the range of {str(self.dtype).removeprefix('torch.')}; refusing to index or "
+                                 "search with them")
             dense = F.normalize(hidden[:, 0].float(), dim=-1)  # [B, D]
             sparse = self._sparse(hidden, input_ids, attention_mask)
             colbert_vectors = self._colbert(hidden, attention_mask) if colbert else None

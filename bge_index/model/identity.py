@@ -43,12 +43,13 @@ import json
 import os
 import pickle
 import re
+import stat
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from bge_index.errors import ModelError, ModelOptionError
+from bge_index.errors import InvalidOptionError, ModelError, ModelOptionError
 
 DEFAULT_MODEL = "BAAI/bge-m3"
 QUERY_MAX_LENGTH = 512
@@ -130,6 +131,29 @@ class ModelInfo:
 def effective_max_length(requested: int, model_max_length: int) -> int:
     """Token budget per text: what was asked, within what the model's positions allow (at least <s></s>)."""
     return max(2, min(requested, model_max_length))
+
+
+def usable_positions(max_position_embeddings: int) -> int:
+    """Tokens a text may have: XLM-R position ids start after the padding index, so two positions are unusable.
+
+        >>> usable_positions(8194)  # BGE-M3
+        8192
+    """
+    return int(max_position_embeddings) - 2
+
+
+def check_chunk_overlap(chunk_tokens: int, overlap: int) -> None:
+    """InvalidOptionError unless `overlap` leaves each `chunk_tokens`-token passage (with <s>, </s>) new tokens.
+
+        >>> check_chunk_overlap(512, 64)
+        >>> check_chunk_overlap(5, 3)
+        Traceback (most recent call last):
+        ...
+        bge_index.errors.InvalidOptionError: --chunk-overlap must be between 0 and 2 for 5-token chunks
+    """
+    if not 0 <= overlap < chunk_tokens - 2:
+        raise InvalidOptionError(f"--chunk-overlap must be between 0 and {chunk_tokens - 3} "
+                                 f"for {chunk_tokens}-token chunks")
 
 
 # ---------------------------------------------------------------------------
@@ -229,19 +253,115 @@ def identify_model(model: str, known: ModelIdentity | None = None) -> ModelInfo:
     check_model_folder(folder)
     name = model if revision is not None else str(folder)
     identity = model_identity(folder, name, revision, known)
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        max_positions, hidden, vocab = (int(config[k]) for k in ("max_position_embeddings", "hidden_size", "vocab_size"))
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ModelError(f"{folder / 'config.json'}: unreadable model config ({error})") from error
+    config = read_model_config(folder)
+    max_positions, hidden, vocab = (config[k] for k in ("max_position_embeddings", "hidden_size", "vocab_size"))
     head_outputs(folder / SPARSE_HEAD_FILE, hidden, out_features=1)
     colbert_dim = head_outputs(folder / COLBERT_HEAD_FILE, hidden, out_features=None)
-    # XLM-R position ids start after the padding index, so two positions are unusable.
-    return ModelInfo(folder, identity, max_positions - 2, hidden, colbert_dim, vocab)
+    return ModelInfo(folder, identity, usable_positions(max_positions), hidden, colbert_dim, vocab)
+
+
+# ---------------------------------------------------------------------------
+# The model's config, checked before anything is allocated or run
+
+CONFIG_MAX_BYTES = 1 << 20  # a real config.json is about 1 KB
+# (key, smallest, largest): an XLM-R config's sizes. The upper bounds are far above any real BGE-M3-like model
+# and far below what would exhaust memory before the weights are even read.
+CONFIG_RANGES = (
+    ("hidden_size", 1, 1 << 16),
+    ("num_attention_heads", 1, 1 << 10),
+    ("num_hidden_layers", 1, 1 << 8),
+    ("intermediate_size", 1, 1 << 18),
+    ("vocab_size", 5, 1 << 22),
+    ("max_position_embeddings", 4, 1 << 20),
+)
+# Files whose JSON may carry `auto_map`: transformers would import Python code from the folder through it.
+CODE_MAP_FILES = ("config.json", "tokenizer_config.json")
+
+
+def read_json_file(path: Path, max_bytes: int = CONFIG_MAX_BYTES) -> dict | None:
+    """A model folder's JSON object file (None if absent), read with a size bound; ModelError if unreadable."""
+    try:
+        with open(path, "rb") as stream:
+            if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
+                raise ModelError(f"{path}: not a regular file")
+            raw = stream.read(max_bytes + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise ModelError(f"{path}: unreadable ({error.strerror or error})") from error
+    if len(raw) > max_bytes:
+        raise ModelError(f"{path}: over {max_bytes} bytes; not a model config")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except ValueError as error:
+        raise ModelError(f"{path}: not valid JSON ({error})") from error
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: expected a JSON object")
+    return data
+
+
+def refuse_custom_code(folder: Path) -> None:
+    """ModelError if the folder asks for its own Python code: bge-index never runs code from a model folder."""
+    for name in CODE_MAP_FILES:
+        data = read_json_file(folder / name)
+        if data and data.get("auto_map"):
+            raise ModelError(f"{folder / name}: `auto_map` asks to run Python code from the model folder; "
+                             "bge-index never runs code from a model folder (BGE-M3 needs none): remove `auto_map`")
+
+
+def read_model_config(folder: Path) -> dict:
+    """config.json with its sizes checked for type and range: no allocation is sized by an unchecked value.
+
+        >>> import tempfile; folder = Path(tempfile.mkdtemp())
+        >>> _ = (folder / "config.json").write_text('{"hidden_size": "1024"}')
+        >>> read_model_config(folder)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        bge_index.errors.ModelError: ...config.json: hidden_size is '1024', expected a whole number from 1 to 65536
+    """
+    path = folder / "config.json"
+    config = read_json_file(path)
+    if config is None:
+        raise ModelError(f"model folder {folder} is missing config.json")
+    refuse_custom_code(folder)
+    model_type = config.get("model_type")
+    if model_type not in (None, "xlm-roberta"):
+        raise ModelError(f"{path}: model_type {model_type!r}; BGE-M3 is an XLM-RoBERTa model ('xlm-roberta')")
+    for key, low, high in CONFIG_RANGES:
+        value = config.get(key)
+        # bool is an int subclass, and 64.0 would pass int(): only true integers count
+        if type(value) is not int or not low <= value <= high:
+            raise ModelError(f"{path}: {key} is {value!r}, expected a whole number from {low} to {high}")
+    if config["hidden_size"] % config["num_attention_heads"]:
+        raise ModelError(f"{path}: hidden_size {config['hidden_size']} is not a multiple of "
+                         f"num_attention_heads {config['num_attention_heads']}")
+    _check_size_against_weights(folder, config)
+    return config
+
+
+def _check_size_against_weights(folder: Path, config: dict) -> None:
+    """ModelError when the config describes far more parameters than the weight file can hold.
+
+    A config claiming 10^6 layers would otherwise make transformers allocate them all before reading a byte.
+    Weights take at least 2 bytes a parameter (fp16/bf16); a factor of 2 leaves room for tied or omitted ones.
+    """
+    weights = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
+    if weights is None:
+        return
+    hidden, layers, inner = config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"]
+    embeddings = (config["vocab_size"] + config["max_position_embeddings"]) * hidden
+    per_layer = 4 * hidden * hidden + 2 * hidden * inner
+    parameters = embeddings + layers * per_layer
+    if parameters * 2 > 2 * weights.stat().st_size + (1 << 20):
+        raise ModelError(f"{folder / 'config.json'} describes about {parameters:,} parameters, but "
+                         f"{weights.name} holds {weights.stat().st_size:,} bytes: config and weights do not match")
 
 
 # ---------------------------------------------------------------------------
 # The heads' shapes, without torch
+
+HEAD_PICKLE_MAX_BYTES = 1 << 20  # a state dict's pickle: a few hundred bytes
+HEAD_MAX_BYTES = 1 << 28  # BGE-M3's ColBERT head is 4 MB in fp32
 
 
 def head_outputs(path: Path, hidden: int, out_features: int | None = None) -> int:
@@ -284,6 +404,12 @@ def read_head_shapes(path: Path) -> dict[str, tuple[int, ...]]:
             if len(pickles) != 1:
                 raise ModelError(f"cannot read head {path}: a torch.save zip has one <folder>/data.pkl, "
                                  f"this one has {len(pickles)}")
+            # A zip can expand a few KB into gigabytes: the sizes its directory states are checked first.
+            # (zipfile stops reading an entry at its stated size, so a lie cannot get past this either.)
+            unpacked = sum(entry.file_size for entry in archive.infolist())
+            if archive.getinfo(pickles[0]).file_size > HEAD_PICKLE_MAX_BYTES or unpacked > HEAD_MAX_BYTES:
+                raise ModelError(f"cannot read head {path}: it unpacks to {unpacked:,} bytes; a BGE-M3 head is a "
+                                 f"few MB (at most {HEAD_MAX_BYTES:,} bytes are read)")
             data = archive.read(pickles[0])
     except zipfile.BadZipFile:
         raise ModelError(f"cannot read head {path}: not a zip-format torch.save file (torch >= 1.6 writes one; "

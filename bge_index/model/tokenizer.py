@@ -79,7 +79,7 @@ def load_tokenizer(folder: Path) -> Tokenizer:
     from transformers import AutoTokenizer  # only folders with just sentencepiece.bpe.model come here
 
     try:
-        slow_path = AutoTokenizer.from_pretrained(folder)
+        slow_path = AutoTokenizer.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
     except (OSError, ValueError) as error:
         raise ModelError(f"cannot load the tokenizer in {folder}: {error}") from error
     backend = getattr(slow_path, "backend_tokenizer", None)

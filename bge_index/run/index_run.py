@@ -51,7 +51,7 @@ from bge_index.store.manifest import Manifest, read_manifest
 from bge_index.store.shard_reader import RowLocation
 from bge_index.store.info import index_size_bytes
 from bge_index.store.names import LOCK_FILE, is_index, is_index_data_file
-from bge_index.model.identity import ModelIdentity, ModelInfo, choose_precision, identify_model
+from bge_index.model.identity import ModelIdentity, ModelInfo, check_chunk_overlap, choose_precision, identify_model
 
 
 def content_hash(text: str) -> str:
@@ -77,6 +77,7 @@ class IndexOptions:
     chunk_tokens: int | None = None
     chunk_overlap: int = 0
     keep_missing: bool = False
+    follow_links: bool = False  # read files in input folders whose symbolic links lead out of them
     dry_run: bool = False
     wait: bool = False
     max_remove: str = "50%"  # --max-remove: a share ("50%", "0.5") or a count ("100") of the index's documents
@@ -89,10 +90,9 @@ class IndexOptions:
             raise InvalidOptionError("--chunk-tokens must be at least 3 (<s>, one token, </s>)")
         if self.chunk_overlap < 0:
             raise InvalidOptionError("--chunk-overlap must not be negative")
-        if self.chunk_tokens is not None and self.chunk_overlap >= self.chunk_tokens - 2:
+        if self.chunk_tokens is not None:
             # Checked again against the model's own limit when the run starts (index_manifest).
-            raise InvalidOptionError(f"--chunk-overlap must be between 0 and {self.chunk_tokens - 3} "
-                                     f"for {self.chunk_tokens}-token chunks")
+            check_chunk_overlap(self.chunk_tokens, self.chunk_overlap)
 
 
 class Outcome(str, Enum):
@@ -492,9 +492,7 @@ def index_manifest(options: IndexOptions, info: ModelInfo, previous: Manifest | 
     chunking = None
     if options.chunk_tokens is not None:
         tokens = info.effective_max_length(options.chunk_tokens)
-        if not 0 <= options.chunk_overlap < tokens - 2:
-            raise InvalidOptionError(f"--chunk-overlap must be between 0 and {tokens - 3} "
-                                     f"for {tokens}-token chunks")
+        check_chunk_overlap(tokens, options.chunk_overlap)
         chunking = {"tokens": tokens, "overlap": options.chunk_overlap}
     return Manifest(
         model={**info.identity.to_json(), "dtype": precision, "max_length": max_length},

@@ -198,7 +198,7 @@ def _is_local_instance(ray) -> bool:
 
 def _plan_rows_of_file(item: dict, fields: FieldNames) -> list[dict]:
     """Ray read task: one input file -> one small row per record (id and hash, or why it was skipped)."""
-    input_file = InputFile(Path(item["path"]), item["doc_id"])
+    input_file = InputFile(Path(item["path"]), item["doc_id"], root=item["root"])
     rows = []
     for ordinal, record in enumerate(read_input_file(input_file, fields)):
         if isinstance(record, Document):
@@ -215,7 +215,7 @@ def _plan_rows_of_file(item: dict, fields: FieldNames) -> list[dict]:
 def _documents_of_file(item: dict, fields: FieldNames) -> list[dict]:
     """Ray read task: the chosen records of one input file, with their text (a record whose text
     changed since the plan is left out: it is not what the plan decided to encode)."""
-    input_file = InputFile(Path(item["path"]), item["doc_id"])
+    input_file = InputFile(Path(item["path"]), item["doc_id"], root=item["root"])
     wanted = dict(zip(item["ordinals"], item["hashes"]))
     rows = []
     for ordinal, record in enumerate(read_input_file(input_file, fields)):
@@ -228,7 +228,8 @@ def _documents_of_file(item: dict, fields: FieldNames) -> list[dict]:
 
 def _file_items(files: Sequence[InputFile]) -> list[dict]:
     # Absolute paths: Ray workers do not share the driver's working directory.
-    return [{"file": number, "path": str(f.path.resolve()), "doc_id": f.doc_id} for number, f in enumerate(files)]
+    return [{"file": number, "path": str(f.path.resolve()), "doc_id": f.doc_id, "root": f.root}
+            for number, f in enumerate(files)]
 
 
 # ---------------------------------------------------------------------------
@@ -371,7 +372,7 @@ def build_index_on_ray(inputs: Sequence[str], index_dir: Path, options: IndexOpt
     if options.device.startswith("cuda") and ray_options.gpus_per_worker <= 0:
         raise InvalidOptionError("--engine ray with --device cuda needs --gpus-per-worker (GPUs per actor)")
     refuse_foreign_folder(index_dir)
-    files = list(resolve_inputs(inputs, exclude=[index_dir]))  # InputError before any work; --out is never input
+    files = list(resolve_inputs(inputs, exclude=[index_dir], follow_links=options.follow_links))  # InputError before any work; --out is never input
     if any(f.path is None for f in files):
         raise InvalidOptionError(f"--engine ray reads files; {STDIN_NAME} (-) needs the local engine")
     with run_lock(index_dir, options.dry_run, wait=options.wait, on_wait=events.warning, should_stop=should_stop):

@@ -87,9 +87,11 @@ class LocalIndex:
         return LocalIndex(self.index_dir, encoder=self.encoder, opened=opened)
 
     def close(self) -> None:
-        """Drop the model and the memory maps."""
+        """Drop the model and the opened generation; its memory maps and Parquet handles close once nothing
+        else (a LocalIndex sharing it, a search still running) holds them. Search no more after this."""
         self.encoder = None
         self.searcher = None
+        self.opened = None
 
     def encode_queries(self, texts: Sequence[str], colbert: bool = False) -> list[QueryVectors]:
         """Query texts -> vectors with this index's model."""

@@ -31,9 +31,9 @@ FUSIONS = ("weighted", "rrf")
 # 2-core machine (MKL sgemm, chunks of 1,024 rows): width 1 (mv) 0.66 s, 8: 1.10 s, 16: 0.81 s, 32: 1.30 s.
 # 16 is the fastest width that still lets queries share the pass (BENCHMARKS.md).
 _DENSE_QUERY_BLOCK = 16
-# dense_scores_many widens 2 x this many rows to float32 at a time: 1,024 x 1,024 x 4 B = 4 MiB stays in cache
-# between the widening and the multiplication (4,096 rows before: 16 MiB did not; BENCHMARKS.md, issue 12).
-_DENSE_CHUNK_ROWS = 512
+# Rows dense_scores_many widens to float32 at a time: 1,024 x 1,024 x 4 B = 4 MiB stays in cache between the
+# widening and the multiplication (4,096 rows before: 16 MiB did not; BENCHMARKS.md, issue 12).
+_DENSE_CHUNK_ROWS = 1024
 COLBERT_CANDIDATES_PER_HIT = 10
 COLBERT_MIN_CANDIDATES = 100
 
@@ -95,7 +95,7 @@ class Searcher:
         q_columns[:, :q.shape[0]] = q.T
         q_columns = torch.from_numpy(q_columns)
         out = np.empty((q.shape[0], self.rows), dtype=np.float32)
-        chunk = 2 * _DENSE_CHUNK_ROWS
+        chunk = _DENSE_CHUNK_ROWS
         for shard in self.shards:
             for start in range(0, shard.rows, chunk):
                 block = torch.from_numpy(shard.dense[start:start + chunk])  # [c, D] float16
@@ -177,16 +177,17 @@ class Searcher:
     def search(self, query: QueryVectors, k: int = 10, mode: str = "hybrid", weights: ScoreWeights = ScoreWeights(),
                fetch_colbert: Callable[[Sequence[int]], list[np.ndarray]] | None = None,
                group_by_doc: bool = False, fusion: str = "weighted", normalize: str | None = None,
-               dense: np.ndarray | None = None) -> list[Hit]:
+               dense_scores: np.ndarray | None = None) -> list[Hit]:
         """The k best rows, or with `group_by_doc` the best row of each of the k best documents.
 
         A document's score is the score of its best passage (row); exact for dense, sparse and hybrid.
-        `dense` may pass precomputed dense scores (batch search).
+        `dense_scores` may pass this query's [N] dense scores, already computed (batch search shares the scan).
         """
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r} (use {', '.join(MODES)})")
         if fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {fusion!r} (use {', '.join(FUSIONS)})")
+        dense = dense_scores
         if mode != "sparse" and dense is None:
             dense = self.dense_scores(query)  # [N]
         sparse = self.sparse_scores(query) if mode != "dense" else None  # [N]
@@ -211,8 +212,8 @@ class Searcher:
             group = queries[start:start + batch]
             dense = self.dense_scores_many(np.stack([q.dense for q in group])) if mode != "sparse" else None
             for column, query in enumerate(group):
-                results.append(self.search(query, k, mode, weights, dense=None if dense is None else dense[column],
-                                           **options))
+                results.append(self.search(query, k, mode, weights,
+                                           dense_scores=None if dense is None else dense[column], **options))
         return results
 
     def _document_groups(self) -> "_DocumentGroups":

@@ -78,15 +78,25 @@ def open_index_file(path: Path, kind: str, expected_bytes: object, advice: str =
         raise IndexFormatError(f"{path}: {state} {kind} ({why}){tail}") from error
     try:
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise IndexFormatError(f"{path}: damaged {kind} (not a regular file){tail}")
-        if info.st_size != expected_bytes:
-            raise IndexFormatError(f"{path}: damaged {kind} ({info.st_size} bytes, manifest says {expected_bytes})"
-                                   f"{tail}")
+        problem = _regular_file_problem(info, expected_bytes)
+        if problem:
+            raise IndexFormatError(f"{path}: damaged {kind} ({problem}){tail}")
     except BaseException:
         os.close(fd)
         raise
     return fd, info
+
+
+def _regular_file_problem(info: os.stat_result, expected_bytes: object) -> str | None:
+    """Why a file (its stat) is not a regular file of `expected_bytes` bytes, or None when it is.
+
+    `expected_bytes` is the manifest's value taken as is: a missing (None) or non-integer one never matches.
+    """
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file"
+    if info.st_size != expected_bytes:
+        return f"{info.st_size} bytes, manifest says {expected_bytes}"
+    return None
 
 
 def open_shard(index_dir: Path, shard: ShardInfo) -> pq.ParquetFile:
@@ -185,13 +195,6 @@ def iter_live_rows(index_dir: Path, manifest: Manifest, batch_rows: int = 1000,
             raise IndexFormatError(f"{index_dir / shard.file}: damaged shard ({error})") from error
 
 
-def read_column(index_dir: Path, manifest: Manifest, column: str) -> np.ndarray:
-    """One column of every row (deleted rows included), in row order, as an object array."""
-    parts = [np.asarray(_read_columns(index_dir, shard, [column]).column(column).to_pylist(), dtype=object)
-             for shard in manifest.shards]
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=object)
-
-
 def read_shard_vectors(index_dir: Path, manifest: Manifest, shard: ShardInfo
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """All rows of one shard, deleted ones included: dense [rows, D] float16 and sparse CSR (indptr, ids, weights)."""
@@ -200,26 +203,28 @@ def read_shard_vectors(index_dir: Path, manifest: Manifest, shard: ShardInfo
             *_sparse_csr(table.column("sparse").combine_chunks()))
 
 
-def iter_shard_dense(index_dir: Path, manifest: Manifest, shard: ShardInfo) -> Iterator[np.ndarray]:
-    """[group rows, D] float16 dense vectors of one shard, a row group at a time (deleted rows included)."""
-    for group in _iter_row_groups(index_dir, shard, "dense"):
-        yield _dense_rows(group.column("dense").combine_chunks(), manifest.dense_dim)
+def iter_dense_groups(parquet: pq.ParquetFile, path: Path, dense_dim: int) -> Iterator[np.ndarray]:
+    """[group rows, dense_dim] float16 dense vectors of an opened shard (`path` for messages), a row group at a
+    time, deleted rows included."""
+    for column in _iter_row_groups(parquet, path, "dense"):
+        yield _dense_rows(column, dense_dim)
 
 
-def iter_shard_sparse(index_dir: Path, shard: ShardInfo) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Sparse vectors of one shard a row group at a time, as CSR (indptr from 0, ids uint32, weights float32)."""
-    for group in _iter_row_groups(index_dir, shard, "sparse"):
-        yield _sparse_csr(group.column("sparse").combine_chunks())
+def iter_sparse_groups(parquet: pq.ParquetFile, path: Path) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Sparse vectors of an opened shard (`path` for messages), a row group at a time, deleted rows included, as
+    CSR: indptr from 0 [group rows + 1] int64, ids [nnz] uint32, weights [nnz] float32."""
+    for column in _iter_row_groups(parquet, path, "sparse"):
+        yield _sparse_csr(column)
 
 
-def _iter_row_groups(index_dir: Path, shard: ShardInfo, column: str) -> Iterator[pa.Table]:
-    parquet = open_shard(index_dir, shard)
+def _iter_row_groups(parquet: pq.ParquetFile, path: Path, column: str) -> Iterator[pa.Array]:
+    """One column of a shard, one Arrow array per row group: a row group is the most a reader holds at once."""
     for group in range(parquet.num_row_groups):
         try:
             table = parquet.read_row_group(group, columns=[column])
         except (OSError, pa.ArrowException) as error:
-            raise IndexFormatError(f"{index_dir / shard.file}: damaged shard ({error})") from error
-        yield table
+            raise IndexFormatError(f"{path}: damaged shard ({error})") from error
+        yield table.column(column).combine_chunks()
 
 
 def _dense_rows(dense: pa.Array, dim: int) -> np.ndarray:
@@ -338,12 +343,16 @@ def verify_index(index_dir: Path) -> list[str]:
 
 def _verify_file(path: Path, size: int | None, sha256: str | None, kind: str, crc32: int | None = None
                  ) -> str | None:
-    if path.is_symlink():
-        return f"{path}: damaged {kind} (a symbolic link)"
-    if not path.is_file():
+    try:
+        info = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
         return f"{path}: missing {kind}"
-    if size is not None and path.stat().st_size != size:
-        return f"{path}: damaged {kind} ({path.stat().st_size} bytes, manifest says {size})"
+    if stat.S_ISLNK(info.st_mode):
+        return f"{path}: damaged {kind} (a symbolic link)"
+    # No recorded size (deletion sets): any size passes here, and the SHA-256 below covers the bytes.
+    problem = _regular_file_problem(info, info.st_size if size is None else size)
+    if problem:
+        return f"{path}: damaged {kind} ({problem})"
     if sha256 is not None and file_sha256(path) != sha256:
         return f"{path}: damaged {kind} (SHA-256 differs from the manifest's)"
     if crc32 is not None and file_crc32(path) != crc32:

@@ -31,12 +31,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bge_index.errors import IndexFormatError
-from bge_index.store.names import DERIVED_PATTERN, MANIFEST_FILE, is_index_data_file, shard_file_name
+from bge_index.store.names import DERIVED_PATTERN, MANIFEST_FILE, SEARCH_DIR, is_index_data_file, shard_file_name
 from bge_index.store.manifest import Manifest, SHARD_ROW_GROUP_ROWS, SHARD_WRITE_OPTIONS, ShardInfo, manifest_schema, utc_now
-from bge_index.store.shard_reader import RowLocation
 from bge_index.store.files import fault_point, file_sha256, fsync_dir, write_atomically
-from bge_index.store.shard_reader import open_shard, read_deleted_rows
-from bge_index.store.vector_store import SEARCH_DIR, build_search_files, remove_unreferenced_search_files
+from bge_index.store.shard_reader import RowLocation, open_shard, read_deleted_rows
+from bge_index.store.vector_store import build_search_files, remove_unreferenced_search_files
 
 COMPACT_WHEN_DEAD = 0.5  # a shard with more than this fraction of deleted rows is rewritten
 MERGE_FACTOR = 4  # this many small shards of one size tier are merged into one (see IndexWriter._merge_small_shards)

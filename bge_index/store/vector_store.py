@@ -43,7 +43,7 @@ import mmap
 import os
 import stat
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -56,10 +56,9 @@ from bge_index.errors import IndexFormatError, OutputError
 from bge_index.store.names import SEARCH_DIR, SEARCH_FILE_PATTERN, SEARCH_KINDS
 from bge_index.store.manifest import Manifest, ShardInfo, read_manifest
 from bge_index.store.files import file_sha256, fsync_dir
-from bge_index.store.shard_reader import (_dense_rows, _sparse_csr, open_index_file, open_shard, read_deleted_rows,
-                                    read_rows_through)
+from bge_index.store.shard_reader import (iter_dense_groups, iter_sparse_groups, open_index_file, open_shard,
+                                          read_deleted_rows, read_rows_through)
 
-DERIVED_SUFFIXES = SEARCH_KINDS  # the kinds of search file, in ShardVectors' field order
 HEAVY_DENSITY = 0.5  # a token in at least this fraction of a shard's rows also gets a dense column
 _DTYPES = {"dense": np.float16, "token-ids": np.uint32, "token-ptr": np.int64, "posting-rows": np.uint32,
            "posting-weights": np.float32, "heavy-ids": np.int64, "heavy-columns": np.float32}
@@ -128,17 +127,6 @@ def heavy_columns(token_ids: np.ndarray, token_ptr: np.ndarray, rows: np.ndarray
     return token_ids[slots].astype(np.int64), columns
 
 
-def shard_vectors_from_csr(dense: np.ndarray, indptr: np.ndarray, indices: np.ndarray, values: np.ndarray,
-                           vocab_size: int, start: int = 0, live: np.ndarray | None = None) -> ShardVectors:
-    """A shard's searchable vectors built in memory from its rows (what the search files hold, without files).
-
-    dense [rows, D] float16; sparse as CSR: indptr [rows + 1], indices [nnz] uint32 token ids, values [nnz] float32.
-    """
-    token_ids, token_ptr, rows, weights = invert(indptr, indices, values, vocab_size)
-    heavy, columns = heavy_columns(token_ids, token_ptr, rows, weights, dense.shape[0])
-    return ShardVectors(start, dense, token_ids, token_ptr, rows, weights, heavy, columns, live=live)
-
-
 def invert_streaming(groups, vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Postings (token_ids, token_ptr, rows, weights) from CSR row groups read twice: once to count, once to fill.
 
@@ -177,11 +165,6 @@ def invert_streaming(groups, vocab_size: int) -> tuple[np.ndarray, np.ndarray, n
 def search_file_name(shard_file: str, kind: str) -> str:
     """`shard-G-N.<kind>.npy`: a search file's name, relative to INDEX/search/."""
     return f"{shard_file.removesuffix('.parquet')}.{kind}.npy"
-
-
-def derived_path(index_dir: Path, shard_file: str, suffix: str) -> Path:
-    """The search file of kind `suffix` of a shard: INDEX/search/shard-G-N.<suffix>.npy."""
-    return index_dir / SEARCH_DIR / search_file_name(shard_file, suffix)
 
 
 def _write_npy(path: Path, dtype, shape: tuple, blocks) -> dict:
@@ -242,25 +225,20 @@ def build_search_files(index_dir: Path, manifest: Manifest, shard: ShardInfo) ->
         raise OutputError(f"{folder}: cannot create the search files' folder ({error.strerror or error})") from error
     if not is_folder:  # a planted link would send the search files outside the index
         raise IndexFormatError(f"{folder}: not a folder (a symbolic link?); remove it and run again")
-    parquet = open_shard(index_dir, shard)
-    dense = (_dense_rows(t.column("dense").combine_chunks(), manifest.dense_dim)
-             for t in _row_groups(parquet, index_dir / shard.file, "dense"))
+    parquet, path = open_shard(index_dir, shard), index_dir / shard.file
+    dense = iter_dense_groups(parquet, path, manifest.dense_dim)
     records = [{"kind": "dense", "file": search_file_name(shard.file, "dense"),
                 **_write_npy(folder / search_file_name(shard.file, "dense"), np.float16,
                              (shard.rows, manifest.dense_dim), dense)}]
-
-    def sparse_groups():
-        return (_sparse_csr(t.column("sparse").combine_chunks())
-                for t in _row_groups(parquet, index_dir / shard.file, "sparse"))
-
-    token_ids, token_ptr, rows, weights = invert_streaming(sparse_groups, manifest.vocab_size)
+    token_ids, token_ptr, rows, weights = invert_streaming(lambda: iter_sparse_groups(parquet, path),
+                                                           manifest.vocab_size)
     heavy, columns = heavy_columns(token_ids, token_ptr, rows, weights, shard.rows)
     for kind, array in zip(SEARCH_KINDS[1:], (token_ids, token_ptr, rows, weights, heavy, columns)):
         name = search_file_name(shard.file, kind)
         records.append({"kind": kind, "file": name,
                         **_write_npy(folder / name, _DTYPES[kind], array.shape, [array.reshape(-1)])})
     fsync_dir(folder)
-    return replace(shard, search=records, mtime_ns=(index_dir / shard.file).stat().st_mtime_ns)
+    return replace(shard, search=records, mtime_ns=path.stat().st_mtime_ns)
 
 
 def remove_unreferenced_search_files(index_dir: Path, keep_shards: set[str]) -> None:
@@ -287,14 +265,6 @@ def remove_unreferenced_search_files(index_dir: Path, keep_shards: set[str]) -> 
 
 # ---------------------------------------------------------------------------
 # Reading
-
-
-def _row_groups(parquet: pq.ParquetFile, path: Path, column: str) -> Iterator[pa.Table]:
-    for group in range(parquet.num_row_groups):
-        try:
-            yield parquet.read_row_group(group, columns=[column])
-        except (OSError, pa.ArrowException) as error:
-            raise IndexFormatError(f"{path}: damaged shard ({error})") from error
 
 
 def _map_search_file(index_dir: Path, record: dict) -> np.ndarray | None:
@@ -492,18 +462,11 @@ def _open_vectors(index_dir: Path, manifest: Manifest, shard: ShardInfo, parquet
             return ShardVectors(start, *(arrays[k] for k in SEARCH_KINDS), live=live), False
     # No search files (format version 1, or deleted by hand): built here, for this process only.
     path = index_dir / shard.file
-    dense = np.concatenate([_dense_rows(t.column("dense").combine_chunks(), manifest.dense_dim)
-                            for t in _row_groups(parquet, path, "dense")] or
+    dense = np.concatenate([*iter_dense_groups(parquet, path, manifest.dense_dim)] or
                            [np.zeros((0, manifest.dense_dim), np.float16)])
-    groups: Callable = lambda: (_sparse_csr(t.column("sparse").combine_chunks())  # noqa: E731
-                                for t in _row_groups(parquet, path, "sparse"))
-    token_ids, token_ptr, rows, weights = invert_streaming(groups, manifest.vocab_size)
+    token_ids, token_ptr, rows, weights = invert_streaming(lambda: iter_sparse_groups(parquet, path),
+                                                           manifest.vocab_size)
     heavy, columns = heavy_columns(token_ids, token_ptr, rows, weights, shard.rows)
     if dense.shape != (shard.rows, manifest.dense_dim):
         raise IndexFormatError(f"{path}: damaged shard (dense vectors of shape {dense.shape})")
     return ShardVectors(start, dense, token_ids, token_ptr, rows, weights, heavy, columns, live=live), True
-
-
-def open_store(index_dir: Path, manifest: Manifest) -> list[ShardVectors]:
-    """Every shard's searchable vectors (memory-mapped search files, or built in memory); writes nothing."""
-    return OpenIndex.open(index_dir, manifest).vectors
