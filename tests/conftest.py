@@ -45,3 +45,28 @@ def spread_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def encoder(tiny_model):
     return load_encoder(str(tiny_model), device="cpu", dtype="fp32")
+
+
+# CI (.ci/run) sets BGE_INDEX_REQUIRE_EXTRAS=1: there every optional extra is installed, so a test skipped
+# because one does not import means a broken install, and fails the run instead of passing quietly.
+_MISSING_EXTRA = ("could not import", "extra is not installed", "No module named")
+
+
+def _fail_missing_extra(report) -> None:
+    if report.skipped and os.environ.get("BGE_INDEX_REQUIRE_EXTRAS") == "1":
+        reason = str(report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr)
+        if any(marker in reason for marker in _MISSING_EXTRA):
+            report.outcome = "failed"
+            report.longrepr = f"an optional extra is missing where CI installs them all: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_missing_extra(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _fail_missing_extra(outcome.get_result())

@@ -8,6 +8,7 @@ import os
 import shutil
 import stat
 import time
+import threading
 import zlib
 
 import numpy as np
@@ -347,3 +348,44 @@ def test_the_record_is_cut_to_its_newest_half(tmp_path, monkeypatch):
     assert stat.S_IMODE((tmp_path / "c" / "checked-files").stat().st_mode) == 0o600
     fresh = CheckedFiles(tmp_path / "c" / "checked-files")
     assert fresh.known(keys[-1]) and not fresh.known(keys[0])
+
+
+# -- the record's place (issue 18) ---------------------------------------------
+
+
+def test_a_fifo_at_the_record_path_never_hangs_a_search(ix, tmp_path, monkeypatch):
+    (tmp_path / "cache").mkdir(mode=0o700)
+    os.mkfifo(tmp_path / "cache" / "checked-files", 0o600)
+    _new_process(monkeypatch, tmp_path / "cache")
+    done = []
+    worker = threading.Thread(target=lambda: done.append(search_ids(ix)), daemon=True)
+    worker.start()
+    worker.join(20)
+    assert done and done[0], "a search waited on a FIFO at the checksum record's path"
+
+
+def test_a_missing_home_is_never_created(tmp_path, monkeypatch):
+    home = tmp_path / "nonexistent"
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(home))
+    checked = CheckedFiles.default()
+    checked.remember("1:2:3:4:5:crc32=6")
+    assert not home.exists() and checked.known("1:2:3:4:5:crc32=6")  # remembered in this process only
+
+
+def test_a_cache_folder_inside_the_index_is_not_written(ix, monkeypatch):
+    _new_process(monkeypatch, ix / "cache")
+    assert search_ids(ix)
+    assert not (ix / "cache").exists()
+
+
+def test_remembered_checks_expire_in_a_long_lived_process(tmp_path, monkeypatch):
+    from bge_index.store import checked_files
+
+    checked = CheckedFiles(tmp_path / "c" / "checked-files")
+    checked.remember("1:2:3:4:5:crc32=6")
+    assert checked.known("1:2:3:4:5:crc32=6")
+    later = time.time() + checked_files.MAX_AGE_DAYS * 86_400 + 60
+    monkeypatch.setattr(checked_files.time, "time", lambda: later)
+    assert not checked.known("1:2:3:4:5:crc32=6")  # a serve process running for over a week checks again

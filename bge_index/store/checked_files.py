@@ -66,36 +66,45 @@ class CheckedFiles:
 
     def __init__(self, record: Path | None):
         self.record = record
-        self._keys: set[str] | None = None  # read on first use
+        self._keys: dict[str, float] | None = None  # key -> when it was checked; read on first use
         self._lines = 0  # lines in the record, as far as this process knows
         self._lock = threading.Lock()
 
     @classmethod
-    def default(cls) -> "CheckedFiles":
-        """The process-wide instance on this user's record (a new one if the cache directory setting changed)."""
+    def default(cls, outside: Path | None = None) -> "CheckedFiles":
+        """The process-wide instance on this user's record (a new one if the cache directory setting changed).
+
+        With `outside` (the index being read): a record whose folder lies inside it is not used (checks are
+        remembered in this process only): a search never writes into an index folder.
+        """
         record = cache_dir() / RECORD_FILE
+        if outside is not None and _is_inside(record.parent, outside):
+            return cls._memory_only
         with cls._default_lock:
             if cls._default is None or cls._default.record != record:
                 cls._default = cls(record)
             return cls._default
 
     def known(self, key: str) -> bool:
-        """Whether a file in this state passed its check before."""
+        """Whether a file in this state passed its check less than MAX_AGE_DAYS ago (in this process or another)."""
         with self._lock:
-            return key in self._load()
+            checked_at = self._load().get(key)
+            return checked_at is not None and time.time() - checked_at < _MAX_AGE
 
     def remember(self, key: str) -> None:
         """Record a passed check (in this process always; in the record when it can be written)."""
         with self._lock:
             keys = self._load()
-            if key in keys:
+            if key in keys and time.time() - keys[key] < _MAX_AGE:
                 return
-            keys.add(key)
+            keys[key] = time.time()
             if self.record is None:
                 return
             try:
-                self.record.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-                fd = os.open(self.record, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                _make_cache_folder(self.record.parent)
+                # O_NONBLOCK: a FIFO put at the record's path fails at once (ENXIO) instead of waiting for a reader
+                fd = os.open(self.record, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+                             | os.O_CLOEXEC, 0o600)
                 try:
                     if _trusted(os.fstat(fd)):
                         os.write(fd, f"{key} {int(time.time())}\n".encode("ascii"))
@@ -109,12 +118,12 @@ class CheckedFiles:
 
     def _load(self) -> set[str]:
         if self._keys is None:
-            self._keys, self._lines = set(), 0
+            self._keys, self._lines = {}, 0
             for line in self._read_lines():
                 key, _, checked_at = line.partition(" ")
                 # a key has six fields; a line cut short by a crash lacks its time and is ignored
                 if key.count(":") == 5 and checked_at.isdigit() and time.time() - int(checked_at) < _MAX_AGE:
-                    self._keys.add(key)
+                    self._keys[key] = max(self._keys.get(key, 0), int(checked_at))
         return self._keys
 
     def _read_lines(self) -> list[str]:
@@ -122,7 +131,8 @@ class CheckedFiles:
         if self.record is None:
             return []
         try:
-            fd = os.open(self.record, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            # Not through a link, and never blocking on a FIFO; what it is is checked on the open descriptor
+            fd = os.open(self.record, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
             return []
         with os.fdopen(fd, "rb") as stream:
@@ -154,6 +164,24 @@ class CheckedFiles:
 
 
 _MAX_AGE = MAX_AGE_DAYS * 86_400
+CheckedFiles._memory_only = CheckedFiles(None)  # type: ignore[attr-defined]
+
+
+def _is_inside(folder: Path, index_dir: Path) -> bool:
+    real, index_real = os.path.realpath(folder), os.path.realpath(index_dir)
+    return real == index_real or real.startswith(index_real.rstrip(os.sep) + os.sep)
+
+
+def _make_cache_folder(folder: Path) -> None:
+    """Create the cache folder (0700) and at most its parent (~/.cache): never a missing home
+    (HOME=/nonexistent must not make root create /nonexistent). OSError when it cannot be made."""
+    if folder.is_dir():
+        return
+    if not folder.parent.is_dir():
+        if not folder.parent.parent.is_dir():
+            raise FileNotFoundError(f"{folder.parent.parent}: no such folder; nothing remembered")
+        folder.parent.mkdir(mode=0o700)
+    folder.mkdir(mode=0o700, exist_ok=True)
 
 
 def _trusted(info: os.stat_result) -> bool:

@@ -284,7 +284,7 @@ def _map_search_file(index_dir: Path, record: dict) -> np.ndarray | None:
     finally:
         os.close(fd)
     # Checked once per state of the file, by any process of this user (checked_files.py): not on every search.
-    checked, key = CheckedFiles.default(), file_key(info, f"crc32={record.get('crc32')}")
+    checked, key = CheckedFiles.default(outside=index_dir), file_key(info, f"crc32={record.get('crc32')}")
     if not checked.known(key):
         if zlib.crc32(mapped) != record.get("crc32"):
             raise IndexFormatError(f"{path}: damaged search file (CRC-32 differs from the manifest's); {_FIX}")
@@ -417,7 +417,7 @@ def _check_untouched(index_dir: Path, shard: ShardInfo) -> None:
         info = os.lstat(path)
     except OSError as error:
         raise IndexFormatError(f"{path}: damaged or missing shard ({error.strerror})") from error
-    checked, key = CheckedFiles.default(), file_key(info, f"sha256={shard.sha256}")
+    checked, key = CheckedFiles.default(outside=index_dir), file_key(info, f"sha256={shard.sha256}")
     if info.st_mtime_ns == shard.mtime_ns or checked.known(key):
         return
     if file_sha256(path) != shard.sha256:
