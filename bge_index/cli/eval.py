@@ -1,6 +1,8 @@
 """`bge-index eval`: retrieval quality per mode against relevance judgments, as trec_eval defines it.
 
-This module owns the `eval` flags, the order of the work (every input and
+This module owns the `eval` flags (the search options' own come from their
+declaration, query.SEARCH_OPTIONS, but for k and mode, which --depth and
+--modes stand for), the order of the work (every input and
 output path is checked before the model loads), the TREC run files of
 --runs, the metric table, and the notes on which judged queries are left
 out of the means and why. The metrics are evaluation.py's; the searching
@@ -12,22 +14,33 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
 from bge_index.cli.display import note, stdout
-from bge_index.cli.options import Device, Dtype, IndexDir, QueryDtype, QueryModel, ReportFormat, check_output_folder
+from bge_index.cli.options import (Device, Dtype, IndexDir, QueryDtype, QueryModel, ReportFormat, check_output_folder,
+                                   with_search_flags)
 from bge_index.input.documents import read_queries
 from bge_index.errors import EvaluationInputError, InvalidOptionError, OutputError
 from bge_index.search.evaluation import QueryCoverage, evaluate, parse_metrics, query_coverage, read_qrels, write_trec_run
-from bge_index.search.query import Fusion, Mode, Normalize, Query, ScoreWeights, SearchRequest
+from bge_index.search.query import SEARCH_OPTIONS, Mode, Query, request_from_options
 
 SHOWN_IDS = 5  # query ids named in a note before "…"
+K = next(o for o in SEARCH_OPTIONS if o.field == "k")  # --depth is k by another name
+
+# The search options eval has no flag for: --depth and --modes stand for k and mode; colbert and explain are
+# not what a run is judged on. Every other declared option is an eval flag as well.
+NOT_EVAL_FLAGS = ("k", "mode", "colbert-weight", "explain")
+# eval's words for some of them (the rest: search's)
+EVAL_HELP = {"fusion": "Hybrid fusion.", "normalize": "Weighted hybrid: min-max normalise first.",
+             "dense-weight": "Weight of the dense score.", "sparse-weight": "Weight of the sparse score.",
+             "group-by-doc": "Judge documents by their best passage."}
 
 
+@with_search_flags(before="output_format", leave_out=NOT_EVAL_FLAGS, help=EVAL_HELP, environment=False)
 def evaluate_index(
     index_dir: IndexDir,
     queries: Annotated[str, typer.Option("--queries", help="Queries: BEIR queries.jsonl (_id + text) or TSV.")],
@@ -35,17 +48,15 @@ def evaluate_index(
     modes: Annotated[str, typer.Option(help="Comma-separated modes to compare.")] = "dense,sparse,hybrid",
     metrics: Annotated[str, typer.Option(help="Comma-separated: ndcg@k, recall@k, precision@k, mrr@k, map, map@k.")]
     = "ndcg@10,recall@100,mrr@10,map",
-    depth: Annotated[int, typer.Option(min=1, help="Documents retrieved per query (the run's length).")] = 1000,
+    depth: Annotated[int, typer.Option(min=K.minimum, max=K.maximum,
+                                       help="Documents retrieved per query (the run's length).")] = 1000,
     runs: Annotated[Optional[Path], typer.Option("--runs", help="Also write a TREC run per mode into this folder.")] = None,
-    fusion: Annotated[Fusion, typer.Option(help="Hybrid fusion.")] = Fusion.WEIGHTED,
-    normalize: Annotated[Normalize, typer.Option(help="Weighted hybrid: min-max normalise first.")] = Normalize.NONE,
-    dense_weight: Annotated[float, typer.Option(help="Weight of the dense score.")] = 1.0,
-    sparse_weight: Annotated[float, typer.Option(help="Weight of the sparse score.")] = 0.3,
-    group_by_doc: Annotated[bool, typer.Option("--group-by-doc", help="Judge documents by their best passage.")] = False,
     output_format: Annotated[ReportFormat, typer.Option("--format", help="Output format.")] = ReportFormat.table,
     model: QueryModel = None,
     device: Device = "auto",
     dtype: QueryDtype = Dtype("auto"),
+    *,
+    search_options: dict[str, Any],
 ) -> None:
     """Score retrieval quality per mode against relevance judgments (trec_eval's metric definitions)."""
     mode_list = parse_modes(modes)
@@ -54,9 +65,7 @@ def evaluate_index(
     except EvaluationInputError as error:
         raise InvalidOptionError(f"--metrics: {error}") from None
     check_output_folder(runs, "--runs")
-    requests = {mode: SearchRequest(k=depth, mode=mode, weights=ScoreWeights(dense_weight, sparse_weight),
-                                    fusion=fusion, normalize=normalize, group_by_doc=group_by_doc, with_text=False)
-                for mode in mode_list}
+    requests = {mode: request_from_options(search_options, k=depth, mode=mode, with_text=False) for mode in mode_list}
     judgments = read_qrels(qrels)
     query_list = [Query(d.id, d.text) for d in read_queries(queries)]
     coverage = query_coverage({q.id: () for q in query_list}, judgments)

@@ -6,6 +6,9 @@ This module owns
   Fusion, Normalize as option types; model.DTYPE_CHOICES for --dtype);
 - the option declarations shared by commands (index folder, model, device,
   dtype, quiet), with their BGE_INDEX_* environment fallbacks;
+- the search options' flags (`with_search_flags`), made from the library's
+  declaration (query.SEARCH_OPTIONS) for `search` and `eval`, never written
+  out by hand: a new search option is a flag of both without a change here;
 - the syntax checks of --device/--devices, done by the library's
   `check_device`/`parse_devices` (the CLI only reports them as click does);
 - pre-flight checks of the files and folders a command will write at its end
@@ -15,15 +18,19 @@ This module owns
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
+from collections.abc import Callable, Collection, Mapping
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
 from bge_index.errors import InvalidOptionError
 from bge_index.model.identity import DTYPE_CHOICES, check_device, parse_devices
+from bge_index.search.query import SEARCH_OPTIONS
 
 
 class ResultFormat(str, Enum):
@@ -104,6 +111,47 @@ QueryModel = Annotated[Optional[str], typer.Option(envvar="BGE_INDEX_MODEL",
 QueryDtype = Annotated[Dtype, typer.Option(envvar="BGE_INDEX_DTYPE",
                                            help="Query encoding precision; auto: the index's own.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
+
+
+def with_search_flags(*, before: str, leave_out: Collection[str] = (), help: Mapping[str, str] | None = None,
+                      environment: bool = True) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """A command decorator: one flag per declared search option (query.SEARCH_OPTIONS, in its order) but those
+    named in `leave_out`, placed before the command's parameter `before`, with the declared names, type,
+    default, range, help (or `help[name]`) and, with `environment`, environment variable.
+
+    The command declares its own flags as usual and one more parameter, `search_options`: it gets the search
+    flags' values there, keyed by option name (`dense-weight`), for `query.request_from_options`.
+    """
+    help = dict(help or {})
+    known = {o.name for o in SEARCH_OPTIONS}
+    if not known.issuperset(leave_out) or not known.issuperset(help):
+        raise ValueError(f"not search options: {sorted((set(leave_out) | set(help)) - known)}")
+    declared = [o for o in SEARCH_OPTIONS if o.name not in leave_out]
+
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)  # all by keyword, as typer passes them
+               for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "search_options"]
+        names = [p.name for p in own]
+        if clash := {o.parameter for o in declared} & set(names):
+            raise ValueError(f"{command.__name__}: parameters named as search options: {sorted(clash)}")
+        flags = [inspect.Parameter(o.parameter, inspect.Parameter.KEYWORD_ONLY, default=o.default,
+                                   annotation=Annotated[o.type, typer.Option(
+                                       *o.flags, min=o.minimum, max=o.maximum, help=help.get(o.name, o.help),
+                                       envvar=o.envvar if environment else None)])
+                 for o in declared]
+        at = names.index(before)
+        parameters = own[:at] + flags + own[at:]
+
+        @functools.wraps(command)
+        def with_flags(**kwargs: Any) -> None:
+            values = {o.name: kwargs.pop(o.parameter) for o in declared}
+            return command(**kwargs, search_options=values)
+
+        with_flags.__signature__ = inspect.Signature(parameters)
+        with_flags.__annotations__ = {p.name: p.annotation for p in parameters}
+        return with_flags
+
+    return decorate
 
 
 def check_output_file(path: Path | None, option: str) -> None:

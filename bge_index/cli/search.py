@@ -1,6 +1,7 @@
 """`bge-index search`: one query or a file of queries against an index or its Milvus export.
 
-This module owns the `search` flags, turns them into a `query.SearchRequest`,
+This module owns the `search` flags (the search options' own come from their
+declaration, query.SEARCH_OPTIONS), turns them into a `query.SearchRequest`,
 opens the backend (`LocalIndex`, or `MilvusBackend` with --backend milvus),
 prints its notes as warnings and its results in the chosen format. The
 backends validate the request themselves (what Milvus cannot do included).
@@ -12,31 +13,24 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
 from bge_index.cli.display import print_results, warning
-from bge_index.cli.options import Backend, Device, Dtype, IndexDir, QueryDtype, QueryModel, ResultFormat
+from bge_index.cli.options import (Backend, Device, Dtype, IndexDir, QueryDtype, QueryModel, ResultFormat,
+                                   with_search_flags)
 from bge_index.input.documents import read_queries
 from bge_index.errors import EmptyQueryError, QueryFileError, UsageError
-from bge_index.search.query import Fusion, Mode, Normalize, Query, ScoreWeights, SearchBackend, SearchRequest
+from bge_index.search.query import Query, SearchBackend, request_from_options
 
 
+@with_search_flags(before="queries")  # -k, --mode, --dense-weight, ...: one flag per declared search option
 def search(
     index_dir: IndexDir,
     query: Annotated[Optional[str], typer.Argument(help="Query text (or use --queries).", show_default=False)] = None,
-    k: Annotated[int, typer.Option("-k", "--top-k", min=1, envvar="BGE_INDEX_K", help="Results per query.")] = 10,
-    mode: Annotated[Mode, typer.Option(envvar="BGE_INDEX_MODE", help="Scoring mode.")] = Mode.HYBRID,
-    dense_weight: Annotated[float, typer.Option(help="Weight of the dense (cosine) score.")] = 1.0,
-    sparse_weight: Annotated[float, typer.Option(help="Weight of the sparse (lexical) score.")] = 0.3,
-    colbert_weight: Annotated[float, typer.Option(help="Weight of ColBERT MaxSim (colbert mode).")] = 1.0,
     queries: Annotated[Optional[str], typer.Option("--queries", help="JSONL (_id/id + text) or TSV (id<TAB>text); - for stdin.")] = None,
     output_format: Annotated[ResultFormat, typer.Option("--format", envvar="BGE_INDEX_FORMAT", help="Output format.")] = ResultFormat.table,
-    explain: Annotated[bool, typer.Option("--explain", help="Show the query tokens that matched, with their contributions.")] = False,
-    group_by_doc: Annotated[bool, typer.Option("--group-by-doc", help="Rank documents by their best passage (chunked indexes).")] = False,
-    fusion: Annotated[Fusion, typer.Option(envvar="BGE_INDEX_FUSION", help="Hybrid: weighted sum, or reciprocal rank fusion (k=60).")] = Fusion.WEIGHTED,
-    normalize: Annotated[Normalize, typer.Option(help="Weighted hybrid: min-max normalise dense and sparse scores first.")] = Normalize.NONE,
     model: QueryModel = None,
     device: Device = "auto",
     dtype: QueryDtype = Dtype("auto"),
@@ -47,6 +41,8 @@ def search(
     collection: Annotated[Optional[str], typer.Option(envvar="BGE_INDEX_MILVUS_COLLECTION", help="--backend milvus: collection name.")] = None,
     token: Annotated[Optional[str], typer.Option(envvar="BGE_INDEX_MILVUS_TOKEN", help="--backend milvus: server token (user:password).")] = None,
     route_limit: Annotated[Optional[int], typer.Option(min=1, help="--backend milvus, hybrid: rows each route (dense, sparse) returns before fusion; default 16384, the most Milvus allows.")] = None,
+    *,
+    search_options: dict[str, Any],
 ) -> None:
     """Search an index with one query or a file of queries."""
     if (query is None) == (queries is None):
@@ -55,9 +51,7 @@ def search(
         raise UsageError("--backend milvus needs --uri and --collection")
     if backend is Backend.local and (uri or collection or route_limit):
         raise UsageError("--uri, --collection and --route-limit need --backend milvus")
-    request = SearchRequest(k=k, mode=mode, weights=ScoreWeights(dense_weight, sparse_weight, colbert_weight),
-                            fusion=fusion, normalize=normalize, explain=explain, group_by_doc=group_by_doc,
-                            with_text=output_format is not ResultFormat.trec)
+    request = request_from_options(search_options, with_text=output_format is not ResultFormat.trec)
     if backend is Backend.milvus:
         from bge_index.search.milvus import MilvusBackend
 
@@ -76,7 +70,7 @@ def search(
         results = opened.search(query_list, request)
     finally:
         opened.close()
-    print_results(results, output_format, mode.value, run_tag)
+    print_results(results, output_format, request.mode.value, run_tag)
 
 
 def read_query_file(path: str) -> list[Query]:

@@ -52,8 +52,8 @@ from bge_index.errors import BgeIndexError, ExtraUnavailableError, IndexFormatEr
 from bge_index.extras import require
 from bge_index.store.manifest import Manifest, read_manifest
 from bge_index.model.identity import ModelIdentity
-from bge_index.search.query import (RRF_DEPTH, RRF_K, Hit, Mode, Normalize, Query, QueryResult, QueryVectors, RankedDocument,
-                             ScoreWeights, SearchRequest)
+from bge_index.search.query import (RRF_DEPTH, RRF_K, SEARCH_OPTIONS, Hit, Mode, Normalize, Query, QueryResult, QueryVectors,
+                                    RankedDocument, ScoreWeights, SearchRequest)
 from bge_index.store.shard_reader import LiveRows, iter_live_rows
 
 MAX_VARCHAR_BYTES = 65_535
@@ -61,6 +61,14 @@ PROPERTY = "bge_index"  # collection property holding the exported index's ident
 INDEX_TYPES = ("flat", "hnsw")
 DENSE_TYPES = ("auto", "float", "float16")
 _HNSW_BUILD = {"M": 16, "efConstruction": 200}
+
+# What Milvus search does of the declared search options (query.SEARCH_OPTIONS): these at any value
+# (colbert-weight: only colbert mode reads it, refused below), ...
+MILVUS_OPTIONS = frozenset({"k", "dense-weight", "sparse-weight", "colbert-weight", "fusion"})
+# ... these at these values only (a refusal names them in this order), and any other, one declared after
+# this was written included, only at its default: what Milvus cannot do is refused, never ignored.
+MILVUS_OPTIONS_AT = {"mode": (Mode.HYBRID, Mode.DENSE, Mode.SPARSE), "explain": (False,), "group-by-doc": (False,),
+                     "normalize": (Normalize.NONE,)}
 
 
 _URL_PASSWORD = re.compile(r"(\w+://[^\s:/@]*:)[^\s@/]*@")
@@ -368,10 +376,11 @@ class MilvusBackend:
     @staticmethod
     def check_request(request: SearchRequest) -> None:
         """Refuse (InvalidOptionError) what only local search does: callers can ask before the model loads."""
-        unsupported = [flag for flag, used in (("--mode colbert", request.mode is Mode.COLBERT),
-                                               ("--explain", request.explain),
-                                               ("--group-by-doc", request.group_by_doc),
-                                               ("--normalize minmax", request.normalize is not Normalize.NONE)) if used]
+        declared = {o.name: o for o in SEARCH_OPTIONS}
+        allowed = {name: values for name, values in MILVUS_OPTIONS_AT.items() if name in declared}
+        allowed.update((name, (o.default,)) for name, o in declared.items() if name not in MILVUS_OPTIONS | allowed.keys())
+        unsupported = [declared[name].as_flag(value) for name, values in allowed.items()
+                       if (value := declared[name].value_in(request)) not in values]
         if unsupported:
             raise InvalidOptionError(f"--backend milvus does not support {', '.join(unsupported)}")
 

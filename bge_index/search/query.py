@@ -11,6 +11,12 @@ compare `QueryResult`s and never look inside a backend:
     >>> request.mode.value, request.weights.sparse
     ('sparse', 0.3)
 
+The search options are declared here, once: each is a field of
+`SearchRequest` (the weights: of `ScoreWeights`) made with `options.option()`,
+with its names, default, help and range. `SEARCH_OPTIONS` reads them back;
+the CLI's `search` and `eval` flags, `serve`'s HTTP parameters, the request's
+checks and what the Milvus backend refuses all come from it (options.py).
+
 No torch here: the types are plain data (numpy arrays for vectors).
 """
 
@@ -19,11 +25,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from bge_index.errors import InvalidOptionError
+from bge_index.search.options import SearchOption, build, check_options, declared_options, option
 
 
 class Mode(str, Enum):
@@ -55,11 +61,14 @@ class Normalize(str, Enum):
 
 @dataclass(frozen=True)
 class ScoreWeights:
-    """Weights of the component scores; BGE-M3's training mix is dense + 0.3 sparse (+ colbert)."""
+    """Weights of the component scores; BGE-M3's training mix is dense + 0.3 sparse (+ colbert). Search options."""
 
-    dense: float = 1.0
-    sparse: float = 0.3
-    colbert: float = 1.0
+    dense: float = option(1.0, "dense-weight", help="Weight of the dense (cosine) score.")
+    sparse: float = option(0.3, "sparse-weight", help="Weight of the sparse (lexical) score.")
+    colbert: float = option(1.0, "colbert-weight", help="Weight of ColBERT MaxSim (colbert mode).")
+
+    def __post_init__(self) -> None:
+        check_options(self)
 
 
 @dataclass(frozen=True)
@@ -93,28 +102,36 @@ class Query:
 
 @dataclass(frozen=True)
 class SearchRequest:
-    """Everything a search is asked besides the queries; `search --help` documents each field's flag."""
+    """Everything a search is asked besides the queries. Each field made with `option()` is a search option,
+    declared here only: `search`'s flag and `serve`'s parameter of that name, with this default, help and range."""
 
-    k: int = 10
-    mode: Mode = Mode.HYBRID
-    weights: ScoreWeights = field(default_factory=ScoreWeights)
-    fusion: Fusion = Fusion.WEIGHTED
-    normalize: Normalize = Normalize.NONE
-    explain: bool = False  # the query tokens each hit matched, with their contributions
-    group_by_doc: bool = False  # chunked indexes: rank documents by their best passage
-    with_text: bool = True  # return stored texts with the hits
+    k: int = option(10, "k", "top-k", minimum=1, envvar="BGE_INDEX_K", help="Results per query.")
+    mode: Mode = option(Mode.HYBRID, envvar="BGE_INDEX_MODE", help="Scoring mode.")
+    weights: ScoreWeights = field(default_factory=ScoreWeights)  # its fields are options: dense-weight, ...
+    fusion: Fusion = option(Fusion.WEIGHTED, envvar="BGE_INDEX_FUSION",
+                            help="Hybrid: weighted sum, or reciprocal rank fusion (k=60).")
+    normalize: Normalize = option(Normalize.NONE, help="Weighted hybrid: min-max normalise dense and sparse scores first.")
+    explain: bool = option(False, help="Show the query tokens that matched, with their contributions.")
+    group_by_doc: bool = option(False, help="Rank documents by their best passage (chunked indexes).")
+    with_text: bool = True  # return stored texts with the hits (not an option: the CLI's output format decides)
 
     def __post_init__(self) -> None:
-        if self.k < 1:
-            raise InvalidOptionError(f"k must be at least 1 (got {self.k})")
-        # Plain strings are accepted (library callers); stored as the enums.
-        for name, kind in (("mode", Mode), ("fusion", Fusion), ("normalize", Normalize)):
-            value = getattr(self, name)
-            try:
-                object.__setattr__(self, name, kind(value))
-            except ValueError:
-                choices = ", ".join(m.value for m in kind)
-                raise InvalidOptionError(f"unknown {name} {value!r} (use {choices})") from None
+        # Plain strings are accepted for the enums (library callers); stored as the enums. k at least 1.
+        check_options(self)
+
+
+SEARCH_OPTIONS: tuple[SearchOption, ...] = declared_options(SearchRequest)
+"""Every search option, in declaration order: k, mode, dense-weight, sparse-weight, colbert-weight, fusion, ..."""
+
+
+def request_from_options(values: Mapping[str, Any], **fields: Any) -> SearchRequest:
+    """A SearchRequest from option values keyed by option name (`dense-weight`: 0.5), and `fields` given as
+    they are (`with_text`, or `k` from a flag of another name); the rest keeps its default.
+
+        >>> request_from_options({"k": 3, "sparse-weight": 1.0}, with_text=False).weights
+        ScoreWeights(dense=1.0, sparse=1.0, colbert=1.0)
+    """
+    return build(SearchRequest, SEARCH_OPTIONS, values, **fields)
 
 
 @dataclass(frozen=True)

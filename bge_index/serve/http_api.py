@@ -12,7 +12,9 @@ JSON, and the search answers are byte for byte what the CLI prints:
 
 Search options go by their flag names (`k` or `top-k`, `mode`,
 `dense-weight`, `sparse-weight`, `colbert-weight`, `fusion`, `normalize`,
-`explain`, `group-by-doc`); an unknown one is an error, never ignored.
+`explain`, `group-by-doc`: query.SEARCH_OPTIONS, whose declaration gives
+each its parsing by type, range and default); an unknown one is an error,
+never ignored.
 A bad request gets a 4xx status and one line of JSON, `{"error": "..."}`;
 a header `X-Bge-Index-Generation` names the generation that answered, and
 `Server-Timing: search;dur=MS` what the search of the batch it was answered
@@ -34,7 +36,7 @@ import json
 import logging
 import math
 import socket
-from collections.abc import Callable
+from enum import Enum
 from typing import Any
 
 from bge_index.errors import BgeIndexError, ExtraUnavailableError, InvalidOptionError, NoColbertVectors, UsageError
@@ -54,7 +56,9 @@ except ImportError as missing:  # pragma: no cover - exercised only without the 
 from bge_index.input.types import Skipped, SkipReason
 from bge_index.input.formats import QUERY_FIELDS, record_to_document
 from bge_index.store.info import index_info
-from bge_index.search.query import Fusion, Mode, Normalize, Query, ScoreWeights, SearchRequest, results_json
+from bge_index.search.options import SearchOption, describe_range
+from bge_index.search.query import SEARCH_OPTIONS as DECLARED_OPTIONS
+from bge_index.search.query import Mode, Query, SearchRequest, request_from_options, results_json
 from bge_index.serve.search_service import SearchService, ServiceClosed
 
 log = logging.getLogger("bge_index.serve")
@@ -81,19 +85,23 @@ class RequestError(Exception):
 # Parsing the search options (query string values are text; JSON values may be typed)
 
 
-def _integer(name: str, value: Any) -> int:
+def _in_range(name: str, number: float, low: float | None, high: float | None) -> None:
+    if (low is not None and number < low) or (high is not None and number > high):
+        raise RequestError(400, f"{name} must be {describe_range(low, high)} (got {number})")
+
+
+def _integer(name: str, value: Any, low: float | None, high: float | None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise RequestError(400, f"{name} must be an integer (got {value!r})")
     try:
         number = int(value)
     except ValueError:
         raise RequestError(400, f"{name} must be an integer (got {value!r})") from None
-    if not 1 <= number <= MAX_K:
-        raise RequestError(400, f"{name} must be from 1 to {MAX_K:,} (got {number})")
+    _in_range(name, number, low, high)
     return number
 
 
-def _number(name: str, value: Any) -> float:
+def _number(name: str, value: Any, low: float | None, high: float | None) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise RequestError(400, f"{name} must be a number (got {value!r})")
     try:
@@ -102,6 +110,7 @@ def _number(name: str, value: Any) -> float:
         raise RequestError(400, f"{name} must be a number (got {str(value)[:40]!r})") from None
     if not math.isfinite(number):
         raise RequestError(400, f"{name} must be a finite number (got {value!r})")
+    _in_range(name, number, low, high)
     return number
 
 
@@ -116,34 +125,37 @@ def _flag(name: str, value: Any) -> bool:
     raise RequestError(400, f"{name} must be true or false (got {value!r})")
 
 
-def _choice(kind: type) -> Callable[[str, Any], Any]:
-    def parse(name: str, value: Any):
-        try:
-            return kind(value)
-        except ValueError:
-            choices = ", ".join(m.value for m in kind)
-            raise RequestError(400, f"{name} must be one of {choices} (got {value!r})") from None
-
-    return parse
+def _choice(kind: type[Enum], name: str, value: Any) -> Enum:
+    try:
+        return kind(value)
+    except ValueError:
+        choices = ", ".join(m.value for m in kind)
+        raise RequestError(400, f"{name} must be one of {choices} (got {value!r})") from None
 
 
-# flag name -> (SearchRequest argument, parser)
-SEARCH_OPTIONS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
-    "k": ("k", _integer),
-    "top-k": ("k", _integer),
-    "mode": ("mode", _choice(Mode)),
-    "dense-weight": ("dense", _number),
-    "sparse-weight": ("sparse", _number),
-    "colbert-weight": ("colbert", _number),
-    "fusion": ("fusion", _choice(Fusion)),
-    "normalize": ("normalize", _choice(Normalize)),
-    "explain": ("explain", _flag),
-    "group-by-doc": ("group_by_doc", _flag),
-}
+# Every name of every declared search option (`k` and `top-k` both name k), in declaration order.
+SEARCH_OPTIONS: dict[str, SearchOption] = {name: option for option in DECLARED_OPTIONS for name in option.names}
+# What the server takes at most, below the declared range: each hit may carry its text, so k bounds an answer.
+SERVER_MAXIMUM = {"k": MAX_K}
+
+
+def parse_option(option: SearchOption, name: str, value: Any) -> Any:
+    """An option's value from a query string (text) or a JSON body (typed), parsed by its declared type and
+    checked against its declared range (and SERVER_MAXIMUM); `name` is the one the request used."""
+    if option.type is bool:
+        return _flag(name, value)
+    if isinstance(option.type, type) and issubclass(option.type, Enum):
+        return _choice(option.type, name, value)
+    high = min((m for m in (option.maximum, SERVER_MAXIMUM.get(option.name)) if m is not None), default=None)
+    if option.type is int:
+        return _integer(name, value, option.minimum, high)
+    if option.type is float:
+        return _number(name, value, option.minimum, high)
+    raise TypeError(f"search option {option.name}: no HTTP parsing for {option.type!r}")  # a new type: add one
 
 
 def search_request(options: dict[str, Any]) -> SearchRequest:
-    """A SearchRequest from options named as the CLI's flags; the defaults are the CLI's.
+    """A SearchRequest from options named as the CLI's flags; the defaults are the CLI's (the declaration's).
 
         >>> search_request({"k": "3", "mode": "dense", "explain": ""}).k
         3
@@ -153,14 +165,11 @@ def search_request(options: dict[str, Any]) -> SearchRequest:
         if name not in SEARCH_OPTIONS:
             known = ", ".join(SEARCH_OPTIONS)
             raise RequestError(400, f"unknown option {name!r} (search options: {known})")
-        field, parse = SEARCH_OPTIONS[name]
-        if field in values:
+        option = SEARCH_OPTIONS[name]
+        if option.name in values:
             raise RequestError(400, f"{name}: given twice")
-        values[field] = parse(name, value)
-    defaults = ScoreWeights()
-    weights = ScoreWeights(values.pop("dense", defaults.dense), values.pop("sparse", defaults.sparse),
-                           values.pop("colbert", defaults.colbert))
-    return SearchRequest(weights=weights, with_text=True, **values)
+        values[option.name] = parse_option(option, name, value)
+    return request_from_options(values, with_text=True)
 
 
 def _query_text(text: Any, where: str) -> str:
