@@ -189,9 +189,11 @@ def write_bad_corpus(folder):
 def test_bad_documents_are_skipped_and_reported(tiny_model, tmp_path):
     write_bad_corpus(tmp_path / "in")
     result = invoke("index", tmp_path / "in", "--out", tmp_path / "ix", "--model", tiny_model)
-    # The malformed line could have held any id: the run commits the rest, names the input and exits 1.
-    assert result.exit_code == 1, result.output
-    assert "bge-index: error: 1 input could not be read whole" in result.stderr and "good.jsonl:2" in result.stderr
+    # The malformed line could have held any id, but a first run has nothing to remove: nothing was held back,
+    # so the run succeeds with the skips in its summary (issue 18: bad input never fails a run; --strict does).
+    assert result.exit_code == 0, result.output
+    assert "bge-index: error:" not in result.stderr
+    assert "not read whole (its documents were kept): " in result.stdout and "good.jsonl:2" in result.stdout
     for expected in ("good.jsonl:2: skipped: malformed JSON", "good.jsonl:3: skipped: empty text",
                      "binary.txt: skipped: binary file", "latin1.md: skipped: invalid UTF-8"):
         assert expected in result.stderr
@@ -587,12 +589,13 @@ def test_an_out_folder_that_cannot_be_written_is_one_line(tiny_model, tmp_path):
 
 
 MAKEFILE = """\
-CORPUS := $(shell find corpus -type f)
+CORPUS  := $(shell find corpus -type f)
+FOLDERS := $(shell find corpus -type d)
 
 all: index.stamp info.json
 
-# The index step runs when an input file (or the folder: a file added or deleted) is newer than the last run.
-index.stamp: corpus $(CORPUS)
+# The index step runs when an input file, or any folder (a file added or deleted in it), is newer than the last run.
+index.stamp: $(FOLDERS) $(CORPUS)
 \t$(BGE_INDEX) index corpus --out index
 \ttouch $@
 
@@ -646,6 +649,17 @@ def test_the_readme_makefile_recipe(tiny_model, tmp_path):
     (tmp_path / "corpus" / "c.txt").write_text("bread needs time")  # an edit: downstream follows in the same run
     edited = make()
     assert edited.returncode == 0 and "info index --format json" in edited.stdout, edited.stdout
+    assert json.loads((tmp_path / "info.json").read_text())["documents"] == 3
+    assert make("-q").returncode == 0
+    # A file added, then deleted, in a subfolder (issue 18: only the top folder's mtime was a prerequisite)
+    (tmp_path / "corpus" / "sub").mkdir()
+    (tmp_path / "corpus" / "sub" / "d.txt").write_text("rivers run to the sea")
+    age_everything()
+    assert make().returncode == 0 and json.loads((tmp_path / "info.json").read_text())["documents"] == 4
+    age_everything()
+    (tmp_path / "corpus" / "sub" / "d.txt").unlink()
+    deleted = make()
+    assert deleted.returncode == 0 and "index corpus --out index" in deleted.stdout, deleted.stdout
     assert json.loads((tmp_path / "info.json").read_text())["documents"] == 3
     assert make("-q").returncode == 0
 

@@ -258,6 +258,38 @@ def test_csv_parse_error_ends_the_file_and_hides_documents(tmp_path, monkeypatch
     finally:
         real_limit(2**31 - 1)
     assert items[0] == Document("1", "one", str(path), 2)
+    # A field over the csv module's limit is now named as what it is (issue 18: --max-document-bytes)
+    assert items[1].code is SkipReason.DOCUMENT_TOO_LARGE and items[1].hides_documents and len(items) == 2
+
+
+def test_other_csv_parse_errors_end_the_file_as_malformed(tmp_path, monkeypatch):
+    import csv
+
+    from bge_index.input import formats
+
+    path = write(tmp_path / "t.csv", "id,text\n1,one\n2,two\n3,three\n")
+    real_reader = csv.reader
+
+    def failing_reader(*args, **kwargs):
+        rows = real_reader(*args, **kwargs)
+
+        class Reader:
+            line_num = 0
+
+            def __iter__(self):
+                return self
+
+            def __next__(self):
+                row = next(rows)
+                self.line_num = rows.line_num
+                if row and row[0] == "2":
+                    raise csv.Error("some parse error")
+                return row
+        return Reader()
+
+    monkeypatch.setattr(formats.csv, "reader", failing_reader)
+    items = read_all([path])
+    assert items[0] == Document("1", "one", str(path), 2)
     assert items[1].code is SkipReason.MALFORMED_ROW and items[1].hides_documents and len(items) == 2
 
 

@@ -130,3 +130,23 @@ def test_non_finite_head_is_refused(model_copy):
     torch.save(state, model_copy / "sparse_linear.pt")
     with pytest.raises(ModelError, match="not finite"):
         load_encoder(str(model_copy), device="cpu", dtype="fp32")
+
+
+def test_identity_covers_the_special_token_files(model_copy):
+    before = identify_model(str(model_copy)).identity
+    assert "tokenizer_config.json" in before.files  # special_tokens_map.json too, where the folder has one
+    path = model_copy / "special_tokens_map.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data["unk_token"] = "<pad>"
+    path.write_text(json.dumps(data))
+    after = identify_model(str(model_copy)).identity
+    assert not after.same_model(before)
+
+
+def test_an_index_recorded_before_the_wider_identity_still_matches(model_copy):
+    from bge_index.model.identity import ModelIdentity, _hash_files, model_identity
+    current = identify_model(str(model_copy)).identity
+    old_files = {k: v for k, v in current.files.items()
+                 if k not in ("tokenizer_config.json", "special_tokens_map.json")}
+    recorded = ModelIdentity(current.name, None, _hash_files(model_copy, sorted(old_files)), old_files)
+    assert model_identity(model_copy, current.name, None, known=recorded).same_model(recorded)

@@ -134,3 +134,22 @@ def test_out_inside_an_input_folder_is_not_read(tiny_model, tmp_path):
     result = index(folder, out, tiny_model)
     assert "0 added, 1 updated, 1 unchanged, 1 removed" in result.stdout
     assert set(live_texts(out)) == {"a.txt", "c.txt"}
+
+
+def test_bad_records_that_hold_nothing_back_exit_0_and_held_back_removals_are_named(tiny_model, tmp_path):
+    folder, out, report = tmp_path / "in", tmp_path / "ix", tmp_path / "r.json"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", records(["a1", "a2"]))
+    write_jsonl(folder / "b.jsonl", records(["b1"]))
+    index(folder, out, tiny_model)
+    with (folder / "a.jsonl").open("a") as stream:
+        stream.write("{not json\n")
+    result = invoke("index", folder, "--out", out, "--model", tiny_model)
+    assert result.exit_code == 0 and "bge-index: error:" not in result.stderr, result.output  # nothing gone
+    (folder / "b.jsonl").unlink()
+    result = invoke("index", folder, "--out", out, "--model", tiny_model, "--report", report)
+    assert result.exit_code == 1, result.output
+    [line] = [x for x in result.stderr.splitlines() if x.startswith("bge-index: error:")]
+    assert "a.jsonl:3" in line and "'b1'" in line and "removal of 1 indexed document" in line
+    assert json.loads(report.read_text())["removals_held_back"] == {"count": 1, "ids": ["b1"]}
+    assert set(live_texts(out)) == {"a1", "a2", "b1"}

@@ -4,8 +4,9 @@ This module owns the `index` flags (and which ones need which engine), the
 SIGINT/SIGTERM handling that asks a run to stop at the next batch boundary
 (130/143; a second signal aborts, same codes), the `--report` file, and the
 exit status of a run that committed its good work but could not do all of it:
-1, with one error line, when inputs could not be read whole (their documents
-kept) or when `--max-remove` held the removals back. The work is the library's: `indexing.build_index`
+1, with one error line, when removals were held back: by inputs not read
+whole (which may hold the missing ids; they are named) or by `--max-remove`.
+Bad records that held nothing back are reported and exit 0. The work is the library's: `indexing.build_index`
 (local engine) or `ray_engine.build_index_on_ray`, both torch-free at import:
 the model, and torch with it, load only when something needs encoding.
 """
@@ -21,6 +22,7 @@ import typer
 from bge_index.cli.display import IndexDisplay, error, print_index_summary, stderr, write_json
 from bge_index.cli.options import Device, Devices, Dtype, Engine, Quiet, check_output_file
 from bge_index.input.documents import FieldNames
+from bge_index.input.types import DEFAULT_MAX_DOCUMENT_BYTES
 from bge_index.errors import EXIT_FAILURE, UsageError
 from bge_index.model.identity import DEFAULT_MODEL
 from bge_index.run.index_run import IndexOptions, IndexSummary
@@ -50,6 +52,10 @@ def index(
     id_field: Annotated[Optional[str], typer.Option(help="Id field/column (default: id, _id or docid).")] = None,
     text_field: Annotated[Optional[str], typer.Option(help="Text field/column (default: text or contents).")] = None,
     keep_missing: Annotated[bool, typer.Option("--keep-missing", help="Keep indexed documents missing from the inputs.")] = False,
+    max_document_bytes: Annotated[int, typer.Option(
+        min=1, envvar="BGE_INDEX_MAX_DOCUMENT_BYTES",
+        help="Skip (with a reason) any document larger than this many bytes: a file's text, a JSON line, "
+             "a CSV/TSV field. Bounds the memory one document can take.")] = DEFAULT_MAX_DOCUMENT_BYTES,
     follow_links: Annotated[bool, typer.Option(
         "--follow-links", help="Read files in input folders whose symbolic links lead out of those folders "
                                "(skipped by default: a link to /etc/shadow is not a document).")] = False,
@@ -82,6 +88,7 @@ def index(
                            max_length=max_length, shard_rows=shard_rows, colbert=colbert, store_text=store_text,
                            strict=strict, fields=FieldNames.from_options(id_field, text_field),
                            chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap, keep_missing=keep_missing, follow_links=follow_links,
+                           max_document_bytes=max_document_bytes,
                            dry_run=dry_run, wait=wait, max_remove=max_remove)
 
     def run_index(display: IndexDisplay, should_stop) -> IndexSummary:
@@ -96,7 +103,13 @@ def index(
         return build_index_on_ray(paths, out, options, ray_options, events=display, should_stop=should_stop)
 
     with StopRequests() as stop, IndexDisplay(quiet, progress_every) as display:
-        summary = run_index(display, stop.requested)
+        try:
+            summary = run_index(display, stop.requested)
+        except KeyboardInterrupt as interrupt:
+            # A stop asked for before any work (waiting on the lock, say): exit as that signal, 143 for SIGTERM
+            if getattr(interrupt, "signal_number", None) is None and stop.signal_number is not None:
+                raise StopNow(stop.signal_number) from None
+            raise
     if not quiet:
         print_index_summary(summary)
     if report is not None:
@@ -104,11 +117,16 @@ def index(
     if summary.interrupted:
         raise typer.Exit(128 + (stop.signal_number or signal.SIGINT))
     # The good work is committed; what could not be done still fails the run, so cron and make notice.
+    # Bad records that held nothing back are in the summary and fail nothing (--strict is for that).
     problems = []
-    if summary.failed_inputs:
+    if summary.held_back:
         failed = len(summary.failed_inputs)
+        named = ", ".join(repr(i) for i in summary.held_back_ids[:5])
+        more = f" and {summary.held_back - 5:,} more" if summary.held_back > 5 else ""
         problems.append(f"{failed} input{'s' if failed != 1 else ''} could not be read whole; their documents "
-                        "were kept: " + ", ".join(f["location"] for f in summary.failed_inputs))
+                        "were kept: " + ", ".join(f["location"] for f in summary.failed_inputs)
+                        + f"; the removal of {summary.held_back:,} indexed document{'s' if summary.held_back != 1 else ''}"
+                        f" not in the inputs waits until they are ({named}{more})")
     if summary.removal_refused:
         problems.append(f"removals held back by --max-remove {max_remove} (see the warning above)")
     if problems:

@@ -25,6 +25,7 @@ from typing import BinaryIO, Callable
 from bge_index.input.types import (
     STDIN,
     STDIN_NAME,
+    DEFAULT_MAX_DOCUMENT_BYTES,
     Document,
     DocumentOrSkipped,
     FieldNames,
@@ -62,6 +63,7 @@ def iter_documents(
     stdin: BinaryIO | None = None,
     exclude: Sequence[Path] = (),
     follow_links: bool = False,
+    max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES,
 ) -> Iterator[DocumentOrSkipped]:
     """Stream documents (and skipped records) from `inputs`, in input order.
 
@@ -72,7 +74,7 @@ def iter_documents(
     `follow_links`; a file named directly is read wherever it is.
     """
     files = resolve_inputs(inputs, exclude, follow_links)
-    return _iter_all(files, fields, stdin if stdin is not None else sys.stdin.buffer)
+    return _iter_all(files, fields, stdin if stdin is not None else sys.stdin.buffer, max_document_bytes)
 
 
 def resolve_inputs(inputs: Sequence[str], exclude: Sequence[Path] = (), follow_links: bool = False
@@ -365,9 +367,10 @@ def _describe_os_error(error: OSError) -> str:
     return error.strerror or str(error)
 
 
-def _iter_all(files: Iterable[InputFile], fields: FieldNames, stdin: BinaryIO) -> Iterator[DocumentOrSkipped]:
+def _iter_all(files: Iterable[InputFile], fields: FieldNames, stdin: BinaryIO,
+              max_bytes: int) -> Iterator[DocumentOrSkipped]:
     for input_file in files:
         if input_file.path is None:
-            yield from read_json_lines(stdin, STDIN_NAME, fields)
+            yield from read_json_lines(stdin, STDIN_NAME, fields, max_bytes)
         else:
-            yield from read_input_file(input_file, fields)
+            yield from read_input_file(input_file, fields, max_bytes)

@@ -41,6 +41,7 @@ from bge_index.input.types import (
     STDIN,
     STDIN_NAME,
     Document,
+    DEFAULT_MAX_DOCUMENT_BYTES,
     DocumentOrSkipped,
     FieldNames,
     InputFile,
@@ -75,14 +76,19 @@ def is_inside(real: str, folder: str) -> bool:
     return real == folder or real.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def read_input_file(input_file: InputFile, fields: FieldNames = FieldNames()) -> Iterator[DocumentOrSkipped]:
-    """Documents (and skipped records) of one file, in order: what a distributed reader runs per file."""
+def read_input_file(input_file: InputFile, fields: FieldNames = FieldNames(),
+                    max_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES) -> Iterator[DocumentOrSkipped]:
+    """Documents (and skipped records) of one file, in order: what a distributed reader runs per file.
+
+    A document over `max_bytes` (the file's text, a JSON line, a CSV/TSV field) is skipped with the code
+    `DOCUMENT_TOO_LARGE`, having read no more than `max_bytes` of it at a time.
+    """
     if input_file.path is None:
         raise ValueError("read_input_file reads files, not stdin")
-    return _read_file(input_file, fields)
+    return _read_file(input_file, fields, max_bytes)
 
 
-def _read_file(input_file: InputFile, fields: FieldNames) -> Iterator[DocumentOrSkipped]:
+def _read_file(input_file: InputFile, fields: FieldNames, max_bytes: int) -> Iterator[DocumentOrSkipped]:
     path = input_file.path
     assert path is not None
     source = input_file.display
@@ -115,15 +121,15 @@ def _read_file(input_file: InputFile, fields: FieldNames) -> Iterator[DocumentOr
         return
     try:
         if fmt in WHOLE_FILE_FORMATS:
-            yield from _read_whole_file(path, input_file.doc_id, source)
+            yield from _read_whole_file(path, input_file.doc_id, source, max_bytes)
         elif fmt in PARQUET_FORMATS:
-            yield from _read_parquet(path, source, fields)
+            yield from _read_parquet(path, source, fields, max_bytes)
         else:
             with _open_input(path) as stream:
                 if fmt in JSON_LINES_FORMATS:
-                    yield from read_json_lines(stream, source, fields)
+                    yield from read_json_lines(stream, source, fields, max_bytes)
                 else:
-                    yield from _read_table(stream, source, fields, delimiter="\t" if fmt == ".tsv" else ",")
+                    yield from _read_table(stream, source, fields, "\t" if fmt == ".tsv" else ",", max_bytes)
     except NotRegularFileError as error:  # turned into a FIFO or device between the look and the opening
         yield _not_regular(source, error.mode)
     except _READ_ERRORS as error:  # unreadable, vanished, or a corrupt/truncated gzip stream
@@ -231,7 +237,14 @@ def _open_binary(path: Path) -> BinaryIO:
 # .txt / .md: one document per file
 
 
-def _read_whole_file(path: Path, doc_id: str, source: str) -> Iterator[DocumentOrSkipped]:
+def _too_large(source: str, line: int | None, max_bytes: int, what: str, doc_id: str | None = None,
+               hides_documents: bool = False, skipped: str = "skipped") -> Skipped:
+    """The skip of a document over the size bound (its indexed copy, if its id is known, is kept)."""
+    return Skipped(source, line, f"{what} over {max_bytes:,} bytes (--max-document-bytes); {skipped}",
+                   hides_documents=hides_documents, code=SkipReason.DOCUMENT_TOO_LARGE, doc_id=doc_id)
+
+
+def _read_whole_file(path: Path, doc_id: str, source: str, max_bytes: int) -> Iterator[DocumentOrSkipped]:
     # The id is the file's path: one that is no valid id (a name in another encoding, a newline in it) is
     # skipped before the file is read. A lone surrogate cannot have been indexed: no good copy to keep.
     bad_id = _id_problem(doc_id)
@@ -242,12 +255,15 @@ def _read_whole_file(path: Path, doc_id: str, source: str) -> Iterator[DocumentO
         return
     try:
         with _open_input(path) as stream:
-            data = stream.read()
+            data = stream.read(max_bytes + 1)  # a gzip bomb stops here: never more than the bound unpacked
     except (EOFError, zlib.error) as error:
         yield Skipped(source, None, f"corrupt or truncated gzip data ({error})", hides_documents=True,
                       code=SkipReason.TRUNCATED_GZIP, doc_id=doc_id)
         return
     # Skips of a file whose id is known carry it: the index keeps that id's good copy.
+    if len(data) > max_bytes:
+        yield _too_large(source, None, max_bytes, "text", doc_id=doc_id)
+        return
     if b"\x00" in data:
         yield Skipped(source, None, "binary file (contains NUL bytes)", code=SkipReason.BINARY_FILE, doc_id=doc_id)
         return
@@ -267,13 +283,15 @@ def _read_whole_file(path: Path, doc_id: str, source: str) -> Iterator[DocumentO
 # .jsonl / .ndjson (and stdin)
 
 
-def read_json_lines(stream: BinaryIO, source: str, fields: FieldNames) -> Iterator[DocumentOrSkipped]:
+def read_json_lines(stream: BinaryIO, source: str, fields: FieldNames,
+                    max_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES) -> Iterator[DocumentOrSkipped]:
     """Documents (and skipped lines) of a JSON Lines stream, one object per line; blank lines are passed over.
 
-    A stream that fails part-way (a damaged gzip) ends with one Skipped for the rest of it.
+    A stream that fails part-way (a damaged gzip) ends with one Skipped for the rest of it. A line over
+    `max_bytes` is skipped (its id unknown: it hides documents) without ever being held whole.
     """
     line_number = 0
-    lines = iter(stream)
+    lines = _bounded_lines(stream, max_bytes)
     while True:
         try:
             raw = next(lines)
@@ -286,9 +304,26 @@ def read_json_lines(stream: BinaryIO, source: str, fields: FieldNames) -> Iterat
                           hides_documents=True, code=code)
             return
         line_number += 1
+        if raw is None:
+            yield _too_large(source, line_number, max_bytes, "line", hides_documents=True)
+            continue
         if not raw.strip():
             continue
         yield _json_line_to_document(raw, source, line_number, fields)
+
+
+def _bounded_lines(stream: BinaryIO, max_bytes: int) -> Iterator[bytes | None]:
+    """The stream's lines, each read `max_bytes` at most at a time; None stands for a longer line (passed over)."""
+    while True:
+        line = stream.readline(max_bytes + 1)
+        if not line:
+            return
+        if len(line) <= max_bytes or line.endswith(b"\n"):  # within the bound (its newline may be the byte over)
+            yield line
+            continue
+        while line and not line.endswith(b"\n"):  # the rest of the long line, a bounded piece at a time
+            line = stream.readline(1 << 20)
+        yield None
 
 
 def _json_line_to_document(raw: bytes, source: str, line: int, fields: FieldNames) -> DocumentOrSkipped:
@@ -432,13 +467,17 @@ def _lines_then_end_mark(lines: Iterator[str]) -> Iterator[str]:
     yield _END_OF_INPUT
 
 
-def _read_table(stream: BinaryIO, source: str, fields: FieldNames, delimiter: str) -> Iterator[DocumentOrSkipped]:
+def _read_table(stream: BinaryIO, source: str, fields: FieldNames, delimiter: str,
+                max_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES) -> Iterator[DocumentOrSkipped]:
     # surrogateescape keeps undecodable bytes visible per row instead of failing the whole file.
     text_stream = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
     # TSV is taken literally (BEIR style: no quoting); CSV follows RFC 4180 quoting.
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    csv.field_size_limit(2**31 - 1)  # the default 128 KiB would reject long documents
-    reader = csv.reader(_lines_then_end_mark(text_stream), delimiter=delimiter, quoting=quoting)
+    # A field (and a physical line) is bounded by max_bytes characters: a 1 GiB field is never held whole.
+    # The csv module's limit is process-wide; every reader sets its own before reading.
+    csv.field_size_limit(max(max_bytes, 1))
+    lines = _bounded_text_lines(text_stream, max_bytes)
+    reader = csv.reader(_lines_then_end_mark(lines), delimiter=delimiter, quoting=quoting)
     try:
         header = next(reader)
     except StopIteration:
@@ -465,9 +504,17 @@ def _read_table(stream: BinaryIO, source: str, fields: FieldNames, delimiter: st
             row = next(reader)
         except StopIteration:
             return
+        except _LineTooLong:
+            yield _too_large(source, row_start, max_bytes, "line", hides_documents=True,
+                             skipped="rest of file skipped")
+            return
         except csv.Error as error:
             # After a parse error the reader starts again on the next line, quote state lost: later rows
             # could be cut out of the middle of a field. The rest of the file is skipped, its documents kept.
+            if "field larger than field limit" in str(error):
+                yield _too_large(source, row_start, max_bytes, "field", hides_documents=True,
+                                 skipped="rest of file skipped")
+                return
             yield Skipped(source, row_start, f"malformed row ({error}); rest of file skipped", hides_documents=True,
                           code=SkipReason.MALFORMED_ROW)
             return
@@ -494,6 +541,21 @@ def _read_table(stream: BinaryIO, source: str, fields: FieldNames, delimiter: st
         yield record_to_document(record, source, line, fields)
 
 
+class _LineTooLong(Exception):
+    """A physical CSV/TSV line over the bound: the reader cannot go on (it would hold the line whole)."""
+
+
+def _bounded_text_lines(stream: io.TextIOWrapper, max_chars: int) -> Iterator[str]:
+    """The text stream's lines, read at most `max_chars` + 1 characters at a time; _LineTooLong past that."""
+    while True:
+        line = stream.readline(max_chars + 1)
+        if not line:
+            return
+        if len(line) > max_chars and not line.endswith(("\n", "\r")):
+            raise _LineTooLong
+        yield line
+
+
 def _unterminated_quote(source: str, line: int) -> Skipped:
     """A CSV quote that never closed: that row and the rest of the file are skipped, and nothing in them removed."""
     return Skipped(source, line, f"cannot parse to the end: unterminated quote starting at line {line}",
@@ -513,7 +575,8 @@ def _missing_columns(columns: Sequence[str], fields: FieldNames) -> tuple[SkipRe
 # .parquet
 
 
-def _read_parquet(path: Path, source: str, fields: FieldNames) -> Iterator[DocumentOrSkipped]:
+def _read_parquet(path: Path, source: str, fields: FieldNames,
+                  max_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES) -> Iterator[DocumentOrSkipped]:
     import pyarrow as pa  # only Parquet inputs need pyarrow
 
     # OSError/EOFError/zlib.error: unreadable files and damaged .parquet.gz; ArrowException: not Parquet, or cut off.
@@ -555,6 +618,9 @@ def _read_parquet(path: Path, source: str, fields: FieldNames) -> Iterator[Docum
                     doc_id = _known_id(record, fields)
                     yield Skipped(source, row_number, f"invalid UTF-8 in field {bad[0]!r}", hides_documents=doc_id is None,
                                   code=SkipReason.INVALID_UTF8, doc_id=doc_id)
+                    continue
+                if any(isinstance(value, str) and len(value) > max_bytes for value in record.values()):
+                    yield _too_large(source, row_number, max_bytes, "field", doc_id=_known_id(record, fields))
                     continue
                 yield record_to_document(record, source, row_number, fields)
 

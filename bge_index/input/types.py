@@ -44,6 +44,8 @@ class SkipReason(str, Enum):
     # A link found in an input folder that leads out of it (`ln -s /etc/shadow docs/x.txt`): never read unless
     # --follow-links. It hides nothing: a document it once gave is removed, not kept.
     LINK_OUTSIDE_INPUTS = "symbolic link out of the input folder"
+    # A document (a file's text, a JSON line, a CSV field) over --max-document-bytes: skipped, never the run.
+    DOCUMENT_TOO_LARGE = "document over --max-document-bytes"
     NOT_A_REGULAR_FILE = "not a regular file"  # a FIFO, socket or device: never opened (a FIFO would block)
     UNREADABLE_GZIP = "cannot read file: corrupt or truncated gzip data"
     TRUNCATED_GZIP = "corrupt or truncated gzip data"  # a whole-file (.txt/.md) gzip damaged inside
@@ -145,6 +147,11 @@ class FieldNames:
             id_fields=(id_field,) if id_field else default.id_fields,
             text_fields=(text_field,) if text_field else default.text_fields,
         )
+
+
+# The largest document read, in bytes (a whole file, a JSON line, a CSV/TSV field or Parquet cell): a 64 MiB
+# text encodes with about 1 GB of peak memory; a gzip bomb or a 1 GiB field stops at this many bytes read.
+DEFAULT_MAX_DOCUMENT_BYTES = 64 << 20
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,8 +58,9 @@ COLBERT_HEAD_FILE = "colbert_linear.pt"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "sentencepiece.bpe.model")
 # Files whose bytes define the vectors; hashed for the model's identity.
+# tokenizer_config.json and special_tokens_map.json name the special tokens, whose ids sparse vectors drop.
 IDENTITY_FILES = ("config.json", *WEIGHT_FILES, SPARSE_HEAD_FILE, COLBERT_HEAD_FILE, "tokenizer.json",
-                  "sentencepiece.bpe.model")
+                  "sentencepiece.bpe.model", "tokenizer_config.json", "special_tokens_map.json")
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -218,6 +219,11 @@ def model_identity(folder: Path, name: str, revision: str | None, known: ModelId
         return ModelIdentity(name, revision, None, files)
     if known is not None and known.sha256 and known.files == files:
         return ModelIdentity(name, None, known.sha256, files)
+    if known is not None and known.sha256 and set(known.files) < set(files):
+        # An index recorded before the identity covered more files: compare what it hashed, so that it
+        # still searches with its own model; a new index records them all.
+        legacy = {k: files[k] for k in known.files}
+        return ModelIdentity(name, None, _hash_files(folder, sorted(legacy)), legacy)
     return ModelIdentity(name, None, _hash_files(folder, sorted(files)), files)
 
 

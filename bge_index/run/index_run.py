@@ -37,6 +37,7 @@ never load it. Engines see the run through `IndexRun`; a typical engine does
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -46,6 +47,7 @@ from pathlib import Path
 
 from bge_index import __version__
 from bge_index.input.documents import FieldNames, Skipped
+from bge_index.input.types import DEFAULT_MAX_DOCUMENT_BYTES
 from bge_index.errors import IndexMismatchError, InvalidOptionError, OutputFolderError, StrictModeError
 from bge_index.store.manifest import Manifest, read_manifest
 from bge_index.store.shard_reader import RowLocation
@@ -78,6 +80,7 @@ class IndexOptions:
     chunk_overlap: int = 0
     keep_missing: bool = False
     follow_links: bool = False  # read files in input folders whose symbolic links lead out of them
+    max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES  # a larger document is skipped, never the run
     dry_run: bool = False
     wait: bool = False
     max_remove: str = "50%"  # --max-remove: a share ("50%", "0.5") or a count ("100") of the index's documents
@@ -88,11 +91,16 @@ class IndexOptions:
             raise InvalidOptionError("--batch-tokens and --shard-rows must be at least 1, --max-length at least 2")
         if self.chunk_tokens is not None and self.chunk_tokens < 3:
             raise InvalidOptionError("--chunk-tokens must be at least 3 (<s>, one token, </s>)")
+        if self.max_document_bytes < 1:
+            raise InvalidOptionError("--max-document-bytes must be at least 1")
         if self.chunk_overlap < 0:
             raise InvalidOptionError("--chunk-overlap must not be negative")
         if self.chunk_tokens is not None:
             # Checked again against the model's own limit when the run starts (index_manifest).
             check_chunk_overlap(self.chunk_tokens, self.chunk_overlap)
+
+
+HELD_BACK_NAMED = 100  # ids named in the report (and the first few in the error line) when removals wait
 
 
 class Outcome(str, Enum):
@@ -148,6 +156,10 @@ class IndexSummary:
     wrote: bool = False
     failed_inputs: list[dict] = field(default_factory=list)  # {"location", "reason"} of inputs not read whole
     removal_refused: str = ""  # why the removals were held back by --max-remove ("" if they were not)
+    # Indexed ids absent from this run's inputs whose removal waits because some input was not read whole
+    # (it may hold them): how many, and the first HELD_BACK_NAMED of them, sorted.
+    held_back: int = 0
+    held_back_ids: list[str] = field(default_factory=list)
     created: bool = False  # this run wrote the index's first generation
 
     @property
@@ -192,6 +204,7 @@ class IndexSummary:
                         "tokens_per_second": round(self.tokens_per_second, 1)},
             "failed_inputs": list(self.failed_inputs),
             "removal_refused": self.removal_refused or None,
+            "removals_held_back": {"count": self.held_back, "ids": list(self.held_back_ids)} if self.held_back else None,
             "model": self.model,
             "max_length": self.max_length,
             "index": {"generation": self.generation, "live_rows": self.live_rows, "shards": self.shards,
@@ -393,9 +406,13 @@ class IndexRun:
         """Indexed ids this run may remove: absent from inputs that were all read whole, in a complete run."""
         if self.summary.interrupted or self.options.keep_missing:
             return {}
-        if self.inputs_incomplete:
-            return {}  # the inputs not read whole are in summary.failed_inputs (the CLI names them and exits 1)
         gone = {doc_id: old.rows for doc_id, old in self.existing.items() if doc_id not in self.seen}
+        if self.inputs_incomplete:
+            # An input not read whole may hold any of these ids: none is removed, and they are named (the CLI
+            # exits 1). Bad records that hold nothing back (a first run, nothing gone) fail nothing.
+            self.summary.held_back = len(gone)
+            self.summary.held_back_ids = sorted(gone)[:HELD_BACK_NAMED]
+            return {}
         limit = removal_limit(self.options.max_remove, len(self.existing))
         if len(gone) > limit:
             share = len(gone) / len(self.existing)
@@ -444,22 +461,26 @@ class IndexRun:
 
 
 def parse_max_remove(text: str) -> tuple[str, float]:
-    """`--max-remove`: ("share", 0.5) for "50%" or "0.5", ("count", 100) for "100"; else InvalidOptionError."""
-    value = str(text).strip()
-    try:
-        if value.endswith("%"):
-            share = float(value[:-1]) / 100
+    """`--max-remove`: ("share", 0.5) for "50%" or "0.5", ("count", 100) for "100"; else InvalidOptionError.
+
+    Plain ASCII digits only: Python's int() and float() would also take "1_0", "１０" and "1e2".
+
+        >>> parse_max_remove("50%"), parse_max_remove("0.25"), parse_max_remove("100")
+        (('share', 0.5), ('share', 0.25), ('count', 100))
+    """
+    match = _MAX_REMOVE.fullmatch(str(text).strip())
+    if match is not None:
+        number, percent = match.groups()
+        if percent or "." in number:
+            share = float(number) / (100 if percent else 1)
             if 0 <= share <= 1:
                 return "share", share
-        elif "." in value:
-            share = float(value)
-            if 0 <= share <= 1:
-                return "share", share
-        elif int(value) >= 0:
-            return "count", int(value)
-    except ValueError:
-        pass
+        else:
+            return "count", int(number)
     raise InvalidOptionError(f"--max-remove {text}: expected a share (50%, 0.5) or a count of documents (100)")
+
+
+_MAX_REMOVE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(%?)", re.ASCII)
 
 
 def removal_limit(max_remove: str, indexed: int) -> float:

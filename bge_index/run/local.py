@@ -49,7 +49,8 @@ def build_index(inputs: Sequence[str], index_dir: Path, options: IndexOptions, e
     """Bring the index in `index_dir` up to date with the files, folders and globs in `inputs` (creating it)."""
     refuse_foreign_folder(index_dir)
     # The index folder is never input: an --out inside an input folder must not index its own files.
-    documents = iter_documents(inputs, options.fields, exclude=[index_dir], follow_links=options.follow_links)  # raises InputError before any work
+    documents = iter_documents(inputs, options.fields, exclude=[index_dir], follow_links=options.follow_links,
+                               max_document_bytes=options.max_document_bytes)  # raises InputError before any work
     return index_documents(documents, index_dir, options, events, encoder, should_stop)
 
 

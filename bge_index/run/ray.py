@@ -196,11 +196,11 @@ def _is_local_instance(ray) -> bool:
 # Step 1: the plan
 
 
-def _plan_rows_of_file(item: dict, fields: FieldNames) -> list[dict]:
+def _plan_rows_of_file(item: dict, fields: FieldNames, max_bytes: int) -> list[dict]:
     """Ray read task: one input file -> one small row per record (id and hash, or why it was skipped)."""
     input_file = InputFile(Path(item["path"]), item["doc_id"], root=item["root"])
     rows = []
-    for ordinal, record in enumerate(read_input_file(input_file, fields)):
+    for ordinal, record in enumerate(read_input_file(input_file, fields, max_bytes)):
         if isinstance(record, Document):
             rows.append({"file": item["file"], "ordinal": ordinal, "id": record.id, "hash": content_hash(record.text),
                          "line": record.line, "reason": None, "hides": False, "code": None})
@@ -212,13 +212,13 @@ def _plan_rows_of_file(item: dict, fields: FieldNames) -> list[dict]:
     return rows
 
 
-def _documents_of_file(item: dict, fields: FieldNames) -> list[dict]:
+def _documents_of_file(item: dict, fields: FieldNames, max_bytes: int) -> list[dict]:
     """Ray read task: the chosen records of one input file, with their text (a record whose text
     changed since the plan is left out: it is not what the plan decided to encode)."""
     input_file = InputFile(Path(item["path"]), item["doc_id"], root=item["root"])
     wanted = dict(zip(item["ordinals"], item["hashes"]))
     rows = []
-    for ordinal, record in enumerate(read_input_file(input_file, fields)):
+    for ordinal, record in enumerate(read_input_file(input_file, fields, max_bytes)):
         if ordinal in wanted and isinstance(record, Document):
             hash_ = content_hash(record.text)
             if hash_ == wanted[ordinal]:
@@ -436,7 +436,7 @@ class _RayRun:
         context.execution_options.preserve_order = True  # "last occurrence wins" needs input order
         try:
             dataset = ray.data.from_items(_file_items(files), override_num_blocks=max(1, len(files)))
-            records = dataset.flat_map(_plan_rows_of_file, fn_kwargs={"fields": self.options.fields},
+            records = dataset.flat_map(_plan_rows_of_file, fn_kwargs={"fields": self.options.fields, "max_bytes": self.options.max_document_bytes},
                                        num_cpus=self._reservations(ray).io_cpus)
             for row in records.iter_rows():
                 source = files[row["file"]].display
@@ -501,7 +501,7 @@ class _RayRun:
         # A file is read as one block, and a block goes to one actor: cut blocks to a call's size so that
         # every actor gets work even from a single big file (a streaming repartition, no shuffle).
         documents = ray.data.from_items(items, override_num_blocks=len(items)) \
-            .flat_map(_documents_of_file, fn_kwargs={"fields": self.options.fields}, num_cpus=reservations.io_cpus) \
+            .flat_map(_documents_of_file, fn_kwargs={"fields": self.options.fields, "max_bytes": self.options.max_document_bytes}, num_cpus=reservations.io_cpus) \
             .repartition(target_num_rows_per_block=DOCUMENTS_PER_CALL)
         encoded = documents.map_batches(
             ShardEncoder, fn_constructor_kwargs={"settings": settings, "counters": counters},
