@@ -608,7 +608,7 @@ def test_new_codes_name_their_own_report_keys():
     for code in (SkipReason.UNLISTABLE_FOLDER, SkipReason.BROKEN_LINK, SkipReason.NOT_A_REGULAR_FILE,
                  SkipReason.UNTERMINATED_QUOTE, SkipReason.JSON_TOO_DEEP, SkipReason.LONE_SURROGATE,
                  SkipReason.CONTROL_CHARACTER_IN_ID):
-        assert Skipped("a", 1, "whatever", code=code).category == code.value
+        assert Skipped("a", 1, "whatever", code=code).category == code.code
 
 
 # ---------------------------------------------------------------------------
@@ -639,7 +639,7 @@ def test_run_keeps_documents_of_an_unlistable_folder(tiny_model, encoder, tmp_pa
     fail_listing(monkeypatch, corpus / "b")
     summary = run_index([corpus], out, tiny_model, encoder)
     assert summary.removed == 0 and live_ids(out) == {"a/one.txt", "b/two.txt"}
-    assert summary.skipped == {SkipReason.UNLISTABLE_FOLDER.value: 1}
+    assert summary.skipped == {SkipReason.UNLISTABLE_FOLDER.code: 1}
     with pytest.raises(StrictModeError):
         run_index([corpus], out, tiny_model, encoder, strict=True)
 
@@ -667,8 +667,8 @@ def test_run_survives_hostile_documents(tiny_model, encoder, tmp_path):
     with within(120):
         summary = run_index([corpus], out, tiny_model, encoder)
     assert live_ids(out) == {"good"}
-    assert summary.skipped == {SkipReason.JSON_TOO_DEEP.value: 1, SkipReason.LONE_SURROGATE.value: 1,
-                               SkipReason.CONTROL_CHARACTER_IN_ID.value: 1, SkipReason.NOT_A_REGULAR_FILE.value: 1}
+    assert summary.skipped == {SkipReason.JSON_TOO_DEEP.code: 1, SkipReason.LONE_SURROGATE.code: 1,
+                               SkipReason.CONTROL_CHARACTER_IN_ID.code: 1, SkipReason.NOT_A_REGULAR_FILE.code: 1}
 
 
 def test_run_does_not_index_the_index_inside_the_corpus(tiny_model, encoder, tmp_path):

@@ -303,7 +303,7 @@ def test_report_quiet_and_cron_progress_lines(tiny_model, tmp_path):
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["status"] == "complete"
     assert report["documents"]["added"] == 40 and report["documents"]["skipped"] == 1
-    assert report["skipped_by_reason"] == {"no text field": 1}
+    assert report["skipped_by_reason"] == {"no_text_field": 1}  # snake_case codes (issue 18)
     assert report["index"]["live_rows"] == 40 and report["model"]
     assert report["timings"]["total_seconds"] > 0
     write_jsonl(corpus, corpus_records(40, edit=set(range(40))))

@@ -83,6 +83,21 @@ class SkipReason(str, Enum):
     def __str__(self) -> str:
         return self.value
 
+    @property
+    def code(self) -> str:
+        """The stable snake_case code reports count by: `malformed_json` for MALFORMED_JSON.
+
+            >>> SkipReason.MALFORMED_JSON.code, SkipReason.MALFORMED_JSON.value
+            ('malformed_json', 'malformed JSON')
+        """
+        return self.name.lower()
+
+    @classmethod
+    def label_of(cls, code: str) -> str:
+        """The words for people of a snake_case code (`malformed JSON`), or the code itself if it is no code."""
+        member = cls.__members__.get(code.upper())
+        return member.value if member is not None and member.code == code else code
+
 
 @dataclass(frozen=True, slots=True)
 class Skipped:
@@ -117,15 +132,20 @@ class Skipped:
 
     @property
     def category(self) -> str:
-        """The kind of skip, for counting: the code's value, independent of the message's wording.
+        """The kind of skip, for counting: the code's stable snake_case name (`malformed_json`), independent of
+        the message's wording.
 
         A Skipped made without a code (by code outside this stage) falls back to the
-        message without its particulars (quoted names as `'…'`, digits as N).
+        message without its particulars (quoted names as `'…'`, digits as N), as its code where that names one.
         """
         if self.code is not None:
-            return self.code.value
+            return self.code.code
         general = re.split(r" \(|;", self.reason, maxsplit=1)[0]
-        return re.sub(r"\d+", "N", re.sub(r"'[^']*'", "'…'", general))
+        general = re.sub(r"\d+", "N", re.sub(r"'[^']*'", "'…'", general))
+        try:
+            return SkipReason(general).code
+        except ValueError:
+            return general
 
 
 DocumentOrSkipped = Union[Document, Skipped]
