@@ -10,6 +10,7 @@ import time
 import pytest
 
 from bge_index.errors import InvalidOptionError
+from bge_index.input.types import SkipReason
 from bge_index.run.index_run import parse_max_remove
 from bge_index.store.lock import IndexLock
 from helpers import module_command, write_jsonl
@@ -44,3 +45,26 @@ def test_sigterm_while_waiting_for_the_lock_exits_143(tiny_model, tmp_path):
         process.wait(timeout=60)
         reader.join(10)
     assert process.returncode == 143, "".join(lines)
+
+
+def test_a_qrels_file_beside_the_documents_holds_nothing_back(tiny_model, tmp_path):
+    from helpers import index, invoke, live_texts
+
+    folder, out = tmp_path / "in", tmp_path / "ix"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", [{"id": "a1", "text": "moon"}, {"id": "a2", "text": "tides"}])
+    (folder / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\nq1\ta1\t1\n")
+    first = invoke("index", folder, "--out", out, "--model", tiny_model)
+    assert first.exit_code == 0 and "not a document file" in first.stderr, first.output
+    write_jsonl(folder / "a.jsonl", [{"id": "a1", "text": "moon"}])  # a2 is gone: removed, not held back
+    second = invoke("index", folder, "--out", out, "--model", tiny_model, "--max-remove", "100%")
+    assert second.exit_code == 0, second.output
+    assert set(live_texts(out)) == {"a1"}
+    index(folder, out, tiny_model)
+
+
+def test_a_document_table_that_lost_its_text_column_keeps_its_documents(tmp_path):
+    from bge_index.input.documents import iter_documents
+    (tmp_path / "d.csv").write_text("id,body\n1,moon\n")
+    [skip] = list(iter_documents([str(tmp_path / "d.csv")]))
+    assert skip.code is SkipReason.NO_TEXT_COLUMN and skip.hides_documents

@@ -495,8 +495,8 @@ def _read_table(stream: BinaryIO, source: str, fields: FieldNames, delimiter: st
     missing = _missing_columns(header, fields)
     if missing:
         code, message = missing
-        yield Skipped(source, 1, f"{message}; whole file skipped (header: {', '.join(header)})", hides_documents=True,
-                      code=code)
+        yield Skipped(source, 1, f"{message}; whole file skipped (header: {', '.join(header)})",
+                      hides_documents=code is not SkipReason.NOT_DOCUMENTS, code=code)
         return
     row_start = reader.line_num + 1
     while True:
@@ -563,8 +563,18 @@ def _unterminated_quote(source: str, line: int) -> Skipped:
 
 
 def _missing_columns(columns: Sequence[str], fields: FieldNames) -> tuple[SkipReason, str] | None:
-    """The code and message for a table without an id or a text column, None when both are there."""
-    if not any(f in columns for f in fields.id_fields):
+    """The code and message for a table without an id or a text column, None when both are there.
+
+    A table with neither (a qrels.tsv beside the documents) is no document file at all: NOT_DOCUMENTS, whose
+    skip hides nothing, so it holds no removal back run after run. One with just one of them is a document
+    file that lost a column: its documents are kept.
+    """
+    has_id = any(f in columns for f in fields.id_fields)
+    has_text = any(f in columns for f in fields.text_fields)
+    if not has_id and not has_text:
+        return SkipReason.NOT_DOCUMENTS, (f"not a document file (no id column: {', '.join(fields.id_fields)}; "
+                                          f"no text column: {', '.join(fields.text_fields)})")
+    if not has_id:
         return SkipReason.NO_ID_COLUMN, f"no id column (looked for {', '.join(fields.id_fields)})"
     if not any(f in columns for f in fields.text_fields):
         return SkipReason.NO_TEXT_COLUMN, f"no text column (looked for {', '.join(fields.text_fields)})"
@@ -597,7 +607,8 @@ def _read_parquet(path: Path, source: str, fields: FieldNames,
         missing = _missing_columns(columns, fields)
         if missing:
             code, message = missing
-            yield Skipped(source, None, f"{message}; whole file skipped", hides_documents=True, code=code)
+            yield Skipped(source, None, f"{message}; whole file skipped",
+                          hides_documents=code is not SkipReason.NOT_DOCUMENTS, code=code)
             return
         wanted = [c for c in (*fields.id_fields, *fields.text_fields, fields.title_field) if c in columns]
         row_number = 0

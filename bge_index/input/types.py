@@ -52,6 +52,7 @@ class SkipReason(str, Enum):
     BINARY_FILE = "binary file"
     UNREADABLE_PARQUET = "not a readable Parquet file"
     UNREADABLE_HEADER = "unreadable header row"
+    NOT_DOCUMENTS = "not a document file"  # a table with neither an id nor a text column (qrels.tsv): hides nothing
     NO_ID_COLUMN = "no id column"
     NO_TEXT_COLUMN = "no text column"
     # the rest of a file, after some records were read
