@@ -32,7 +32,9 @@ def index(
     paths: Annotated[list[str], typer.Argument(help="Files, folders (recursive), globs, or - for JSONL on stdin.",
                                                show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", envvar="BGE_INDEX_OUT", help="Index folder to create or update.")],
-    model: Annotated[str, typer.Option(envvar="BGE_INDEX_MODEL", help="Hub id or local model folder.")] = DEFAULT_MODEL,
+    model: Annotated[Optional[str], typer.Option(
+        envvar="BGE_INDEX_MODEL", show_default=False,
+        help=f"Hub id or local model folder. Default: the model an existing index records, else {DEFAULT_MODEL}.")] = None,
     device: Device = "auto",
     devices: Devices = None,
     dtype: Annotated[Dtype, typer.Option(envvar="BGE_INDEX_DTYPE",

@@ -161,8 +161,11 @@ def check_chunk_overlap(chunk_tokens: int, overlap: int) -> None:
 # Finding the model
 
 
-def resolve_model_folder(model: str) -> tuple[Path, str | None]:
-    """A local folder as is, or a hub id through huggingface_hub's cache -> (folder, revision)."""
+def resolve_model_folder(model: str, offline: bool = False) -> tuple[Path, str | None]:
+    """A local folder as is, or a hub id through huggingface_hub's cache -> (folder, revision).
+
+    `offline`: the hub is never asked (a dry run); a hub id must be in the local cache.
+    """
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -170,7 +173,7 @@ def resolve_model_folder(model: str) -> tuple[Path, str | None]:
         return path.resolve(), None
     if not _looks_like_hub_id(model):
         raise ModelError(f"--model {model}: no such folder")
-    return _download_from_hub(model)
+    return _download_from_hub(model, offline)
 
 
 def _looks_like_hub_id(model: str) -> bool:
@@ -178,8 +181,16 @@ def _looks_like_hub_id(model: str) -> bool:
     return len(parts) == 2 and all(parts) and not model.startswith((".", "~", os.sep))
 
 
-def _download_from_hub(repo_id: str) -> tuple[Path, str]:
+def _download_from_hub(repo_id: str, offline: bool = False) -> tuple[Path, str]:
     from huggingface_hub import snapshot_download
+
+    if offline:
+        try:
+            folder = Path(snapshot_download(repo_id, local_files_only=True))
+        except Exception as error:  # not cached: huggingface_hub's LocalEntryNotFoundError and kin
+            raise ModelError(f"--model {repo_id}: not in the local Hugging Face cache, and a dry run never asks "
+                             "the hub; give --model FOLDER, or run once without --dry-run") from error
+        return folder, folder.name
 
     common = ["config.json", *TOKENIZER_FILES, SPARSE_HEAD_FILE, COLBERT_HEAD_FILE]
     try:
@@ -249,13 +260,13 @@ def _hash_files(folder: Path, names: list[str]) -> str:
     return digest.hexdigest()
 
 
-def identify_model(model: str, known: ModelIdentity | None = None) -> ModelInfo:
+def identify_model(model: str, known: ModelIdentity | None = None, offline: bool = False) -> ModelInfo:
     """Find a model and describe it without loading its weights (nor torch).
 
     Checks the folder's layout, config.json and both heads' shapes.
     `known` (an index's recorded identity) spares re-hashing files whose size and mtime it already lists.
     """
-    folder, revision = resolve_model_folder(model)
+    folder, revision = resolve_model_folder(model, offline)
     check_model_folder(folder)
     name = model if revision is not None else str(folder)
     identity = model_identity(folder, name, revision, known)

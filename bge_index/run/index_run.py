@@ -53,7 +53,8 @@ from bge_index.store.manifest import Manifest, read_manifest
 from bge_index.store.shard_reader import RowLocation
 from bge_index.store.info import index_size_bytes
 from bge_index.store.names import LOCK_FILE, is_index, is_index_data_file
-from bge_index.model.identity import ModelIdentity, ModelInfo, check_chunk_overlap, choose_precision, identify_model
+from bge_index.model.identity import (DEFAULT_MODEL, ModelIdentity, ModelInfo, check_chunk_overlap, choose_precision,
+                                      identify_model)
 
 
 def content_hash(text: str) -> str:
@@ -65,7 +66,7 @@ def content_hash(text: str) -> str:
 class IndexOptions:
     """Everything an index run is asked to do, engine aside (see the README's `index` options)."""
 
-    model: str
+    model: str | None = None  # None: the model an existing index records, else BAAI/bge-m3
     device: str = "auto"
     dtype: str = "auto"
     devices: str | None = None  # "cuda:0,cuda:1" or "all": one encoder per device (overrides `device`)
@@ -276,7 +277,10 @@ class IndexRun:
         self.summary = IndexSummary(index_dir, dry_run=options.dry_run)
         self.previous = read_manifest(index_dir) if is_index(index_dir) else None
         known = ModelIdentity.from_json(self.previous.model) if self.previous else None
-        self.model: ModelInfo = identify_model(options.model, known=known)
+        # An existing index is extended with the model it records (as `search` does); a hub id comes from the
+        # local cache at the recorded revision when it is there, so a dry run of an index needs no network.
+        self.model_name = options.model or (recorded_model(known) if known else DEFAULT_MODEL)
+        self.model: ModelInfo = identify_model(self.model_name, known=known, offline=options.dry_run)
         self.precision = self._precision(device_type)
         self.manifest = index_manifest(options, self.model, self.previous, self.precision)
         if self.previous is not None:
@@ -458,6 +462,11 @@ class IndexRun:
 
 # ---------------------------------------------------------------------------
 # Settings
+
+
+def recorded_model(identity: ModelIdentity) -> str:
+    """What to load for an index's recorded model: its folder, or its hub id."""
+    return identity.name
 
 
 def parse_max_remove(text: str) -> tuple[str, float]:

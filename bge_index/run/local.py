@@ -240,7 +240,7 @@ class LocalEngine:
             self.events.stage("loading model")
             started = time.perf_counter()
             encoders = [self.encoder] if self.encoder is not None else [
-                load_encoder(self.options.model, device, self.run_state.precision) for device in self._devices()]
+                load_encoder(self.run_state.model_name, device, self.run_state.precision) for device in self._devices()]
             self.workers = EncodingWorkers(encoders)
             self.summary.load_seconds = time.perf_counter() - started
         return self.workers

@@ -486,7 +486,7 @@ class _RayRun:
         manifest = run.manifest
         reservations = self._reservations(ray)
         settings = EncodeSettings(
-            model=self.options.model, device=self.device, dtype=run.precision, threads=reservations.threads,
+            model=run.model_name, device=self.device, dtype=run.precision, threads=reservations.threads,
             batch_tokens=self.options.batch_tokens, max_length=self.summary.max_length, colbert=self.options.colbert,
             store_text=self.options.store_text, chunking=manifest.chunking, dense_dim=manifest.dense_dim,
             colbert_dim=manifest.colbert_dim)
