@@ -38,3 +38,31 @@ def test_a_dry_run_never_asks_the_hub(tmp_path, monkeypatch):
     result = invoke("index", corpus, "--out", tmp_path / "new", "--dry-run")
     assert result.exit_code == 1 and "never asks the hub" in result.stderr, result.output
     assert calls and all(call.get("local_files_only") for call in calls)
+
+
+def test_id_from_stem_and_name(tmp_path):
+    from bge_index.input.documents import iter_documents
+    from bge_index.input.types import Document
+
+    docs = tmp_path / "notes"
+    (docs / "sub").mkdir(parents=True)
+    (docs / "1.txt").write_text("one")
+    (docs / "sub" / "2.md").write_text("two")
+
+    def ids(id_from):
+        return sorted(d.id for d in iter_documents([str(docs)], id_from=id_from) if isinstance(d, Document))
+
+    assert ids("path") == ["1.txt", "sub/2.md"]
+    assert ids("name") == ["1.txt", "2.md"]
+    assert ids("stem") == ["1", "2"]
+
+
+def test_index_id_from_stem_matches_beir_qrels(tiny_model, tmp_path):
+    docs = tmp_path / "notes"
+    docs.mkdir()
+    (docs / "1.txt").write_text("the moon recedes")
+    (docs / "2.txt").write_text("tides follow the moon")
+    index(docs, tmp_path / "ix", tiny_model, "--id-from", "stem")
+    assert set(live_texts(tmp_path / "ix")) == {"1", "2"}
+    bad = invoke("index", docs, "--out", tmp_path / "iy", "--model", tiny_model, "--id-from", "basename")
+    assert bad.exit_code == 2 and "--id-from" in bad.stderr

@@ -20,7 +20,7 @@ from typing import Annotated, Optional
 import typer
 
 from bge_index.cli.display import IndexDisplay, error, print_index_summary, stderr, write_json
-from bge_index.cli.options import Device, Devices, Dtype, Engine, Quiet, check_output_file
+from bge_index.cli.options import Device, Devices, Dtype, Engine, IdFrom, Quiet, check_output_file
 from bge_index.input.documents import FieldNames
 from bge_index.input.types import DEFAULT_MAX_DOCUMENT_BYTES
 from bge_index.errors import EXIT_FAILURE, UsageError
@@ -58,6 +58,11 @@ def index(
         min=1, envvar="BGE_INDEX_MAX_DOCUMENT_BYTES",
         help="Skip (with a reason) any document larger than this many bytes: a file's text, a JSON line, "
              "a CSV/TSV field. Bounds the memory one document can take.")] = DEFAULT_MAX_DOCUMENT_BYTES,
+    id_from: Annotated[IdFrom, typer.Option(
+        "--id-from", envvar="BGE_INDEX_ID_FROM",
+        help="The id of a whole-file document (.txt, .md): its path under the input folder (path), its file "
+             "name (name), or its name without suffixes (stem: 1.txt -> 1, as BEIR qrels name documents).")
+    ] = IdFrom.path,
     follow_links: Annotated[bool, typer.Option(
         "--follow-links", help="Read files in input folders whose symbolic links lead out of those folders "
                                "(skipped by default: a link to /etc/shadow is not a document).")] = False,
@@ -89,7 +94,7 @@ def index(
     options = IndexOptions(model=model, device=device, devices=devices, dtype=dtype.value, batch_tokens=batch_tokens,
                            max_length=max_length, shard_rows=shard_rows, colbert=colbert, store_text=store_text,
                            strict=strict, fields=FieldNames.from_options(id_field, text_field),
-                           chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap, keep_missing=keep_missing, follow_links=follow_links,
+                           chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap, keep_missing=keep_missing, follow_links=follow_links, id_from=id_from.value,
                            max_document_bytes=max_document_bytes,
                            dry_run=dry_run, wait=wait, max_remove=max_remove)
 

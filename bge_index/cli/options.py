@@ -50,6 +50,14 @@ class ReportFormat(str, Enum):
     json = "json"
 
 
+class IdFrom(str, Enum):
+    """`index --id-from`."""
+
+    path = "path"
+    stem = "stem"
+    name = "name"
+
+
 class Engine(str, Enum):
     """`index --engine`."""
 

@@ -14,6 +14,7 @@ memory does not grow with the corpus.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import stat
@@ -64,6 +65,7 @@ def iter_documents(
     exclude: Sequence[Path] = (),
     follow_links: bool = False,
     max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES,
+    id_from: str = "path",
 ) -> Iterator[DocumentOrSkipped]:
     """Stream documents (and skipped records) from `inputs`, in input order.
 
@@ -73,12 +75,12 @@ def iter_documents(
     whose real path leaves that folder (a symbolic link to /etc/shadow) is skipped, not read, unless
     `follow_links`; a file named directly is read wherever it is.
     """
-    files = resolve_inputs(inputs, exclude, follow_links)
+    files = resolve_inputs(inputs, exclude, follow_links, id_from)
     return _iter_all(files, fields, stdin if stdin is not None else sys.stdin.buffer, max_document_bytes)
 
 
-def resolve_inputs(inputs: Sequence[str], exclude: Sequence[Path] = (), follow_links: bool = False
-                   ) -> Iterator[InputFile]:
+def resolve_inputs(inputs: Sequence[str], exclude: Sequence[Path] = (), follow_links: bool = False,
+                   id_from: str = "path") -> Iterator[InputFile]:
     """Check that every input names something, then expand them lazily into files.
 
     Ids of whole-file documents: a file given directly keeps its path as typed; a file found in a
@@ -92,10 +94,37 @@ def resolve_inputs(inputs: Sequence[str], exclude: Sequence[Path] = (), follow_l
     if not inputs:
         raise InputError("no inputs given")
     passed_over = _PassedOver(exclude, follow_links)
+    if id_from not in ID_FROM:
+        raise InputError(f"--id-from {id_from}: expected one of {', '.join(ID_FROM)}")
     expanded: list[Callable[[], Iterable[InputFile]]] = []
     for arg in inputs:
         expanded.append(_expander(arg, passed_over))
-    return (f for expand in expanded for f in expand())
+    files = (f for expand in expanded for f in expand())
+    if id_from == "path":
+        return files
+    return (dataclasses.replace(f, doc_id=file_id(f.doc_id, id_from)) if f.path is not None else f for f in files)
+
+
+ID_FROM = ("path", "stem", "name")
+
+
+def file_id(path_id: str, id_from: str) -> str:
+    """A whole-file document's id under `--id-from`: its path as named, its file name, or its stem.
+
+    The stem drops every suffix bge-index reads (`.txt`, `.md`, and `.gz` after them), so BEIR-style ids
+    (`1`) match a folder of `1.txt` files:
+
+        >>> file_id("notes/1.txt.gz", "stem"), file_id("notes/1.txt.gz", "name"), file_id("notes/a.b.md", "stem")
+        ('1', '1.txt.gz', 'a.b')
+    """
+    name = path_id.rsplit("/", 1)[-1]
+    if id_from == "name":
+        return name
+    if id_from == "stem":
+        base = name[:-3] if name.lower().endswith(".gz") else name
+        stem, dot, suffix = base.rpartition(".")
+        return stem if dot and stem else base
+    return path_id
 
 
 class _PassedOver:

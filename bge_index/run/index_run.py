@@ -81,6 +81,7 @@ class IndexOptions:
     chunk_overlap: int = 0
     keep_missing: bool = False
     follow_links: bool = False  # read files in input folders whose symbolic links lead out of them
+    id_from: str = "path"  # a whole-file document's id: its path ("path"), file name ("name") or stem ("stem")
     max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES  # a larger document is skipped, never the run
     dry_run: bool = False
     wait: bool = False

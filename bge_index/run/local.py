@@ -50,7 +50,7 @@ def build_index(inputs: Sequence[str], index_dir: Path, options: IndexOptions, e
     refuse_foreign_folder(index_dir)
     # The index folder is never input: an --out inside an input folder must not index its own files.
     documents = iter_documents(inputs, options.fields, exclude=[index_dir], follow_links=options.follow_links,
-                               max_document_bytes=options.max_document_bytes)  # raises InputError before any work
+                               max_document_bytes=options.max_document_bytes, id_from=options.id_from)  # raises InputError before any work
     return index_documents(documents, index_dir, options, events, encoder, should_stop)
 
 

@@ -372,7 +372,7 @@ def build_index_on_ray(inputs: Sequence[str], index_dir: Path, options: IndexOpt
     if options.device.startswith("cuda") and ray_options.gpus_per_worker <= 0:
         raise InvalidOptionError("--engine ray with --device cuda needs --gpus-per-worker (GPUs per actor)")
     refuse_foreign_folder(index_dir)
-    files = list(resolve_inputs(inputs, exclude=[index_dir], follow_links=options.follow_links))  # InputError before any work; --out is never input
+    files = list(resolve_inputs(inputs, exclude=[index_dir], follow_links=options.follow_links, id_from=options.id_from))  # InputError before any work; --out is never input
     if any(f.path is None for f in files):
         raise InvalidOptionError(f"--engine ray reads files; {STDIN_NAME} (-) needs the local engine")
     with run_lock(index_dir, options.dry_run, wait=options.wait, on_wait=events.warning, should_stop=should_stop):
