@@ -120,3 +120,25 @@ class MilvusError(BgeIndexError):
 
 class OutputError(BgeIndexError):
     """A file the command was asked to write (a report, a run) cannot be written."""
+
+
+class WriteError(BgeIndexError):
+    """A file of the index cannot be written (disk full, I/O error, read-only file system, no permission).
+
+    Raised before the manifest switch, so nothing was committed: the index is still its previous generation.
+    The message names the file and the operating system's error:
+
+        >>> import errno, os
+        >>> str(WriteError.from_os_error("ix/manifest.json", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
+        "ix/manifest.json: cannot write it (No space left on device); nothing was committed, the index's previous state is intact"
+    """
+
+    @classmethod
+    def from_os_error(cls, path, error: OSError) -> "WriteError":
+        """The error for `path` failing with `error` (its strerror, or the error itself when it has none)."""
+        return cls(f"{path}: cannot write it ({error.strerror or error}); nothing was committed, "
+                   "the index's previous state is intact")
+
+
+class NotInIndexError(BgeIndexError):
+    """`get`: some ids asked for are not in the index (exit 1; the others are printed)."""
