@@ -30,7 +30,7 @@ import typer
 
 from bge_index import __version__
 from bge_index.cli import eval as eval_command
-from bge_index.cli import export, get, index, info, search, serve, verify
+from bge_index.cli import embed, export, get, index, info, search, serve, verify
 from bge_index.cli.display import error, stderr, stdout
 from bge_index.errors import BgeIndexError
 
@@ -89,6 +89,7 @@ app.command("serve")(library_command(serve.serve))
 app.command("info")(library_command(info.info))
 app.command("verify")(library_command(verify.verify))
 app.command("get")(library_command(get.get))
+app.command("embed")(library_command(embed.embed))
 
 export_app = typer.Typer(help="Copy an index into a search engine that serves it at scale.", no_args_is_help=True,
                          rich_markup_mode=None)
