@@ -4,6 +4,10 @@ Results go to stdout, everything else (progress, warnings, notes, errors) to
 stderr, so `bge-index search ... --format jsonl > hits.jsonl` stays clean.
 This module owns
 - the consoles and the one-line message styles (`error`, `warning`, `note`);
+- `shown`: what came from outside (file and folder names, document ids,
+  query texts, error messages that quote them) is printed through it, so a
+  name holding a newline or an escape sequence is shown escaped (`\n`,
+  `\x1b`) and can neither forge a line nor drive the terminal;
 - search results in each output format (table, json, jsonl, tsv, trec);
 - the index run's progress display and its closing summary;
 - writing a file a command was asked for (`write_output`: an OSError becomes
@@ -28,15 +32,41 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from bge_index.cli.options import ResultFormat
-from bge_index.input.types import Skipped
+from bge_index.input.types import SkipReason, Skipped
 from bge_index.errors import OutputError
 from bge_index.search.query import QueryResult, hit_record, results_json
 from bge_index.run.index_run import IndexEvents, IndexProgress, IndexSummary
 
 SNIPPET_CHARS = 90
 
-stdout = Console(highlight=False, soft_wrap=True)
-stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+# emoji=False: a name holding `:smile:` is printed as it is, not as an emoji
+stdout = Console(highlight=False, soft_wrap=True, emoji=False)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
+
+# C0 and C1 control characters and DEL, line and paragraph separators, bidirectional overrides and isolates (they
+# reorder what follows them on screen), and lone surrogates (undecodable bytes of a file name)
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+# what json.dumps leaves raw in strings (it escapes C0 controls itself; newlines between values are its layout)
+_RAW_IN_JSON = re.compile("[\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def shown(text: object) -> str:
+    """`text` safe to print: characters that would act on the terminal instead of showing escaped as Python
+    writes them, every other character (any script, emoji, accents) unchanged.
+
+        >>> shown("x\\nbge-index: error: forged\\x1b[31m")
+        'x\\\\nbge-index: error: forged\\\\x1b[31m'
+        >>> print(shown("café/日本語 ✓.txt"), shown("tab\\there"), shown("\\udcff"))
+        café/日本語 ✓.txt tab\\there \\udcff
+    """
+    return _UNPRINTABLE.sub(_escaped, str(text))
+
+
+def _escaped(match: re.Match) -> str:
+    char = match.group()
+    code = ord(char)
+    return _NAMED_ESCAPES.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
 
 
 # ---------------------------------------------------------------------------
@@ -44,18 +74,18 @@ stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def error(message: str) -> None:
-    """`bge-index: error: MESSAGE` on stderr (the caller exits)."""
-    stderr.print(f"bge-index: error: {escape(message)}")
+    """`bge-index: error: MESSAGE` on stderr, one line whatever the message holds (the caller exits)."""
+    stderr.print(f"bge-index: error: {shown(message)}", markup=False)
 
 
 def warning(message: str) -> None:
-    """`bge-index: warning: MESSAGE` on stderr."""
-    stderr.print(f"bge-index: warning: {escape(message)}")
+    """`bge-index: warning: MESSAGE` on stderr, one line."""
+    stderr.print(f"bge-index: warning: {shown(message)}", markup=False)
 
 
 def note(message: str) -> None:
-    """`bge-index: note: MESSAGE` on stderr."""
-    stderr.print(f"bge-index: note: {message}", markup=False)
+    """`bge-index: note: MESSAGE` on stderr, one line."""
+    stderr.print(f"bge-index: note: {shown(message)}", markup=False)
 
 
 def write_output(path: Path, text: str, option: str) -> None:
@@ -92,11 +122,11 @@ def print_results(results: list[QueryResult], output_format: ResultFormat, mode:
     if output_format is ResultFormat.table:
         _print_table(results, mode)
     elif output_format is ResultFormat.json:
-        sys.stdout.write(results_json(results, mode))
+        sys.stdout.write(_json_shown(results_json(results, mode)))
     elif output_format is ResultFormat.jsonl:
         for result in results:
             for ranked in result.hits:
-                sys.stdout.write(json.dumps(hit_record(result, ranked), ensure_ascii=False) + "\n")
+                sys.stdout.write(_json_shown(json.dumps(hit_record(result, ranked), ensure_ascii=False)) + "\n")
     elif output_format is ResultFormat.tsv:
         sys.stdout.write("query_id\trank\tid\tscore\tdense\tsparse\n")
         for result in results:
@@ -112,7 +142,7 @@ def print_results(results: list[QueryResult], output_format: ResultFormat, mode:
 
 def _print_table(results: list[QueryResult], mode: str) -> None:
     for result in results:
-        table = Table(title=f"{escape(result.query.text)}  [dim]({mode})[/dim]", title_justify="left")
+        table = Table(title=f"{escape(shown(result.query.text))}  [dim]({mode})[/dim]", title_justify="left")
         table.add_column("rank", justify="right")
         table.add_column("score", justify="right")
         table.add_column("id", overflow="fold")
@@ -121,9 +151,10 @@ def _print_table(results: list[QueryResult], mode: str) -> None:
         if explain:
             table.add_column("matching tokens (q_w·d_w)")
         for ranked in result.hits:
-            row = [str(ranked.rank), f"{ranked.hit.score:.4f}", escape(ranked.id), escape(_snippet(ranked.text))]
+            row = [str(ranked.rank), f"{ranked.hit.score:.4f}", escape(shown(ranked.id)),
+                   escape(shown(_snippet(ranked.text)))]
             if explain:
-                row.append(escape(", ".join(f"{t} {c:.3f}" for t, c in ranked.top_tokens)))
+                row.append(escape(shown(", ".join(f"{t} {c:.3f}" for t, c in ranked.top_tokens))))
             table.add_row(*row)
         stdout.print(table)
 
@@ -136,11 +167,17 @@ def _snippet(text: str | None) -> str:
 
 
 def _tsv_field(value: str) -> str:
-    return value.replace("\t", " ").replace("\n", " ")
+    return shown(value.replace("\t", " ").replace("\n", " "))
 
 
 def _trec_token(value: str) -> str:
-    return re.sub(r"\s", "_", value)
+    return shown(re.sub(r"\s", "_", value))
+
+
+def _json_shown(text: str) -> str:
+    """JSON text with the characters `shown` escapes written as JSON escapes (`\\u001b`): the same JSON value,
+    safe on a terminal (json.dumps leaves DEL, C1 controls, separators and lone surrogates raw)."""
+    return _RAW_IN_JSON.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
 
 
 # ---------------------------------------------------------------------------
@@ -172,20 +209,20 @@ class IndexDisplay(IndexEvents):
     def skipped(self, item: Skipped) -> None:
         """A record that could not be indexed: `file:line: skipped: reason`."""
         if not self.quiet:
-            self.bar.console.print(f"{escape(item.location)}: skipped: {escape(item.reason)}")
+            self.bar.console.print(f"{shown(item.location)}: skipped: {shown(item.reason)}", markup=False)
 
     def warning(self, message: str) -> None:
         """Something the user should know that does not stop the run."""
         if not self.quiet:
-            self.bar.console.print(f"bge-index: warning: {escape(message)}")
+            self.bar.console.print(f"bge-index: warning: {shown(message)}", markup=False)
 
     def stage(self, description: str) -> None:
         """A long step with no progress to count (loading the model): shown on the live line."""
         if self.live:
-            self.bar.update(self.task, description=f"{description}…")
+            self.bar.update(self.task, description=f"{escape(shown(description))}…")
         elif not self.quiet and self.last_line > float("-inf"):
             # Off a terminal, only a run that is already logging progress says so (a quick run stays quiet).
-            stderr.print(f"bge-index: {log_time()} {description}", markup=False)
+            stderr.print(f"bge-index: {log_time()} {shown(description)}", markup=False)
 
     def progress(self, state: IndexProgress) -> None:
         """Update the live line, or print a plain one when `every` seconds have passed."""
@@ -249,13 +286,15 @@ def print_index_summary(summary: IndexSummary) -> None:
             lines.append(f"  encoded {plural(summary.rows, 'row')} ({plural(summary.tokens, 'token')}) "
                          f"in {summary.working_seconds:.1f} s: {summary.documents_per_second:,.1f} docs/s, "
                          f"{summary.tokens_per_second:,.0f} tokens/s{load}; the whole run {summary.elapsed:.1f} s")
-        reasons = ", ".join(f"{reason}: {count}" for reason, count in summary.skipped.most_common())
+        reasons = ", ".join(f"{SkipReason.label_of(code)}: {count}" for code, count in summary.skipped.most_common())
         lines.append(f"  skipped: {skipped:,}" + (f" ({reasons})" if reasons else ""))
         for failed in summary.failed_inputs:
             lines.append(f"  not read whole (its documents were kept): {failed['location']}: {failed['reason']}")
         if summary.duplicates:
             lines.append(f"  duplicate ids (last occurrence kept): {summary.duplicates:,}")
         lines.append(f"  truncated to {summary.max_length:,} tokens: {summary.truncated:,}")
+        if summary.held_back:
+            lines.append(f"  removals held back (inputs not read whole may hold them): {summary.held_back:,}")
         if summary.removal_refused:
             lines.append("  removals held back by --max-remove")
         if not summary.dry_run:
@@ -265,4 +304,4 @@ def print_index_summary(summary: IndexSummary) -> None:
     if not stdout.is_terminal:
         lines[0] = f"{log_time()} {lines[0]}"
     for line in lines:
-        stdout.print(line, markup=False)
+        stdout.print(shown(line), markup=False)

@@ -2,11 +2,14 @@
 
 Every writer of an index goes through `write_atomically` (temporary file,
 fsync, rename, fsync of the folder), so a crash leaves the old file or the
-new one, never half of either.
+new one, never half of either. The OSErrors these raise (disk full, EIO,
+read-only, no permission) are the caller's to turn into a WriteError naming
+what it was writing (shard_writer.py does, for everything an index run writes).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import signal
@@ -55,23 +58,38 @@ def write_atomically(path: Path, write) -> None:
             os.fsync(stream.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        try:
+            Path(tmp).unlink(missing_ok=True)
+        except OSError:
+            pass  # the failure that got us here is the one to report
         raise
     fsync_dir(path.parent)
 
 
-def fsync_dir(folder: Path) -> None:
-    """fsync a folder so the renames in it survive a crash; best effort (skipped where that is not possible)."""
+def fsync_dir(folder: Path, strict: bool = False) -> None:
+    """fsync a folder so the renames in it survive a crash.
+
+    Best effort by default (skipped where that is not possible). With `strict`, an I/O error or a full disk
+    is an OSError naming the folder: the barrier before a manifest switch, which must not publish names that
+    may not be on disk. A folder that cannot be opened for reading (no read permission) and a file system
+    that cannot fsync folders at all (EINVAL, ENOTSUP, EROFS) pass either way.
+    """
     try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as error:
+        if strict and error.errno == errno.EIO:
+            raise OSError(error.errno, error.strerror, str(folder)) from error
         return
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as error:
+        if strict and error.errno not in _NO_FOLDER_FSYNC:
+            raise OSError(error.errno, error.strerror, str(folder)) from error
     finally:
         os.close(fd)
+
+
+_NO_FOLDER_FSYNC = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EROFS, errno.EBADF}
 
 
 def file_crc32(path: Path) -> int:

@@ -48,8 +48,9 @@ class IndexLock:
     """Exclusive write lock on an index folder; use as a context manager."""
 
     def __init__(self, index_dir: Path, wait: bool = False, on_wait: Callable[[str], None] | None = None,
-                 poll_seconds: float = 0.5, should_stop: Callable[[], bool] | None = None):
+                 poll_seconds: float = 0.5, should_stop: Callable[[], bool] | None = None, label: str = "--out "):
         self.path = index_dir / LOCK_FILE
+        self.label = label  # what errors call the folder: `--out INDEX` for an index run, the bare path otherwise
         self.wait = wait
         self.on_wait = on_wait
         self.poll_seconds = poll_seconds
@@ -66,7 +67,7 @@ class IndexLock:
                 try:
                     folder.mkdir(parents=True, exist_ok=True)
                 except OSError as error:
-                    raise OutputFolderError(f"--out {folder}: cannot create the folder ({error.strerror})") from None
+                    raise OutputFolderError(f"{self.label}{folder}: cannot create the folder ({error.strerror})") from None
                 self._made_folder = True
             fd = self._open()
             if fd is None:
@@ -97,7 +98,7 @@ class IndexLock:
             os.pwrite(fd, json.dumps(_holder_record()).encode(), 0)
         except OSError as error:
             os.close(fd)
-            raise OutputFolderError(f"--out {folder}: cannot write there ({error.strerror})") from None
+            raise OutputFolderError(f"{self.label}{folder}: cannot write there ({error.strerror})") from None
         self._fd = fd
         return self
 
@@ -114,17 +115,17 @@ class IndexLock:
                     except FileNotFoundError:
                         pass
                     except OSError as unlink_error:
-                        raise OutputFolderError(f"--out {self.path.parent}: {LOCK_FILE} is a symbolic link that "
+                        raise OutputFolderError(f"{self.label}{self.path.parent}: {LOCK_FILE} is a symbolic link that "
                                                 f"cannot be removed ({unlink_error.strerror})") from None
                     continue
                 if error.errno == errno.ENOENT:
                     return None
-                raise OutputFolderError(f"--out {self.path.parent}: cannot write there ({error.strerror})") from None
+                raise OutputFolderError(f"{self.label}{self.path.parent}: cannot write there ({error.strerror})") from None
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 os.close(fd)
-                raise OutputFolderError(f"--out {self.path.parent}: {LOCK_FILE} is not a regular file; remove it")
+                raise OutputFolderError(f"{self.label}{self.path.parent}: {LOCK_FILE} is not a regular file; remove it")
             return fd
-        raise OutputFolderError(f"--out {self.path.parent}: {LOCK_FILE} keeps being replaced by a symbolic link")
+        raise OutputFolderError(f"{self.label}{self.path.parent}: {LOCK_FILE} keeps being replaced by a symbolic link")
 
     def __exit__(self, *exc) -> None:
         if self._fd is not None:

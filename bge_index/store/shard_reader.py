@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import shlex
 import stat
 
 from collections.abc import Callable, Iterator, Sequence
@@ -21,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bge_index.errors import IndexFormatError
-from bge_index.store.names import MANIFEST_FILE, SEARCH_DIR
+from bge_index.store.names import MANIFEST_FILE, SEARCH_DIR, SEARCH_KINDS
 from bge_index.store.manifest import Manifest, ShardInfo, manifest_schema, read_manifest
 from bge_index.store.files import file_crc32, file_sha256
 
@@ -286,6 +287,29 @@ def _colbert_matrix(value: pa.Scalar) -> np.ndarray:
 # Verification
 
 
+def repair_advice(index_dir: Path | str = "INDEX_DIR") -> str:
+    """What to run when search files are missing or damaged: they derive from the shards, `verify --repair`
+    rebuilds them (store/repair.py). The advice every message about a search file ends with."""
+    return f"run `bge-index verify --repair {shlex.quote(str(index_dir))}` to rebuild it from its shard"
+
+
+@dataclass
+class IndexCheck:
+    """What `check_index` found in `index_dir`: `search` maps a shard file to the problems of its search files
+    (rebuildable from the shard: `verify --repair`); `other` lists every other problem (a damaged shard or
+    deletion set, a wrong total, duplicate ids: the data itself, which nothing can rebuild)."""
+
+    index_dir: Path
+    manifest: Manifest
+    search: dict[str, list[str]]
+    other: list[str]
+
+    @property
+    def problems(self) -> list[str]:
+        """One line per problem, each search file's ending with the advice that fixes it."""
+        advice = repair_advice(self.index_dir)
+        return self.other + [f"{problem}; {advice}" for problems in self.search.values() for problem in problems]
+
 
 def verify_index(index_dir: Path) -> list[str]:
     """Check every file against the manifest; returns one line per problem (empty: all good).
@@ -295,8 +319,17 @@ def verify_index(index_dir: Path) -> list[str]:
     checksum and range, the manifest's live-row total, duplicate live ids, and each search file's size and
     CRC-32 (a shard without search files, from a version 1 index, is fine: readers build them in memory).
     """
-    manifest = read_manifest(index_dir)
-    problems: list[str] = []
+    return check_index(index_dir).problems
+
+
+def check_index(index_dir: Path, manifest: Manifest | None = None) -> IndexCheck:
+    """`verify_index`'s checks, with the search files' problems kept apart per shard (see IndexCheck).
+
+    A shard that is itself damaged has its search files left unchecked: they could not be rebuilt from it.
+    """
+    manifest = manifest or read_manifest(index_dir)
+    check = IndexCheck(index_dir, manifest, {}, [])
+    problems = check.other
     expected_schema = manifest_schema(manifest)
     seen_ids: dict[str, str] = {}
     live_total = 0
@@ -314,6 +347,9 @@ def verify_index(index_dir: Path) -> list[str]:
         if not table.schema.equals(expected_schema, check_metadata=False):
             problems.append(f"{path}: damaged shard (schema differs from the manifest's)")
             continue
+        search_problems = _search_file_problems(index_dir, shard)
+        if search_problems:
+            check.search[shard.file] = search_problems
         if shard.deleted_file:
             problem = _verify_file(index_dir / shard.deleted_file, None, shard.deleted_sha256, "deletion set")
             if problem:
@@ -325,12 +361,6 @@ def verify_index(index_dir: Path) -> list[str]:
             problems.append(str(error))
             continue
         live_total += int(mask.sum())
-        for record in shard.search or []:
-            problem = _verify_file(index_dir / SEARCH_DIR / str(record.get("file")), record.get("bytes"), None,
-                                   "search file", crc32=record.get("crc32"))
-            if problem:
-                problems.append(f"{problem}; run `bge-index index` again, or delete {index_dir / SEARCH_DIR} "
-                                "and the next run rebuilds it")
         ids = table.column("id").to_pylist()
         for row in np.flatnonzero(mask).tolist():
             if ids[row] in seen_ids:
@@ -338,6 +368,27 @@ def verify_index(index_dir: Path) -> list[str]:
             seen_ids[ids[row]] = shard.file
     if live_total != manifest.documents and not problems:
         problems.append(f"{index_dir / MANIFEST_FILE}: says {manifest.documents} live rows, shards hold {live_total}")
+    return check
+
+
+def _search_file_problems(index_dir: Path, shard: ShardInfo) -> list[str]:
+    """Problems of a shard's search files: the manifest's records (one per kind, each file named as the writer
+    names it) and each file's presence, size and CRC-32. None for a shard without search files (format version 1).
+    Which kinds a shard must have is the readers' to say (vector_store.py)."""
+    if shard.search is None:
+        return []
+    stem = shard.file.removesuffix(".parquet")
+    records = shard.search if isinstance(shard.search, list) else [None]
+    kinds = [r.get("kind") if isinstance(r, dict) else None for r in records]
+    if len(set(kinds)) != len(kinds) or any(kind not in SEARCH_KINDS or r.get("file") != f"{stem}.{kind}.npy"
+                                            for kind, r in zip(kinds, records)):
+        return [f"{index_dir / MANIFEST_FILE}: damaged manifest (the search file records of {shard.file})"]
+    problems = []
+    for record in records:
+        problem = _verify_file(index_dir / SEARCH_DIR / record["file"], record.get("bytes"), None, "search file",
+                               crc32=record.get("crc32"))
+        if problem:
+            problems.append(problem)
     return problems
 
 

@@ -15,14 +15,22 @@ Temporary shards are created with O_CREAT|O_EXCL|O_NOFOLLOW (a leftover of a
 crashed run, link or not, is unlinked first: that removes the link, never
 its target) and Parquet is written through that open file; renames replace
 a name without following it. Files follow the user's umask.
+
+A write that fails (disk full, I/O error, read-only file system, no
+permission: any OSError, wherever it comes from) is a WriteError naming the
+file and the OS error, raised before the manifest switch: one line and exit 1
+in the CLI, and the previous generation stays what readers see (`abort`
+removes what was written). Every rename is followed by an fsync of its
+folder before the manifest that names the file is written (`sync_folders`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -30,7 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bge_index.errors import IndexFormatError
+from bge_index.errors import IndexFormatError, WriteError
 from bge_index.store.names import DERIVED_PATTERN, MANIFEST_FILE, SEARCH_DIR, is_index_data_file, shard_file_name
 from bge_index.store.manifest import Manifest, SHARD_ROW_GROUP_ROWS, SHARD_WRITE_OPTIONS, ShardInfo, manifest_schema, utc_now
 from bge_index.store.files import fault_point, file_sha256, fsync_dir, write_atomically
@@ -120,6 +128,37 @@ def create_exclusive(path: Path):
     return os.fdopen(fd, "wb")
 
 
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Any OSError inside as a WriteError naming `path` (the file being written) and the OS error."""
+    try:
+        yield
+    except OSError as error:
+        raise WriteError.from_os_error(path, error) from error
+
+
+def sync_folders(index_dir: Path) -> None:
+    """fsync INDEX/search/ and INDEX/ (strictly: an I/O error is a WriteError): the barrier between renaming
+    files into place and publishing a manifest that names them. Before a first manifest the folder holding
+    INDEX/ too (best effort: it may not be ours), so a new index does not vanish with its parent's entry."""
+    for folder in (index_dir / SEARCH_DIR, index_dir):
+        if folder.is_dir():
+            with writing(folder):
+                fsync_dir(folder, strict=True)
+    if not (index_dir / MANIFEST_FILE).exists():
+        fsync_dir(index_dir.absolute().parent)
+
+
+def publish_manifest(index_dir: Path, manifest: Manifest) -> None:
+    """The switch to `manifest`'s generation: its files synced (`sync_folders`), then manifest.json written to
+    a temporary file, fsynced and renamed over the old one. A failure before the rename is a WriteError and
+    leaves the previous manifest in place."""
+    sync_folders(index_dir)
+    payload = (json.dumps(manifest.to_json(), indent=2, ensure_ascii=False) + "\n").encode()
+    with writing(index_dir / MANIFEST_FILE):
+        write_atomically(index_dir / MANIFEST_FILE, lambda stream: stream.write(payload))
+
+
 def merge_tier(live_rows: int) -> int:
     """The merge tier of a shard with `live_rows` (>= 1) live rows: floor(log_MERGE_FACTOR(live_rows))."""
     tier = 0
@@ -164,6 +203,7 @@ class IndexWriter:
         self.carried: list[ShardInfo] = list(base.shards) if base else []
         self.shards: list[ShardInfo] = []  # written by this writer
         self._deletions: dict[str, set[int]] = {}
+        self._deletion_files: list[Path] = []  # deletion sets written by this writer (abort removes them)
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
         self._pending_bytes = 0
@@ -172,7 +212,8 @@ class IndexWriter:
         self._shard_path: Path | None = None
         self._shard_row_count = 0
         self._publishing = False
-        index_dir.mkdir(parents=True, exist_ok=True)
+        with writing(index_dir):
+            index_dir.mkdir(parents=True, exist_ok=True)
 
     def shard_name(self, number: int) -> str:
         """File name of this writer's shard `number`, in its generation."""
@@ -232,17 +273,20 @@ class IndexWriter:
         if rows == 0:
             staged.unlink()
             return None
-        fd = os.open(staged, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
         final = self.index_dir / self.shard_name(len(self.shards))
-        os.replace(staged, final)
-        fsync_dir(self.index_dir)
-        info = ShardInfo(final.name, rows, final.stat().st_size, file_sha256(final))
-        info = build_search_files(self.index_dir, self.manifest, info)  # before the commit: covered by it
-        self.shards.append(info)
+        with writing(final):
+            fd = os.open(staged, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(staged, final)
+            self._shard_path = final  # abort() removes it until it is one of self.shards
+            fsync_dir(self.index_dir)
+            info = ShardInfo(final.name, rows, final.stat().st_size, file_sha256(final))
+            self.shards.append(info)  # before its search files, so abort() removes the shard if they fail
+            self._shard_path = None
+            self.shards[-1] = info = build_search_files(self.index_dir, self.manifest, info)  # covered by the commit
         fault_point("shard-written")
         return info
 
@@ -253,12 +297,13 @@ class IndexWriter:
     def _flush_row_group(self) -> None:
         if not self._pending_rows:
             return
-        if self._writer is None:
-            self._shard_path = self.index_dir / f".{self.shard_name(len(self.shards))}.tmp"
-            self._shard_stream = create_exclusive(self._shard_path)
-            self._writer = pq.ParquetWriter(self._shard_stream, self.schema, **SHARD_WRITE_OPTIONS)
-        group = pa.concat_tables(self._pending)
-        self._writer.write_table(group, row_group_size=group.num_rows)
+        with writing(self.index_dir / self.shard_name(len(self.shards))):
+            if self._writer is None:
+                self._shard_path = self.index_dir / f".{self.shard_name(len(self.shards))}.tmp"
+                self._shard_stream = create_exclusive(self._shard_path)
+                self._writer = pq.ParquetWriter(self._shard_stream, self.schema, **SHARD_WRITE_OPTIONS)
+            group = pa.concat_tables(self._pending)
+            self._writer.write_table(group, row_group_size=group.num_rows)
         self._shard_row_count += group.num_rows
         self._pending, self._pending_rows, self._pending_bytes = [], 0, 0
         fault_point("row-group-written")
@@ -266,18 +311,21 @@ class IndexWriter:
     def _close_shard(self) -> None:
         if self._writer is None:
             return
-        self._writer.close()
-        assert self._shard_path is not None and self._shard_stream is not None
-        self._shard_stream.flush()
-        os.fsync(self._shard_stream.fileno())
-        self._shard_stream.close()
-        self._shard_stream = None
         final = self.index_dir / self.shard_name(len(self.shards))
-        os.replace(self._shard_path, final)
-        info = ShardInfo(final.name, self._shard_row_count, final.stat().st_size, file_sha256(final))
-        self.shards.append(info)  # before its search files, so abort() removes the shard if they fail
-        self.shards[-1] = build_search_files(self.index_dir, self.manifest, info)
-        self._writer, self._shard_path, self._shard_row_count = None, None, 0
+        with writing(final):
+            self._writer.close()
+            assert self._shard_path is not None and self._shard_stream is not None
+            self._shard_stream.flush()
+            os.fsync(self._shard_stream.fileno())
+            self._shard_stream.close()
+            self._shard_stream = None
+            os.replace(self._shard_path, final)
+            self._shard_path = final  # abort() removes it until it is one of self.shards
+            fsync_dir(self.index_dir)  # the rename survives a crash (sync_folders checks it before the manifest)
+            info = ShardInfo(final.name, self._shard_row_count, final.stat().st_size, file_sha256(final))
+            self.shards.append(info)  # before its search files, so abort() removes the shard if they fail
+            self._writer, self._shard_path, self._shard_row_count = None, None, 0
+            self.shards[-1] = build_search_files(self.index_dir, self.manifest, info)
         fault_point("shard-written")
 
     # -- publishing ---------------------------------------------------------
@@ -302,11 +350,13 @@ class IndexWriter:
         self.manifest.created = (self.base.created if self.base else "") or now
         self.manifest.updated = now
         fault_point("before-manifest")
-        payload = (json.dumps(self.manifest.to_json(), indent=2, ensure_ascii=False) + "\n").encode()
         self._publishing = True  # from here on, abort() first checks whether the switch happened
-        write_atomically(self.index_dir / MANIFEST_FILE, lambda stream: stream.write(payload))
+        publish_manifest(self.index_dir, self.manifest)
         fault_point("after-manifest")
-        self._remove_unreferenced_files()
+        try:
+            self._remove_unreferenced_files()
+        except OSError:
+            pass  # committed already: what is left is removed by the next write
         return self.manifest
 
     def _apply_deletions(self, shards: list[ShardInfo]) -> list[ShardInfo]:
@@ -363,11 +413,17 @@ class IndexWriter:
         stem = shard.file.removesuffix(".parquet")
         path = self.index_dir / f"{stem}.deleted-{self.manifest.generation:06d}.npy"
         rows = np.array(sorted(deleted), dtype=np.uint32)
-        write_atomically(path, lambda stream: np.save(stream, rows, allow_pickle=False))
-        return replace(shard, deleted_file=path.name, deleted_rows=len(rows), deleted_sha256=file_sha256(path))
+        with writing(path):
+            self._deletion_files.append(path)  # a name of this generation: no manifest names it yet
+            write_atomically(path, lambda stream: np.save(stream, rows, allow_pickle=False))
+            return replace(shard, deleted_file=path.name, deleted_rows=len(rows), deleted_sha256=file_sha256(path))
 
     def abort(self) -> None:
-        """Remove what this writer wrote, unless its manifest is already the published one."""
+        """Remove what this writer wrote, unless its manifest is already the published one.
+
+        Best effort: a file that cannot be removed (the disk that failed the run may fail this too) stays, to
+        be removed by the next write; the error that failed the run is the one reported.
+        """
         if self._publishing and self._published_generation() == self.manifest.generation:
             return
         if self._writer is not None:
@@ -380,12 +436,18 @@ class IndexWriter:
                 self._shard_stream.close()
             except OSError:
                 pass
-        if self._shard_path is not None:
-            self._shard_path.unlink(missing_ok=True)
-        for shard in self.shards:
-            (self.index_dir / shard.file).unlink(missing_ok=True)
-        remove_unreferenced_search_files(self.index_dir, self.base.files() if self.base else set())
+        leftovers = [self._shard_path] if self._shard_path is not None else []
+        for path in leftovers + [self.index_dir / shard.file for shard in self.shards] + self._deletion_files:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass
+        try:
+            remove_unreferenced_search_files(self.index_dir, self.base.files() if self.base else set())
+        except OSError:
+            pass
         self._writer, self._shard_stream, self._shard_path, self.shards = None, None, None, []
+        self._deletion_files = []
 
     def _published_generation(self) -> int | None:
         try:
@@ -394,8 +456,11 @@ class IndexWriter:
             return None
 
     def remove_leftovers(self) -> None:
-        """Without a commit: delete files of crashed runs (and of states before `base`)."""
-        self._remove_files_outside(self.base.files() if self.base else set())
+        """Without a commit: delete files of crashed runs (and of states before `base`); best effort."""
+        try:
+            self._remove_files_outside(self.base.files() if self.base else set())
+        except OSError:
+            pass  # nothing depends on it: the next write tries again
 
     def _remove_unreferenced_files(self) -> None:
         self._remove_files_outside(self.manifest.files() | (self.base.files() if self.base else set()))
