@@ -159,3 +159,26 @@ def test_sigterm_and_sigint_save_progress_and_the_next_run_resumes(tiny_model, t
     assert f"{6000 - len(saved):,} added, 0 updated, {len(saved):,} unchanged, 0 removed" in resumed.stdout
     assert state(out) == everything
     assert read_manifest(out).state == "complete"
+
+
+@pytest.mark.slow
+def test_sigkill_keeps_the_committed_shards_and_the_next_run_goes_on(tiny_model, tmp_path):
+    # Issue 18: one commit at the end lost a whole run to SIGKILL. Shards are committed as they complete
+    # (state partial), so a kill after the first window lands keeps its 2,048 documents, readers see whole
+    # documents only, and the next run encodes just the rest.
+    corpus, out = tmp_path / "c.jsonl", tmp_path / "ix"
+    write_corpus(corpus, 3000)
+    command = module_command("index", corpus, "--out", out, "--model", tiny_model, "--shard-rows", "500",
+                             "--report", tmp_path / "r.json")
+    killed = run(command, fault="checkpoint:1")
+    assert killed.returncode == -signal.SIGKILL
+    manifest = read_manifest(out)
+    assert manifest.state == "partial"
+    kept = state(out)  # verifies, and no id twice
+    assert len(kept) == 2048 and all(expected_state(3000)[i] == text for i, text in kept.items())
+    finished = run(command)
+    assert finished.returncode == 0, finished.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["encoded"]["rows"] == 3000 - 2048  # the committed documents were not encoded again
+    assert report["documents"]["unchanged"] == 2048
+    assert state(out) == expected_state(3000) and read_manifest(out).state == "complete"

@@ -52,6 +52,7 @@ from bge_index.errors import IndexMismatchError, InvalidOptionError, OutputFolde
 from bge_index.store.manifest import Manifest, read_manifest
 from bge_index.store.shard_reader import RowLocation
 from bge_index.store.info import index_size_bytes
+from bge_index.store.files import fault_point
 from bge_index.store.names import LOCK_FILE, is_index, is_index_data_file
 from bge_index.model.identity import (DEFAULT_MODEL, ModelIdentity, ModelInfo, check_chunk_overlap, choose_precision,
                                       identify_model)
@@ -291,6 +292,7 @@ class IndexRun:
         self.inputs_incomplete = False  # an input could not be read whole: absent ids are not removals
         self.deleted_any = False
         self.writer = None  # a shard_writer.IndexWriter, once the engine opens one (never in a dry run)
+        self.checkpoints = 0  # partial commits made as shards completed
         self.summary.max_length = self.manifest.model["max_length"]
         self.summary.model = self.model.identity.describe()
 
@@ -394,6 +396,30 @@ class IndexRun:
     def not_reached(self, doc_id: str) -> None:
         """A stop came before this pending document was written: the rows it would replace stay live."""
         self.seen[doc_id].outcome = Outcome.NOT_REACHED
+
+    def checkpoint(self) -> None:
+        """Commit what is written so far as a partial generation, and go on writing on top of it.
+
+        The local engine calls this each time a shard is complete: a run killed (SIGKILL, power loss) loses
+        at most the shard in progress, and the next run finds the committed documents unchanged instead of
+        encoding them again. Each checkpoint is a consistent state: a document's new rows and the retiring
+        of its old ones are committed together; removals wait for the run's end. Readers see whole
+        generations only (the manifest switch), with `state: partial` until the last commit.
+        """
+        if self.writer is None:
+            return
+        from bge_index.store.manifest import Manifest
+        from bge_index.store.shard_writer import IndexWriter
+
+        committed = self.writer.commit(state="partial", checkpoint=True)
+        fault_point("checkpoint")
+        self.summary.wrote = True
+        self.checkpoints += 1
+        following = Manifest.from_json(committed.to_json())  # the same settings, as a new generation
+        following.shards, following.documents = [], 0
+        following.generation = committed.generation + 1
+        self.manifest = following
+        self.writer = IndexWriter(self.index_dir, following, self.options.shard_rows, base=committed)
 
     def retire(self, locations: list[RowLocation]) -> None:
         """Rows no longer live once this run commits."""

@@ -19,13 +19,22 @@ from pathlib import Path
 
 
 def fault_point(name: str) -> None:
-    """Crash-test hook: die by SIGKILL here when BGE_INDEX_FAULT_AT names this point.
+    """Crash-test hook: die by SIGKILL here when BGE_INDEX_FAULT_AT names this point (`NAME`, or `NAME:N` for
+    its N-th passage in this process).
 
     The crash-safety tests use it to kill a real run at exact places (mid
-    shard, after a shard, before and after the manifest switch).
+    shard, after a shard, after the third checkpoint, before and after the manifest switch).
     """
-    if os.environ.get("BGE_INDEX_FAULT_AT") == name:
+    wanted = os.environ.get("BGE_INDEX_FAULT_AT")
+    if not wanted or wanted.partition(":")[0] != name:
+        return
+    _FAULT_PASSES[name] = _FAULT_PASSES.get(name, 0) + 1
+    count = wanted.partition(":")[2]
+    if not count or (count.isdigit() and int(count) == _FAULT_PASSES[name]):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+_FAULT_PASSES: dict[str, int] = {}
 
 
 def current_umask() -> int:

@@ -330,17 +330,24 @@ class IndexWriter:
 
     # -- publishing ---------------------------------------------------------
 
-    def commit(self, state: str = "complete") -> Manifest:
-        """Finish shards, apply deletions, publish the manifest, remove files nobody refers to."""
+    def commit(self, state: str = "complete", checkpoint: bool = False) -> Manifest:
+        """Finish shards, apply deletions, publish the manifest, remove files nobody refers to.
+
+        `checkpoint`: a commit in the middle of a run, which goes on writing on top of it. Every row keeps its
+        place (no compaction, no merging of small shards), so the locations the run holds stay valid; the
+        run's last commit compacts and merges.
+        """
         self._flush_row_group()
         self._close_shard()
-        kept = self._apply_deletions(self.carried) + self._apply_deletions(list(self.shards))
+        kept = (self._apply_deletions(self.carried, compact=not checkpoint)
+                + self._apply_deletions(list(self.shards), compact=not checkpoint))
         # Compaction above may have opened new shards; they are complete and live.
         self._flush_row_group()
         self._close_shard()
         written = {s.file for s in kept}
         kept += [s for s in self.shards if s.file not in written and s.file not in self._deletions]
-        kept = self._merge_small_shards(kept)
+        if not checkpoint:
+            kept = self._merge_small_shards(kept)
         # Shards of a format version 1 index get their search files now, before the manifest names them.
         kept = [s if s.search is not None else build_search_files(self.index_dir, self.manifest, s) for s in kept]
         now = utc_now()
@@ -359,8 +366,9 @@ class IndexWriter:
             pass  # committed already: what is left is removed by the next write
         return self.manifest
 
-    def _apply_deletions(self, shards: list[ShardInfo]) -> list[ShardInfo]:
-        """Shards with their deletion sets brought up to date; dead shards dropped, mostly-dead ones compacted."""
+    def _apply_deletions(self, shards: list[ShardInfo], compact: bool = True) -> list[ShardInfo]:
+        """Shards with their deletion sets brought up to date; dead shards dropped, mostly-dead ones compacted
+        (unless `compact` is False)."""
         kept = []
         for shard in shards:
             new = self._deletions.get(shard.file)
@@ -370,7 +378,7 @@ class IndexWriter:
             deleted = new | set(read_deleted_rows(self.index_dir, shard).tolist())
             if len(deleted) >= shard.rows:
                 continue
-            if len(deleted) > COMPACT_WHEN_DEAD * shard.rows:
+            if compact and len(deleted) > COMPACT_WHEN_DEAD * shard.rows:
                 self._compact(shard, deleted)
                 continue
             kept.append(self._write_deletion_set(shard, deleted))
