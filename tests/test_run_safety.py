@@ -146,10 +146,45 @@ def test_bad_records_that_hold_nothing_back_exit_0_and_held_back_removals_are_na
         stream.write("{not json\n")
     result = invoke("index", folder, "--out", out, "--model", tiny_model)
     assert result.exit_code == 0 and "bge-index: error:" not in result.stderr, result.output  # nothing gone
+    # Issue 18: a malformed line in a.jsonl held back every removal, for ever. Rows record their source file:
+    # b.jsonl deleted -> b1 is removed (a.jsonl could not hold it); a2 gone from a.jsonl -> it waits.
     (folder / "b.jsonl").unlink()
-    result = invoke("index", folder, "--out", out, "--model", tiny_model, "--report", report)
+    write_jsonl(folder / "a.jsonl", records(["a1"]))
+    with (folder / "a.jsonl").open("a") as stream:
+        stream.write("{not json\n")
+    result = invoke("index", folder, "--out", out, "--model", tiny_model, "--report", report,
+                    "--max-remove", "100%")
     assert result.exit_code == 1, result.output
     [line] = [x for x in result.stderr.splitlines() if x.startswith("bge-index: error:")]
-    assert "a.jsonl:3" in line and "'b1'" in line and "removal of 1 indexed document" in line
-    assert json.loads(report.read_text())["removals_held_back"] == {"count": 1, "ids": ["b1"]}
-    assert set(live_texts(out)) == {"a1", "a2", "b1"}
+    assert "a.jsonl:2" in line and "'a2'" in line and "removal of 1 indexed document" in line
+    assert json.loads(report.read_text())["removals_held_back"] == {"count": 1, "ids": ["a2"]}
+    assert set(live_texts(out)) == {"a1", "a2"}
+
+
+def test_an_index_written_before_sources_were_recorded_still_works(tiny_model, tmp_path, monkeypatch):
+    # Shard layout 1 has no source columns: it verifies, its rows are carried, compacted and merged into
+    # layout 2 shards (sources null), and an input not read whole holds back all of its removals, as before.
+    from bge_index.store import manifest as manifest_module
+    from bge_index.store import shard_writer
+    from bge_index.store.shard_reader import has_sources, verify_index
+
+    real = manifest_module.manifest_schema
+    monkeypatch.setattr(shard_writer, "manifest_schema", lambda m: manifest_module.legacy_schema(real(m)))
+    folder, out = tmp_path / "in", tmp_path / "ix"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", records(["a1", "a2"]))
+    write_jsonl(folder / "b.jsonl", records(["b1", "b2"]))
+    index(folder, out, tiny_model, "--shard-rows", "2")
+    monkeypatch.undo()
+    from bge_index.store.manifest import read_manifest
+    assert not any(has_sources(out, s) for s in read_manifest(out).shards)
+    assert verify_index(out) == []
+    (folder / "b.jsonl").unlink()
+    with (folder / "a.jsonl").open("a") as stream:
+        stream.write("{not json\n")
+    held = invoke("index", folder, "--out", out, "--model", tiny_model, "--max-remove", "100%")
+    assert held.exit_code == 1 and "'b1'" in held.stderr, held.output  # unknown sources: held back
+    write_jsonl(folder / "a.jsonl", records(["a1", "a2"]) + [{"id": "a3", "text": "new"}])
+    ok_run = invoke("index", folder, "--out", out, "--model", tiny_model, "--max-remove", "100%", "--shard-rows", "2")
+    assert ok_run.exit_code == 0, ok_run.output
+    assert set(live_texts(out)) == {"a1", "a2", "a3"} and verify_index(out) == []

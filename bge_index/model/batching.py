@@ -52,8 +52,10 @@ class WindowRows:
     """The rows a window of documents becomes (one per document, or one per passage), and their vectors."""
 
     def __init__(self, encoder, ids: Sequence[str], texts: Sequence[str], hashes: Sequence[str], *,
-                 colbert: bool, store_text: bool, max_length: int, chunking: dict | None):
+                 colbert: bool, store_text: bool, max_length: int, chunking: dict | None,
+                 sources: Sequence[str | None] | None = None, lines: Sequence[int | None] | None = None):
         self.ids, self.hashes = ids, hashes
+        self.sources, self.lines = sources, lines  # per document: where it came from (stored with its rows)
         self.store_text, self.chunked = store_text, bool(chunking)
         self.owner: list[int] = []  # row -> position of its document in the window
         self.token_ids: list[list[int]] = []
@@ -113,18 +115,21 @@ class WindowRows:
             doc_ids=[self.ids[o] for o in owners] if self.chunked else None,
             chunks=chunk_numbers,
             spans=[self.spans[r] for r in rows] if self.chunked else None,
+            sources=[self.sources[o] for o in owners] if self.sources is not None else None,
+            source_lines=[self.lines[o] for o in owners] if self.lines is not None else None,
         ), done
 
 
 def encode_documents(encoder, ids: Sequence[str], texts: Sequence[str], hashes: Sequence[str], *,
                      colbert: bool, store_text: bool, max_length: int, chunking: dict | None,
-                     batch_tokens: int) -> tuple[RowBatch | None, int, int]:
+                     batch_tokens: int, sources: Sequence[str | None] | None = None,
+                     lines: Sequence[int | None] | None = None) -> tuple[RowBatch | None, int, int]:
     """Documents -> (their rows in input order, tokens encoded, documents truncated), in this thread.
 
     The local engine's steps without its overlap, for callers that bring their own parallelism (Ray actors).
     """
     rows = WindowRows(encoder, ids, texts, hashes, colbert=colbert, store_text=store_text, max_length=max_length,
-                      chunking=chunking)
+                      chunking=chunking, sources=sources, lines=lines)
     lengths = rows.lengths
     for batch in token_budget_batches(lengths, batch_tokens):
         rows.place(batch, encoder.encode_ids([rows.token_ids[i] for i in batch], colbert=colbert))

@@ -37,6 +37,7 @@ never load it. Engines see the run through `IndexRun`; a typical engine does
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import time
 from collections import Counter
@@ -237,6 +238,7 @@ class Existing:
 
     hash: str
     rows: list[RowLocation]
+    source: str | None = None  # the real path of the file it came from; None where the index does not record it
 
 
 @dataclass(slots=True)  # one per document id of the run: kept small
@@ -290,6 +292,8 @@ class IndexRun:
         self.existing = self._load_existing()
         self.seen: dict[str, Seen] = {}
         self.inputs_incomplete = False  # an input could not be read whole: absent ids are not removals
+        self.incomplete_sources: set[str] = set()  # the real paths of the inputs (files, folders) not read whole
+        self._real_sources: dict[str, str] = {}
         self.deleted_any = False
         self.writer = None  # a shard_writer.IndexWriter, once the engine opens one (never in a dry run)
         self.checkpoints = 0  # partial commits made as shards completed
@@ -310,13 +314,22 @@ class IndexRun:
 
         existing: dict[str, Existing] = {}
         if self.previous is not None:
-            for doc_id, hash_, location in iter_live_keys(self.index_dir, self.previous):
+            for doc_id, hash_, location, source in iter_live_keys(self.index_dir, self.previous, with_source=True):
                 entry = existing.get(doc_id)
                 if entry is None:
-                    existing[doc_id] = Existing(hash_, [location])
+                    existing[doc_id] = Existing(hash_, [location], source)
                 else:
                     entry.rows.append(location)
         return existing
+
+    def real_source(self, source: str) -> str:
+        """What a row records as its source: the file's real path (`<stdin>` as is), so runs from other
+        folders or through other spellings of a path agree on it."""
+        real = self._real_sources.get(source)
+        if real is None:
+            real = source if source.startswith("<") else os.path.realpath(source)
+            self._real_sources[source] = real
+        return real
 
     def open_writer(self):
         """The writer of this run's generation (None in a dry run)."""
@@ -335,6 +348,7 @@ class IndexRun:
         self.summary.skipped[item.category] += 1
         if item.hides_documents:
             self.inputs_incomplete = True
+            self.incomplete_sources.add(self.real_source(item.source))
             self.summary.failed_inputs.append({"location": item.location, "reason": item.reason})
         doc_id = getattr(item, "doc_id", None)
         if doc_id is not None and doc_id not in self.seen:
@@ -439,11 +453,14 @@ class IndexRun:
             return {}
         gone = {doc_id: old.rows for doc_id, old in self.existing.items() if doc_id not in self.seen}
         if self.inputs_incomplete:
-            # An input not read whole may hold any of these ids: none is removed, and they are named (the CLI
-            # exits 1). Bad records that hold nothing back (a first run, nothing gone) fail nothing.
-            self.summary.held_back = len(gone)
-            self.summary.held_back_ids = sorted(gone)[:HELD_BACK_NAMED]
-            return {}
+            # An input not read whole may hold the ids it gave before: those are not removed, and they are named
+            # (the CLI exits 1). Rows record their source file, so only that file's ids wait (rows of an index
+            # written before sources were recorded: all of them). What held nothing back fails nothing.
+            held = sorted(doc_id for doc_id in gone if self._may_hold(self.existing[doc_id].source))
+            self.summary.held_back = len(held)
+            self.summary.held_back_ids = held[:HELD_BACK_NAMED]
+            for doc_id in held:
+                del gone[doc_id]
         limit = removal_limit(self.options.max_remove, len(self.existing))
         if len(gone) > limit:
             share = len(gone) / len(self.existing)
@@ -454,6 +471,12 @@ class IndexRun:
             self.events.warning(self.summary.removal_refused)
             return {}
         return gone
+
+    def _may_hold(self, source: str | None) -> bool:
+        """Whether an input not read whole in this run may hold a document that came from `source`."""
+        if source is None or source in self.incomplete_sources:
+            return True
+        return any(source.startswith(folder.rstrip(os.sep) + os.sep) for folder in self.incomplete_sources)
 
     def finish(self) -> IndexSummary:
         """Apply removals, commit if anything changed (the writer builds the search files before it) and fill in

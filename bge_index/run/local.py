@@ -258,7 +258,9 @@ class LocalEngine:
         workers = self._load_workers()
         rows = WindowRows(workers.primary, [p.document.id for p in pending], [p.document.text for p in pending],
                           [p.hash for p in pending], colbert=self.options.colbert, store_text=self.options.store_text,
-                          max_length=self.summary.max_length, chunking=self.run_state.manifest.chunking)
+                          max_length=self.summary.max_length, chunking=self.run_state.manifest.chunking,
+                          sources=[self.run_state.real_source(p.document.source) for p in pending],
+                          lines=[p.document.line for p in pending])
         self.summary.truncated += rows.truncated
         batches = token_budget_batches(rows.lengths, self.options.batch_tokens)
         futures = [workers.submit([rows.token_ids[i] for i in batch], self.options.colbert) for batch in batches]

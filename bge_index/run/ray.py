@@ -222,7 +222,9 @@ def _documents_of_file(item: dict, fields: FieldNames, max_bytes: int) -> list[d
         if ordinal in wanted and isinstance(record, Document):
             hash_ = content_hash(record.text)
             if hash_ == wanted[ordinal]:
-                rows.append({"id": record.id, "text": record.text, "content_hash": hash_})
+                # The path is the file's real path already (_file_items): what rows record as their source.
+                rows.append({"id": record.id, "text": record.text, "content_hash": hash_, "source": record.source,
+                             "source_line": record.line})
     return rows
 
 
@@ -308,7 +310,8 @@ class ShardEncoder:
         rows, tokens, truncated = encode_documents(
             self.encoder, ids, batch.column("text").to_pylist(), batch.column("content_hash").to_pylist(),
             colbert=settings.colbert, store_text=settings.store_text, max_length=settings.max_length,
-            chunking=settings.chunking, batch_tokens=settings.batch_tokens)
+            chunking=settings.chunking, batch_tokens=settings.batch_tokens,
+            sources=batch.column("source").to_pylist(), lines=batch.column("source_line").to_pylist())
         # Waited for, so the totals are complete once the write has finished.
         ray.get(self.counters.add.remote(len(ids), len(rows), tokens, truncated))
         return rows_to_table(rows, self.schema)

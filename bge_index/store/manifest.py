@@ -14,7 +14,8 @@ document text, for incremental runs); with chunking `doc_id` string, `chunk`
 int32, `char_start` and `char_end` int64; `text` string (unless text is not
 stored); `dense` fixed_size_list<float16>[D]; `sparse` struct{indices:
 list<uint32>, values: list<float32>} with indices ascending (the layout Milvus
-bulk import reads); optional `colbert` list<fixed_size_list<float16>[Dc]>.
+bulk import reads); optional `colbert` list<fixed_size_list<float16>[Dc]>;
+then (shard layout 2) `source` string and `source_line` int64: where the row came from.
 
 A reader starts from manifest.json: it names every live file with its size
 and SHA-256, so the manifest alone says what the index is:
@@ -42,7 +43,7 @@ from bge_index.store.names import DELETED_PATTERN, FORMAT_NAME, MANIFEST_FILE, S
 
 FORMAT_VERSION = 2  # 2: search files in search/, listed per shard in the manifest (ShardInfo.search)
 READABLE_FORMAT_VERSIONS = (1, 2)  # a version 1 index is read (search files built in memory), written as 2
-SHARD_FORMAT_VERSION = 1  # the Parquet shards' own layout, in their schema metadata: unchanged since version 1
+SHARD_FORMAT_VERSION = 2  # the Parquet shards' own layout, in their schema metadata: 2 adds the source columns
 CHUNK_COLUMNS = ("doc_id", "chunk", "char_start", "char_end")
 # How every shard is written, by IndexWriter (shard_writer.py) and by the Ray engine's Parquet sink (ray_engine.py).
 # Float vectors neither dictionary-encode nor have useful min/max statistics.
@@ -217,7 +218,8 @@ def _bad_file_name(manifest: Manifest) -> str | None:
     return None
 
 
-def shard_schema(dense_dim: int, colbert_dim: int | None, store_text: bool, chunked: bool) -> pa.Schema:
+def shard_schema(dense_dim: int, colbert_dim: int | None, store_text: bool, chunked: bool,
+                 sourced: bool = True) -> pa.Schema:
     """The Arrow schema of a shard with these settings (see the module docstring; format version in metadata)."""
     fields = [pa.field("id", pa.string(), nullable=False), pa.field("content_hash", pa.string(), nullable=False)]
     if chunked:
@@ -232,7 +234,23 @@ def shard_schema(dense_dim: int, colbert_dim: int | None, store_text: bool, chun
     ]), nullable=False))
     if colbert_dim is not None:
         fields.append(pa.field("colbert", pa.list_(pa.list_(pa.float16(), colbert_dim))))
-    return pa.schema(fields, metadata={"bge_index_format_version": str(SHARD_FORMAT_VERSION)})
+    if sourced:
+        fields += SOURCE_FIELDS
+    return pa.schema(fields, metadata={"bge_index_format_version": str(SHARD_FORMAT_VERSION if sourced else 1)})
+
+
+# Shard layout 2 adds, last, where each row came from: the input file's real path (`<stdin>` for standard input)
+# and its line (JSONL, CSV/TSV) or row (Parquet) number, null for a whole-file document. A run holds back the
+# removal of an id only when its own source was not read whole. Layout 1 shards (without them) stay readable:
+# their rows' sources are unknown, and any input not read whole holds their removal back, as before.
+SOURCE_FIELDS = [pa.field("source", pa.string()), pa.field("source_line", pa.int64())]
+SOURCE_COLUMNS = tuple(f.name for f in SOURCE_FIELDS)
+
+
+def legacy_schema(schema: pa.Schema) -> pa.Schema:
+    """`schema` as a layout 1 shard has it (no source columns)."""
+    names = [n for n in schema.names if n not in SOURCE_COLUMNS]
+    return pa.schema([schema.field(n) for n in names], metadata={"bge_index_format_version": "1"})
 
 
 def manifest_schema(manifest: Manifest) -> pa.Schema:

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from bge_index.errors import IndexFormatError
 from bge_index.store.names import MANIFEST_FILE, SEARCH_DIR, SEARCH_KINDS
-from bge_index.store.manifest import Manifest, ShardInfo, manifest_schema, read_manifest
+from bge_index.store.manifest import Manifest, ShardInfo, legacy_schema, manifest_schema, read_manifest
 from bge_index.store.files import file_crc32, file_sha256
 
 
@@ -126,16 +126,27 @@ def _read_columns(index_dir: Path, shard: ShardInfo, columns: list[str]) -> pa.T
         raise IndexFormatError(f"{index_dir / shard.file}: damaged shard ({error})") from error
 
 
-def iter_live_keys(index_dir: Path, manifest: Manifest) -> Iterator[tuple[str, str, RowLocation]]:
-    """(document id, content hash, location) of every live row, shard by shard."""
+def iter_live_keys(index_dir: Path, manifest: Manifest, with_source: bool = False) -> Iterator[tuple]:
+    """(document id, content hash, location) of every live row, shard by shard; `with_source`: and the row's
+    source file (None where its shard does not record it)."""
     id_column = "doc_id" if manifest.chunking else "id"
     for shard in manifest.shards:
-        table = _read_columns(index_dir, shard, [id_column, "content_hash"])
+        sourced = with_source and has_sources(index_dir, shard)
+        table = _read_columns(index_dir, shard, [id_column, "content_hash", *(["source"] if sourced else [])])
         mask = live_mask(index_dir, shard)
         ids = table.column(id_column).to_pylist()
         hashes = table.column("content_hash").to_pylist()
+        sources = table.column("source").to_pylist() if sourced else [None] * len(ids)
         for row in np.flatnonzero(mask).tolist():
-            yield ids[row], hashes[row], RowLocation(shard.file, row)
+            if with_source:
+                yield ids[row], hashes[row], RowLocation(shard.file, row), sources[row]
+            else:
+                yield ids[row], hashes[row], RowLocation(shard.file, row)
+
+
+def has_sources(index_dir: Path, shard: ShardInfo) -> bool:
+    """Whether a shard records its rows' sources (shard layout 2)."""
+    return "source" in open_shard(index_dir, shard).schema_arrow.names
 
 
 def read_shard_column(index_dir: Path, shard: ShardInfo, column: str) -> list:
@@ -340,11 +351,13 @@ def check_index(index_dir: Path, manifest: Manifest | None = None) -> IndexCheck
             problems.append(problem)
             continue
         try:
-            table = _read_columns(index_dir, shard, expected_schema.names)
+            # A layout 1 shard (written before rows recorded their source) is checked against that layout.
+            expected = expected_schema if has_sources(index_dir, shard) else legacy_schema(expected_schema)
+            table = _read_columns(index_dir, shard, expected.names)
         except IndexFormatError as error:
             problems.append(str(error))
             continue
-        if not table.schema.equals(expected_schema, check_metadata=False):
+        if not table.schema.equals(expected, check_metadata=False):
             problems.append(f"{path}: damaged shard (schema differs from the manifest's)")
             continue
         search_problems = _search_file_problems(index_dir, shard)

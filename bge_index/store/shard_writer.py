@@ -66,6 +66,9 @@ class RowBatch:
     doc_ids: list[str] | None = None
     chunks: list[int] | None = None
     spans: list[tuple[int, int]] | None = None
+    # Where each row came from (a file's real path; `<stdin>`) and its line or row number (None: a whole file)
+    sources: list[str | None] | None = None
+    source_lines: list[int | None] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -110,7 +113,20 @@ def rows_to_table(rows: RowBatch, schema: pa.Schema) -> pa.Table:
         offsets = np.concatenate([[0], np.cumsum(token_counts)]).astype(np.int32)
         stacked = np.concatenate(rows.colbert) if rows.colbert else np.zeros((0, colbert_dim))
         columns["colbert"] = pa.ListArray.from_arrays(pa.array(offsets), _fixed_list_array(stacked, colbert_dim))
+    if "source" in schema.names:
+        count = len(rows.ids)
+        columns["source"] = pa.array(rows.sources if rows.sources is not None else [None] * count, type=pa.string())
+        columns["source_line"] = pa.array(rows.source_lines if rows.source_lines is not None else [None] * count,
+                                          type=pa.int64())
     return pa.Table.from_arrays(list(columns.values()), schema=schema)
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Rows of an older shard in `schema`: columns it lacks (a layout 1 shard's sources) come as nulls."""
+    for field in schema:
+        if field.name not in table.column_names:
+            table = table.append_column(field, pa.nulls(table.num_rows, type=field.type))
+    return table.select(schema.names).cast(schema)
 
 
 def create_exclusive(path: Path):
@@ -415,7 +431,7 @@ class IndexWriter:
             keep = mask[start:start + table.num_rows]
             start += table.num_rows
             if keep.any():
-                self._write_table(table.filter(pa.array(keep)).cast(self.schema))
+                self._write_table(conform(table.filter(pa.array(keep)), self.schema))
 
     def _write_deletion_set(self, shard: ShardInfo, deleted: set[int]) -> ShardInfo:
         stem = shard.file.removesuffix(".parquet")
