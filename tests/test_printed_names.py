@@ -112,3 +112,19 @@ def test_verify_prints_a_forged_index_folder_escaped(tiny_model, tmp_path):
     assert result.stderr.splitlines() and all(line.startswith("bge-index: damaged: ")
                                               for line in result.stderr.splitlines())
     assert_clean(result.stderr)
+
+
+def test_info_escapes_a_model_path_with_control_characters(tiny_model, tmp_path):
+    import shutil
+
+    from helpers import index, invoke
+    model = tmp_path / "model\nbge-index: error: forged\x1b[2J"
+    shutil.copytree(tiny_model, model)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("moon")
+    index(docs, tmp_path / "ix", model)
+    result = invoke("info", tmp_path / "ix")
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.stdout and "\nbge-index: error: forged" not in result.stdout
+    assert "\\x1b" in result.stdout

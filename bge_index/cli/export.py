@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from bge_index.cli.display import stderr, stdout, write_json
+from bge_index.cli.display import shown, stderr, stdout, write_json
 from bge_index.cli.options import DenseType, IndexDir, MilvusIndexType, Quiet, check_output_file
 
 PROGRESS_SECONDS = 10
@@ -49,7 +49,7 @@ def export_milvus(
                            drop_existing=drop_existing, dense_type=dense_type.value, token=token, progress=progress)
     if not quiet:
         verb = "Created" if summary.created else "Updated"
-        stdout.print(f"{verb} Milvus collection {summary.collection} at {summary.uri}: {summary.rows:,} rows in "
+        stdout.print(f"{verb} Milvus collection {shown(summary.collection)} at {shown(summary.uri)}: {summary.rows:,} rows in "
                      f"{summary.seconds:.1f} s ({summary.rows_per_second:,.0f} rows/s), dense {summary.dense_type}",
                      markup=False)
         stdout.print(f"  empty sparse vectors (stored with a placeholder token): {summary.empty_sparse:,}; "

@@ -13,7 +13,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from bge_index.cli.display import human_bytes, stdout
+from bge_index.cli.display import human_bytes, shown, stdout
 from bge_index.cli.options import IndexDir, ReportFormat
 from bge_index.store.manifest import Manifest, read_manifest
 from bge_index.store.info import index_info, index_size_bytes
@@ -29,11 +29,11 @@ def info(
         sys.stdout.write(json.dumps(index_info(index_dir, manifest), ensure_ascii=False, indent=2) + "\n")
         return
     size = index_size_bytes(index_dir, manifest)
-    table = Table(title=f"bge-index {escape(str(index_dir))}", show_header=False, title_justify="left")
+    table = Table(title=f"bge-index {escape(shown(index_dir))}", show_header=False, title_justify="left")
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
     for name, value in describe(manifest, size):
-        table.add_row(name, escape(value))
+        table.add_row(name, escape(shown(value)))  # the model's path may hold anything
     stdout.print(table)
 
 
