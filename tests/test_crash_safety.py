@@ -74,8 +74,9 @@ def test_sigkill_during_a_first_build(tiny_model, tmp_path, point):
     assert finished.returncode == 0, finished.stderr
     assert state(out) == expected_state(35)
     manifest = read_manifest(out)
-    kept = {s.file for s in manifest.shards} | {s.deleted_file for s in manifest.shards if s.deleted_file}
-    leftovers = {p.name for p in out.iterdir()} - kept - {"manifest.json", ".lock", SEARCH_DIR}
+    kept = manifest.files()  # shards, deletion sets and the deletes file
+    # retired/ holds the previous generation's dropped files for one generation (readers that opened it)
+    leftovers = {p.name for p in out.iterdir()} - kept - {"manifest.json", ".lock", SEARCH_DIR, "retired"}
     assert leftovers == set()
     # Search files (format 2) live in search/, exactly those the manifest names.
     named = {record["file"] for s in manifest.shards for record in s.search or []}

@@ -117,13 +117,16 @@ def test_readers_see_old_index_until_commit(tmp_path):
 def test_files_of_two_generations_ago_are_removed(tmp_path):
     first = write_index(tmp_path, [make_rows(0, 4)], generation=1)
     second = replacing_writer(tmp_path, first, 2, make_rows(10, 2), shard_rows=10).commit()
-    # The previous state's files stay for readers that just read the old manifest...
-    assert (tmp_path / first.shards[0].file).exists()
+    # The previous state's files stay for readers that just read the old manifest, in retired/: out of the
+    # documented glob `INDEX/shard-*.parquet` (issue 20: other tools saw merged-away shards)...
+    assert not (tmp_path / first.shards[0].file).exists()
+    assert (tmp_path / "retired" / first.shards[0].file).exists()
+    assert sorted(p.name for p in tmp_path.glob("shard-*.parquet")) == [s.file for s in second.shards]
     third_writer = IndexWriter(tmp_path, new_manifest(generation=3), shard_rows=10, base=second)
     third_writer.write(make_rows(20, 1))
     third_writer.commit()
     # ...and go once a newer state replaces that one.
-    assert not (tmp_path / first.shards[0].file).exists()
+    assert not (tmp_path / "retired" / first.shards[0].file).exists()
     assert (tmp_path / second.shards[0].file).exists()
 
 

@@ -94,6 +94,7 @@ app.command("embed")(library_command(embed.embed))
 export_app = typer.Typer(help="Copy an index into a search engine that serves it at scale.", no_args_is_help=True,
                          rich_markup_mode=None)
 export_app.command("milvus")(library_command(export.export_milvus))
+export_app.command("parquet")(library_command(export.export_parquet))
 app.add_typer(export_app, name="export")
 
 

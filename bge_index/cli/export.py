@@ -1,4 +1,5 @@
-"""`bge-index export milvus`: copy an index into a Milvus collection (the bge-index[milvus] extra).
+"""`bge-index export milvus` and `export parquet`: an index into a Milvus collection, or its live rows into one
+plain Parquet file.
 
 This module owns the export flags, the progress lines, the summary and the
 `--report` file; the export itself is milvus.export_index, imported inside
@@ -16,6 +17,7 @@ import typer
 
 from bge_index.cli.display import shown, stderr, stdout, write_json
 from bge_index.cli.options import DenseType, IndexDir, MilvusIndexType, Quiet, check_output_file
+from bge_index.errors import InvalidOptionError
 
 PROGRESS_SECONDS = 10
 
@@ -57,3 +59,21 @@ def export_milvus(
                      markup=False)
     if report is not None:
         write_json(report, summary.to_json(), "--report")
+
+
+def export_parquet(
+    index_dir: IndexDir,
+    out: Annotated[Path, typer.Argument(help="The Parquet file to write (replaced if it exists).", show_default=False)],
+    vectors: Annotated[bool, typer.Option("--vectors", help="Also write the dense and sparse (and ColBERT) vectors.")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Write the live rows of an index as one plain Parquet table (no manifest, no deletion sets needed)."""
+    from bge_index.store.export import export_parquet as write_live_rows
+    from bge_index.store.manifest import read_manifest
+
+    check_output_file(out, "OUT")
+    if out.resolve().parent == index_dir.resolve() or index_dir.resolve() in out.resolve().parents:
+        raise InvalidOptionError(f"OUT {out}: inside the index folder; write it elsewhere")
+    rows = write_live_rows(index_dir, read_manifest(index_dir), out, vectors=vectors)
+    if not quiet:
+        stdout.print(f"{rows:,} live rows written to {shown(out)}", markup=False)

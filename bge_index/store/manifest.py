@@ -39,7 +39,8 @@ from pathlib import Path
 import pyarrow as pa
 
 from bge_index.errors import IndexFormatError
-from bge_index.store.names import DELETED_PATTERN, FORMAT_NAME, MANIFEST_FILE, SEARCH_FILE_PATTERN, SHARD_PATTERN
+from bge_index.store.names import (DELETED_PATTERN, DELETES_PATTERN, FORMAT_NAME, MANIFEST_FILE, SEARCH_FILE_PATTERN,
+                                   SHARD_PATTERN)
 
 FORMAT_VERSION = 2  # 2: search files in search/, listed per shard in the manifest (ShardInfo.search)
 READABLE_FORMAT_VERSIONS = (1, 2)  # a version 1 index is read (search files built in memory), written as 2
@@ -94,6 +95,8 @@ class Manifest:
     updated: str = ""
     tool_version: str = ""
     format_version: int = FORMAT_VERSION
+    # The generation's deletes file for other tools: {"file", "rows", "bytes", "sha256"}; None before it existed
+    deletes: dict | None = None
 
     def to_json(self) -> dict:
         """The manifest.json document: format name and version, model, vector types, chunking, counts and shard list."""
@@ -115,6 +118,7 @@ class Manifest:
             "store_text": self.store_text,
             "documents": self.documents,
             "shards": [asdict(s) for s in self.shards],
+            "deletes": self.deletes,
         }
 
     @classmethod
@@ -137,6 +141,7 @@ class Manifest:
             updated=data.get("updated", ""),
             tool_version=data.get("tool_version", ""),
             format_version=int(data["format_version"]),
+            deletes=data.get("deletes"),
         )
 
     @property
@@ -147,7 +152,10 @@ class Manifest:
     def files(self) -> set[str]:
         """Every file this manifest refers to."""
         names = {s.file for s in self.shards}
-        return names | {s.deleted_file for s in self.shards if s.deleted_file}
+        names |= {s.deleted_file for s in self.shards if s.deleted_file}
+        if self.deletes and isinstance(self.deletes.get("file"), str):
+            names.add(self.deletes["file"])
+        return names
 
 
 def utc_now() -> str:
@@ -199,6 +207,10 @@ def _bad_file_name(manifest: Manifest) -> str | None:
     The index folder is a boundary: a manifest naming `../x.parquet` or `/etc/passwd` must not make a reader
     (or a writer's clean-up) touch anything outside it. Search files are plain names in search/ (format 2).
     """
+    if manifest.deletes is not None:
+        name = manifest.deletes.get("file") if isinstance(manifest.deletes, dict) else manifest.deletes
+        if not isinstance(name, str) or not DELETES_PATTERN.match(name):
+            return repr(name)
     for shard in manifest.shards:
         if not isinstance(shard.file, str) or not SHARD_PATTERN.match(shard.file):
             return repr(shard.file)
@@ -245,6 +257,7 @@ def shard_schema(dense_dim: int, colbert_dim: int | None, store_text: bool, chun
 # their rows' sources are unknown, and any input not read whole holds their removal back, as before.
 SOURCE_FIELDS = [pa.field("source", pa.string()), pa.field("source_line", pa.int64())]
 SOURCE_COLUMNS = tuple(f.name for f in SOURCE_FIELDS)
+VECTOR_COLUMNS = ("dense", "sparse", "colbert")
 
 
 def legacy_schema(schema: pa.Schema) -> pa.Schema:

@@ -21,6 +21,12 @@ LOCK_FILE = ".lock"
 SEARCH_DIR = "search"
 SHARD_PATTERN = re.compile(r"^shard-(\d{6,})-(\d{5,})\.parquet$")
 DELETED_PATTERN = re.compile(r"^shard-(\d{6,})-(\d{5,})\.deleted-(\d{6,})\.npy$")
+# The live-row view for other tools: every deleted (shard file name, row position) of a generation, as Parquet
+# (Iceberg's position deletes, by file name). One per generation, named in its manifest.
+DELETES_PATTERN = re.compile(r"^deletes-(\d{6,})\.parquet$")
+# Files of the previous generation that the current one no longer names (merged-away shards, superseded deletion
+# sets) wait here for one generation, out of the documented globs, for readers that opened the previous one.
+RETIRED_DIR = "retired"
 # A search file as the manifest names it, relative to INDEX_DIR/search/ (vector_store.py): kept exactly as long
 # as its shard.
 SEARCH_FILE_PATTERN = re.compile(r"^shard-\d{6,}-\d{5,}\.[a-z-]+\.npy$")
@@ -34,11 +40,17 @@ def shard_file_name(generation: int, number: int) -> str:
     return f"shard-{generation:06d}-{number:05d}.parquet"
 
 
+def deletes_file_name(generation: int) -> str:
+    """`deletes-GGGGGG.parquet`: the deleted rows of generation `generation`, for other tools."""
+    return f"deletes-{generation:06d}.parquet"
+
+
 def is_index_data_file(name: str) -> bool:
-    """Shards, deletion sets, their search files (the search/ folder; format 1's beside the shards) and temporary
-    files: what writers and readers leave here."""
+    """Shards, deletion sets, their search files (the search/ folder; format 1's beside the shards), the deletes
+    files, the retired/ folder and temporary files: what writers and readers leave here."""
     return bool(SHARD_PATTERN.match(name) or DELETED_PATTERN.match(name) or DERIVED_PATTERN.match(name)
-                or name == SEARCH_DIR or (name.startswith(".") and name.endswith(".tmp")))
+                or DELETES_PATTERN.match(name) or name in (SEARCH_DIR, RETIRED_DIR)
+                or (name.startswith(".") and name.endswith(".tmp")))
 
 
 def is_index(index_dir: Path) -> bool:

@@ -381,6 +381,12 @@ def check_index(index_dir: Path, manifest: Manifest | None = None) -> IndexCheck
             seen_ids[ids[row]] = shard.file
     if live_total != manifest.documents and not problems:
         problems.append(f"{index_dir / MANIFEST_FILE}: says {manifest.documents} live rows, shards hold {live_total}")
+    if manifest.deletes and not problems:
+        from bge_index.store.deletes import deletes_problem  # it reads deletion sets through this module
+
+        problem = deletes_problem(index_dir, manifest)
+        if problem:
+            problems.append(problem)
     return check
 
 

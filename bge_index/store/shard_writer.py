@@ -39,7 +39,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bge_index.errors import IndexFormatError, WriteError
-from bge_index.store.names import DERIVED_PATTERN, MANIFEST_FILE, SEARCH_DIR, is_index_data_file, shard_file_name
+from bge_index.store.deletes import write_deletes_file
+from bge_index.store.names import (DERIVED_PATTERN, MANIFEST_FILE, RETIRED_DIR, SEARCH_DIR, deletes_file_name, is_index_data_file,
+                                   shard_file_name)
 from bge_index.store.manifest import Manifest, SHARD_ROW_GROUP_ROWS, SHARD_WRITE_OPTIONS, ShardInfo, manifest_schema, utc_now
 from bge_index.store.files import fault_point, file_sha256, fsync_dir, write_atomically
 from bge_index.store.shard_reader import RowLocation, open_shard, read_deleted_rows
@@ -369,6 +371,11 @@ class IndexWriter:
         now = utc_now()
         self.manifest.shards = kept
         self.manifest.documents = sum(s.live_rows for s in kept)
+        # The live-row view for other tools (deletes.py), named in the manifest it belongs to.
+        deletes_path = self.index_dir / deletes_file_name(self.manifest.generation)
+        self._deletion_files.append(deletes_path)  # abort() removes it until the manifest names it
+        with writing(deletes_path):
+            self.manifest.deletes = write_deletes_file(self.index_dir, self.manifest)
         self.manifest.state = state
         self.manifest.created = (self.base.created if self.base else "") or now
         self.manifest.updated = now
@@ -482,18 +489,42 @@ class IndexWriter:
     def remove_leftovers(self) -> None:
         """Without a commit: delete files of crashed runs (and of states before `base`); best effort."""
         try:
-            self._remove_files_outside(self.base.files() if self.base else set())
+            base_files = self.base.files() if self.base else set()
+            self._remove_files_outside(base_files)
+            self._clear_retired(keep=set())
         except OSError:
             pass  # nothing depends on it: the next write tries again
 
     def _remove_unreferenced_files(self) -> None:
-        self._remove_files_outside(self.manifest.files() | (self.base.files() if self.base else set()))
+        """After a commit: the previous generation's files that this one dropped move to retired/ (out of the
+        documented globs, still there for readers that opened the previous generation); the rest goes."""
+        current = self.manifest.files()
+        previous_only = (self.base.files() if self.base else set()) - current
+        retired = self.index_dir / RETIRED_DIR
+        if previous_only:
+            retired.mkdir(exist_ok=True)
+        self._clear_retired(keep=set())  # the generation before the previous one: no reader may still open it
+        for name in sorted(previous_only):
+            try:
+                os.replace(self.index_dir / name, retired / name)
+            except FileNotFoundError:
+                pass
+        self._remove_files_outside(current, search_keep=current | previous_only)
 
-    def _remove_files_outside(self, keep: set[str]) -> None:
+    def _clear_retired(self, keep: set[str]) -> None:
+        retired = self.index_dir / RETIRED_DIR
+        if not retired.is_dir() or retired.is_symlink():
+            return
+        for path in retired.iterdir():
+            if path.name not in keep and is_index_data_file(path.name):
+                path.unlink(missing_ok=True)
+
+    def _remove_files_outside(self, keep: set[str], search_keep: set[str] | None = None) -> None:
         for path in self.index_dir.iterdir():
             derived = DERIVED_PATTERN.match(path.name)
             kept = f"{derived.group(1)}.parquet" in keep if derived else path.name in keep
-            if is_index_data_file(path.name) and not kept and path.name != SEARCH_DIR:  # search/: below
+            if is_index_data_file(path.name) and not kept and path.name not in (SEARCH_DIR, RETIRED_DIR):
                 path.unlink(missing_ok=True)
-        remove_unreferenced_search_files(self.index_dir, {name for name in keep if name.endswith(".parquet")})
+        search_keep = keep if search_keep is None else search_keep
+        remove_unreferenced_search_files(self.index_dir, {name for name in search_keep if name.endswith(".parquet")})
 
