@@ -747,7 +747,9 @@ def test_parquet_is_read_in_bounded_batches(tmp_path, monkeypatch):
     items = read_all([path])
     assert [d.id for d in docs_of(items)] == [str(i) for i in range(50)]
     assert [d.line for d in docs_of(items)] == list(range(1, 51))
-    assert seen == [{"batch_size": 7, "columns": ["id", "text"]}]
+    # every column is read: those besides id and text are the rows' metadata (issue 20)
+    assert seen == [{"batch_size": 7, "columns": ["id", "text", "extra"]}]
+    assert docs_of(items)[0].metadata == {"extra": "x" * 10}
 
 
 # ---------------------------------------------------------------------------

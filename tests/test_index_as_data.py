@@ -77,3 +77,49 @@ def test_export_parquet_writes_the_live_rows_as_one_table(tiny_model, tmp_path):
     assert with_vectors.exit_code == 0 and "dense" in pq.read_schema(tmp_path / "v.parquet").names
     inside = invoke("export", "parquet", out, out / "x.parquet")
     assert inside.exit_code == 2 and "inside the index folder" in inside.stderr
+
+
+def test_metadata_is_kept_and_readable_by_duckdb(tiny_model, tmp_path):
+    corpus, out = tmp_path / "docs", tmp_path / "ix"
+    corpus.mkdir()
+    write_jsonl(corpus / "a.jsonl", [{"id": "de1", "text": "der Mond", "lang": "de", "year": 2024, "tags": ["x"]},
+                                     {"id": "en1", "text": "the moon", "lang": "en", "year": 2019}])
+    (corpus / "b.csv").write_text("id,text,lang\ncsv1,la lune,fr\n")
+    (corpus / "note.md").write_text("a note on tides")
+    index(corpus, out, tiny_model)
+    query = f"""
+        SELECT s.id, s.metadata['lang'] AS lang, s.source_line, s.metadata['size'] AS size
+        FROM read_parquet('{out}/shard-*.parquet', filename = true, file_row_number = true) AS s
+        ANTI JOIN read_parquet('{out}/deletes-*.parquet') AS d
+          ON parse_filename(s.filename) = d.shard AND s.file_row_number = d.pos
+        ORDER BY s.id"""
+    rows = {row[0]: row[1:] for row in duckdb.sql(query).fetchall()}
+    assert rows["de1"][:2] == ("de", 1) and rows["en1"][:2] == ("en", 2) and rows["csv1"][:2] == ("fr", 2)
+    assert rows["note.md"][2] == str(len("a note on tides"))
+    german = duckdb.sql(f"SELECT count(*) FROM read_parquet('{out}/shard-*.parquet') WHERE metadata['lang'] = 'de'")
+    assert german.fetchall()[0][0] == 1
+    years = duckdb.sql(f"SELECT id FROM read_parquet('{out}/shard-*.parquet') "
+                       "WHERE TRY_CAST(metadata['year'] AS INTEGER) > 2020").fetchall()
+    assert years == [("de1",)]
+    # a metadata change is a change (re-stored), a touch of a file is not
+    write_jsonl(corpus / "a.jsonl", [{"id": "de1", "text": "der Mond", "lang": "de", "year": 2025, "tags": ["x"]},
+                                     {"id": "en1", "text": "the moon", "lang": "en", "year": 2019}])
+    (corpus / "note.md").touch()
+    result = invoke("index", corpus, "--out", out, "--model", tiny_model)
+    assert "0 added, 1 updated, 3 unchanged" in result.stdout, result.stdout
+
+
+def test_metadata_over_its_bounds_is_a_skip_with_a_reason(tmp_path):
+    from bge_index.input.documents import iter_documents
+    from bge_index.input.types import SkipReason
+    deep: object = "leaf"
+    for _ in range(20):
+        deep = [deep]
+    write_jsonl(tmp_path / "d.jsonl", [{"id": "ok", "text": "fine", "a": 1},
+                                       {"id": "deep", "text": "t", "nest": deep},
+                                       {"id": "big", "text": "t", "blob": "x" * 100_000},
+                                       {"id": "many", "text": "t", **{f"f{i}": i for i in range(300)}}])
+    items = list(iter_documents([str(tmp_path / "d.jsonl")]))
+    assert items[0].metadata == {"a": "1"}
+    assert [(s.doc_id, s.code) for s in items[1:]] == [(i, SkipReason.METADATA_TOO_LARGE) for i in ("deep", "big", "many")]
+    assert "nested deeper than 8" in items[1].reason and "over 65,536 bytes" in items[2].reason

@@ -68,7 +68,7 @@ def test_round_trip_splits_shards_and_keeps_every_row(tmp_path):
 def test_schema_is_the_documented_one(tmp_path):
     manifest = write_index(tmp_path, [make_rows(0, 3, colbert=True)], colbert=True)
     schema = pq.read_schema(tmp_path / manifest.shards[0].file)
-    assert schema.names == ["id", "content_hash", "text", "dense", "sparse", "colbert", "source", "source_line"]
+    assert schema.names == ["id", "content_hash", "text", "dense", "sparse", "colbert", "source", "source_line", "metadata"]
     assert str(schema.field("dense").type) == f"fixed_size_list<element: halffloat>[{DIM}]"
     assert str(schema.field("sparse").type) == "struct<indices: list<element: uint32> not null, values: list<element: float> not null>"
     assert str(schema.field("colbert").type) == f"list<element: fixed_size_list<element: halffloat>[{COLBERT_DIM}]>"

@@ -33,6 +33,7 @@ import stat
 import sys
 import tempfile
 import zlib
+from datetime import datetime, timezone
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
@@ -42,6 +43,9 @@ from bge_index.input.types import (
     STDIN_NAME,
     Document,
     DEFAULT_MAX_DOCUMENT_BYTES,
+    METADATA_MAX_BYTES,
+    METADATA_MAX_DEPTH,
+    METADATA_MAX_FIELDS,
     DocumentOrSkipped,
     FieldNames,
     InputFile,
@@ -121,7 +125,7 @@ def _read_file(input_file: InputFile, fields: FieldNames, max_bytes: int) -> Ite
         return
     try:
         if fmt in WHOLE_FILE_FORMATS:
-            yield from _read_whole_file(path, input_file.doc_id, source, max_bytes)
+            yield from _read_whole_file(path, input_file.doc_id, source, max_bytes, info)
         elif fmt in PARQUET_FORMATS:
             yield from _read_parquet(path, source, fields, max_bytes)
         else:
@@ -244,7 +248,8 @@ def _too_large(source: str, line: int | None, max_bytes: int, what: str, doc_id:
                    hides_documents=hides_documents, code=SkipReason.DOCUMENT_TOO_LARGE, doc_id=doc_id)
 
 
-def _read_whole_file(path: Path, doc_id: str, source: str, max_bytes: int) -> Iterator[DocumentOrSkipped]:
+def _read_whole_file(path: Path, doc_id: str, source: str, max_bytes: int,
+                     info: os.stat_result | None = None) -> Iterator[DocumentOrSkipped]:
     # The id is the file's path: one that is no valid id (a name in another encoding, a newline in it) is
     # skipped before the file is read. A lone surrogate cannot have been indexed: no good copy to keep.
     bad_id = _id_problem(doc_id)
@@ -276,7 +281,7 @@ def _read_whole_file(path: Path, doc_id: str, source: str, max_bytes: int) -> It
     if not text.strip():
         yield Skipped(source, None, "empty text", code=SkipReason.EMPTY_TEXT, doc_id=doc_id)
         return
-    yield Document(doc_id, text, source)
+    yield Document(doc_id, text, source, metadata=file_metadata(path, info or os.stat(path), source))
 
 
 # ---------------------------------------------------------------------------
@@ -391,10 +396,52 @@ def record_to_document(record: Mapping[str, object], source: str, line: int, fie
                            code=SkipReason.LONE_SURROGATE, doc_id=doc_id)
     if not text.strip():
         return Skipped(source, line, "empty text", code=SkipReason.EMPTY_TEXT, doc_id=doc_id)
+    metadata, problem = record_metadata(record, {id_field, text_field, fields.title_field})
+    if problem is not None:
+        return Skipped(source, line, problem, code=SkipReason.METADATA_TOO_LARGE, doc_id=doc_id)
     if title and title.strip():
         # BEIR's convention (and FlagEmbedding's evaluation): "title text".
         text = f"{title.strip()} {text}"
-    return Document(doc_id, text, source, line)
+    return Document(doc_id, text, source, line, metadata)
+
+
+def record_metadata(record: Mapping[str, object], taken: set[str]) -> tuple[dict[str, str] | None, str | None]:
+    """A record's other fields as strings (a string as is, null left out, anything else as JSON), or why not.
+
+        >>> record_metadata({"id": 1, "text": "t", "lang": "de", "year": 2024, "tags": ["a"]}, {"id", "text"})
+        ({'lang': 'de', 'tags': '["a"]', 'year': '2024'}, None)
+    """
+    metadata: dict[str, str] = {}
+    size = 0
+    for key, value in record.items():
+        if key in taken or value is None or value is _UNDECODABLE:
+            continue
+        if len(metadata) >= METADATA_MAX_FIELDS:
+            return None, f"metadata: more than {METADATA_MAX_FIELDS} fields besides id and text"
+        if _depth(value) > METADATA_MAX_DEPTH:
+            return None, f"metadata field {key!r} nested deeper than {METADATA_MAX_DEPTH} levels"
+        encoded = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+        if _lone_surrogate(str(key)) is not None or _lone_surrogate(encoded) is not None:
+            return None, f"metadata field {key!r} is not valid Unicode"
+        size += len(str(key).encode("utf-8")) + len(encoded.encode("utf-8"))
+        if size > METADATA_MAX_BYTES:
+            return None, f"metadata over {METADATA_MAX_BYTES:,} bytes"
+        metadata[str(key)] = encoded
+    return (dict(sorted(metadata.items())) or None), None
+
+
+def _depth(value: object, level: int = 0) -> int:
+    """How deeply lists and objects nest in `value` (0 for a scalar); stops counting past the bound."""
+    if level > METADATA_MAX_DEPTH or not isinstance(value, (list, tuple, dict)):
+        return level
+    children = value.values() if isinstance(value, dict) else value
+    return max((_depth(child, level + 1) for child in children), default=level + 1)
+
+
+def file_metadata(path: Path, info: os.stat_result, source: str) -> dict[str, str]:
+    """What a whole-file document keeps of its file: the path as found, its size and modification time."""
+    mtime = datetime.fromtimestamp(info.st_mtime, timezone.utc).isoformat(timespec="seconds")
+    return {"mtime": mtime, "path": source, "size": str(info.st_size)}
 
 
 def _lone_surrogate(text: str) -> int | None:
@@ -610,7 +657,8 @@ def _read_parquet(path: Path, source: str, fields: FieldNames,
             yield Skipped(source, None, f"{message}; whole file skipped",
                           hides_documents=code is not SkipReason.NOT_DOCUMENTS, code=code)
             return
-        wanted = [c for c in (*fields.id_fields, *fields.text_fields, fields.title_field) if c in columns]
+        # Every column: those besides id, text and title are the rows' metadata.
+        wanted = columns
         row_number = 0
         batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=wanted)
         while True:

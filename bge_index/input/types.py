@@ -25,6 +25,9 @@ class Document:
     text: str
     source: str
     line: int | None = None
+    # The record's other fields (JSONL, CSV/TSV, Parquet), or a file's path, size and mtime: stored with its rows
+    # as a map of strings (a string as is, any other value as its JSON). Not part of equality.
+    metadata: dict[str, str] | None = field(default=None, compare=False)
 
 
 class SkipReason(str, Enum):
@@ -46,6 +49,8 @@ class SkipReason(str, Enum):
     LINK_OUTSIDE_INPUTS = "symbolic link out of the input folder"
     # A document (a file's text, a JSON line, a CSV field) over --max-document-bytes: skipped, never the run.
     DOCUMENT_TOO_LARGE = "document over --max-document-bytes"
+    # A record's other fields over the metadata bounds (METADATA_MAX_*): too many, too large, or nested too deeply.
+    METADATA_TOO_LARGE = "metadata over its bounds"
     NOT_A_REGULAR_FILE = "not a regular file"  # a FIFO, socket or device: never opened (a FIFO would block)
     UNREADABLE_GZIP = "cannot read file: corrupt or truncated gzip data"
     TRUNCATED_GZIP = "corrupt or truncated gzip data"  # a whole-file (.txt/.md) gzip damaged inside
@@ -173,6 +178,11 @@ class FieldNames:
 # The largest document read, in bytes (a whole file, a JSON line, a CSV/TSV field or Parquet cell): a 64 MiB
 # text encodes with about 1 GB of peak memory; a gzip bomb or a 1 GiB field stops at this many bytes read.
 DEFAULT_MAX_DOCUMENT_BYTES = 64 << 20
+# A record's metadata (its fields other than id, text and title) is kept up to these bounds; beyond, the record is
+# skipped with METADATA_TOO_LARGE (its indexed copy kept): metadata is for filtering, not a second document.
+METADATA_MAX_FIELDS = 256
+METADATA_MAX_BYTES = 64 << 10  # all keys and values, encoded
+METADATA_MAX_DEPTH = 8  # lists and objects inside a value
 
 
 @dataclass(frozen=True, slots=True)

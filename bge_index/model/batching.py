@@ -53,9 +53,11 @@ class WindowRows:
 
     def __init__(self, encoder, ids: Sequence[str], texts: Sequence[str], hashes: Sequence[str], *,
                  colbert: bool, store_text: bool, max_length: int, chunking: dict | None,
-                 sources: Sequence[str | None] | None = None, lines: Sequence[int | None] | None = None):
+                 sources: Sequence[str | None] | None = None, lines: Sequence[int | None] | None = None,
+                 metadata: Sequence[dict | None] | None = None):
         self.ids, self.hashes = ids, hashes
-        self.sources, self.lines = sources, lines  # per document: where it came from (stored with its rows)
+        # per document: where it came from and its other fields (stored with each of its rows)
+        self.sources, self.lines, self.metadata = sources, lines, metadata
         self.store_text, self.chunked = store_text, bool(chunking)
         self.owner: list[int] = []  # row -> position of its document in the window
         self.token_ids: list[list[int]] = []
@@ -117,19 +119,21 @@ class WindowRows:
             spans=[self.spans[r] for r in rows] if self.chunked else None,
             sources=[self.sources[o] for o in owners] if self.sources is not None else None,
             source_lines=[self.lines[o] for o in owners] if self.lines is not None else None,
+            metadata=[self.metadata[o] for o in owners] if self.metadata is not None else None,
         ), done
 
 
 def encode_documents(encoder, ids: Sequence[str], texts: Sequence[str], hashes: Sequence[str], *,
                      colbert: bool, store_text: bool, max_length: int, chunking: dict | None,
                      batch_tokens: int, sources: Sequence[str | None] | None = None,
-                     lines: Sequence[int | None] | None = None) -> tuple[RowBatch | None, int, int]:
+                     lines: Sequence[int | None] | None = None,
+                     metadata: Sequence[dict | None] | None = None) -> tuple[RowBatch | None, int, int]:
     """Documents -> (their rows in input order, tokens encoded, documents truncated), in this thread.
 
     The local engine's steps without its overlap, for callers that bring their own parallelism (Ray actors).
     """
     rows = WindowRows(encoder, ids, texts, hashes, colbert=colbert, store_text=store_text, max_length=max_length,
-                      chunking=chunking, sources=sources, lines=lines)
+                      chunking=chunking, sources=sources, lines=lines, metadata=metadata)
     lengths = rows.lengths
     for batch in token_budget_batches(lengths, batch_tokens):
         rows.place(batch, encoder.encode_ids([rows.token_ids[i] for i in batch], colbert=colbert))

@@ -37,6 +37,7 @@ never load it. Engines see the run through `IndexRun`; a typical engine does
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import time
@@ -59,9 +60,20 @@ from bge_index.model.identity import (DEFAULT_MODEL, ModelIdentity, ModelInfo, c
                                       identify_model)
 
 
-def content_hash(text: str) -> str:
-    """What incremental runs compare: 128 bits of BLAKE2b over the document text."""
-    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+def content_hash(text: str, metadata: dict[str, str] | None = None) -> str:
+    """What incremental runs compare: 128 bits of BLAKE2b over the document text and its record's other fields.
+
+    A file's own metadata (FILE_METADATA_KEYS: its size and mtime) is left out, so a `touch` re-encodes nothing;
+    a document without other fields hashes as it always did.
+    """
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16)
+    fields = {k: v for k, v in (metadata or {}).items() if k not in FILE_METADATA_KEYS}
+    if fields:
+        digest.update(b"\0" + json.dumps(fields, sort_keys=True, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()
+
+
+FILE_METADATA_KEYS = frozenset({"path", "size", "mtime"})  # input.formats.file_metadata's
 
 
 @dataclass(frozen=True)

@@ -161,7 +161,7 @@ class LocalEngine:
 
     def _consider(self, document: Document) -> None:
         run = self.run_state
-        hash_ = content_hash(document.text)
+        hash_ = content_hash(document.text, document.metadata)
         prior = run.seen.get(document.id)
         if prior is not None and prior.outcome is Outcome.PENDING and prior.slot[0] != self.window_number:
             # The earlier occurrence is being encoded: let it land, then replace it like any written one.
@@ -260,7 +260,7 @@ class LocalEngine:
                           [p.hash for p in pending], colbert=self.options.colbert, store_text=self.options.store_text,
                           max_length=self.summary.max_length, chunking=self.run_state.manifest.chunking,
                           sources=[self.run_state.real_source(p.document.source) for p in pending],
-                          lines=[p.document.line for p in pending])
+                          lines=[p.document.line for p in pending], metadata=[p.document.metadata for p in pending])
         self.summary.truncated += rows.truncated
         batches = token_budget_batches(rows.lengths, self.options.batch_tokens)
         futures = [workers.submit([rows.token_ids[i] for i in batch], self.options.colbert) for batch in batches]

@@ -42,6 +42,7 @@ instance is started, which makes Ray bind to the loopback address only.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -202,7 +203,7 @@ def _plan_rows_of_file(item: dict, fields: FieldNames, max_bytes: int) -> list[d
     rows = []
     for ordinal, record in enumerate(read_input_file(input_file, fields, max_bytes)):
         if isinstance(record, Document):
-            rows.append({"file": item["file"], "ordinal": ordinal, "id": record.id, "hash": content_hash(record.text),
+            rows.append({"file": item["file"], "ordinal": ordinal, "id": record.id, "hash": content_hash(record.text, record.metadata),
                          "line": record.line, "reason": None, "hides": False, "code": None})
         else:
             # "id": a bad record's id when it was read (its indexed rows are kept), else None.
@@ -220,11 +221,13 @@ def _documents_of_file(item: dict, fields: FieldNames, max_bytes: int) -> list[d
     rows = []
     for ordinal, record in enumerate(read_input_file(input_file, fields, max_bytes)):
         if ordinal in wanted and isinstance(record, Document):
-            hash_ = content_hash(record.text)
+            hash_ = content_hash(record.text, record.metadata)
             if hash_ == wanted[ordinal]:
                 # The path is the file's real path already (_file_items): what rows record as their source.
+                # metadata as JSON text: Ray Data would infer one struct type for maps of differing keys
                 rows.append({"id": record.id, "text": record.text, "content_hash": hash_, "source": record.source,
-                             "source_line": record.line})
+                             "source_line": record.line,
+                             "metadata": json.dumps(record.metadata) if record.metadata else None})
     return rows
 
 
@@ -311,7 +314,8 @@ class ShardEncoder:
             self.encoder, ids, batch.column("text").to_pylist(), batch.column("content_hash").to_pylist(),
             colbert=settings.colbert, store_text=settings.store_text, max_length=settings.max_length,
             chunking=settings.chunking, batch_tokens=settings.batch_tokens,
-            sources=batch.column("source").to_pylist(), lines=batch.column("source_line").to_pylist())
+            sources=batch.column("source").to_pylist(), lines=batch.column("source_line").to_pylist(),
+            metadata=[json.loads(m) if m else None for m in batch.column("metadata").to_pylist()])
         # Waited for, so the totals are complete once the write has finished.
         ray.get(self.counters.add.remote(len(ids), len(rows), tokens, truncated))
         return rows_to_table(rows, self.schema)

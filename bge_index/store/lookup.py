@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from bge_index.store.manifest import CHUNK_COLUMNS, Manifest, manifest_schema
-from bge_index.store.shard_reader import live_mask, read_rows, read_shard_column
+from bge_index.store.manifest import CHUNK_COLUMNS, SOURCE_COLUMNS, Manifest, manifest_schema
+from bge_index.store.shard_reader import has_sources, live_mask, read_rows, read_shard_column
 
 # Columns a stored document is shown with (vectors are not: `export` is for them), in this order.
-DOCUMENT_COLUMNS = ("id", *CHUNK_COLUMNS, "text")
+DOCUMENT_COLUMNS = ("id", *CHUNK_COLUMNS, "text", "source", "source_line", "metadata")
 
 
 def find_rows(index_dir: Path, manifest: Manifest, ids: Iterable[str]) -> dict[str, list[tuple[int, int]]]:
@@ -45,9 +45,14 @@ def stored_documents(index_dir: Path, manifest: Manifest, ids: Iterable[str]) ->
     located = find_rows(index_dir, manifest, ids)
     locations = [location for rows in located.values() for location in rows]
     schema_names = set(manifest_schema(manifest).names)
+    if not all(has_sources(index_dir, manifest.shards[number]) for number in {n for n, _ in locations}):
+        schema_names -= set(SOURCE_COLUMNS)  # a shard written before rows recorded their source and metadata
     columns = [c for c in DOCUMENT_COLUMNS if c in schema_names]
     values = {column: read_rows(index_dir, manifest, locations, column) for column in columns}
     records = [{column: values[column][i] for column in columns} for i in range(len(locations))]
+    for record in records:  # Arrow gives a map as (key, value) pairs: JSON wants an object
+        if isinstance(record.get("metadata"), list):
+            record["metadata"] = dict(record["metadata"])
     if manifest.chunking:
         records.sort(key=lambda r: (list(located).index(r["doc_id"]), r["chunk"]))
     return records, [doc_id for doc_id, rows in located.items() if not rows]

@@ -15,7 +15,8 @@ int32, `char_start` and `char_end` int64; `text` string (unless text is not
 stored); `dense` fixed_size_list<float16>[D]; `sparse` struct{indices:
 list<uint32>, values: list<float32>} with indices ascending (the layout Milvus
 bulk import reads); optional `colbert` list<fixed_size_list<float16>[Dc]>;
-then (shard layout 2) `source` string and `source_line` int64: where the row came from.
+then (shard layout 2) `source` string and `source_line` int64: where the row came from, and `metadata`
+map<string, string>: the record's other fields.
 
 A reader starts from manifest.json: it names every live file with its size
 and SHA-256, so the manifest alone says what the index is:
@@ -255,7 +256,10 @@ def shard_schema(dense_dim: int, colbert_dim: int | None, store_text: bool, chun
 # and its line (JSONL, CSV/TSV) or row (Parquet) number, null for a whole-file document. A run holds back the
 # removal of an id only when its own source was not read whole. Layout 1 shards (without them) stay readable:
 # their rows' sources are unknown, and any input not read whole holds their removal back, as before.
-SOURCE_FIELDS = [pa.field("source", pa.string()), pa.field("source_line", pa.int64())]
+SOURCE_FIELDS = [pa.field("source", pa.string()), pa.field("source_line", pa.int64()),
+                 # the record's other fields (a file's path, size, mtime) as strings: DuckDB `metadata['lang']`,
+                 # Polars `pl.col("metadata")`
+                 pa.field("metadata", pa.map_(pa.string(), pa.string()))]
 SOURCE_COLUMNS = tuple(f.name for f in SOURCE_FIELDS)
 VECTOR_COLUMNS = ("dense", "sparse", "colbert")
 

@@ -71,6 +71,7 @@ class RowBatch:
     # Where each row came from (a file's real path; `<stdin>`) and its line or row number (None: a whole file)
     sources: list[str | None] | None = None
     source_lines: list[int | None] | None = None
+    metadata: list[dict[str, str] | None] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -120,6 +121,9 @@ def rows_to_table(rows: RowBatch, schema: pa.Schema) -> pa.Table:
         columns["source"] = pa.array(rows.sources if rows.sources is not None else [None] * count, type=pa.string())
         columns["source_line"] = pa.array(rows.source_lines if rows.source_lines is not None else [None] * count,
                                           type=pa.int64())
+        columns["metadata"] = pa.array([None if m is None else list(m.items()) for m in rows.metadata]
+                                       if rows.metadata is not None else [None] * count,
+                                       type=schema.field("metadata").type)
     return pa.Table.from_arrays(list(columns.values()), schema=schema)
 
 
