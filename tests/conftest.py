@@ -70,3 +70,23 @@ def pytest_runtest_makereport(item, call):
 def pytest_make_collect_report(collector):
     outcome = yield
     _fail_missing_extra(outcome.get_result())
+
+
+@pytest.fixture(scope="module")
+def pristine(tiny_model, tmp_path_factory):
+    """An index of the sample corpus in shards of 20 rows, built once per module; tests copy it (`ix`)."""
+    from helpers import SAMPLE_CORPUS, index
+
+    out = tmp_path_factory.mktemp("pristine") / "ix"
+    index(SAMPLE_CORPUS, out, tiny_model, "--shard-rows", "20")
+    return out
+
+
+@pytest.fixture
+def ix(pristine, tmp_path):
+    """A copy of `pristine` to damage or change; copy2 keeps mtimes, so the index stays "untouched"."""
+    import shutil
+
+    out = tmp_path / "ix"
+    shutil.copytree(pristine, out, copy_function=shutil.copy2)
+    return out

@@ -9,28 +9,13 @@ import os
 import shutil
 
 import pytest
-from helpers import SAMPLE_CORPUS, index, invoke
+from helpers import invoke
 
 import bge_index.store.vector_store as vector_store
 from bge_index.store.lock import IndexLock
 from bge_index.store.manifest import read_manifest
 from bge_index.store.names import SEARCH_DIR
 from bge_index.store.shard_reader import repair_advice, verify_index
-
-
-@pytest.fixture(scope="module")
-def pristine(tiny_model, tmp_path_factory):
-    """An index of the sample corpus in shards of 20 rows, built once; tests copy it."""
-    out = tmp_path_factory.mktemp("pristine") / "ix"
-    index(SAMPLE_CORPUS, out, tiny_model, "--shard-rows", "20")
-    return out
-
-
-@pytest.fixture
-def ix(pristine, tmp_path):
-    out = tmp_path / "ix"
-    shutil.copytree(pristine, out, copy_function=shutil.copy2)
-    return out
 
 
 def answers(out, *queries):

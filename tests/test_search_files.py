@@ -13,7 +13,7 @@ import zlib
 
 import numpy as np
 import pytest
-from helpers import SAMPLE_CORPUS, index, invoke, write_jsonl
+from helpers import index, invoke, write_jsonl
 
 import bge_index.store.vector_store as vector_store
 from bge_index.store.checked_files import CACHE_ENV, CheckedFiles
@@ -30,21 +30,6 @@ def corpus(path, n, edit=(), drop=()):
     """n small documents; `edit` changes some texts, `drop` leaves some out."""
     write_jsonl(path, [{"id": f"d{i}", "text": f"document {i} about the moon and {'tides' if i in edit else 'stars'} "
                         f"number {i * 7}"} for i in range(n) if i not in drop])
-
-
-@pytest.fixture(scope="module")
-def pristine(tiny_model, tmp_path_factory):
-    """An index of the sample corpus in shards of 20 rows, built once; tests copy it."""
-    out = tmp_path_factory.mktemp("pristine") / "ix"
-    index(SAMPLE_CORPUS, out, tiny_model, "--shard-rows", "20")
-    return out
-
-
-@pytest.fixture
-def ix(pristine, tmp_path):
-    out = tmp_path / "ix"
-    shutil.copytree(pristine, out, copy_function=shutil.copy2)  # copy2 keeps mtimes: the index stays "untouched"
-    return out
 
 
 def listing(folder):

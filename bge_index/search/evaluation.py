@@ -445,3 +445,32 @@ def query_coverage(run: Run, qrels: Mapping[str, Mapping[str, int]], *, missing_
         without_relevant=tuple(qid for qid, judgments in qrels.items() if not _has_relevant(judgments)),
         not_in_qrels=tuple(qid for qid in run if qid not in qrels),
     )
+
+
+@dataclass(frozen=True)
+class DocumentCoverage:
+    """How many of the relevant documents the judgments name the index holds (ids as the index has them)."""
+
+    relevant: int  # distinct documents judged relevant (label > 0) for some query
+    in_index: int
+    missing_examples: tuple[str, ...]  # a few relevant ids the index does not hold
+
+    @property
+    def none_in_index(self) -> bool:
+        """No relevant document is in the index: every metric would be 0, whatever the ranking."""
+        return self.relevant > 0 and self.in_index == 0
+
+
+def document_coverage(qrels: Mapping[str, Mapping[str, int]], index_ids: set[str] | frozenset[str],
+                      examples: int = 3) -> DocumentCoverage:
+    """Which relevant documents of `qrels` are among `index_ids`.
+
+    An index of files whose ids are paths (`notes/1.md`) judged by BEIR qrels (`1`) matches none: that is
+    an error to report (`index --id-from stem`), not a score of 0.
+
+        >>> document_coverage({"q1": {"1": 1, "2": 0}, "q2": {"3": 2}}, {"notes/1.md", "3"})
+        DocumentCoverage(relevant=2, in_index=1, missing_examples=('1',))
+    """
+    relevant = sorted({doc for judgments in qrels.values() for doc, label in judgments.items() if label > 0})
+    missing = [doc for doc in relevant if doc not in index_ids]
+    return DocumentCoverage(len(relevant), len(relevant) - len(missing), tuple(missing[:examples]))
