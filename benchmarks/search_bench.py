@@ -1,21 +1,33 @@
-"""Search latency, throughput, open time and memory on synthetic indexes in the real on-disk format.
+"""Search latency and throughput, pruned against exhaustive, with memory and exactness, in one run.
 
-    python benchmarks/search_bench.py [--sizes 100000 1000000] [--workdir DIR] [--batch-queries 1000]
+    python benchmarks/search_bench.py [--sizes 100000 1000000] [--workdir DIR]        # synthetic indexes
+    python benchmarks/search_bench.py --index PATH --queries queries.jsonl            # an index from real text
+    python benchmarks/search_bench.py --index PATH --queries q.jsonl --add-pruning-files   # upgrade it first
 
-For each size it builds (once; reused from --workdir when present) an index
-with BGE-M3-like statistics: 1024-dim unit float16 dense vectors, sparse
-vectors of ~150 distinct token ids per document drawn from a Zipf
-distribution over 250,002 ids, no text. Queries: unit dense vectors and ~12
-Zipf-drawn sparse tokens. Then, in a fresh process per size, it measures:
+Synthetic indexes (built once, reused from --workdir) have BGE-M3-like
+statistics: 1024-dim unit float16 dense vectors, sparse vectors of ~150
+distinct token ids per document drawn from a Zipf distribution over 250,002
+ids, no text; queries are unit dense vectors with ~12 Zipf-drawn tokens. An
+index given with --index (built by `bge-index index` from real text, with
+any BGE-M3-shaped checkpoint) is searched with its own model's encodings of
+--queries (JSONL `_id`/`text` or TSV), encoded once, before timing.
 
-- open time: the first open (builds the search files) and a second one (memory-maps them);
-- p50 / p95 single-query latency per mode (dense, sparse, hybrid), k = 10;
-- batch throughput: `--batch-queries` queries in one call (one pass over the matrix per 64 queries);
-- resident memory after the searches, against the size of the vectors;
-- side by side, the brute-force baselines (numpy: float16 rows widened to
-  float32 in chunks and multiplied, the obvious numpy code; sparse: scipy CSR
-  matrix-vector product over all documents), and the memory-bandwidth bound
-  for a full scan of the float16 matrix (its bytes / measured copy bandwidth).
+In a fresh process per index it measures, side by side:
+
+- p50 / p95 latency per mode (dense, sparse, hybrid; k = 10), one query at a
+  time, pruned (the default) and exhaustive (every row scored: the same
+  answers, `Searcher.prune = False`);
+- rows scored exactly per query by the pruned search (median, 95th pct, max);
+- queries/s of batches of 16 (one int8 pass for the batch) against one at a time;
+- the copy-bandwidth bound: the float16 dense matrix's bytes / measured
+  memcpy bandwidth, and each mode's p50 against it;
+- resident memory after the pruned searches against the index's search
+  files, and the int8 codes' size against the float16 dense file's;
+- exactness: the share of top-10s whose rows and score bits equal the
+  exhaustive search's, and the share equal to an independent brute force
+  (numpy float64 dense products, scipy CSR sparse products: rows identical,
+  scores within 1e-6);
+- open time (in a fresh process, search files mapped and checked).
 """
 
 from __future__ import annotations
@@ -33,6 +45,7 @@ import numpy as np
 
 VOCAB, DIM, DOC_TOKENS, QUERY_TOKENS = 250_002, 1024, 150, 12
 WRITE_BATCH = 10_000
+MODES = ("dense", "sparse", "hybrid")
 
 
 def zipf_cdf(s: float = 1.0, vocab_size: int = VOCAB) -> np.ndarray:
@@ -74,7 +87,25 @@ def build(index_dir: Path, size: int, seed: int = 0, model: dict = SYNTHETIC_MOD
         sparse = [(t, (rng.random(len(t), dtype=np.float32) * 0.3 + 0.01)) for t in ids]
         writer.write(RowBatch([f"doc{start + i}" for i in range(count)], ["0" * 32] * count, None,
                               unit_rows(rng, count, dim), sparse))
-    writer.commit()  # builds each shard's search files before publishing the manifest
+    writer.commit()  # builds each shard's search files (pruning files included) before publishing the manifest
+
+
+def add_pruning_files(index_dir: Path) -> None:
+    """Rewrite the search files of every shard (the pruning kinds included) and publish the manifest: an index
+    built before they existed gets them. Nothing else changes (the next index run would keep them)."""
+    from bge_index.store.manifest import read_manifest
+    from bge_index.store.shard_writer import publish_manifest
+    from bge_index.store.vector_store import build_search_files
+
+    manifest = read_manifest(index_dir)
+    manifest.shards = [build_search_files(index_dir, manifest, shard) for shard in manifest.shards]
+    publish_manifest(index_dir, manifest)
+
+
+def _has_pruning_files(index_dir: Path) -> bool:
+    from bge_index.store.manifest import read_manifest
+
+    return all(any(r["kind"] == "dense-codes" for r in shard.search or []) for shard in read_manifest(index_dir).shards)
 
 
 def rss_bytes() -> tuple[int, int]:
@@ -96,77 +127,147 @@ def _seconds(action) -> float:
     return time.perf_counter() - started
 
 
-def percentiles(values: list[float]) -> tuple[float, float]:
-    return float(np.percentile(values, 50)), float(np.percentile(values, 95))
+def percentile(values, q: float) -> float:
+    return float(np.percentile(values, q)) if len(values) else float("nan")
 
 
-def measure(index_dir: Path, batch_queries: int, latency_queries: int) -> dict:
-    from bge_index.store.manifest import read_manifest
+def synthetic_queries(count: int, dim: int):
     from bge_index.search.query import QueryVectors
-    from bge_index.search.scoring import Searcher, top_k
-    from bge_index.store.shard_reader import read_shard_vectors
+
+    rng, cdf = np.random.default_rng(1), zipf_cdf()
+    dense = unit_rows(rng, count, dim)
+    return [QueryVectors(dense[i], t, (rng.random(len(t), dtype=np.float32) * 0.3 + 0.01))
+            for i, t in enumerate(draw_tokens(rng, cdf, count, QUERY_TOKENS))]
+
+
+def encoded_queries(index_dir: Path, path: Path, count: int, dtype: str):
+    """The first `count` queries of a query file, encoded by the index's own model (as `bge-index search`)."""
+    from bge_index.input.documents import read_queries
+    from bge_index.search.local_index import LocalIndex
+
+    texts = [d.text for d in read_queries(str(path))][:count]
+    index = LocalIndex(index_dir, dtype=dtype)
+    try:
+        return index.encode_queries(texts)
+    finally:
+        index.close()
+
+
+def search_file_bytes(manifest) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for shard in manifest.shards:
+        for record in shard.search or []:
+            totals[record["kind"]] = totals.get(record["kind"], 0) + int(record["bytes"])
+    return totals
+
+
+def measure(index_dir: Path, vectors_file: Path | None, count: int) -> dict:
+    import pickle
+
+    from bge_index.search.scoring import Searcher
+    from bge_index.store.manifest import read_manifest
     from bge_index.store.vector_store import OpenIndex
 
     manifest = read_manifest(index_dir)
+    # Queries encoded by the parent process (so the model is not in this one's memory), or synthetic.
+    queries = pickle.loads(vectors_file.read_bytes()) if vectors_file else synthetic_queries(count, manifest.dense_dim)
     opened = time.perf_counter()
     shards = OpenIndex.open(index_dir, manifest).vectors  # what LocalIndex opens, without the model
     searcher = Searcher(shards, manifest.vocab_size)
     open_seconds = time.perf_counter() - opened
-    rng, cdf = np.random.default_rng(1), zipf_cdf()
-    dense_queries = unit_rows(rng, batch_queries)
-    queries = [QueryVectors(dense_queries[i], t, (rng.random(len(t), dtype=np.float32) * 0.3 + 0.01))
-               for i, t in enumerate(draw_tokens(rng, cdf, batch_queries, QUERY_TOKENS))]
-    result: dict = {"documents": len(searcher), "open_seconds": open_seconds,
+    files = search_file_bytes(manifest)
+    result: dict = {"documents": len(searcher), "shards": len(shards), "queries": len(queries),
+                    "open_seconds": open_seconds,
                     "query_tokens": float(np.mean([len(q.sparse_ids) for q in queries])),
-                    "dense_bytes": int(sum(s.dense.nbytes for s in shards)),
-                    "vector_bytes": int(sum(s.dense.nbytes + s.posting_rows.nbytes + s.posting_weights.nbytes
-                                            + s.token_ptr.nbytes for s in shards)),
+                    "dense_bytes": files.get("dense", 0), "codes_bytes": files.get("dense-codes", 0),
+                    "search_file_bytes": sum(files.values()), "pruning_files": "dense-codes" in files,
                     "modes": {}}
-    for mode in ("dense", "sparse", "hybrid"):
+    # 1. pruned, one query at a time, then in batches of 16 (the RSS is read after these)
+    searcher.prune = True
+    pruned_hits = {}
+    for mode in MODES:
         searcher.search(queries[0], 10, mode)  # warm the page cache
-        latencies = [_seconds(lambda q=q: searcher.search(q, 10, mode)) for q in queries[:latency_queries]]
-        batch = _seconds(lambda: searcher.search_many(queries, 10, mode))
-        p50, p95 = percentiles(latencies)
-        result["modes"][mode] = {"p50_ms": p50 * 1e3, "p95_ms": p95 * 1e3, "batch_qps": batch_queries / batch,
-                                 "single_qps": 1 / p50}
+        latencies, rescored, hits = [], [], []
+        for q in queries:
+            latencies.append(_seconds(lambda q=q: hits.append(searcher.search(q, 10, mode))))
+            rescored.append(searcher.last_rescored[0])
+        pruned_hits[mode] = hits
+        batches = [queries[i:i + 16] for i in range(0, len(queries) - 15, 16)] or [queries]
+        batch_seconds = [_seconds(lambda b=b: searcher.search_many(b, 10, mode)) for b in batches]
+        row = result["modes"][mode] = {
+            "p50_ms": percentile(latencies, 50) * 1e3, "p95_ms": percentile(latencies, 95) * 1e3,
+            "rescored_median": percentile(rescored, 50), "rescored_p95": percentile(rescored, 95),
+            "rescored_max": float(max(rescored)),
+            "single_qps": len(latencies) / sum(latencies),
+            "batch16_qps": sum(len(b) for b in batches) / sum(batch_seconds)}
+        row["batch_over_single"] = row["batch16_qps"] / row["single_qps"]
     result["rss"], result["rss_peak"] = rss_bytes()
-
-    # Baselines, side by side in the same process (after the RSS reading above).
-    tops_equal = 0
-    dense_times, sparse_times = [], []
-    import scipy.sparse
-
-    matrices, csr_parts = [], []
-    for shard in manifest.shards:
-        dense, indptr, indices, values = read_shard_vectors(index_dir, manifest, shard)
-        matrices.append(dense)
-        csr_parts.append(scipy.sparse.csr_matrix((values, indices, indptr), shape=(len(dense), VOCAB)))
-    matrix = np.concatenate(matrices)
-    csr = scipy.sparse.vstack(csr_parts).tocsr()
-    for q in queries[:latency_queries]:
-        def numpy_dense():
-            return np.concatenate([matrix[s:s + 65536].astype(np.float32) @ q.dense for s in range(0, len(matrix), 65536)])
-
-        def scipy_sparse():
-            vector = np.zeros(VOCAB, dtype=np.float32)
-            vector[q.sparse_ids] = q.sparse_weights
-            return csr @ vector
-
-        dense_times.append(_seconds(numpy_dense))
-        sparse_times.append(_seconds(scipy_sparse))
-        baseline = top_k(numpy_dense() + np.float32(0.3) * scipy_sparse().astype(np.float32), 10)
-        tops_equal += [h.row for h in searcher.search(q, 10, "hybrid")] == baseline.tolist()
-    result["baseline"] = {"dense_p50_ms": percentiles(dense_times)[0] * 1e3,
-                          "sparse_p50_ms": percentiles(sparse_times)[0] * 1e3,
-                          "hybrid_top10_equal": f"{tops_equal}/{latency_queries}"}
+    # 2. exhaustive: every row scored, the same answers
+    searcher.prune = False
+    for mode in MODES:
+        searcher.search(queries[0], 10, mode)
+        latencies, same = [], 0
+        for q, pruned in zip(queries, pruned_hits[mode]):
+            hits: list = []
+            latencies.append(_seconds(lambda q=q: hits.append(searcher.search(q, 10, mode))))
+            same += [(h.row, np.float32(h.score).tobytes()) for h in hits[0]] == \
+                [(h.row, np.float32(h.score).tobytes()) for h in pruned]
+        result["modes"][mode].update(exhaustive_p50_ms=percentile(latencies, 50) * 1e3,
+                                     exhaustive_p95_ms=percentile(latencies, 95) * 1e3,
+                                     equal_to_exhaustive=f"{same}/{len(queries)}")
+    # 3. an independent brute force: float64 dense products, scipy CSR sparse products
+    result["brute_force"] = brute_force(index_dir, manifest, queries, pruned_hits)
     bandwidth = copy_bandwidth()
     result["copy_bandwidth_gbps"] = bandwidth / 1e9
     result["bandwidth_bound_ms"] = result["dense_bytes"] / bandwidth * 1e3
     return result
 
 
+def brute_force(index_dir: Path, manifest, queries, pruned_hits) -> dict:
+    import scipy.sparse
+
+    from bge_index.store.shard_reader import live_mask, read_shard_vectors
+
+    matrices, csr_parts, masks = [], [], []
+    for shard in manifest.shards:
+        dense, indptr, indices, values = read_shard_vectors(index_dir, manifest, shard)
+        matrices.append(dense)
+        csr_parts.append(scipy.sparse.csr_matrix((values, indices, indptr), shape=(len(dense), manifest.vocab_size)))
+        masks.append(live_mask(index_dir, shard))
+    matrix, live = np.concatenate(matrices), np.concatenate(masks)
+    csr = scipy.sparse.vstack(csr_parts).tocsr()
+    out, times = {}, {"dense": [], "sparse": []}
+    equal = {mode: 0 for mode in MODES}
+    near = {mode: 0 for mode in MODES}  # equal but for the order of rows whose scores are within 1e-6
+    for i, q in enumerate(queries):
+        started = time.perf_counter()
+        dense = np.concatenate([matrix[s:s + 65536].astype(np.float64) @ q.dense.astype(np.float64)
+                                for s in range(0, len(matrix), 65536)])
+        times["dense"].append(time.perf_counter() - started)
+        started = time.perf_counter()
+        vector = np.zeros(manifest.vocab_size, dtype=np.float32)
+        vector[q.sparse_ids] = q.sparse_weights
+        sparse = np.asarray(csr @ vector, dtype=np.float64)  # ~12 float32 terms a row: within 1e-7
+        times["sparse"].append(time.perf_counter() - started)
+        for mode, scores in (("dense", dense), ("sparse", sparse), ("hybrid", dense + 0.3 * sparse)):
+            scores = np.where(live, scores, -np.inf)
+            order = np.lexsort((np.arange(len(scores)), -scores))[:10]
+            hits = pruned_hits[mode][i]
+            close = bool(np.all(np.abs(np.array([h.score for h in hits]) - scores[order]) <= 1e-6))
+            equal[mode] += [h.row for h in hits] == order.tolist() and close
+            # float32 scores cannot order rows whose float64 scores differ by less than their rounding: each
+            # hit's own brute-force score within 1e-6 of the brute force's score at its rank
+            near[mode] += close and len(hits) == len(order) and bool(
+                np.all(np.abs(scores[[h.row for h in hits]] - scores[order]) <= 1e-6))
+    out["dense_p50_ms"] = percentile(times["dense"], 50) * 1e3
+    out["sparse_p50_ms"] = percentile(times["sparse"], 50) * 1e3
+    out["top10_equal"] = {mode: f"{equal[mode]}/{len(queries)}" for mode in MODES}
+    out["top10_equal_but_near_ties"] = {mode: f"{near[mode]}/{len(queries)}" for mode in MODES}
+    return out
+
+
 def open_twice(index_dir: Path) -> tuple[float, float]:
-    """Seconds for a first open (builds search files when missing) and a second one, each in a new process."""
+    """Seconds for a first open and a second one, each in a new process (the second finds the checks done)."""
     code = ("import sys,time;from pathlib import Path;from bge_index.store.manifest import read_manifest;"
             "from bge_index.store.vector_store import OpenIndex;t=time.perf_counter();d=Path(sys.argv[1]);"
             "OpenIndex.open(d, read_manifest(d));print(time.perf_counter()-t)")
@@ -179,54 +280,79 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "bge-index-search-bench")
-    parser.add_argument("--batch-queries", type=int, default=1000)
-    parser.add_argument("--latency-queries", type=int, default=50)
-    parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # internal: one size, in a fresh process
+    parser.add_argument("--index", type=Path, help="measure this index (built by `bge-index index`) instead")
+    parser.add_argument("--queries", type=Path, help="with --index: queries to encode with the index's model")
+    parser.add_argument("--add-pruning-files", action="store_true",
+                        help="with --index: first write the search files again, pruning files included")
+    parser.add_argument("--count", type=int, default=64, help="queries measured (synthetic, or the first of --queries)")
+    parser.add_argument("--dtype", default="auto", help="with --queries: the query encoder's precision")
+    parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # internal: one index, in a fresh process
+    parser.add_argument("--vectors", type=Path, help=argparse.SUPPRESS)  # internal: encoded queries (pickle)
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(measure(args.measure, args.batch_queries, args.latency_queries)))
+        print(json.dumps(measure(args.measure, args.vectors, args.count)))
         return
-    for size in args.sizes:
-        index_dir = args.workdir / f"synthetic-{size}"
-        if not (index_dir / "manifest.json").exists():
-            started = time.perf_counter()
-            build(index_dir, size)
-            print(f"built {index_dir} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
-        for stale in index_dir.glob("*.npy"):
-            if ".deleted-" not in stale.name:
-                stale.unlink()  # so the first open really builds the search files
+    targets = []
+    if args.index:
+        if args.add_pruning_files:
+            add_pruning_files(args.index)
+        targets.append((str(args.index), args.index))
+    else:
+        for size in args.sizes:
+            index_dir = args.workdir / f"synthetic-{size}"
+            if not (index_dir / "manifest.json").exists():
+                started = time.perf_counter()
+                build(index_dir, size)
+                print(f"built {index_dir} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+            elif not _has_pruning_files(index_dir):  # built by an earlier version of this script
+                add_pruning_files(index_dir)
+            targets.append((f"{size:,} synthetic documents", index_dir))
+    for label, index_dir in targets:
         first_open, second_open = open_twice(index_dir)
-        # Let the freshly written search files reach the disk first: measuring while the kernel
-        # writes back gigabytes of dirty pages made the 1M scans 3x slower.
+        # Let freshly written files reach the disk first: measuring while the kernel writes back gigabytes of
+        # dirty pages made the 1M scans 3x slower.
         os.sync()
         time.sleep(2)
-        measured = json.loads(subprocess.run(
-            [sys.executable, __file__, "--measure", str(index_dir), "--batch-queries", str(args.batch_queries),
-             "--latency-queries", str(args.latency_queries)], check=True, capture_output=True, text=True).stdout)
-        report(size, measured, first_open, second_open)
+        command = [sys.executable, __file__, "--measure", str(index_dir), "--count", str(args.count)]
+        if args.queries:
+            import pickle
+
+            vectors = args.workdir / "encoded-queries.pickle"
+            vectors.parent.mkdir(parents=True, exist_ok=True)
+            vectors.write_bytes(pickle.dumps(encoded_queries(index_dir, args.queries, args.count, args.dtype)))
+            command += ["--vectors", str(vectors)]
+        measured = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+        report(label, measured, first_open, second_open)
 
 
-def report(size: int, m: dict, first_open: float, second_open: float) -> None:
+def report(label: str, m: dict, first_open: float, second_open: float) -> None:
     gib = 1 << 30
-    print(f"\n{size:,} documents: dense {m['dense_bytes'] / gib:.2f} GiB, vectors with postings "
-          f"{m['vector_bytes'] / gib:.2f} GiB, {m['query_tokens']:.1f} tokens per query")
-    print(f"open: first {first_open:.2f} s (builds search files), then {second_open:.2f} s; "
+    print(f"\n{label}: {m['documents']:,} rows in {m['shards']} shards, {m['queries']} queries "
+          f"({m['query_tokens']:.1f} tokens each); dense file {m['dense_bytes'] / gib:.2f} GiB, int8 codes "
+          f"{m['codes_bytes'] / gib:.2f} GiB ({m['codes_bytes'] / max(m['dense_bytes'], 1):.2f} x the dense file), "
+          f"all search files {m['search_file_bytes'] / gib:.2f} GiB; pruning files: {m['pruning_files']}")
+    print(f"open: {first_open:.2f} s in a new process, {second_open:.2f} s the next time; "
           f"in the measuring process {m['open_seconds']:.3f} s")
-    print(f"{'mode':<8} {'p50 ms':>8} {'p95 ms':>8} {'batch q/s':>10} {'single q/s':>11} {'batch/single':>13} "
-          f"{'baseline p50 ms':>16} {'speed-up':>9}")
-    base = {"dense": m["baseline"]["dense_p50_ms"], "sparse": m["baseline"]["sparse_p50_ms"],
-            "hybrid": m["baseline"]["dense_p50_ms"] + m["baseline"]["sparse_p50_ms"]}
+    bound = m["bandwidth_bound_ms"]
+    print(f"copy-bandwidth bound of the float16 dense matrix: {bound:.1f} ms "
+          f"({m['dense_bytes'] / gib:.2f} GiB at {m['copy_bandwidth_gbps']:.1f} GB/s)")
+    header = (f"{'mode':<7} {'p50 ms':>8} {'p95 ms':>8} {'p50/bound':>9} {'exhaustive p50':>15} {'speed-up':>8} "
+              f"{'rescored med/p95/max':>22} {'single q/s':>10} {'batch16 q/s':>11} {'batch/single':>12} "
+              f"{'= exhaustive':>12} {'= brute force':>13}")
+    print(header)
     for mode, row in m["modes"].items():
-        print(f"{mode:<8} {row['p50_ms']:>8.1f} {row['p95_ms']:>8.1f} {row['batch_qps']:>10.1f} "
-              f"{row['single_qps']:>11.1f} {row['batch_qps'] / row['single_qps']:>13.1f} {base[mode]:>16.1f} "
-              f"{base[mode] / row['p50_ms']:>9.1f}")
-    print(f"memory-bandwidth bound for the dense scan: {m['bandwidth_bound_ms']:.1f} ms "
-          f"({m['dense_bytes'] / gib:.2f} GiB at {m['copy_bandwidth_gbps']:.1f} GB/s copy bandwidth); "
-          f"dense p50 / bound = {m['modes']['dense']['p50_ms'] / m['bandwidth_bound_ms']:.2f}, "
-          f"hybrid p50 / bound = {m['modes']['hybrid']['p50_ms'] / m['bandwidth_bound_ms']:.2f}")
-    print(f"resident memory after searching: {m['rss'] / gib:.2f} GiB = {m['rss'] / m['vector_bytes']:.2f} x the "
-          f"vectors (peak {m['rss_peak'] / gib:.2f} GiB); hybrid top-10 equal to the baseline's: "
-          f"{m['baseline']['hybrid_top10_equal']}")
+        rescored = f"{row['rescored_median']:.0f}/{row['rescored_p95']:.0f}/{row['rescored_max']:.0f}"
+        print(f"{mode:<7} {row['p50_ms']:>8.2f} {row['p95_ms']:>8.2f} {row['p50_ms'] / bound:>9.2f} "
+              f"{row['exhaustive_p50_ms']:>15.1f} {row['exhaustive_p50_ms'] / row['p50_ms']:>8.1f} {rescored:>22} "
+              f"{row['single_qps']:>10.1f} {row['batch16_qps']:>11.1f} {row['batch_over_single']:>12.1f} "
+              f"{row['equal_to_exhaustive']:>12} {m['brute_force']['top10_equal'][mode]:>13}")
+    print(f"brute force (numpy float64 dense, scipy CSR sparse), p50: dense {m['brute_force']['dense_p50_ms']:.1f} ms, "
+          f"sparse {m['brute_force']['sparse_p50_ms']:.1f} ms; top-10s equal to it but for the order of rows whose "
+          "scores are within 1e-6 (float32 cannot order those): "
+          + ", ".join(f"{mode} {v}" for mode, v in m['brute_force']['top10_equal_but_near_ties'].items()))
+    print(f"resident memory after the pruned searches: {m['rss'] / gib:.2f} GiB = "
+          f"{m['rss'] / max(m['search_file_bytes'], 1):.2f} x the search files (peak {m['rss_peak'] / gib:.2f} GiB, "
+          "the exhaustive and brute-force runs included)")
 
 
 if __name__ == "__main__":

@@ -72,8 +72,6 @@ def test_repair_rebuilds_damaged_search_files_and_search_answers_as_before(ix, d
     assert answers(ix) == expected
 
 
-@pytest.mark.xfail("verify --repair" not in getattr(vector_store, "_FIX", "verify --repair"), strict=True,
-                   reason="vector_store._FIX still gives the old advice (vector_store.py is outside this change)")
 @pytest.mark.parametrize("damage", ["flip a byte", "truncate"])
 def test_search_on_a_damaged_search_file_gives_the_repair_command(ix, damage):
     DAMAGE[damage](ix)
@@ -151,3 +149,21 @@ def test_a_repair_that_cannot_write_commits_nothing(ix, monkeypatch):
     assert len(lines) == 1 and lines[0].startswith("bge-index: error:") and "No space left on device" in lines[0]
     assert (ix / "manifest.json").read_bytes() == before
     assert invoke("verify", "--repair", ix).exit_code == 0 and verify_index(ix) == []
+
+
+def test_repair_adds_the_pruning_files_to_an_older_index(ix):
+    from bge_index.store.names import BASE_SEARCH_KINDS, PRUNE_SEARCH_KINDS
+    # An index written before the pruning files existed: its manifest names the base kinds only.
+    manifest = read_manifest(ix)
+    for shard in manifest.shards:
+        for record in [r for r in shard.search if r["kind"] in PRUNE_SEARCH_KINDS]:
+            (ix / SEARCH_DIR / record["file"]).unlink()
+        shard.search[:] = [r for r in shard.search if r["kind"] in BASE_SEARCH_KINDS]
+    from bge_index.store.shard_writer import publish_manifest
+    publish_manifest(ix, manifest)
+    assert invoke("verify", ix).exit_code == 0  # an older index is sound
+    before = answers(ix)
+    result = invoke("verify", ix, "--repair")
+    assert result.exit_code == 0, result.output
+    kinds = {r["kind"] for s in read_manifest(ix).shards for r in s.search}
+    assert set(PRUNE_SEARCH_KINDS) <= kinds and answers(ix) == before

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import IndexVectors, index, ok, searcher_for, write_jsonl
 
-from bge_index.search import scoring as search_module
+from bge_index.search import dense_kernel
 from bge_index.model.encoder import load_encoder
 from bge_index.search.local_index import encode_queries
 from bge_index.search.scoring import (
@@ -205,7 +205,7 @@ def test_hybrid_is_the_default_mode(random_index):
 
 def test_full_scans_equal_brute_force(random_index, monkeypatch):
     # A tiny chunk size makes the float16 -> float32 scan cross many chunk borders (including a ragged last one).
-    monkeypatch.setattr(search_module, "_DENSE_CHUNK_ROWS", 7)
+    monkeypatch.setattr(dense_kernel, "CHUNK_ROWS", 7)
     for query, dense, sparse in random_index.queries[:2]:
         got_dense = random_index.searcher.dense_scores(query)
         got_sparse = random_index.searcher.sparse_scores(query)

@@ -99,7 +99,7 @@ def test_a_damaged_search_file_is_named_never_searched(ix, kind):
     _flip_byte(path)
     result = invoke("search", ix, "moon")
     assert result.exit_code == 1 and path.name in result.stderr and "damaged" in result.stderr
-    assert "bge-index index" in result.stderr and "Traceback" not in result.output
+    assert "bge-index verify --repair" in result.stderr and "Traceback" not in result.output
     result = invoke("verify", ix)
     assert result.exit_code == 1 and path.name in result.stderr
 

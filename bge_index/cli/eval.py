@@ -75,7 +75,11 @@ def evaluate_index(
 
     from bge_index.search.local_index import LocalIndex  # loads torch and the model
 
-    opened = LocalIndex(index_dir, model=model, device=device, dtype=dtype.value)
+    # What needs only the index (a folder that is not one, colbert without vectors) fails before the model
+    # loads; each query is encoded once for every mode (remember_queries): its vectors are the same bits
+    # whatever is encoded with them, so each mode's run is what the query gets alone.
+    opened = LocalIndex(index_dir, model=model, device=device, dtype=dtype.value, modes=mode_list,
+                        remember_queries=True)
     table_rows = {}
     try:
         for mode, request in requests.items():

@@ -63,7 +63,8 @@ def search(
     if repeated:
         warning(f"duplicate query ids (each occurrence is answered, in order): {', '.join(repeated)}")
     opened = open_backend(backend, index_dir, model, device, dtype.value,
-                          uri=uri, collection=collection, token=token, route_limit=route_limit)
+                          uri=uri, collection=collection, token=token, route_limit=route_limit,
+                          modes=[request.mode])
     try:
         for message in opened.notes:
             warning(message)
@@ -96,8 +97,10 @@ def _repeated_ids(queries: list[Query]) -> list[str]:
 
 def open_backend(backend: Backend, index_dir: Path, model: str | None, device: str, dtype: str, *,
                  uri: str | None = None, collection: str | None = None, token: str | None = None,
-                 route_limit: int | None = None) -> SearchBackend:
-    """The backend to search (it loads the model: torch is imported here, not before)."""
+                 route_limit: int | None = None, modes=()) -> SearchBackend:
+    """The backend to search (it loads the model: torch is imported here, not before). For the local index,
+    what needs only the index is checked first (a folder that is not an index, colbert among `modes` on an
+    index without ColBERT vectors), before the model loads."""
     if backend is Backend.milvus:
         from bge_index.search.milvus import MilvusBackend
 
@@ -106,4 +109,4 @@ def open_backend(backend: Backend, index_dir: Path, model: str | None, device: s
                              route_limit=route_limit)
     from bge_index.search.local_index import LocalIndex
 
-    return LocalIndex(index_dir, model=model, device=device, dtype=dtype)
+    return LocalIndex(index_dir, model=model, device=device, dtype=dtype, modes=modes)

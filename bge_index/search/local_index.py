@@ -57,11 +57,29 @@ class LocalIndex:
     """An opened index with the encoder that made it, ready for queries (the local `SearchBackend`)."""
 
     def __init__(self, index_dir: Path, model: str | None = None, device: str = "auto", dtype: str = "auto",
-                 encoder: Encoder | None = None, opened: OpenIndex | None = None):
-        """Open `index_dir`'s current generation with its model (or `encoder`, if it is the index's model)."""
+                 encoder: Encoder | None = None, opened: OpenIndex | None = None, modes: Sequence[Mode | str] = (),
+                 remember_queries: bool = False):
+        """Open `index_dir`'s current generation with its model (or `encoder`, if it is the index's model).
+
+        Whatever needs only the index fails before the model loads: a folder that is not an index, a damaged
+        file, and a mode of `modes` the index cannot answer (colbert without ColBERT vectors). With
+        `remember_queries`, each query text is encoded once for the life of this object (eval: one encoding for
+        all its modes; its vectors are the same bits every time, so its answers are too).
+        """
         self.index_dir = index_dir
         self.notes: list[str] = []
         manifest = opened.manifest if opened is not None else read_manifest(index_dir)
+        self._colbert_queries = any(Mode(m) is Mode.COLBERT for m in modes)
+        if self._colbert_queries and not manifest.has_colbert:
+            raise NoColbertVectors(f"{index_dir} has no ColBERT vectors: rebuild it with --colbert, "
+                                   "or search with --mode hybrid|dense|sparse")
+        self._remembered: dict[str, QueryVectors] | None = {} if remember_queries else None
+        # Every file of one generation opened now, before the model: a damaged index fails in milliseconds, and
+        # later commits never disturb this object's searches.
+        if opened is None:
+            with stage_timer("open index"):
+                opened = OpenIndex.open(index_dir, manifest)
+        manifest = opened.manifest
         if encoder is None:
             encoder = load_index_encoder(manifest, model, device, dtype)
         else:
@@ -70,10 +88,6 @@ class LocalIndex:
                 raise ModelMismatchError(f"the index was built with {recorded.describe()}, but the loaded model is "
                                          f"{encoder.identity.describe()}")
         self.encoder = encoder
-        # Every file of one generation opened now: later commits never disturb this object's searches.
-        if opened is None:
-            with stage_timer("open index"):
-                opened = OpenIndex.open(index_dir, manifest)
         self.opened = opened
         self.manifest = self.opened.manifest
         self.shard_starts = self.opened.starts
@@ -103,7 +117,7 @@ class LocalIndex:
         if colbert and not self.manifest.has_colbert:
             raise NoColbertVectors(f"{self.index_dir} has no ColBERT vectors: rebuild it with --colbert, "
                                    "or search with --mode hybrid|dense|sparse")
-        query_vectors = self.encode_queries([q.text for q in queries], colbert=colbert)
+        query_vectors = self._encode([q.text for q in queries], colbert)
         normalize = None if request.normalize is Normalize.NONE else request.normalize.value
         with stage_timer("score"):
             all_hits = self.searcher.search_many(query_vectors, request.k, request.mode.value, request.weights,
@@ -112,6 +126,19 @@ class LocalIndex:
         with stage_timer("read hits"):
             return [QueryResult(query, self._describe(vectors, hits, request))
                     for query, vectors, hits in zip(queries, query_vectors, all_hits)]
+
+    def _encode(self, texts: list[str], colbert: bool) -> list[QueryVectors]:
+        """The texts' vectors, from memory for texts already encoded when this object remembers queries (with
+        ColBERT vectors when a mode of the `modes` it was opened for needs them: a query's dense and sparse
+        vectors are the same bits with or without them)."""
+        if self._remembered is None:
+            return self.encode_queries(texts, colbert=colbert)
+        colbert = colbert or self._colbert_queries
+        missing = [t for t in dict.fromkeys(texts)
+                   if t not in self._remembered or (colbert and self._remembered[t].colbert is None)]
+        for text, vectors in zip(missing, self.encode_queries(missing, colbert=colbert)):
+            self._remembered[text] = vectors
+        return [self._remembered[t] for t in texts]
 
     def _doc_ids(self) -> np.ndarray:
         return self.opened.read_column("doc_id" if self.manifest.chunking else "id")

@@ -10,8 +10,12 @@ Scores (BGE-M3's):
            MaxSim being the mean over query tokens of the best document-token dot
            (FlagEmbedding's colbert_score). Defaults 1 / 0.3 / 1 follow BGE-M3's training.
 
-dense, sparse and hybrid are exact: every document is scored, and the top-k
-equals brute-force scoring, ties broken by index order (earlier row first).
+dense, sparse and hybrid are exact: the top-k equals brute-force scoring of
+every document, ties broken by index order (earlier row first). Where the
+index has pruning data, the weighted modes find that top-k by scoring exactly
+only the rows whose upper bounds can reach it (rank_safe.py: the same rows,
+order and score bits as the full scans here); RRF, min-max normalisation and
+--group-by-doc scan.
 """
 
 from __future__ import annotations
@@ -22,18 +26,15 @@ import numpy as np
 import torch
 
 from bge_index.errors import NoColbertVectors
+from bge_index.search.dense_kernel import QUERY_BLOCK, DenseKernel, exact_kernel_usable
+from bge_index.search.dense_prune import INT8_QUERY_BLOCK
 from bge_index.search.query import RRF_DEPTH, RRF_K, Hit, QueryVectors, ScoreWeights
+from bge_index.search.rank_safe import PrunedSearch, Ranked, weighted_sum
 from bge_index.store.vector_store import ShardVectors
 
 MODES = ("hybrid", "dense", "sparse", "colbert")
 FUSIONS = ("weighted", "rrf")
-# Queries per sgemm in dense_scores_many (see there). Measured per million 1024-dim rows on this project's
-# 2-core machine (MKL sgemm, chunks of 1,024 rows): width 1 (mv) 0.66 s, 8: 1.10 s, 16: 0.81 s, 32: 1.30 s.
-# 16 is the fastest width that still lets queries share the pass (BENCHMARKS.md).
-_DENSE_QUERY_BLOCK = 16
-# Rows dense_scores_many widens to float32 at a time: 1,024 x 1,024 x 4 B = 4 MiB stays in cache between the
-# widening and the multiplication (4,096 rows before: 16 MiB did not; BENCHMARKS.md, issue 12).
-_DENSE_CHUNK_ROWS = 1024
+_DENSE_QUERY_BLOCK = QUERY_BLOCK  # queries per sgemm of the exact dense kernel (dense_kernel.py)
 COLBERT_CANDIDATES_PER_HIT = 10
 COLBERT_MIN_CANDIDATES = 100
 
@@ -67,7 +68,11 @@ class Searcher:
         self.rows = sum(shard.rows for shard in self.shards)
         self._doc_ids = doc_ids
         self._documents: _DocumentGroups | None = None
-        self._buffer = torch.empty(0)
+        self._kernel = DenseKernel()
+        self._pruned = PrunedSearch(self.shards, self._kernel, self.sparse_scores)
+        self.live_rows = sum(shard.rows if shard.live is None else int(shard.live.sum()) for shard in self.shards)
+        self.prune = True  # rank-safe pruning where it applies (False: always full scans; the answers are the same)
+        self.last_rescored: list[int] = []  # rows scored exactly for each query of the last search (full scan: all)
 
     def __len__(self) -> int:
         return self.rows
@@ -81,39 +86,17 @@ class Searcher:
     def dense_scores_many(self, queries: np.ndarray) -> np.ndarray:
         """[Q, N] float32 dot products of every query ([Q, D] float32) with every row; deleted rows -inf.
 
-        numpy has no fast float16 kernel, and float16 products (torch's) lose
-        ~1e-2: so each chunk of rows is widened to float32 by torch (vectorised,
-        threaded) into a reused buffer, then multiplied in float32. One pass over
-        the matrix serves all the queries.
+        The exact dense kernel (dense_kernel.py): chunks of rows widened to float32 (float16 products would lose
+        ~1e-2) and multiplied with zero-padded blocks of 16 queries, one pass over the matrix for all of them.
         """
         q = np.ascontiguousarray(queries, dtype=np.float32)  # [Q, D]
-        # Queries go through the sgemm in zero-padded blocks of a fixed width, so a query's scores are computed
-        # by the same kernel on the same shapes whether it is searched alone or among others: the same bits.
-        width = _DENSE_QUERY_BLOCK
-        blocks = -(-q.shape[0] // width)
-        q_columns = np.zeros((q.shape[1], blocks * width), dtype=np.float32)  # [D, Q padded]
-        q_columns[:, :q.shape[0]] = q.T
-        q_columns = torch.from_numpy(q_columns)
+        blocks = DenseKernel.query_blocks(q)
         out = np.empty((q.shape[0], self.rows), dtype=np.float32)
-        chunk = _DENSE_CHUNK_ROWS
         for shard in self.shards:
-            for start in range(0, shard.rows, chunk):
-                block = torch.from_numpy(shard.dense[start:start + chunk])  # [c, D] float16
-                widened = self._widen(block)  # [c, D] float32
-                first = shard.start + start
-                for b in range(blocks):
-                    columns = q_columns[:, b * width:(b + 1) * width].contiguous()  # [D, width], same strides always
-                    scores = torch.mm(widened, columns).T.numpy()  # [width, c]
-                    rows_here = min(width, q.shape[0] - b * width)
-                    out[b * width:b * width + rows_here, first:first + block.shape[0]] = scores[:rows_here]
+            self._kernel.scan(shard.dense, blocks, q.shape[0], out, shard.start)
             if shard.live is not None:
                 out[:, shard.start:shard.start + shard.rows][:, ~shard.live] = -np.inf
         return out
-
-    def _widen(self, block: torch.Tensor) -> torch.Tensor:
-        if self._buffer.numel() < block.numel():
-            self._buffer = torch.empty(block.numel(), dtype=torch.float32)
-        return self._buffer[:block.numel()].view(block.shape).copy_(block)
 
     def sparse_scores(self, query: QueryVectors) -> np.ndarray:
         """[N] float32 lexical scores from the inverted index: only the query tokens' postings are read.
@@ -123,20 +106,21 @@ class Searcher:
         plain float32 sum of the q_w * d_w products, in query-token order.
         """
         out = torch.zeros(self.rows, dtype=torch.float32)
-        tokens = [(int(t), float(w)) for t, w in zip(query.sparse_ids, query.sparse_weights)]
+        tokens = [(int(t), float(w)) for t, w in zip(query.sparse_ids, np.asarray(query.sparse_weights, np.float32))]
         for shard in self.shards:
             view = out[shard.start:shard.start + shard.rows]
             for token, weight in tokens:
+                # Products first, then plain adds (never alpha=, which may fuse them): the bits of
+                # sparse_prune.SparseShardQuery.exact, which pruning scores candidates with.
                 column = shard.heavy_column(token)
                 if column is not None:
                     # A token in most rows: one streaming add of its dense column (zeros where absent).
-                    view.add_(torch.from_numpy(column), alpha=weight)
+                    view.add_(torch.from_numpy(column) * weight)
                     continue
                 rows, weights = shard.postings(token)
                 if len(rows):
                     # Rows are uint32 below 2**31, so their bits read as int32 are the same numbers.
-                    view.index_add_(0, torch.from_numpy(rows.view(np.int32)), torch.from_numpy(weights),
-                                    alpha=weight)
+                    view.index_add_(0, torch.from_numpy(rows.view(np.int32)), torch.from_numpy(weights) * weight)
             if shard.live is not None:
                 view[torch.from_numpy(~shard.live)] = -np.inf
         return out.numpy()
@@ -150,9 +134,23 @@ class Searcher:
         raise IndexError(row)
 
     def dense_score(self, query: QueryVectors, row: int) -> float:
-        """Dense score of one row (numbered in the whole index): float32 dot of its stored vector and the query's."""
-        shard, local = self._locate(row)
-        return float(shard.dense[local].astype(np.float32) @ query.dense.astype(np.float32))
+        """Dense score of one row (numbered in the whole index), by the exact kernel: the bits a scan gives it."""
+        return float(self.dense_scores_of(query, np.array([row], dtype=np.int64))[0])
+
+    def dense_scores_of(self, query: QueryVectors, rows: np.ndarray) -> np.ndarray:
+        """[len(rows)] float32 dense scores of a few rows (numbered in the whole index), by the exact kernel with
+        the query alone in its block."""
+        [block] = DenseKernel.query_blocks(query.dense[None, :])
+        pieces, places = [], []
+        for shard in self.shards:
+            inside = np.flatnonzero((rows >= shard.start) & (rows < shard.start + shard.rows))
+            if len(inside):
+                pieces.append((shard.dense, rows[inside] - shard.start))
+                places.append(inside)
+        out = np.zeros(len(rows), dtype=np.float32)
+        for inside, scores in zip(places, self._kernel.pieces(pieces, block)):  # one sgemm for up to 1,024 rows
+            out[inside] = scores[:, 0]
+        return out
 
     def sparse_score(self, query: QueryVectors, row: int) -> float:
         """Sparse (lexical) score of one row (numbered in the whole index), as `sparse_scores_of` computes it."""
@@ -167,7 +165,7 @@ class Searcher:
         shared = []
         for token, weight in zip(query.sparse_ids.tolist(), query.sparse_weights.tolist()):
             rows, weights = shard.postings(token)
-            at = int(np.searchsorted(rows, local))
+            at = int(np.searchsorted(rows, np.uint32(local)))  # uint32: no widening of the postings
             if at < len(rows) and rows[at] == local:
                 shared.append((token, float(np.float32(weights[at]) * np.float32(weight))))
         return shared
@@ -181,12 +179,19 @@ class Searcher:
         """The k best rows, or with `group_by_doc` the best row of each of the k best documents.
 
         A document's score is the score of its best passage (row); exact for dense, sparse and hybrid.
-        `dense_scores` may pass this query's [N] dense scores, already computed (batch search shares the scan).
+        `dense_scores` may pass this query's [N] dense scores, already computed (then the scan path is used).
         """
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r} (use {', '.join(MODES)})")
-        if fusion not in FUSIONS:
-            raise ValueError(f"unknown fusion {fusion!r} (use {', '.join(FUSIONS)})")
+        if dense_scores is None:
+            return self.search_many([query], k, mode, weights, fetch_colbert=fetch_colbert, group_by_doc=group_by_doc,
+                                    fusion=fusion, normalize=normalize)[0]
+        _check_mode(mode, fusion)
+        self.last_rescored = [self.rows]
+        return self._scan_search(query, k, mode, weights, fetch_colbert, group_by_doc, fusion, normalize, dense_scores)
+
+    def _scan_search(self, query: QueryVectors, k: int, mode: str, weights: ScoreWeights,
+                     fetch_colbert, group_by_doc: bool, fusion: str, normalize: str | None,
+                     dense_scores: np.ndarray | None) -> list[Hit]:
+        """Every row scored (full scans): the definition the pruned path must equal."""
         dense = dense_scores
         if mode != "sparse" and dense is None:
             dense = self.dense_scores(query)  # [N]
@@ -199,22 +204,90 @@ class Searcher:
             ranking = fuse(dense, sparse, weights, fusion, normalize)
         groups = self._document_groups() if group_by_doc else None
         if mode == "colbert":
-            hits = self._colbert_rerank(query, ranking, k, weights, fetch_colbert)
+            candidates = top_k(ranking, max(k * COLBERT_CANDIDATES_PER_HIT, COLBERT_MIN_CANDIDATES))
+            hits = self._colbert_rerank(query, candidates, weights, fetch_colbert)
             return groups.best_hits(hits, k) if groups is not None else hits[:k]
         rows = np.asarray(groups.top_rows(ranking, k) if groups is not None else top_k(ranking, k), dtype=np.int64)
         return self._hits(query, rows, ranking, dense, sparse)
 
     def search_many(self, queries: Sequence[QueryVectors], k: int = 10, mode: str = "hybrid",
                     weights: ScoreWeights = ScoreWeights(), batch: int = 128, **options) -> list[list[Hit]]:
-        """Many queries, sharing each pass over the dense matrix among `batch` of them."""
+        """Many queries, sharing each pass over the dense matrix (int8 codes when pruning, else float16) among
+        a block of them. Each query's hits are the bits it gets searched alone."""
+        _check_mode(mode, options.get("fusion", "weighted"))
+        if self._can_prune(queries, k, mode, weights, **options):
+            return self._pruned_search(queries, k, mode, weights, options.get("fetch_colbert"))
         results: list[list[Hit]] = []
         for start in range(0, len(queries), batch):
             group = queries[start:start + batch]
             dense = self.dense_scores_many(np.stack([q.dense for q in group])) if mode != "sparse" else None
             for column, query in enumerate(group):
-                results.append(self.search(query, k, mode, weights,
-                                           dense_scores=None if dense is None else dense[column], **options))
+                results.append(self._scan_search(query, k, mode, weights, options.get("fetch_colbert"),
+                                                 options.get("group_by_doc", False), options.get("fusion", "weighted"),
+                                                 options.get("normalize"),
+                                                 dense_scores=None if dense is None else dense[column]))
+        self.last_rescored = [self.rows] * len(queries)
         return results
+
+    # -- rank-safe pruning -----------------------------------------------------
+
+    def _can_prune(self, queries: Sequence[QueryVectors], k: int, mode: str, weights: ScoreWeights,
+                   group_by_doc: bool = False, fusion: str = "weighted", normalize: str | None = None,
+                   **_options) -> bool:
+        """Whether rank_safe.py applies: weighted scores (no RRF, no min-max, no grouping), k below the live rows,
+        float32 matmuls really float32, finite queries and non-negative weights; for dense scores, quantized
+        shards to read. Otherwise the full scans give the same answer."""
+        if not self.prune or group_by_doc or fusion != "weighted" or normalize or not queries or k <= 0:
+            return False
+        depth = max(k * COLBERT_CANDIDATES_PER_HIT, COLBERT_MIN_CANDIDATES) if mode == "colbert" else k
+        if depth >= self.live_rows or not exact_kernel_usable():
+            return False
+        if mode == "sparse":
+            return all(np.all(np.isfinite(q.sparse_weights)) for q in queries)
+        if not any(shard.codes is not None for shard in self.shards):
+            return False
+        if not all(np.all(np.isfinite(q.dense)) for q in queries):
+            return False
+        if mode == "dense":
+            return True
+        pair = np.array([weights.dense, weights.sparse], dtype=np.float32)
+        return bool(np.all(np.isfinite(pair)) and np.all(pair >= 0)
+                    and all(np.all(np.isfinite(q.sparse_weights)) for q in queries))
+
+    def _pruned_search(self, queries: Sequence[QueryVectors], k: int, mode: str, weights: ScoreWeights,
+                       fetch_colbert) -> list[list[Hit]]:
+        results: list[list[Hit]] = []
+        rescored: list[int] = []
+        depth = max(k * COLBERT_CANDIDATES_PER_HIT, COLBERT_MIN_CANDIDATES) if mode == "colbert" else k
+        # Blocks of INT8_QUERY_BLOCK queries (a multiple of 16: a query keeps its column of the exact kernel).
+        for start in range(0, len(queries), INT8_QUERY_BLOCK):
+            group = list(queries[start:start + INT8_QUERY_BLOCK])
+            if mode == "dense":
+                ranked = self._pruned.dense(group, k)
+            elif mode == "sparse":
+                ranked = [self._pruned.sparse(query, k) or self._scanned_sparse(query, k) for query in group]
+            else:
+                ranked = self._pruned.hybrid(group, depth, weights)
+            for query, found in zip(group, ranked):
+                rescored.append(found.rescored)
+                if mode == "colbert":
+                    results.append(self._colbert_rerank(query, found.rows, weights, fetch_colbert)[:k])
+                else:
+                    results.append(self._ranked_hits(query, found))
+        self.last_rescored = rescored
+        return results
+
+    def _scanned_sparse(self, query: QueryVectors, k: int) -> Ranked:
+        """A sparse top-k by the full scan (when no bound prunes), as rank_safe.Ranked."""
+        scores = self.sparse_scores(query)
+        rows = top_k(scores, k)
+        return Ranked(rows, scores[rows], None, scores[rows], self.rows)
+
+    def _ranked_hits(self, query: QueryVectors, found: Ranked) -> list[Hit]:
+        dense = found.dense if found.dense is not None else self.dense_scores_of(query, found.rows)
+        sparse = found.sparse if found.sparse is not None else self.sparse_scores_of(query, found.rows)
+        return [Hit(int(row), float(score), float(d), float(s))
+                for row, score, d, s in zip(found.rows, found.ranking, dense, sparse)]
 
     def _document_groups(self) -> "_DocumentGroups":
         if self._documents is None:
@@ -226,7 +299,7 @@ class Searcher:
     def _hits(self, query: QueryVectors, rows: np.ndarray, ranking: np.ndarray,
               dense: np.ndarray | None, sparse: np.ndarray | None) -> list[Hit]:
         """Hits with both component scores: from the full scans where they were made, else for these rows only."""
-        dense_scores = dense[rows] if dense is not None else np.array([self.dense_score(query, r) for r in rows])
+        dense_scores = dense[rows] if dense is not None else self.dense_scores_of(query, rows)
         sparse_scores = sparse[rows] if sparse is not None else self.sparse_scores_of(query, rows)
         return [Hit(int(row), float(ranking[row]), float(d), float(s))
                 for row, d, s in zip(rows, dense_scores, sparse_scores)]
@@ -250,11 +323,11 @@ class Searcher:
             totals[inside] = partial
         return totals
 
-    def _colbert_rerank(self, query: QueryVectors, hybrid: np.ndarray, k: int, weights: ScoreWeights,
+    def _colbert_rerank(self, query: QueryVectors, candidates: np.ndarray, weights: ScoreWeights,
                         fetch_colbert: Callable[[Sequence[int]], list[np.ndarray]] | None) -> list[Hit]:
+        """The hybrid top candidates (rows) re-ranked by dense + sparse + colbert, best first."""
         if fetch_colbert is None or query.colbert is None:
             raise NoColbertVectors("this index has no ColBERT vectors (build it with --colbert)")
-        candidates = top_k(hybrid, max(k * COLBERT_CANDIDATES_PER_HIT, COLBERT_MIN_CANDIDATES))
         doc_vectors = fetch_colbert(candidates.tolist())
         hits = []
         for row, vectors in zip(candidates.tolist(), doc_vectors):
@@ -264,6 +337,13 @@ class Searcher:
             hits.append(Hit(row, float(score), dense, sparse, colbert))
         hits.sort(key=lambda h: (-h.score, h.row))
         return hits
+
+
+def _check_mode(mode: str, fusion: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r} (use {', '.join(MODES)})")
+    if fusion not in FUSIONS:
+        raise ValueError(f"unknown fusion {fusion!r} (use {', '.join(FUSIONS)})")
 
 
 def fuse(dense: np.ndarray, sparse: np.ndarray, weights: ScoreWeights, fusion: str = "weighted",
@@ -286,7 +366,7 @@ def fuse(dense: np.ndarray, sparse: np.ndarray, weights: ScoreWeights, fusion: s
         return fused
     if normalize == "minmax":
         dense, sparse = _minmax(dense), _minmax(sparse)
-    return (np.float32(weights.dense) * dense + np.float32(weights.sparse) * sparse).astype(np.float32)
+    return weighted_sum(dense, sparse, weights)
 
 
 def _minmax(scores: np.ndarray) -> np.ndarray:

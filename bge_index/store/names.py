@@ -30,7 +30,13 @@ RETIRED_DIR = "retired"
 # A search file as the manifest names it, relative to INDEX_DIR/search/ (vector_store.py): kept exactly as long
 # as its shard.
 SEARCH_FILE_PATTERN = re.compile(r"^shard-\d{6,}-\d{5,}\.[a-z-]+\.npy$")
-SEARCH_KINDS = ("dense", "token-ids", "token-ptr", "posting-rows", "posting-weights", "heavy-ids", "heavy-columns")
+# Every shard's search files: the base kinds (any format 2 index has them) and the pruning kinds (a quantized copy of
+# the dense matrix with per-row error bounds, per-token maximum weights) that rank-safe pruning reads. A shard
+# written before the pruning kinds existed has the base kinds only and is searched by full scans.
+BASE_SEARCH_KINDS = ("dense", "token-ids", "token-ptr", "posting-rows", "posting-weights", "heavy-ids",
+                     "heavy-columns")
+PRUNE_SEARCH_KINDS = ("dense-codes", "dense-frame", "dense-bounds", "token-max")
+SEARCH_KINDS = BASE_SEARCH_KINDS + PRUNE_SEARCH_KINDS
 # Format version 1 kept search files beside the shards, with a stamp file; a version 2 reader ignores those.
 DERIVED_PATTERN = re.compile(r"^(shard-\d{6,}-\d{5,})\.(dense|token-ptr|posting-rows|posting-weights|heavy-ids|heavy-columns|stamp)\.npy$")
 

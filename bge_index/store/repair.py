@@ -8,7 +8,8 @@ what an index run's commit does, and nothing else:
 1. take the index's writer lock (IndexLock: a run writing the index makes the
    repair a BusyError, exit 75, unless it waits);
 2. check every file against the manifest (shard_reader.check_index);
-3. rebuild all the search files of each shard that has a bad one, each
+3. rebuild all the search files of each shard that has a bad one (or lacks the
+   pruning files, written before they existed: an upgrade to pruned search), each
    written to a temporary file, fsynced and renamed into place;
 4. fsync the folders and publish a manifest naming them (the next generation,
    shard_writer.publish_manifest), so readers that opened the previous one
@@ -30,7 +31,7 @@ from pathlib import Path
 from bge_index import __version__
 from bge_index.store.lock import IndexLock
 from bge_index.store.manifest import Manifest, read_manifest, utc_now
-from bge_index.store.names import SEARCH_DIR
+from bge_index.store.names import PRUNE_SEARCH_KINDS, SEARCH_DIR
 from bge_index.store.shard_reader import check_index
 from bge_index.store.shard_writer import publish_manifest, writing
 from bge_index.store.vector_store import build_search_files
@@ -63,11 +64,19 @@ def repair_index(index_dir: Path, wait: bool = False, on_wait: Callable[[str], N
         manifest = read_manifest(index_dir)  # under the lock: the generation no writer can move now
         check = check_index(index_dir, manifest)
         report = RepairReport(manifest, dict(check.search), [f"{problem} ({NOT_REPAIRABLE})" for problem in check.other])
-        if not check.search:
+        # Shards written before the pruning files existed are searched by full scans: give them the files too.
+        damaged = {problem.split(":")[0] for problem in check.other}
+        for shard in manifest.shards:
+            kinds = {record.get("kind") for record in shard.search or [] if isinstance(record, dict)}
+            if (shard.search is not None and not set(PRUNE_SEARCH_KINDS) <= kinds and shard.file not in report.rebuilt
+                    and str(index_dir / shard.file) not in damaged):
+                report.rebuilt[shard.file] = [f"{index_dir / SEARCH_DIR}: no pruning files for {shard.file} "
+                                              "(written before they existed): added"]
+        if not report.rebuilt:
             return report
         shards = []
         for shard in manifest.shards:
-            if shard.file in check.search:
+            if shard.file in report.rebuilt:
                 with writing(index_dir / SEARCH_DIR):
                     shard = build_search_files(index_dir, manifest, shard)
             shards.append(shard)

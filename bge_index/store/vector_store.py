@@ -13,7 +13,20 @@ For every shard `shard-G-N.parquet` (immutable) the folder `INDEX/search/` holds
 that is, the sparse vectors turned into an inverted index whose size follows
 the shard's rows (a token is found by binary search in `token-ids`), plus dense
 columns for common tokens (smaller than their postings, and a streaming add
-instead of a scatter).
+instead of a scatter). Four more files let a search skip rows it can prove
+cannot reach the top-k (rank-safe pruning, search/dense_prune.py and
+search/sparse_prune.py):
+
+    shard-G-N.dense-codes.npy      [rows, D] int8      the dense rows quantized: x = center + step * code + error
+    shard-G-N.dense-frame.npy      [3, D] float32      center (the shard's mean row), step (per dimension),
+                                                       direction (the center's, unit length; zeros if none)
+    shard-G-N.dense-bounds.npy     [rows, 4] float32   per row, each rounded up: |code|, |error|, |x| (L2 norms)
+                                                       and |error . direction|
+    shard-G-N.token-max.npy        [t] float32         the largest |weight| of each token of token-ids
+
+A shard written before these existed has the first seven only; it is
+searched by full scans (and the index stays valid: `verify` and readers
+accept both sets).
 
 The index writer builds them right after a shard is closed, before the
 manifest is published, and the manifest names each one with its size and
@@ -53,17 +66,22 @@ import pyarrow.parquet as pq
 
 from bge_index.store.checked_files import CheckedFiles, file_key
 from bge_index.errors import IndexFormatError, OutputError
-from bge_index.store.names import SEARCH_DIR, SEARCH_FILE_PATTERN, SEARCH_KINDS
+from bge_index.store.names import (BASE_SEARCH_KINDS, PRUNE_SEARCH_KINDS, SEARCH_DIR, SEARCH_FILE_PATTERN,
+                                   SEARCH_KINDS)
 from bge_index.store.manifest import Manifest, ShardInfo, read_manifest
 from bge_index.store.files import file_sha256, fsync_dir
-from bge_index.store.shard_reader import (iter_dense_groups, iter_sparse_groups, open_index_file, open_shard,
+from bge_index.store.shard_reader import (repair_advice, iter_dense_groups, iter_sparse_groups, open_index_file, open_shard,
                                           read_deleted_rows, read_rows_through)
 
 HEAVY_DENSITY = 0.5  # a token in at least this fraction of a shard's rows also gets a dense column
 _DTYPES = {"dense": np.float16, "token-ids": np.uint32, "token-ptr": np.int64, "posting-rows": np.uint32,
-           "posting-weights": np.float32, "heavy-ids": np.int64, "heavy-columns": np.float32}
+           "posting-weights": np.float32, "heavy-ids": np.int64, "heavy-columns": np.float32,
+           "dense-codes": np.int8, "dense-frame": np.float32, "dense-bounds": np.float32, "token-max": np.float32}
+CODE_LEVELS = 127  # codes in [-127, 127]: int8 products never overflow int32 below 133,000 dimensions
+_QUANTIZE_CHUNK = 4096  # rows quantized at a time (float64 working copies of 32 MiB at 1024 dimensions)
+_SLACK = 2.0 ** -30  # relative slack on every stored norm: far above float64's rounding of the computation
+_UINT32_MAX = 2 ** 32 - 1
 OPEN_ATTEMPTS = 5  # generations an open may see go by (files removed under it) before it gives up
-_FIX = "run `bge-index index` again, or delete INDEX/search/ and the next run rebuilds it"
 
 
 @dataclass
@@ -79,12 +97,17 @@ class ShardVectors:
     heavy_ids: np.ndarray | None = None  # [h] int64, ascending
     heavy_columns: np.ndarray | None = None  # [h, rows] float32
     live: np.ndarray | None = None  # [rows] bool; None when no row is deleted
+    # Pruning data (None: a shard without it is searched by full scans): see quantize_rows and token_abs_max.
+    codes: np.ndarray | None = None  # [rows, D] int8
+    frame: np.ndarray | None = None  # [3, D] float32: center, step, direction
+    row_bounds: np.ndarray | None = None  # [rows, 4] float32: |code|, |error|, |x|, |error . direction|, rounded up
+    token_max: np.ndarray | None = None  # [t] float32: max |weight| per token of token_ids
 
     def heavy_column(self, token: int) -> np.ndarray | None:
         """[rows] float32 weights of a token common enough to be stored densely, else None."""
         if self.heavy_ids is None or len(self.heavy_ids) == 0:
             return None
-        at = int(np.searchsorted(self.heavy_ids, token))
+        at = int(np.searchsorted(self.heavy_ids, np.int64(token)))
         if at < len(self.heavy_ids) and self.heavy_ids[at] == token:
             return self.heavy_columns[at]
         return None
@@ -94,9 +117,18 @@ class ShardVectors:
         """Rows in the shard, deleted ones included."""
         return self.dense.shape[0]
 
+    def token_slot(self, token: int) -> int:
+        """The position of `token` in token_ids, or -1 when the shard does not hold it."""
+        if not 0 <= token <= _UINT32_MAX:
+            return -1
+        # A uint32 key: a Python int would make numpy widen the whole [t] array to int64 first (~100 us a lookup).
+        at = int(np.searchsorted(self.token_ids, np.uint32(token)))
+        return at if at < len(self.token_ids) and int(self.token_ids[at]) == token else -1
+
     def postings(self, token: int) -> tuple[np.ndarray, np.ndarray]:
         """(rows ascending, weights) of one token; empty for a token absent from the shard."""
-        at = int(np.searchsorted(self.token_ids, token))
+        at = int(np.searchsorted(self.token_ids, np.uint32(token))) if 0 <= token <= _UINT32_MAX \
+            else len(self.token_ids)
         if at >= len(self.token_ids) or int(self.token_ids[at]) != token:
             return self.posting_rows[:0], self.posting_weights[:0]
         start, end = self.token_ptr[at], self.token_ptr[at + 1]
@@ -125,6 +157,83 @@ def heavy_columns(token_ids: np.ndarray, token_ptr: np.ndarray, rows: np.ndarray
         start, end = token_ptr[slot], token_ptr[slot + 1]
         columns[at, rows[start:end]] = weights[start:end]
     return token_ids[slots].astype(np.int64), columns
+
+
+def token_abs_max(token_ptr: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """[t] float32: the largest |weight| in each token's postings (the bound sparse pruning starts from)."""
+    if len(token_ptr) <= 1:
+        return np.zeros(0, dtype=np.float32)
+    return np.maximum.reduceat(np.abs(weights), token_ptr[:-1]).astype(np.float32)
+
+
+def _round_up32(values: np.ndarray) -> np.ndarray:
+    """float64 -> the smallest float32 not below each value."""
+    rounded = values.astype(np.float32)
+    return np.where(rounded.astype(np.float64) < values, np.nextafter(rounded, np.float32(np.inf)), rounded)
+
+
+def dense_frame(dense: np.ndarray) -> np.ndarray:
+    """[3, D] float32 of a shard's [rows, D] float16 matrix: its mean row (the center), per-dimension steps, and
+    the center's direction (unit length; zeros for a zero center).
+
+    Subtracting the center matters for real embeddings, which crowd into a narrow cone: the codes then spend
+    their 255 levels on how rows differ, not on what they share; and the direction lets a search bound a
+    row's error where the query points (dense_prune.py). The step of dimension i is max |x_i - center_i| over
+    the rows / CODE_LEVELS (1 where they are all equal): no code is clipped, so every row's error is about the
+    same and the largest, which the search's first cut uses for all rows, is close to the typical one
+    (measured: clipping the 0.05% largest components made typical errors 10% smaller and the largest 4x the
+    typical, the cut four times as loose; BENCHMARKS.md, issue 17).
+    """
+    rows, dim = dense.shape
+    total = np.zeros(dim, dtype=np.float64)
+    for start in range(0, rows, _QUANTIZE_CHUNK):
+        total += dense[start:start + _QUANTIZE_CHUNK].astype(np.float64).sum(axis=0)
+    center = (total / max(rows, 1)).astype(np.float32)
+    spread = np.zeros(dim, dtype=np.float64)
+    for start in range(0, rows, _QUANTIZE_CHUNK):
+        chunk = np.abs(dense[start:start + _QUANTIZE_CHUNK].astype(np.float64) - center).max(axis=0)
+        np.maximum(spread, chunk, out=spread)
+    step = (spread / CODE_LEVELS).astype(np.float32)
+    step[~(step > 0) | ~np.isfinite(step)] = 1.0
+    length = float(np.linalg.norm(center.astype(np.float64)))
+    direction = (center.astype(np.float64) / length).astype(np.float32) if length > 0 else np.zeros(dim, np.float32)
+    return np.stack([center, step, direction])
+
+
+def quantize_rows(block: np.ndarray, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """([n, D] int8 codes, [n, 4] float32 bounds) of [n, D] float16 rows in a shard's frame (dense_frame).
+
+    code = round((x - center) / step) clipped to [-CODE_LEVELS, CODE_LEVELS], so that
+    x = center + step * code + error exactly (error defined as what is left). The bounds, each rounded up
+    to float32 above its float64 computation with slack to spare: |code|, |error|, |x| (L2 norms) and
+    |error . direction|. Search bounds a row's score with them (dense_prune.py); codes may be anything, the
+    bounds stay true.
+    """
+    center, step, direction = (frame[i].astype(np.float64) for i in range(3))
+    rows = block.astype(np.float64)  # fp16 -> float64: exact
+    residual = rows - center  # [n, D]
+    codes = np.clip(np.rint(residual / step), -CODE_LEVELS, CODE_LEVELS)
+    error = residual - codes * step  # codes * step is exact in float64 (8 x 24 significant bits)
+    # float64 rounding of `residual` and `error` is at most 2**-52 of |residual| + |error| per component.
+    residual_norm = np.sqrt(np.einsum("ij,ij->i", residual, residual))
+    rounding = _SLACK * residual_norm
+    error_norm = np.sqrt(np.einsum("ij,ij->i", error, error)) * (1 + _SLACK) + rounding
+    along = np.abs(error @ direction) * (1 + _SLACK) + rounding  # |direction| <= 1 (1 + 2**-23)
+    code_norm = np.sqrt(np.einsum("ij,ij->i", codes, codes)) * (1 + _SLACK)
+    row_norm = np.sqrt(np.einsum("ij,ij->i", rows, rows)) * (1 + _SLACK)
+    bounds = _round_up32(np.stack([code_norm, error_norm, row_norm, along], axis=1))
+    return codes.astype(np.int8), bounds
+
+
+def quantize_dense(dense: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(frame [3, D] float32, codes [rows, D] int8, bounds [rows, 4] float32) of a whole [rows, D] float16 matrix."""
+    frame = dense_frame(dense)
+    codes = np.empty(dense.shape, dtype=np.int8)
+    bounds = np.empty((dense.shape[0], 4), dtype=np.float32)
+    for start in range(0, dense.shape[0], _QUANTIZE_CHUNK):
+        codes[start:start + _QUANTIZE_CHUNK], bounds[start:start + _QUANTIZE_CHUNK] = \
+            quantize_rows(dense[start:start + _QUANTIZE_CHUNK], frame)
+    return frame, codes, bounds
 
 
 def invert_streaming(groups, vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -233,12 +342,36 @@ def build_search_files(index_dir: Path, manifest: Manifest, shard: ShardInfo) ->
     token_ids, token_ptr, rows, weights = invert_streaming(lambda: iter_sparse_groups(parquet, path),
                                                            manifest.vocab_size)
     heavy, columns = heavy_columns(token_ids, token_ptr, rows, weights, shard.rows)
-    for kind, array in zip(SEARCH_KINDS[1:], (token_ids, token_ptr, rows, weights, heavy, columns)):
+    for kind, array in zip(BASE_SEARCH_KINDS[1:], (token_ids, token_ptr, rows, weights, heavy, columns)):
         name = search_file_name(shard.file, kind)
         records.append({"kind": kind, "file": name,
                         **_write_npy(folder / name, _DTYPES[kind], array.shape, [array.reshape(-1)])})
+    records += _write_prune_files(folder, shard, manifest.dense_dim, token_ptr, weights)
     fsync_dir(folder)
     return replace(shard, search=records, mtime_ns=path.stat().st_mtime_ns)
+
+
+def _write_prune_files(folder: Path, shard: ShardInfo, dim: int, token_ptr: np.ndarray, weights: np.ndarray
+                       ) -> list[dict]:
+    """The pruning kinds of a shard whose dense file is written: quantized from that file, memory-mapped, a chunk
+    at a time (memory: one chunk's float64 copies and the [rows, 4] bounds)."""
+    dense = np.load(folder / search_file_name(shard.file, "dense"), mmap_mode="r")  # [rows, D] float16
+    frame = dense_frame(dense)
+    bounds = np.empty((shard.rows, 4), dtype=np.float32)
+
+    def code_blocks():
+        for start in range(0, shard.rows, _QUANTIZE_CHUNK):
+            codes, bounds[start:start + _QUANTIZE_CHUNK] = quantize_rows(dense[start:start + _QUANTIZE_CHUNK], frame)
+            yield codes
+
+    records = []
+    for kind, shape, blocks in (("dense-codes", (shard.rows, dim), code_blocks()),
+                                ("dense-frame", frame.shape, [frame]),
+                                ("dense-bounds", bounds.shape, [bounds]),  # filled by code_blocks, written after it
+                                ("token-max", (len(token_ptr) - 1,), [token_abs_max(token_ptr, weights)])):
+        name = search_file_name(shard.file, kind)
+        records.append({"kind": kind, "file": name, **_write_npy(folder / name, _DTYPES[kind], shape, blocks)})
+    return records
 
 
 def remove_unreferenced_search_files(index_dir: Path, keep_shards: set[str]) -> None:
@@ -274,7 +407,7 @@ def _map_search_file(index_dir: Path, record: dict) -> np.ndarray | None:
     if not isinstance(name, str) or not SEARCH_FILE_PATTERN.match(name) or kind not in _DTYPES:
         raise IndexFormatError(f"{index_dir}: damaged manifest (search file record {record!r})")
     path = index_dir / SEARCH_DIR / name
-    opened = open_index_file(path, "search file", record.get("bytes"), _FIX, missing_ok=True)
+    opened = open_index_file(path, "search file", record.get("bytes"), repair_advice(index_dir), missing_ok=True)
     if opened is None:
         return None
     fd, info = opened
@@ -287,7 +420,8 @@ def _map_search_file(index_dir: Path, record: dict) -> np.ndarray | None:
     checked, key = CheckedFiles.default(outside=index_dir), file_key(info, f"crc32={record.get('crc32')}")
     if not checked.known(key):
         if zlib.crc32(mapped) != record.get("crc32"):
-            raise IndexFormatError(f"{path}: damaged search file (CRC-32 differs from the manifest's); {_FIX}")
+            raise IndexFormatError(f"{path}: damaged search file (CRC-32 differs from the manifest's); "
+                                   f"{repair_advice(index_dir)}")
         checked.remember(key)
     try:
         header = io.BytesIO(mapped[:4096])
@@ -303,7 +437,7 @@ def _map_search_file(index_dir: Path, record: dict) -> np.ndarray | None:
             raise ValueError("size does not match the shape")
         return np.frombuffer(mapped, dtype=dtype, count=count, offset=offset).reshape(shape)
     except ValueError as error:
-        raise IndexFormatError(f"{path}: damaged search file ({error}); {_FIX}") from error
+        raise IndexFormatError(f"{path}: damaged search file ({error}); {repair_advice(index_dir)}") from error
 
 
 def _check_bounds(index_dir: Path, manifest: Manifest, shard: ShardInfo, arrays: dict) -> None:
@@ -312,7 +446,7 @@ def _check_bounds(index_dir: Path, manifest: Manifest, shard: ShardInfo, arrays:
 
     def bad(kind: str, why: str) -> IndexFormatError:
         return IndexFormatError(f"{index_dir / SEARCH_DIR / search_file_name(shard.file, kind)}: damaged search "
-                                f"file ({why}); {_FIX}")
+                                f"file ({why}); {repair_advice(index_dir)}")
 
     if arrays["dense"].shape != (rows, manifest.dense_dim):
         raise bad("dense", f"shape {arrays['dense'].shape}, expected {(rows, manifest.dense_dim)}")
@@ -332,6 +466,23 @@ def _check_bounds(index_dir: Path, manifest: Manifest, shard: ShardInfo, arrays:
         raise bad("heavy-columns", f"shape {columns.shape}, expected {(len(heavy), rows)}")
     if len(heavy) and (np.any(heavy[1:] <= heavy[:-1]) or heavy[0] < 0 or int(heavy[-1]) >= manifest.vocab_size):
         raise bad("heavy-ids", "token ids not strictly ascending or past the vocabulary")
+    if "dense-codes" not in arrays:
+        return
+    dim = manifest.dense_dim
+    if arrays["dense-codes"].shape != (rows, dim):
+        raise bad("dense-codes", f"shape {arrays['dense-codes'].shape}, expected {(rows, dim)}")
+    # (Codes are not read here: any int8 code keeps the bounds true, and int32 sums cannot overflow.)
+    frame = arrays["dense-frame"]
+    if (frame.shape != (3, dim) or not np.all(np.isfinite(frame)) or not np.all(frame[1] > 0)
+            or float(np.linalg.norm(frame[2].astype(np.float64))) > 1 + 2.0 ** -20):
+        raise bad("dense-frame", f"shape {frame.shape} (expected {(3, dim)}), a step not finite and positive, "
+                                 "or a direction longer than 1")
+    row_bounds = arrays["dense-bounds"]
+    if row_bounds.shape != (rows, 4) or not np.all(np.isfinite(row_bounds)) or np.any(row_bounds < 0):
+        raise bad("dense-bounds", f"shape {row_bounds.shape} (expected {(rows, 4)}), or a norm not finite and >= 0")
+    token_max = arrays["token-max"]
+    if token_max.shape != ids.shape or not np.all(np.isfinite(token_max)) or np.any(token_max < 0):
+        raise bad("token-max", f"shape {token_max.shape} (expected {ids.shape}), or a weight not finite and >= 0")
 
 
 @dataclass
@@ -445,10 +596,11 @@ def _open_vectors(index_dir: Path, manifest: Manifest, shard: ShardInfo, parquet
                   live: np.ndarray | None) -> tuple[ShardVectors, bool]:
     """The shard's search files mapped and checked, or (files missing) its vectors built in memory."""
     records = {r.get("kind"): r for r in shard.search or [] if isinstance(r, dict)}
-    if shard.search is not None and set(records) != set(SEARCH_KINDS):
+    # The base kinds, with or without all the pruning kinds (a shard written before they existed).
+    if shard.search is not None and set(records) not in (set(BASE_SEARCH_KINDS), set(SEARCH_KINDS)):
         raise IndexFormatError(f"{index_dir}: damaged manifest (search files of {shard.file})")
     arrays = {}
-    for kind in SEARCH_KINDS if shard.search is not None else ():
+    for kind in [k for k in SEARCH_KINDS if k in records] if shard.search is not None else ():
         array = _map_search_file(index_dir, records[kind])
         if array is None:
             if read_manifest(index_dir).generation != manifest.generation:
@@ -459,7 +611,11 @@ def _open_vectors(index_dir: Path, manifest: Manifest, shard: ShardInfo, parquet
     else:
         if shard.search is not None:
             _check_bounds(index_dir, manifest, shard, arrays)
-            return ShardVectors(start, *(arrays[k] for k in SEARCH_KINDS), live=live), False
+            prune = {}
+            if PRUNE_SEARCH_KINDS[0] in arrays:
+                prune = dict(codes=arrays["dense-codes"], frame=arrays["dense-frame"],
+                             row_bounds=arrays["dense-bounds"], token_max=arrays["token-max"])
+            return ShardVectors(start, *(arrays[k] for k in BASE_SEARCH_KINDS), live=live, **prune), False
     # No search files (format version 1, or deleted by hand): built here, for this process only.
     path = index_dir / shard.file
     dense = np.concatenate([*iter_dense_groups(parquet, path, manifest.dense_dim)] or
@@ -469,4 +625,6 @@ def _open_vectors(index_dir: Path, manifest: Manifest, shard: ShardInfo, parquet
     heavy, columns = heavy_columns(token_ids, token_ptr, rows, weights, shard.rows)
     if dense.shape != (shard.rows, manifest.dense_dim):
         raise IndexFormatError(f"{path}: damaged shard (dense vectors of shape {dense.shape})")
-    return ShardVectors(start, dense, token_ids, token_ptr, rows, weights, heavy, columns, live=live), True
+    frame, codes, row_bounds = quantize_dense(dense)
+    return ShardVectors(start, dense, token_ids, token_ptr, rows, weights, heavy, columns, live=live, codes=codes,
+                        frame=frame, row_bounds=row_bounds, token_max=token_abs_max(token_ptr, weights)), True

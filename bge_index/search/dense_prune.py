@@ -1,0 +1,457 @@
+"""Dense rank-safe pruning: one int8 pass bounds every row's exact dense score, above and below.
+
+A shard's pruning files (store/vector_store.py) hold each row x as
+`x = c + s * k + e`: the shard's center c, per-dimension steps s, int8 codes
+k, and an error e; per row, rounded up: |k|, |e|, |x| and |e.u|, u being the
+center's direction. For a float32 query q, let w = s * q (exact in float64),
+t = max|w| / L, wc = round(w / t) (integers up to L), f = w - t * wc,
+alpha = q.u and q_perp = q - alpha * u. Then, in real arithmetic,
+
+    x.q = c.q + t * (k . wc) + k.f + alpha * e.u + e.q_perp
+
+where I = k . wc is an integer computed exactly: int8 products summed in
+int32 by torch._int_mm (at most D * 127 * 127 < 2**31 per product). On
+shards whose rows crowd in a cone (|c| >= 0.5, as real embeddings do) the
+query takes two int8 digits, wc = 128 * hi + lo (L = 127 * 128), so its own
+rounding f is 128 times smaller, and I = 128 * (k . hi) + k . lo. By
+Cauchy-Schwarz |k.f| <= |k| |f| and |e.q_perp| <= |e| |q_perp|; in a cone
+q_perp is short, which is what makes the bound tight there. The exact
+kernel's float32 result is within gamma_D |x| |q| of x.q (dense_kernel.py).
+So a row's computed exact score lies within
+
+    m + t * I  +-  (|k| |f| + |alpha| |e.u| + |e| |q_perp| + gamma_D |x| |q| + slack)
+
+with m = c.q. Every quantity is evaluated in float64; `slack` (2**-40 of the
+terms' magnitude) covers that evaluation's rounding many times over, and
+|f|, |q_perp| are computed with slack too. A row whose upper bound is below
+the k-th best exact score found so far cannot be in the top-k nor tie with
+it: it is never rescored.
+
+The pass reads half the bytes of the float16 matrix and serves a block of
+queries at once (one `_int_mm` per shard); its integer results are exact, so
+a query's bounds, like its exact scores, do not depend on the queries beside
+it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from bge_index.search.dense_kernel import summation_gamma
+from bge_index.store.vector_store import CODE_LEVELS, ShardVectors
+
+INT8_QUERY_BLOCK = 32  # queries per int8 pass (their [32, rows] int32 products are held for the whole batch)
+DIGIT = 128  # the high digit's weight when a query takes two int8 digits
+CONE = 0.5  # a shard whose center is at least this long (rows in a cone) gives queries two digits
+_INT8_CHUNK_ROWS = 65536  # rows per _int_mm call (bounds the kernel's own packing buffers)
+_SLACK = 2.0 ** -40  # relative slack on float64 evaluations of a bound (their rounding is below 2**-50)
+_OUTLIER = 4.0  # rows whose error bound is this many times the median get their own bound, always
+BLOCK_ROWS = 64  # rows per block whose largest product is kept: cuts skip whole blocks, seeds are block maxima
+_MISSING = np.iinfo(np.int32).min  # the product given to deleted rows, so they never rank among the best
+_int_mm_checked: bool | None = None
+_simsimd_checked = None  # the simsimd module once checked exact, False when not usable
+
+
+def _int_mm_is_exact() -> bool:
+    """Whether torch._int_mm exists here and sums int8 products exactly in int32 (checked once per process, with
+    the extreme codes a saturating int16 kernel would get wrong, and random ones)."""
+    global _int_mm_checked
+    if _int_mm_checked is None:
+        try:
+            rng = np.random.default_rng(0)
+            a = rng.integers(-CODE_LEVELS, CODE_LEVELS + 1, (64, 256), dtype=np.int8)
+            b = rng.integers(-CODE_LEVELS, CODE_LEVELS + 1, (256, 8), dtype=np.int8)
+            a[0], a[1], b[:, 0], b[:, 1] = CODE_LEVELS, -CODE_LEVELS, CODE_LEVELS, -CODE_LEVELS
+            got = torch._int_mm(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+            _int_mm_checked = bool(np.array_equal(got, a.astype(np.int64) @ b.astype(np.int64)))
+        except (AttributeError, RuntimeError, NotImplementedError):
+            _int_mm_checked = False
+    return _int_mm_checked
+
+
+def _simsimd_dot():
+    """SimSIMD's int8 `cdist` when it is installed and sums int8 products exactly here (checked once per
+    process, like _int_mm), else None."""
+    global _simsimd_checked
+    if _simsimd_checked is None:
+        _simsimd_checked = False
+        try:
+            import simsimd
+
+            rng = np.random.default_rng(1)
+            a = rng.integers(-CODE_LEVELS, CODE_LEVELS + 1, (64, 256), dtype=np.int8)
+            b = rng.integers(-CODE_LEVELS, CODE_LEVELS + 1, (1, 256), dtype=np.int8)
+            a[0], a[1], b[0, :128] = CODE_LEVELS, -CODE_LEVELS, CODE_LEVELS
+            got = np.asarray(simsimd.cdist(a, b, metric="dot", threads=1), dtype=np.float64)[:, 0]
+            if np.array_equal(got, (a.astype(np.int64) @ b[0].astype(np.int64)).astype(np.float64)):
+                _simsimd_checked = simsimd
+        except (ImportError, AttributeError, TypeError, ValueError, RuntimeError):
+            pass
+    return _simsimd_checked or None
+
+
+def int8_products(codes: np.ndarray, query_codes: np.ndarray) -> np.ndarray:
+    """[rows, Q] int32 exact products of a shard's [rows, D] int8 codes with [D, Q] int8 query codes.
+
+    One query column: SimSIMD's int8 dot products (VNNI), which stream the codes at about twice the speed of
+    a one-column _int_mm here (BENCHMARKS.md, issue 17). Several: torch._int_mm (oneDNN: VNNI / AMX), whose
+    cost hardly grows with the columns. Each only when checked exact here; else float64 matmuls, exact too
+    (every partial sum is an integer below 2**53).
+    """
+    rows = codes.shape[0]
+    if query_codes.shape[1] == 1 and rows and (simsimd := _simsimd_dot()) is not None:
+        query = np.ascontiguousarray(query_codes.T, dtype=np.int8)  # [1, D]
+        dots = np.asarray(simsimd.cdist(codes, query, metric="dot", threads=torch.get_num_threads()))
+        return dots.reshape(rows, 1).astype(np.int32)  # exact integers below 2**31
+    out = torch.empty(rows, query_codes.shape[1], dtype=torch.int32)  # [rows, Q]
+    # A fresh tensor with plain strides: a numpy [D, 1] view may carry a 0 stride that oneDNN misreads.
+    right = torch.empty(query_codes.shape, dtype=torch.int8)
+    right.copy_(torch.from_numpy(np.asarray(query_codes, dtype=np.int8)))
+    exact_int8 = _int_mm_is_exact()
+    for start in range(0, rows, _INT8_CHUNK_ROWS):
+        left = torch.from_numpy(codes[start:start + _INT8_CHUNK_ROWS])  # [c, D] int8, a view of the map
+        if exact_int8:
+            out[start:start + left.shape[0]] = torch._int_mm(left, right)
+        else:
+            out[start:start + left.shape[0]] = torch.mm(left.double(), right.double()).to(torch.int32)
+    return out.numpy()  # [rows, Q]: queries side by side (the passes below work on all of them at once)
+
+
+@dataclass
+class ShardPruneInfo:
+    """What one shard's bounds need beyond its files, computed once: the per-row bounds' maxima over all but the
+    outlier rows (whose bounds are always evaluated one by one), the center's length, gamma_D, the digits."""
+
+    code_max: float
+    error_max: float
+    norm_max: float
+    along_max: float
+    outliers: np.ndarray  # local rows, ascending
+    center_norm: float
+    gamma: float
+    digits: int
+
+    @classmethod
+    def of(cls, shard: ShardVectors) -> "ShardPruneInfo":
+        """From the shard's dense-bounds and dense-frame (deleted rows included: their bounds are true too)."""
+        bounds = shard.row_bounds.astype(np.float64)  # [rows, 4]: |k|, |e|, |x|, |e.u|
+        if len(bounds):
+            typical = np.median(bounds, axis=0)
+            outlying = (bounds[:, 1] > _OUTLIER * typical[1]) | (bounds[:, 3] > 2 * _OUTLIER * typical[3])
+            top = bounds[~outlying].max(axis=0) if not outlying.all() else np.zeros(4)
+            outliers = np.flatnonzero(outlying)
+        else:
+            top, outliers = np.zeros(4), np.zeros(0, dtype=np.int64)
+        center_norm = float(np.linalg.norm(shard.frame[0].astype(np.float64)))
+        return cls(float(top[0]), float(top[1]), float(top[2]), float(top[3]), outliers, center_norm,
+                   summation_gamma(shard.frame.shape[1]), 2 if center_norm >= CONE else 1)
+
+
+@dataclass
+class QueryFrame:
+    """One float32 query seen in one shard's frame (see the module): m = c.q, the step t, the int8 digits,
+    and bounds on |f|, |q|, |q_perp| and |alpha|."""
+
+    center_dot: float
+    step: float
+    digits: np.ndarray  # [D, 1 or 2] int8: wc, or (hi, lo) with wc = 128 * hi + lo
+    rest_norm: float  # >= |f|
+    query_norm: float  # >= |q|
+    across_norm: float  # >= |q_perp|
+    along: float  # |alpha|
+    low_norm: float  # >= |lo| (0 with one digit)
+
+    @classmethod
+    def of(cls, query: np.ndarray, frame: np.ndarray, digits: int) -> "QueryFrame":
+        """The frame of `query` ([D] float32) in a shard's `frame` ([3, D] float32: center, steps, direction)."""
+        q = query.astype(np.float64)
+        weighted = frame[1].astype(np.float64) * q  # exact: two float32 factors
+        levels = CODE_LEVELS * (DIGIT if digits == 2 else 1)
+        top = float(np.abs(weighted).max()) if len(weighted) else 0.0
+        step = top / levels if top > 0 and np.isfinite(top) else 0.0
+        codes = np.clip(np.rint(weighted / step), -levels, levels) if step > 0 else np.zeros_like(weighted)
+        rest = weighted - step * codes  # float64: within 2**-52 of |step * codes| + |rest| per component
+        rest_norm = float(np.linalg.norm(rest)) * (1 + _SLACK) + _SLACK * float(np.linalg.norm(weighted))
+        if digits == 2:
+            high = np.rint(codes / DIGIT)
+            low = codes - DIGIT * high  # in [-64, 64]
+            columns = np.stack([high, low], axis=1)
+        else:
+            low = np.zeros(0)
+            columns = codes[:, None]
+        direction = frame[2].astype(np.float64)
+        length = float(direction @ direction)
+        alpha = float(q @ direction) / length if length > 0 else 0.0
+        across = q - alpha * direction  # float64, within 2**-52 of |q| + |alpha u| per component
+        query_norm = float(np.linalg.norm(q))
+        across_norm = (float(np.linalg.norm(across)) * (1 + _SLACK)
+                       + _SLACK * (query_norm + abs(alpha) * np.sqrt(length)))
+        return cls(float(frame[0].astype(np.float64) @ q), step, columns.astype(np.int8), rest_norm,
+                   query_norm * (1 + _SLACK), across_norm, abs(alpha), float(np.linalg.norm(low)))
+
+
+class DenseShardBound:
+    """Bounds on one query's exact dense scores over one shard's rows, from its int8 products."""
+
+    def __init__(self, shard: ShardVectors, info: ShardPruneInfo, frame: QueryFrame, high: np.ndarray,
+                 low: np.ndarray | None = None):
+        """`high`, `low`: [rows] int32, this query's columns of int8_products (the one digit, or the two);
+        deleted rows' `high` set to the int32 minimum."""
+        self.shard, self.info, self.frame = shard, info, frame
+        self._high, self._low = high, low
+        dim = shard.frame.shape[1]
+        self.gamma = info.gamma
+        # The largest error term of a row that is not an outlier, and the float64 evaluation slack.
+        self.error_max = self._error(info.code_max, info.error_max, info.norm_max, info.along_max)
+        integers = dim * CODE_LEVELS * CODE_LEVELS * (DIGIT + 1)
+        magnitude = (abs(frame.center_dot) + info.center_norm * frame.query_norm + frame.step * integers
+                     + self.error_max + info.norm_max * frame.query_norm)
+        self.slack = _SLACK * magnitude
+
+    def _error(self, code, error, norm, along):
+        f = self.frame
+        return code * f.rest_norm + f.along * along + error * f.across_norm + self.gamma * norm * f.query_norm
+
+    def _integers(self, rows: np.ndarray) -> np.ndarray:
+        """[n] float64 exact I = k . wc of some rows (below 2**53: exact in float64)."""
+        high = self._high[rows].astype(np.float64)
+        return high if self._low is None else DIGIT * high + self._low[rows]
+
+    def abs_max(self) -> float:
+        """An upper bound of |exact score| over the shard's rows: max |x| |q| (1 + gamma), with room."""
+        norm = max(self.info.norm_max, float(self.shard.row_bounds[self.info.outliers, 2].max())
+                   if len(self.info.outliers) else 0.0)
+        return norm * self.frame.query_norm * (1 + 2 * self.gamma) + self.slack
+
+    def approx(self, rows: np.ndarray) -> np.ndarray:
+        """[n] float64 estimates m + t * I of some rows' scores."""
+        return self.frame.center_dot + self.frame.step * self._integers(rows)
+
+    def error(self, rows: np.ndarray) -> np.ndarray:
+        """[n] float64: how far each row's exact score may be from `approx`, at most."""
+        bounds = self.shard.row_bounds[rows].astype(np.float64)  # [n, 4]: |k|, |e|, |x|, |e.u|
+        return self._error(bounds[:, 0], bounds[:, 1], bounds[:, 2], bounds[:, 3]) + self.slack
+
+    def upper(self, rows: np.ndarray) -> np.ndarray:
+        """[n] float64 upper bounds of some rows' exact scores."""
+        return self.approx(rows) + self.error(rows)
+
+    def lower(self, rows: np.ndarray) -> np.ndarray:
+        """[n] float64 lower bounds of some rows' exact scores."""
+        return self.approx(rows) - self.error(rows)
+
+    def upper_fast(self, rows: np.ndarray) -> np.ndarray:
+        """[n] float64, at least `upper` of each row and cheaper: the estimate plus the largest error of a row
+        that is not an outlier (outliers get their own bound)."""
+        bound = self.approx(rows) + self.error_max + self.slack
+        if len(self.info.outliers):
+            at = np.minimum(np.searchsorted(self.info.outliers, rows), len(self.info.outliers) - 1)
+            odd = self.info.outliers[at] == rows
+            bound[odd] = self.upper(rows[odd])
+        return bound
+
+    def best(self, count: int) -> np.ndarray:
+        """Local rows of about the `count` highest estimates among live rows (by the high digit; fewer when
+        fewer are live). Any rows would be correct seeds: these make the first threshold tight."""
+        return ShardPass(self.shard, [self], self._high[:, None]).best(count)[0]
+
+    def cut(self, threshold: float) -> float:
+        """The high digit below which a row that is not an outlier cannot reach `threshold`: it would need
+        t * I >= threshold - m - error_max, and |k . lo| <= |k| |lo|. -inf: every row may; +inf: none."""
+        return float(self.cuts(np.array([threshold], dtype=np.float64))[0])
+
+    def cuts(self, thresholds: np.ndarray) -> np.ndarray:
+        """`cut` of each of [n] float64 thresholds, clipped to what int32 digits can compare with."""
+        need = thresholds - self.frame.center_dot - self.error_max - self.slack
+        if not self.frame.step > 0:
+            out = np.where(need <= 0, -np.inf, np.where(need > 0, np.inf, np.nan))  # NaN stays NaN: never passes
+        elif self._low is None:
+            with np.errstate(invalid="ignore"):
+                out = np.floor(need / self.frame.step) - 1  # the division's rounding is far below 1
+        else:
+            low_max = self.info.code_max * self.frame.low_norm * (1 + _SLACK) + 1
+            with np.errstate(invalid="ignore"):
+                out = np.floor((need / self.frame.step - low_max) / DIGIT) - 1
+        return np.clip(out, -float(np.iinfo(np.int32).max), 2.0 ** 40)  # int32 minimum (deleted) never passes
+
+    def reaching(self, threshold: float) -> np.ndarray:
+        """Live local rows (ascending) whose upper bound reaches `threshold`."""
+        return ShardPass(self.shard, [self], self._high[:, None]).reaching([threshold])[0]
+
+
+class ShardPass:
+    """One int8 pass over a shard for a block of queries: each query's DenseShardBound, and what is done for
+    all of them over the shard's rows. Both use the maxima of blocks of BLOCK_ROWS rows: the best estimates
+    are the best blocks' best rows, and the integer cut looks into a block only when its maximum passes."""
+
+    def __init__(self, shard: ShardVectors, bounds: list[DenseShardBound], high: np.ndarray):
+        """`high`: [rows, Q] int32, each query's high digit (deleted rows at the int32 minimum)."""
+        self.shard, self.bounds, self.high = shard, bounds, high
+        rows, queries = high.shape
+        full = rows // BLOCK_ROWS
+        maxima = [high[:full * BLOCK_ROWS].reshape(full, BLOCK_ROWS, queries).max(axis=1)]  # [full, Q]
+        if rows > full * BLOCK_ROWS:
+            maxima.append(high[full * BLOCK_ROWS:].max(axis=0, keepdims=True))  # the last, shorter block
+        self.block_max = np.concatenate(maxima)  # [blocks, Q]
+
+    def _rows_of(self, blocks: np.ndarray) -> np.ndarray:
+        """The local rows (ascending) of some blocks (ascending)."""
+        rows = (blocks[:, None] * BLOCK_ROWS + np.arange(BLOCK_ROWS)).reshape(-1)
+        return rows[rows < self.shard.rows]
+
+    def best(self, count: int) -> list[np.ndarray]:
+        """Per query, local rows of about the `count` highest estimates among live rows: the best row of each of
+        the `count` blocks with the highest maxima (fewer when fewer rows are live)."""
+        live = self.shard.rows if self.shard.live is None else int(self.shard.live.sum())
+        if count * 4 > len(self.block_max):  # about as many rows wanted as there are blocks: the rows' own top
+            count = min(count, live)
+            if count <= 0:
+                return [np.zeros(0, dtype=np.int64) for _ in self.bounds]
+            top = torch.topk(torch.from_numpy(self.high), count, dim=0, sorted=False).indices.numpy()  # [count, Q]
+            return [top[:, i].astype(np.int64) for i in range(len(self.bounds))]
+        out = []
+        for i in range(len(self.bounds)):
+            column = self.block_max[:, i]
+            top = np.flatnonzero(column > _MISSING)  # blocks holding a live row
+            if len(top) > count:
+                top = top[np.argpartition(-column[top].astype(np.int64), count - 1)[:count]]
+            rows = self._rows_of(np.sort(top))
+            if not len(rows) or min(count, live) <= 0:
+                out.append(np.zeros(0, dtype=np.int64))
+                continue
+            values = self.high[rows, i].reshape(-1)
+            per_block = np.split(np.arange(len(rows)), np.flatnonzero(np.diff(rows // BLOCK_ROWS)) + 1)
+            picked = np.array([block[np.argmax(values[block])] for block in per_block])
+            picked = rows[picked]
+            out.append(picked[self.high[picked, i] > _MISSING].astype(np.int64))
+        return out
+
+    def reaching(self, thresholds: list[float]) -> list[np.ndarray]:
+        """Per query, the live local rows (ascending) whose upper bound reaches its threshold: the integer cut
+        (over the blocks whose maximum passes it), then each passing row (and every outlier) gets its own bound."""
+        outliers = self.bounds[0].info.outliers
+        out = []
+        for i, (bound, threshold) in enumerate(zip(self.bounds, thresholds)):
+            cut = bound.cut(threshold)
+            rows = self._rows_of(np.flatnonzero(self.block_max[:, i] >= cut))
+            rows = rows[self.high[rows, i] >= cut]  # deleted rows (int32 minimum) never pass
+            if len(outliers):
+                rows = np.union1d(rows, outliers)
+            if self.shard.live is not None:
+                rows = rows[self.shard.live[rows]]
+            out.append(rows[bound.upper(rows) >= threshold])
+        return out
+
+    def reaching_with(self, i: int, threshold: float, weight: float, extra: np.ndarray, extra_weight: float
+                      ) -> np.ndarray:
+        """Live local rows (ascending) where weight * (query i's dense upper bound) + extra_weight * extra[row]
+        reaches `threshold` (weight > 0; `extra`: [rows] float32 or float64, another part's exact score or bound
+        per row, e.g. sparse; the arithmetic is float64).
+
+        Per block, the dense score needed is lowest where `extra` is highest: the blocks whose maximum product
+        passes that cut, then each of their rows with its own cut, then its own bound."""
+        bound = self.bounds[i]
+        rows = len(extra)
+        full = rows // BLOCK_ROWS
+        maxima = [extra[:full * BLOCK_ROWS].reshape(full, BLOCK_ROWS).max(axis=1)]
+        if rows > full * BLOCK_ROWS:
+            maxima.append(extra[full * BLOCK_ROWS:].max(keepdims=True))  # the last, shorter block
+        extra_max = np.concatenate(maxima).astype(np.float64)  # [blocks]; a max of float32 values is exact
+
+        def needed(values: np.ndarray) -> np.ndarray:  # the dense bound needed, lowered for the division's rounding
+            # A deleted row's extra is -inf: its need is +inf or NaN, and no comparison with either passes.
+            with np.errstate(invalid="ignore"):
+                need = (threshold - extra_weight * values) / weight
+                return need - np.abs(need) * _SLACK - _SLACK
+
+        blocks = np.flatnonzero(self.block_max[:, i] >= bound.cuts(needed(extra_max)))
+        rows = self._rows_of(blocks)
+        rows = rows[self.high[rows, i] >= bound.cuts(needed(extra[rows].astype(np.float64)))]
+        outliers = bound.info.outliers
+        if len(outliers):
+            rows = np.union1d(rows, outliers)
+        if self.shard.live is not None:
+            rows = rows[self.shard.live[rows]]
+        return rows[weight * bound.upper(rows) + extra_weight * extra[rows].astype(np.float64) >= threshold]
+
+
+class ExactShardBound:
+    """A shard without pruning files: its exact dense scores, scanned, stand in for bounds (error 0)."""
+
+    def __init__(self, shard: ShardVectors, scores: np.ndarray):
+        """`scores`: [rows] float32 exact scores from the dense kernel's scan (deleted rows -inf)."""
+        self.shard, self.scores = shard, scores
+
+    def approx(self, rows: np.ndarray) -> np.ndarray:
+        """[n] float64 exact scores."""
+        return self.scores[rows].astype(np.float64)
+
+    upper = lower = upper_fast = approx
+
+    def abs_max(self) -> float:
+        """The largest |exact score| of a live row (0 when none is live)."""
+        finite = self.scores[np.isfinite(self.scores)]
+        return float(np.abs(finite).max()) if len(finite) else 0.0
+
+    def best(self, count: int) -> np.ndarray:
+        """Local rows of the `count` highest live scores."""
+        finite = np.flatnonzero(np.isfinite(self.scores))
+        if len(finite) <= count:
+            return finite
+        return finite[np.argpartition(-self.scores[finite], count - 1)[:count]]
+
+    def reaching(self, threshold: float) -> np.ndarray:
+        """Live local rows (ascending) whose exact score reaches `threshold`."""
+        return np.flatnonzero(self.scores >= threshold)
+
+    def exact(self, rows: np.ndarray) -> np.ndarray:
+        """[n] float32 exact scores (already computed)."""
+        return self.scores[rows]
+
+
+class ExactPass:
+    """A shard without pruning files, scanned: its exact scores stand in for bounds, query by query."""
+
+    def __init__(self, bounds: list[ExactShardBound]):
+        self.bounds = bounds
+
+    def best(self, count: int) -> list[np.ndarray]:
+        """Per query, local rows of the `count` highest live scores."""
+        return [b.best(count) for b in self.bounds]
+
+    def reaching(self, thresholds: list[float]) -> list[np.ndarray]:
+        """Per query, live local rows (ascending) whose exact score reaches its threshold."""
+        return [b.reaching(t) for b, t in zip(self.bounds, thresholds)]
+
+    def reaching_with(self, i: int, threshold: float, weight: float, extra: np.ndarray, extra_weight: float
+                      ) -> np.ndarray:
+        """Live local rows (ascending) where weight * exact + extra_weight * extra[row] reaches `threshold`."""
+        scores = self.bounds[i].scores.astype(np.float64)
+        with np.errstate(invalid="ignore"):  # deleted rows: -inf, and NaN never passes
+            reach = weight * scores + extra_weight * extra.astype(np.float64) >= threshold
+        return np.flatnonzero(np.isfinite(scores) & reach)
+
+
+def shard_pass(shard: ShardVectors, info: ShardPruneInfo, dense_queries: np.ndarray) -> ShardPass:
+    """One int8 pass over a shard for a block of [Q, D] float32 queries.
+
+    A lone query takes one digit even in a cone: the one-column pass is the fastest there is, and costs the
+    looser bound a few more rows rescored; in a block, the second digit is almost free (_int_mm).
+    """
+    d = info.digits if len(dense_queries) > 1 else 1
+    frames = [QueryFrame.of(q, shard.frame, d) for q in dense_queries]
+    products = int8_products(shard.codes, np.concatenate([f.digits for f in frames], axis=1))  # [rows, Q * d]
+    if shard.live is not None:
+        # Deleted rows get the smallest product, so they never rank among the best.
+        products[~shard.live, ::d] = _MISSING
+    bounds = [DenseShardBound(shard, info, f, products[:, i * d], products[:, i * d + 1] if d == 2 else None)
+              for i, f in enumerate(frames)]
+    return ShardPass(shard, bounds, products[:, ::d])
+
+
+def shard_bounds(shard: ShardVectors, info: ShardPruneInfo, dense_queries: np.ndarray) -> list[DenseShardBound]:
+    """One int8 pass over a shard for a block of [Q, D] float32 queries: each query's DenseShardBound."""
+    return shard_pass(shard, info, dense_queries).bounds

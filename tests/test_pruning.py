@@ -1,0 +1,595 @@
+"""Rank-safe pruning (issue 17): the pruned top-k is the full scan's, rows, order and score bits, on adversarial
+data; the bounds it rests on hold for every row; batches and lone queries agree; the pruning files are part of
+the index format (built, checked, optional)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bge_index.search import dense_prune
+from bge_index.search.dense_kernel import DenseKernel
+from bge_index.search.dense_prune import ShardPruneInfo, int8_products, shard_bounds
+from bge_index.search.query import QueryVectors, ScoreWeights
+from bge_index.search.scoring import Searcher, top_k
+from bge_index.search.sparse_prune import SparseShardQuery, token_max_of
+from bge_index.store.manifest import Manifest, read_manifest
+from bge_index.store.names import BASE_SEARCH_KINDS, PRUNE_SEARCH_KINDS, SEARCH_DIR
+from bge_index.store.shard_reader import verify_index
+from bge_index.store.shard_writer import IndexWriter, RowBatch
+from bge_index.store.vector_store import (OpenIndex, ShardVectors, heavy_columns, invert, quantize_dense,
+                                          token_abs_max)
+
+DIM = 64
+VOCAB = 400
+
+
+# ---------------------------------------------------------------------------
+# building shards and queries
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def sparse_rows(rng, n: int, vocab: int = VOCAB, tokens: int = 12, zipf: float = 1.1) -> list[dict[int, float]]:
+    """Zipf-drawn token ids (some in most rows: heavy columns), weights in (0.01, 0.31]."""
+    cdf = np.cumsum(1 / np.arange(1, vocab + 1) ** zipf)
+    cdf /= cdf[-1]
+    rows = []
+    for _ in range(n):
+        ids = np.unique(np.searchsorted(cdf, rng.random(tokens)))
+        rows.append({int(t): float(np.float32(rng.random() * 0.3 + 0.01)) for t in ids})
+    return rows
+
+
+def shard(dense: np.ndarray, sparse: list[dict[int, float]], start: int = 0, live: np.ndarray | None = None,
+          prune: bool = True) -> ShardVectors:
+    """A shard's search data built in memory, as build_search_files writes it (pruning data included)."""
+    dense = np.asarray(dense, dtype=np.float32).astype(np.float16)
+    indptr, indices, values = [0], [], []
+    for row in sparse:
+        for token in sorted(row):
+            indices.append(token)
+            values.append(row[token])
+        indptr.append(len(indices))
+    token_ids, token_ptr, rows, weights = invert(np.array(indptr), np.array(indices, dtype=np.uint32),
+                                                 np.array(values, dtype=np.float32), VOCAB)
+    heavy, columns = heavy_columns(token_ids, token_ptr, rows, weights, len(dense))
+    extra = {}
+    if prune:
+        frame, codes, bounds = quantize_dense(dense)
+        extra = dict(codes=codes, frame=frame, row_bounds=bounds, token_max=token_abs_max(token_ptr, weights))
+    return ShardVectors(start, dense, token_ids, token_ptr, rows, weights, heavy, columns, live=live, **extra)
+
+
+def searcher(parts: list[tuple[np.ndarray, list[dict[int, float]], np.ndarray | None]], prune: bool = True
+             ) -> Searcher:
+    shards, start = [], 0
+    for dense, sparse, live in parts:
+        shards.append(shard(dense, sparse, start, live, prune))
+        start += len(dense)
+    return Searcher(shards, VOCAB)
+
+
+def query(dense: np.ndarray, sparse: dict[int, float]) -> QueryVectors:
+    tokens = sorted(sparse)
+    return QueryVectors(np.asarray(dense, dtype=np.float32), np.array(tokens, dtype=np.uint32),
+                        np.array([sparse[t] for t in tokens], dtype=np.float32))
+
+
+def hits_bits(hits) -> list[tuple]:
+    """Rows and every score's float32 bits."""
+    return [(h.row, np.float32(h.score).tobytes(), np.float32(h.dense).tobytes(), np.float32(h.sparse).tobytes())
+            for h in hits]
+
+
+def assert_same_as_scan(index: Searcher, queries: list[QueryVectors], k: int, modes=("dense", "sparse", "hybrid"),
+                        weights: ScoreWeights = ScoreWeights()) -> None:
+    """Pruned answers (each query alone, and all in one batch) equal the full scan's, bit for bit."""
+    for mode in modes:
+        index.prune = False
+        scanned = [index.search(q, k, mode, weights) for q in queries]
+        index.prune = True
+        batch = index.search_many(queries, k, mode, weights)
+        for q, expected, batched in zip(queries, scanned, batch):
+            alone = index.search(q, k, mode, weights)
+            assert hits_bits(alone) == hits_bits(expected), mode
+            assert hits_bits(batched) == hits_bits(expected), mode
+
+
+def random_parts(rng, sizes, deleted_share: float = 0.0, dim: int = DIM):
+    parts = []
+    for n in sizes:
+        live = None
+        if deleted_share:
+            live = rng.random(n) >= deleted_share
+        parts.append((unit(rng.standard_normal((n, dim))), sparse_rows(rng, n), live))
+    return parts
+
+
+def random_queries(rng, count: int, dim: int = DIM) -> list[QueryVectors]:
+    return [query(unit(rng.standard_normal(dim)), sparse_rows(rng, 1, tokens=6)[0]) for _ in range(count)]
+
+
+# ---------------------------------------------------------------------------
+# the bounds themselves
+
+
+def test_int8_products_are_exact_integers():
+    rng = np.random.default_rng(0)
+    codes = rng.integers(-127, 128, (300, 96), dtype=np.int8)
+    codes[0] = 127
+    codes[1] = -127
+    query_codes = rng.integers(-127, 128, (96, 5), dtype=np.int8)
+    query_codes[:, 0] = 127
+    expected = codes.astype(np.int64) @ query_codes.astype(np.int64)  # [rows, columns]
+    assert np.array_equal(int8_products(codes, query_codes), expected)
+
+
+def test_one_query_column_goes_through_simsimd_exactly(monkeypatch):
+    rng = np.random.default_rng(20)
+    codes = rng.integers(-127, 128, (5000, 1024), dtype=np.int8)
+    codes[:3] = 127
+    query_codes = rng.integers(-127, 128, (1024, 1), dtype=np.int8)
+    query_codes[:512] = 127
+    expected = codes.astype(np.int64) @ query_codes.astype(np.int64)  # [rows, columns]
+    assert np.array_equal(int8_products(codes, query_codes), expected)
+    monkeypatch.setattr(dense_prune, "_simsimd_checked", False)  # as if simsimd were not installed
+    assert np.array_equal(int8_products(codes, query_codes), expected)
+
+
+def test_int8_products_fall_back_to_exact_float64(monkeypatch):
+    rng = np.random.default_rng(1)
+    codes = rng.integers(-127, 128, (50, 40), dtype=np.int8)
+    query_codes = rng.integers(-127, 128, (40, 3), dtype=np.int8)
+    monkeypatch.setattr(dense_prune, "_int_mm_checked", False)  # as if _int_mm were missing or inexact here
+    monkeypatch.setattr(dense_prune, "_simsimd_checked", False)
+    expected = codes.astype(np.int64) @ query_codes.astype(np.int64)  # [rows, columns]
+    assert np.array_equal(int8_products(codes, query_codes), expected)
+    assert np.array_equal(int8_products(codes, query_codes[:, :1]), expected[:, :1])
+
+
+def _exact_scores(dense16: np.ndarray, q: np.ndarray) -> np.ndarray:
+    kernel = DenseKernel()
+    [block] = DenseKernel.query_blocks(q[None, :])
+    return kernel.rows(dense16, np.arange(len(dense16)), block, 0)
+
+
+@pytest.mark.parametrize("layout", ["isotropic", "cone", "outliers", "constant"])
+def test_every_rows_exact_score_lies_within_its_bounds(layout):
+    rng = np.random.default_rng(2)
+    n = 3000
+    if layout == "isotropic":
+        x = unit(rng.standard_normal((n, DIM)))
+    elif layout == "cone":  # real embeddings: one shared direction, small differences (a random-weight model's)
+        x = unit(np.ones(DIM) + 0.01 * rng.standard_normal((n, DIM)))
+    elif layout == "outliers":  # components far past the step's quantile: clipped codes, the largest errors
+        x = rng.standard_normal((n, DIM))
+        x[::7, 3] = 40.0
+        x = unit(x)
+    else:
+        x = np.tile(unit(rng.standard_normal(DIM)), (n, 1))
+    dense16 = x.astype(np.float16)
+    frame, codes, row_bounds = quantize_dense(dense16)
+    part = ShardVectors(0, dense16, np.zeros(0, np.uint32), np.zeros(1, np.int64), np.zeros(0, np.uint32),
+                        np.zeros(0, np.float32), codes=codes, frame=frame, row_bounds=row_bounds,
+                        token_max=np.zeros(0, np.float32))  # [n, D] rows, no sparse vectors
+    info = ShardPruneInfo.of(part)
+    queries = [unit(rng.standard_normal(DIM)), x[5], -x[7], unit(x[0] + 1e-3 * rng.standard_normal(DIM)),
+               np.eye(DIM, dtype=np.float32)[3], 3 * x[9]]
+    for digits in (1, 2):
+        info.digits = digits
+        for q, bound in zip(queries, shard_bounds(part, info, np.stack(queries))):
+            exact = _exact_scores(dense16, q).astype(np.float64)
+            rows = np.arange(n)
+            assert np.all(bound.lower(rows) <= exact) and np.all(exact <= bound.upper(rows)), layout
+            # and the integer pass keeps every row whose bound reaches a threshold
+            for threshold in np.quantile(exact, [0.5, 0.99, 0.999]):
+                expected = rows[bound.upper(rows) >= threshold]
+                assert np.array_equal(bound.reaching(threshold), expected)
+
+
+def test_sparse_candidates_hold_every_row_that_reaches_the_threshold():
+    rng = np.random.default_rng(3)
+    n = 2000
+    part = shard(unit(rng.standard_normal((n, DIM))), sparse_rows(rng, n), live=rng.random(n) > 0.1)
+    q = query(unit(rng.standard_normal(DIM)), {0: 0.9, 1: 0.2, 5: 0.4, 50: 0.7, 300: 0.05, 399: 1.3, 7: -0.3})
+    sq = SparseShardQuery(part, q.sparse_ids, q.sparse_weights, token_max_of(part, {}))
+    exact = sq.exact(np.arange(n))
+    assert sq.split(0.0) is None  # rows sharing no token score 0: only a scan ranks them
+    short = sq.read_columns(sq.gather(sq.short_tokens(16)))
+    assert np.all(sq.lower(short) <= exact[short.rows])
+    for threshold in np.quantile(exact[exact > 0], [0.1, 0.5, 0.9, 0.99]):
+        rows, scores = sq.reaching(float(threshold))
+        wanted = np.flatnonzero((exact >= threshold) & part.live)
+        assert np.all(np.isin(wanted, rows)) and np.all(part.live[rows])
+        assert scores.tobytes() == exact[rows].tobytes()
+        kept, left_out = sq.split(float(threshold))
+        assert sum(t.bound for t in left_out) < threshold and len(rows) < n
+
+
+# ---------------------------------------------------------------------------
+# the pruned answer is the scan's
+
+
+@pytest.mark.parametrize("k", [1, 10, 57])
+def test_pruned_top_k_equals_the_full_scan_bit_for_bit(k):
+    rng = np.random.default_rng(4)
+    index = searcher(random_parts(rng, [900, 1400, 700], deleted_share=0.1))
+    assert_same_as_scan(index, random_queries(rng, 20), k)
+
+
+def test_pruning_rescores_few_rows():
+    rng = np.random.default_rng(5)
+    index = searcher(random_parts(rng, [20000], dim=256))
+    queries = random_queries(rng, 8, dim=256)
+    for mode in ("dense", "hybrid"):
+        index.search_many(queries, 10, mode)
+        assert max(index.last_rescored) < 20000 // 10, (mode, index.last_rescored)
+    # sparse: a query whose top-10 needs rows sharing no token with it (score 0) is scanned, the others pruned
+    index.search_many(queries, 10, "sparse")
+    assert np.median(index.last_rescored) < 20000 // 10, index.last_rescored
+
+
+def test_near_ties_and_duplicates_at_the_kth_score_keep_row_order():
+    rng = np.random.default_rng(6)
+    base = unit(rng.standard_normal((3000, DIM)))
+    q = unit(rng.standard_normal(DIM))
+    # 30 copies of one row that scores just inside the top 10, spread over three shards and deleted in places,
+    # and rows one float16 step away from it: the k-th score is a many-way tie next to near-ties.
+    best = unit(q + 0.4 * unit(rng.standard_normal(DIM)))
+    copies = rng.choice(3000, 30, replace=False)
+    base[copies] = best
+    nudged = best.astype(np.float16)
+    nudged[np.argmax(np.abs(q))] += np.float16(1e-3)
+    base[rng.choice(np.setdiff1d(np.arange(3000), copies), 10, replace=False)] = nudged.astype(np.float32)
+    sparse = sparse_rows(rng, 3000)
+    for row in copies:
+        sparse[row] = {1: 0.25, 7: 0.1}
+    live = np.ones(3000, dtype=bool)
+    live[copies[:5]] = False
+    parts = [(base[:1000], sparse[:1000], live[:1000]), (base[1000:2000], sparse[1000:2000], live[1000:2000]),
+             (base[2000:], sparse[2000:], live[2000:])]
+    index = searcher(parts)
+    queries = [query(q, {1: 0.5, 7: 0.3, 40: 0.2})]
+    for k in (1, 10, 25, 40):
+        assert_same_as_scan(index, queries, k)
+    hits = index.search(queries[0], 40, "dense")
+    copy_score = index.dense_score(queries[0], int(copies[-1]))
+    tied = [h.row for h in hits if h.score == copy_score]
+    assert tied == sorted(tied) and len(tied) == 25  # every live copy, in row order
+
+
+def test_rows_with_the_largest_quantization_error_are_found():
+    rng = np.random.default_rng(7)
+    x = unit(rng.standard_normal((4000, DIM))).astype(np.float64)
+    frame, _codes, _bounds = quantize_dense(x.astype(np.float16))
+    center, step = frame[0].astype(np.float64), frame[1].astype(np.float64)
+    worst = np.array([5, 1234, 3999])
+    # Every component half a step from its code: the largest rounding error a row can have.
+    x[worst] = center + (np.clip(np.floor((x[worst] - center) / step), -127, 126) + 0.5) * step
+    index = searcher([(x, sparse_rows(rng, 4000), None)])  # one shard: the frame the rows were snapped in
+    row_bounds = index.shards[0].row_bounds
+    assert row_bounds[worst, 1].min() > 1.5 * np.median(row_bounds[:, 1])
+    q = unit(x[worst].sum(axis=0))  # ... and these are the rows this query wants
+    queries = [query(q, {2: 0.4}), query(unit(q + 0.1 * rng.standard_normal(DIM)), {2: 0.4})]
+    for k in (1, 3, 10):
+        assert_same_as_scan(index, queries, k)
+    assert set(worst.tolist()) <= {h.row for h in index.search(queries[0], 10, "dense")}
+
+
+def test_a_narrow_cone_of_vectors_like_a_random_weight_model():
+    rng = np.random.default_rng(8)
+    center = unit(rng.standard_normal(DIM))
+    x = unit(center + 0.003 * rng.standard_normal((5000, DIM)))  # cosines about 0.9999: gaps of ~1e-6 at the top
+    queries = [query(unit(center + 0.003 * rng.standard_normal(DIM)), sparse_rows(rng, 1, tokens=5)[0])
+               for _ in range(6)]
+    index = searcher([(x[:2500], sparse_rows(rng, 2500), None), (x[2500:], sparse_rows(rng, 2500), None)])
+    assert_same_as_scan(index, queries, 10)
+    index.search_many(queries, 10, "dense")
+    assert max(index.last_rescored) < 5000  # the centered codes still prune
+
+
+def test_deleted_rows_never_appear_and_k_past_the_live_rows():
+    rng = np.random.default_rng(9)
+    x = unit(rng.standard_normal((600, DIM)))
+    q = unit(rng.standard_normal(DIM))
+    scores = x @ q
+    live = np.ones(600, dtype=bool)
+    live[np.argsort(-scores)[:50]] = False  # the 50 best rows are deleted
+    index = searcher([(x[:300], sparse_rows(rng, 300), live[:300]), (x[300:], sparse_rows(rng, 300), live[300:])])
+    queries = [query(q, {0: 0.3, 3: 0.2})]
+    for k in (10, 549, 550, 551, 1000):
+        assert_same_as_scan(index, queries, k)
+        for mode in ("dense", "sparse", "hybrid"):
+            hits = index.search(queries[0], k, mode)
+            assert len(hits) == min(k, 550) and all(live[h.row] for h in hits)
+
+
+def test_empty_and_all_deleted_indexes():
+    empty = Searcher([], VOCAB)
+    q = query(np.ones(DIM, dtype=np.float32) / 8, {1: 0.5})
+    for mode in ("dense", "sparse", "hybrid"):
+        assert empty.search(q, 10, mode) == []
+    rng = np.random.default_rng(10)
+    gone = searcher([(unit(rng.standard_normal((40, DIM))), sparse_rows(rng, 40), np.zeros(40, dtype=bool))])
+    for mode in ("dense", "sparse", "hybrid"):
+        assert gone.search(q, 10, mode) == []
+
+
+def test_sparse_queries_matching_few_rows_fill_with_zero_scores_in_row_order():
+    rng = np.random.default_rng(11)
+    index = searcher(random_parts(rng, [500, 500]))
+    rare = query(unit(rng.standard_normal(DIM)), {399: 0.5})  # in a few rows at most
+    assert_same_as_scan(index, [rare, query(rare.dense, {})], 20, modes=("sparse", "hybrid"))
+
+
+@pytest.mark.parametrize("weights", [ScoreWeights(1.0, 0.3), ScoreWeights(0.0, 1.0), ScoreWeights(1.0, 0.0),
+                                     ScoreWeights(0.2, 5.0), ScoreWeights(-1.0, 0.3)])
+def test_hybrid_weights_including_zero_and_negative(weights):
+    rng = np.random.default_rng(12)
+    index = searcher(random_parts(rng, [1500, 800], deleted_share=0.05))
+    assert_same_as_scan(index, random_queries(rng, 5), 10, modes=("hybrid",), weights=weights)
+
+
+def test_negative_and_zero_query_weights_stay_exact():
+    rng = np.random.default_rng(13)
+    index = searcher(random_parts(rng, [1200]))
+    queries = [query(unit(rng.standard_normal(DIM)), {0: -0.5, 2: 0.4, 9: 0.0, 30: 0.8})]
+    assert_same_as_scan(index, queries, 10)
+
+
+def test_shards_without_pruning_data_mix_with_shards_that_have_it():
+    rng = np.random.default_rng(14)
+    parts = random_parts(rng, [800, 800, 800], deleted_share=0.1)
+    mixed = searcher(parts)
+    mixed.shards[1] = shard(*parts[1][:2], start=800, live=parts[1][2], prune=False)  # a shard from before
+    mixed._pruned.shards[1] = mixed.shards[1]
+    assert_same_as_scan(mixed, random_queries(rng, 6), 10)
+
+
+def test_a_batch_of_many_queries_answers_each_as_alone():
+    rng = np.random.default_rng(15)
+    index = searcher(random_parts(rng, [2000, 1000]))
+    queries = random_queries(rng, 70)  # more than two int8 blocks, positions in every column
+    for mode in ("dense", "hybrid", "sparse"):
+        batch = index.search_many(queries, 10, mode)
+        for position in (0, 1, 15, 16, 31, 32, 47, 69):
+            assert hits_bits(batch[position]) == hits_bits(index.search(queries[position], 10, mode)), position
+
+
+def test_a_rows_score_does_not_depend_on_its_place_in_the_kernels_block():
+    rng = np.random.default_rng(16)
+    dense16 = unit(rng.standard_normal((2500, DIM))).astype(np.float16)
+    qs = unit(rng.standard_normal((20, DIM)))
+    blocks = DenseKernel.query_blocks(qs)
+    kernel = DenseKernel()
+    scanned = np.empty((20, 2500), dtype=np.float32)
+    kernel.scan(dense16, blocks, 20, scanned)
+    picked = rng.permutation(2500)[:1500]
+    for i in (0, 7, 15, 16, 19):
+        got = kernel.rows(dense16, picked, blocks[i // 16], i % 16)
+        assert got.tobytes() == scanned[i, picked].tobytes()
+
+
+def test_pruning_is_off_when_float32_matmuls_are_not_float32():
+    rng = np.random.default_rng(17)
+    index = searcher(random_parts(rng, [3000]))
+    q = random_queries(rng, 1)
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        index.search_many(q, 10, "dense")
+        assert index.last_rescored == [3000]
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    mkldnn = torch.backends.mkldnn.matmul
+    if hasattr(mkldnn, "fp32_precision"):  # torch's newer, per-backend knob
+        before = mkldnn.fp32_precision
+        try:
+            mkldnn.fp32_precision = "bf16"
+            index.search_many(q, 10, "dense")
+            assert index.last_rescored == [3000]
+        finally:
+            mkldnn.fp32_precision = before
+    index.search_many(q, 10, "dense")
+    assert index.last_rescored[0] < 3000
+
+
+def test_colbert_candidates_come_from_the_pruned_hybrid_top():
+    rng = np.random.default_rng(18)
+    index = searcher(random_parts(rng, [3000]))
+    q = random_queries(rng, 1)[0]
+    q = QueryVectors(q.dense, q.sparse_ids, q.sparse_weights, colbert=unit(rng.standard_normal((3, 8))))
+    vectors = {row: unit(rng.standard_normal((4, 8))) for row in range(3000)}
+
+    def fetch(rows):
+        return [vectors[r] for r in rows]
+
+    index.prune = False
+    scanned = index.search(q, 5, "colbert", fetch_colbert=fetch)
+    index.prune = True
+    pruned = index.search(q, 5, "colbert", fetch_colbert=fetch)
+    assert pruned == scanned
+    assert index.last_rescored[0] < 3000
+
+
+# ---------------------------------------------------------------------------
+# the pruning files in an index
+
+
+def _write_index(path, rows: int = 3000, seed: int = 19, shard_rows: int = 1000):
+    rng = np.random.default_rng(seed)
+    manifest = Manifest(model={"name": "synthetic", "revision": "none", "sha256": None, "files": {},
+                               "dtype": "fp32", "max_length": 512},
+                        dense_dim=DIM, colbert_dim=None, vocab_size=VOCAB, store_text=False, generation=1)
+    writer = IndexWriter(path, manifest, shard_rows=shard_rows)
+    sparse = sparse_rows(rng, rows)
+    writer.write(RowBatch([f"d{i}" for i in range(rows)], ["0" * 32] * rows, None,
+                          unit(rng.standard_normal((rows, DIM))),
+                          [(np.array(sorted(s), dtype=np.uint32), np.array([s[t] for t in sorted(s)], np.float32))
+                           for s in sparse]))
+    writer.commit()
+    return rng
+
+
+def test_an_index_run_writes_the_pruning_files_and_verify_checks_them(tmp_path):
+    _write_index(tmp_path / "ix")
+    manifest = read_manifest(tmp_path / "ix")
+    for info in manifest.shards:
+        assert {r["kind"] for r in info.search} == set(BASE_SEARCH_KINDS + PRUNE_SEARCH_KINDS)
+    codes = np.load(tmp_path / "ix" / SEARCH_DIR / f"{manifest.shards[0].file[:-8]}.dense-codes.npy")
+    dense = np.load(tmp_path / "ix" / SEARCH_DIR / f"{manifest.shards[0].file[:-8]}.dense.npy")
+    assert codes.dtype == np.int8 and codes.nbytes * 2 == dense.nbytes  # half the float16 file
+    assert verify_index(tmp_path / "ix") == []
+    opened = OpenIndex.open(tmp_path / "ix")
+    assert all(s.codes is not None and s.token_max is not None for s in opened.vectors)
+    # a damaged pruning file is named, never searched
+    path = tmp_path / "ix" / SEARCH_DIR / f"{manifest.shards[1].file[:-8]}.dense-bounds.npy"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert any("dense-bounds" in problem for problem in verify_index(tmp_path / "ix"))
+
+
+def test_an_index_without_pruning_files_is_searched_by_scans_with_the_same_answers(tmp_path):
+    rng = _write_index(tmp_path / "ix")
+    pruned = Searcher(OpenIndex.open(tmp_path / "ix").vectors, VOCAB)
+    # The same index as written before the pruning kinds existed: its manifest names the base kinds only.
+    path = tmp_path / "ix" / "manifest.json"
+    raw = json.loads(path.read_text())
+    for info in raw["shards"]:
+        info["search"] = [r for r in info["search"] if r["kind"] in BASE_SEARCH_KINDS]
+    path.write_text(json.dumps(raw))
+    assert verify_index(tmp_path / "ix") == []
+    old = Searcher(OpenIndex.open(tmp_path / "ix").vectors, VOCAB)
+    assert all(s.codes is None for s in old.shards)
+    queries = random_queries(rng, 5)
+    for mode in ("dense", "sparse", "hybrid"):
+        for q in queries:
+            assert hits_bits(old.search(q, 10, mode)) == hits_bits(pruned.search(q, 10, mode))
+    old.search_many(queries, 10, "dense")
+    assert old.last_rescored == [3000] * 5  # scanned
+    pruned.search_many(queries, 10, "dense")
+    assert max(pruned.last_rescored) < 3000
+    # a manifest naming some pruning kinds but not all is damaged
+    raw["shards"][0]["search"].append({"kind": "dense-codes", "file": "x", "bytes": 0, "crc32": 0})
+    path.write_text(json.dumps(raw))
+    with pytest.raises(Exception):
+        OpenIndex.open(tmp_path / "ix")
+
+
+def test_the_scan_and_the_pruned_search_agree_with_brute_force_over_the_files(tmp_path):
+    rng = _write_index(tmp_path / "ix", rows=2500, shard_rows=800)
+    opened = OpenIndex.open(tmp_path / "ix")
+    index = Searcher(opened.vectors, VOCAB)
+    dense = np.concatenate([s.dense for s in opened.vectors]).astype(np.float64)
+    for q in random_queries(rng, 5):
+        brute = dense @ q.dense.astype(np.float64)
+        hits = index.search(q, 10, "dense")
+        assert [h.row for h in hits] == top_k(brute.astype(np.float32), 10).tolist() or \
+            np.allclose([h.score for h in hits], np.sort(brute)[::-1][:10], atol=1e-6)
+        np.testing.assert_allclose([h.score for h in hits], brute[[h.row for h in hits]], atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# the commands: errors that need only the index come before the model; eval encodes each query once
+
+
+@pytest.fixture(scope="module")
+def small_index(tiny_model, tmp_path_factory):
+    from helpers import index, write_jsonl
+
+    folder = tmp_path_factory.mktemp("pruning-cli")
+    corpus = folder / "corpus.jsonl"
+    write_jsonl(corpus, [{"id": f"d{i}", "text": f"note {i} about the moon, tides and bread number {i % 7}"}
+                         for i in range(60)])
+    index(corpus, folder / "ix", tiny_model)
+    return folder / "ix"
+
+
+def _no_model_loads(monkeypatch):
+    """Make loading any model fail loudly: an error seen before it is an error found without a model."""
+    from bge_index.search import local_index
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(local_index, "load_encoder", refuse)
+
+
+def test_colbert_on_an_index_without_colbert_fails_before_the_model_loads(small_index, monkeypatch):
+    from helpers import invoke
+
+    _no_model_loads(monkeypatch)
+    result = invoke("search", small_index, "moon", "--mode", "colbert")
+    assert result.exit_code == 1 and "--colbert" in result.stderr, result.output
+    qrels = small_index.parent / "qrels.tsv"
+    qrels.write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    queries = small_index.parent / "queries.jsonl"
+    queries.write_text('{"_id": "q1", "text": "moon"}\n')
+    result = invoke("eval", small_index, "--queries", queries, "--qrels", qrels, "--modes", "dense,colbert")
+    assert result.exit_code == 1 and "--colbert" in result.stderr, result.output
+
+
+def test_a_folder_that_is_not_an_index_or_a_damaged_one_fails_before_the_model_loads(small_index, tmp_path,
+                                                                                       monkeypatch):
+    import shutil
+
+    from helpers import invoke
+
+    _no_model_loads(monkeypatch)
+    result = invoke("search", tmp_path, "moon")
+    assert result.exit_code == 1 and "not a bge-index index" in result.stderr, result.output
+    damaged = tmp_path / "damaged"
+    shutil.copytree(small_index, damaged)
+    [codes] = list((damaged / SEARCH_DIR).glob("*.dense-codes.npy"))
+    data = bytearray(codes.read_bytes())
+    data[-1] ^= 0x01
+    codes.write_bytes(bytes(data))
+    result = invoke("search", damaged, "moon", env={"BGE_INDEX_CACHE_DIR": str(tmp_path / "cache")})
+    assert result.exit_code == 1 and "dense-codes" in result.stderr and "damaged" in result.stderr, result.output
+
+
+def test_eval_encodes_each_query_once_for_all_modes(small_index, monkeypatch):
+    from helpers import ok
+
+    from bge_index.search import local_index
+
+    encoded: list[str] = []
+    original = local_index.LocalIndex.encode_queries
+
+    def counting(self, texts, colbert=False):
+        encoded.extend(texts)
+        return original(self, texts, colbert)
+
+    monkeypatch.setattr(local_index.LocalIndex, "encode_queries", counting)
+    folder = small_index.parent
+    (folder / "q.jsonl").write_text('{"_id": "q1", "text": "moon tides"}\n{"_id": "q2", "text": "bread 3"}\n')
+    (folder / "r.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\nq2\td3\t1\n")
+    ok("eval", small_index, "--queries", folder / "q.jsonl", "--qrels", folder / "r.tsv", "--modes",
+       "dense,sparse,hybrid", "--runs", folder / "runs", "--depth", "20")
+    assert sorted(encoded) == ["bread 3", "moon tides"]
+    # and each mode's run is the one `search` gives each query alone
+    for mode in ("dense", "sparse", "hybrid"):
+        lines = (folder / "runs" / f"{mode}.trec").read_text().splitlines()
+        alone = json.loads(ok("search", small_index, "moon tides", "--mode", mode, "-k", "20", "--format",
+                              "json").stdout)[0]["hits"]
+        run = {r[2]: float(r[4]) for r in (line.split() for line in lines) if r[0] == "q1"}
+        assert run == pytest.approx({h["id"]: h["score"] for h in alone}, abs=1e-6)
+
+
+def test_a_querys_dense_and_sparse_vectors_do_not_depend_on_asking_for_colbert(encoder):
+    from bge_index.search.local_index import encode_queries
+
+    texts = ["moon tides", "the octopus has three hearts", "zzqx"]
+    plain, with_colbert = encode_queries(encoder, texts), encode_queries(encoder, texts, colbert=True)
+    for a, b in zip(plain, with_colbert):
+        assert a.dense.tobytes() == b.dense.tobytes()
+        assert a.sparse_ids.tobytes() == b.sparse_ids.tobytes()
+        assert a.sparse_weights.tobytes() == b.sparse_weights.tobytes()
+        assert a.colbert is None and b.colbert is not None
