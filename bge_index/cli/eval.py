@@ -20,12 +20,13 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from bge_index.cli.display import note, stdout
+from bge_index.cli.display import note, shown, stdout
 from bge_index.cli.options import (Device, Dtype, IndexDir, QueryDtype, QueryModel, ReportFormat, check_output_folder,
                                    with_search_flags)
 from bge_index.input.documents import read_queries
 from bge_index.errors import EvaluationInputError, InvalidOptionError, OutputError
-from bge_index.search.evaluation import QueryCoverage, evaluate, parse_metrics, query_coverage, read_qrels, write_trec_run
+from bge_index.search.evaluation import (DocumentCoverage, QueryCoverage, document_coverage, evaluate,
+                                        evaluate_per_query, parse_metrics, query_coverage, read_qrels, write_trec_run)
 from bge_index.search.query import SEARCH_OPTIONS, Mode, Query, request_from_options
 
 SHOWN_IDS = 5  # query ids named in a note before "…"
@@ -52,6 +53,8 @@ def evaluate_index(
                                        help="Documents retrieved per query (the run's length).")] = 1000,
     runs: Annotated[Optional[Path], typer.Option("--runs", help="Also write a TREC run per mode into this folder.")] = None,
     output_format: Annotated[ReportFormat, typer.Option("--format", help="Output format.")] = ReportFormat.table,
+    per_query: Annotated[bool, typer.Option("--per-query", help="Also give each query's metrics (as trec_eval -q).")]
+    = False,
     model: QueryModel = None,
     device: Device = "auto",
     dtype: QueryDtype = Dtype("auto"),
@@ -73,6 +76,8 @@ def evaluate_index(
         raise EvaluationInputError(f"no query to evaluate: no query of --queries {queries} has a relevant judgment "
                                    f"in --qrels {qrels} (do the query ids match?)")
 
+    documents = judged_documents_in_index(index_dir, judgments, qrels)  # before the model: a mismatch is quick
+
     from bge_index.search.local_index import LocalIndex  # loads torch and the model
 
     # What needs only the index (a folder that is not one, colbert without vectors) fails before the model
@@ -80,7 +85,7 @@ def evaluate_index(
     # whatever is encoded with them, so each mode's run is what the query gets alone.
     opened = LocalIndex(index_dir, model=model, device=device, dtype=dtype.value, modes=mode_list,
                         remember_queries=True)
-    table_rows = {}
+    table_rows, query_rows = {}, {}
     try:
         for mode, request in requests.items():
             results = opened.search(query_list, request)
@@ -88,12 +93,19 @@ def evaluate_index(
             if runs is not None:
                 write_run(runs / f"{mode.value}.trec", run, f"bge-index-{mode.value}")
             table_rows[mode.value] = evaluate(run, judgments, metric_list)
+            if per_query:
+                query_rows[mode.value] = evaluate_per_query(run, judgments, metric_list)
     finally:
         opened.close()
     if output_format is ReportFormat.json:
-        sys.stdout.write(json.dumps({"index_dir": str(index_dir), "queries_evaluated": len(coverage.evaluated),
-                                     "metrics": table_rows}, indent=2) + "\n")
+        report = {"index_dir": str(index_dir), "queries_evaluated": len(coverage.evaluated), "metrics": table_rows,
+                  "relevant_documents": {"judged": documents.relevant, "in_index": documents.in_index}}
+        if per_query:
+            report["per_query"] = query_rows
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
     else:
+        if per_query:
+            _print_per_query(query_rows, metric_list)
         table = Table(title=f"{escape(str(index_dir))}: {len(coverage.evaluated)} queries with judgments",
                       title_justify="left")
         table.add_column("mode")
@@ -104,6 +116,41 @@ def evaluate_index(
         stdout.print(table)
     for message in coverage_notes(coverage):
         note(message)
+    if documents.in_index < documents.relevant:
+        note(f"{documents.relevant - documents.in_index:,} of the {documents.relevant:,} documents judged relevant "
+             f"are not in the index (e.g. {', '.join(repr(i) for i in documents.missing_examples)}): no run can "
+             "find them")
+
+
+def judged_documents_in_index(index_dir: Path, judgments, qrels_path: Path) -> DocumentCoverage:
+    """How many relevant documents of the judgments the index holds; an error when it holds none of them."""
+    from bge_index.store.manifest import read_manifest
+    from bge_index.store.shard_reader import iter_live_keys
+
+    index_ids = {doc_id for doc_id, _, _ in iter_live_keys(index_dir, read_manifest(index_dir))}
+    documents = document_coverage(judgments, index_ids)
+    if documents.none_in_index:
+        sample = next(iter(index_ids), None)
+        hint = (f"; the index's ids look like {sample!r}" if sample is not None else "; the index is empty")
+        files = " (an index of files: `bge-index index --id-from stem` names them as BEIR qrels do)" \
+            if sample is not None and "." in sample.rsplit("/", 1)[-1] else ""
+        raise EvaluationInputError(
+            f"none of the {documents.relevant:,} documents judged relevant in --qrels {qrels_path} is in the index "
+            f"(e.g. {', '.join(repr(i) for i in documents.missing_examples)}){hint}{files}: every metric would be 0")
+    return documents
+
+
+def _print_per_query(query_rows: dict[str, dict[str, dict[str, float]]], metric_list) -> None:
+    """One row per mode and query, as trec_eval -q prints them."""
+    table = Table(title="per query", title_justify="left")
+    table.add_column("mode")
+    table.add_column("query")
+    for metric in metric_list:
+        table.add_column(metric.name, justify="right")
+    for mode_name, per_query in query_rows.items():
+        for qid, values in per_query.items():
+            table.add_row(mode_name, escape(shown(qid)), *(f"{values[m.name]:.4f}" for m in metric_list))
+    stdout.print(table)
 
 
 def parse_modes(text: str) -> list[Mode]:
