@@ -328,8 +328,13 @@ def test_output_formats(sample_index):
     assert [r["id"] for r in records] == [h["id"] for h in hits] and records[0]["query_id"] == "1"
 
     tsv = invoke("search", sample_index, "moon tides", "-k", "3", "--format", "tsv").stdout.splitlines()
-    assert tsv[0].split("\t") == ["query_id", "rank", "id", "score", "dense", "sparse"]
+    assert tsv[0].split("\t") == ["query_id", "rank", "id", "score", "dense", "sparse", "source"]
     assert [line.split("\t")[2] for line in tsv[1:]] == [h["id"] for h in hits]
+    # where each hit came from, in every format that has room for it (issue 20): file:line
+    assert [line.split("\t")[6] for line in tsv[1:]] == [h["source"] for h in hits]
+    assert all(h["source"].startswith(str(SAMPLE_CORPUS.resolve().parent)) for h in hits)
+    assert [r["source"] for r in records] == [h["source"] for h in hits]
+    assert hits[0]["source"].rsplit("/", 1)[-1] in table.stdout
 
     trec = invoke("search", sample_index, "moon tides", "-k", "3", "--format", "trec").stdout.splitlines()
     assert [line.split() for line in trec] == [

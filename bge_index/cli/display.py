@@ -128,11 +128,11 @@ def print_results(results: list[QueryResult], output_format: ResultFormat, mode:
             for ranked in result.hits:
                 sys.stdout.write(_json_shown(json.dumps(hit_record(result, ranked), ensure_ascii=False)) + "\n")
     elif output_format is ResultFormat.tsv:
-        sys.stdout.write("query_id\trank\tid\tscore\tdense\tsparse\n")
+        sys.stdout.write("query_id\trank\tid\tscore\tdense\tsparse\tsource\n")
         for result in results:
             for r in result.hits:
                 sys.stdout.write(f"{_tsv_field(result.query.id)}\t{r.rank}\t{_tsv_field(r.id)}\t{r.hit.score:.6f}\t"
-                                 f"{r.hit.dense:.6f}\t{r.hit.sparse:.6f}\n")
+                                 f"{r.hit.dense:.6f}\t{r.hit.sparse:.6f}\t{_tsv_field(r.source or '')}\n")
     else:  # TREC run format: qid Q0 docid rank score tag (whitespace-separated, so no spaces in ids)
         for result in results:
             for r in result.hits:
@@ -151,12 +151,19 @@ def _print_table(results: list[QueryResult], mode: str) -> None:
         if explain:
             table.add_column("matching tokens (q_w·d_w)")
         for ranked in result.hits:
-            row = [str(ranked.rank), f"{ranked.hit.score:.4f}", escape(shown(ranked.id)),
-                   escape(shown(_snippet(ranked.text)))]
+            snippet = escape(shown(_snippet(ranked.text)))
+            if ranked.source:  # under the snippet: a column of its own leaves ids no room on a terminal
+                snippet += f"\n[dim]{escape(shown(_short_source(ranked.source)))}[/dim]"
+            row = [str(ranked.rank), f"{ranked.hit.score:.4f}", escape(shown(ranked.id)), snippet]
             if explain:
                 row.append(escape(shown(", ".join(f"{t} {c:.3f}" for t, c in ranked.top_tokens))))
             table.add_row(*row)
         stdout.print(table)
+
+
+def _short_source(source: str | None) -> str:
+    """A hit's source for a table: the file's name and line (the full path is in json/jsonl/tsv)."""
+    return source.rsplit("/", 1)[-1] if source else ""
 
 
 def _snippet(text: str | None) -> str:

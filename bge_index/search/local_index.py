@@ -154,14 +154,24 @@ class LocalIndex:
             if request.with_text and self.manifest.store_text and hits else [None] * len(hits)
         doc_ids = self.opened.read_rows(rows, "doc_id") \
             if grouped and self.manifest.chunking and hits else ids
+        sources = self._sources(rows) if request.with_text and hits else [None] * len(hits)
         ranked = []
-        for rank, (hit, row_id, doc_id, text) in enumerate(zip(hits, ids, doc_ids, texts), start=1):
+        for rank, (hit, row_id, doc_id, text, source) in enumerate(zip(hits, ids, doc_ids, texts, sources), start=1):
             tokens: tuple[tuple[str, float], ...] = ()
             if request.explain:
                 tokens = tuple((self.encoder.decode_token(token), weight)
                                for token, weight in self.searcher.sparse_contributions(query, hit.row)[:8])
             if grouped:
-                ranked.append(RankedDocument(rank, doc_id, hit, text, tokens, row_id))
+                ranked.append(RankedDocument(rank, doc_id, hit, text, tokens, row_id, source))
             else:
-                ranked.append(RankedDocument(rank, row_id, hit, text, tokens))
+                ranked.append(RankedDocument(rank, row_id, hit, text, tokens, source=source))
         return ranked
+
+    def _sources(self, rows: list[int]) -> list[str | None]:
+        """`file:line` (the file alone for a whole-file document) of each row; None where its shard was written
+        before rows recorded their source."""
+        if not all("source" in shard.parquet.schema_arrow.names for shard in self.opened.shards):
+            return [None] * len(rows)
+        files = self.opened.read_rows(rows, "source")
+        lines = self.opened.read_rows(rows, "source_line")
+        return [None if f is None else f if line is None else f"{f}:{line}" for f, line in zip(files, lines)]

@@ -144,6 +144,7 @@ class RankedDocument:
     text: str | None = None
     top_tokens: tuple[tuple[str, float], ...] = ()
     passage_id: str | None = None  # with group_by_doc: the best passage of the document
+    source: str | None = None  # where the row came from: `file:line` (or the file), when the index records it
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,8 @@ def hit_record(result: QueryResult, ranked: RankedDocument) -> dict:
         record["passage"] = ranked.passage_id
     if ranked.text is not None:
         record["text"] = ranked.text
+    if ranked.source is not None:
+        record["source"] = ranked.source
     if ranked.top_tokens:
         record["tokens"] = [{"token": t, "contribution": round(c, 6)} for t, c in ranked.top_tokens]
     return record
