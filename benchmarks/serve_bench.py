@@ -19,6 +19,16 @@ other (nothing else running), it measures:
    per query; GET answers say query_id "1").
 
 The load average is printed before and after: compare ratios, on a quiet machine.
+
+With `--overload` it measures instead what issue 19 asks of a server in front of an application:
+
+    python benchmarks/serve_bench.py /tmp/tiny-m3 --rows 20000 --overload --clients 48 --per-client 64
+
+one batch's time (a POST of `--per-client` queries, alone), then `--clients` clients each posting
+`--per-client` queries in a loop for `--seconds` while one client sends GETs one after the other: the GETs'
+p50/p99 against one batch's time (goal: p99 at most 2x), the POSTs answered and refused (503), and the
+server's RSS under load against its RSS idle (goal: at most 1.5x). `--server-root DIR` runs the server from
+another checkout (e.g. `git archive HEAD`), for a before/after on the same machine.
 """
 
 from __future__ import annotations
@@ -91,6 +101,10 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp32", help="query precision (server, in-process and CLI alike)")
     parser.add_argument("--rounds", type=int, default=2, help="times each query is asked, in process and over HTTP")
     parser.add_argument("--build-only", action="store_true", help="build the index and stop")
+    parser.add_argument("--overload", action="store_true", help="measure GET latency and RSS under overload")
+    parser.add_argument("--per-client", type=int, default=64, help="--overload: queries in each client's POST")
+    parser.add_argument("--seconds", type=float, default=30.0, help="--overload: how long the clients post")
+    parser.add_argument("--server-root", type=Path, default=REPO, help="the checkout the server runs from")
     args = parser.parse_args()
 
     index_dir = args.index or args.checkpoint.with_name(f"{args.checkpoint.name}-serve-{args.rows}")
@@ -108,6 +122,9 @@ def main() -> None:
             if len(texts) == args.queries:
                 break
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.overload:
+        overload(args, index_dir)
+        return
     print(f"index {index_dir} ({args.rows:,} rows), model {args.checkpoint}, {len(texts)} queries, "
           f"mode {args.mode}, dtype {args.dtype}")
     print(f"load before: {load()}", flush=True)
@@ -200,6 +217,128 @@ def main() -> None:
     print(f"| ratio {args.clients} clients / one (goal: at least 3) | {many_rate / one_rate:.2f} |")
     print(f"| answers under concurrency = answers alone | {'yes' if concurrent_same else 'NO'} |")
     print(f"| HTTP answers = `search --queries --format json` | {'yes' if same_as_cli else 'NO'} |")
+
+
+def start_server(args, index_dir: Path, *extra: str) -> tuple[subprocess.Popen, int]:
+    """`bge-index serve` as a process from args.server_root; (process, port) once it listens."""
+    env = dict(os.environ, PYTHONPATH=str(args.server_root))
+    server = subprocess.Popen([sys.executable, "-m", "bge_index", "serve", str(index_dir), "--port", "0",
+                               "--dtype", args.dtype, "--no-access-log", *extra], stderr=subprocess.PIPE, text=True,
+                              cwd=args.server_root, env=env)
+    for line in server.stderr:
+        found = re.search(r"at http://127\.0\.0\.1:(\d+)", line)
+        if found:
+            threading.Thread(target=lambda: [None for _ in server.stderr], daemon=True).start()
+            return server, int(found.group(1))
+    sys.exit("the server did not start")
+
+
+def rss_mib(pid: int) -> float:
+    """A process' resident set size in MiB (Linux /proc)."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def overload(args, index_dir: Path) -> None:
+    """GET latency and RSS while `args.clients` clients post `args.per_client` queries each, in a loop."""
+    texts = [" ".join(json.loads(line)["text"].split()) for line in open(args.queries_file, encoding="utf-8")]
+    server, port = start_server(args, index_dir)
+    print(f"index {index_dir} ({args.rows:,} rows), model {args.checkpoint}, server from {args.server_root}; "
+          f"{args.clients} clients x {args.per_client} queries for {args.seconds:.0f} s; load {load()}", flush=True)
+
+    def post(client: http.client.HTTPConnection, offset: int) -> int:
+        body = json.dumps({"queries": [{"id": str(n), "text": texts[(offset + n) % len(texts)]}
+                                       for n in range(args.per_client)], "k": 10, "mode": args.mode})
+        client.request("POST", "/search", body=body, headers={"Content-Type": "application/json"})
+        response = client.getresponse()
+        response.read()
+        return response.status
+
+    try:
+        probe = Client(port)
+        for text in texts[:8]:
+            probe.get(f"/search?k=10&mode={args.mode}&q={quote(text)}")
+        time.sleep(1.0)
+        idle = rss_mib(server.pid)
+        alone = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        batch = []
+        for round_number in range(3):
+            started = time.perf_counter()
+            assert post(alone, round_number * args.per_client) == 200
+            batch.append(time.perf_counter() - started)
+        one_batch = statistics.median(batch)
+
+        stop = threading.Event()
+        statuses: dict[int, int] = {}
+        errors: list[str] = []
+        peak = [idle]
+
+        def client_loop(number: int) -> None:
+            client = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+            offset = number * args.per_client
+            while not stop.is_set():
+                try:
+                    status = post(client, offset)
+                except (OSError, http.client.HTTPException) as error:
+                    errors.append(repr(error))
+                    client.close()
+                    client = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+                    continue
+                statuses[status] = statuses.get(status, 0) + 1
+                offset += args.per_client
+                if status == 503:
+                    time.sleep(0.05)
+            client.close()
+
+        def sample() -> None:
+            while not stop.is_set():
+                peak[0] = max(peak[0], rss_mib(server.pid))
+                time.sleep(0.2)
+
+        threads = [threading.Thread(target=client_loop, args=(n,)) for n in range(args.clients)]
+        threads.append(threading.Thread(target=sample))
+        for thread in threads:
+            thread.start()
+        time.sleep(min(2.0, args.seconds / 4))  # the queue fills first
+        gets, gets_failed = [], 0
+        ends = time.monotonic() + args.seconds
+        number = 0
+        while time.monotonic() < ends:
+            path = f"/search?k=10&mode={args.mode}&q={quote(texts[number % len(texts)])}"
+            number += 1
+            started = time.perf_counter()
+            try:
+                probe.get(path)
+                gets.append(time.perf_counter() - started)
+            except (RuntimeError, OSError, http.client.HTTPException):
+                gets_failed += 1
+                probe = Client(port)
+        stop.set()
+        for thread in threads:
+            thread.join(900)
+    finally:
+        server.terminate()
+        server.wait(120)
+    gets.sort()
+    p99 = gets[min(len(gets) - 1, int(len(gets) * 0.99))] if gets else float("nan")
+    posted_queries = statuses.get(200, 0) * args.per_client
+    print(f"load after: {load()}")
+    print()
+    print("| measure | value |")
+    print("|---|---|")
+    print(f"| one batch alone (POST of {args.per_client} queries): median of 3 | {one_batch * 1e3:.0f} ms |")
+    print(f"| GETs during overload: count, refused or failed | {len(gets)}, {gets_failed} |")
+    print(f"| GET latency under overload: p50 / p99 / max | {statistics.median(gets) * 1e3:.0f} / "
+          f"{p99 * 1e3:.0f} / {gets[-1] * 1e3:.0f} ms |" if gets else "| GET latency | no GET answered |")
+    print(f"| GET p99 / one batch (goal: at most 2) | {p99 / one_batch:.2f} |")
+    print(f"| POSTs answered 200 / refused 503 / other / errors | {statuses.get(200, 0)} / {statuses.get(503, 0)} / "
+          f"{sum(v for k, v in statuses.items() if k not in (200, 503))} / {len(errors)} |")
+    print(f"| queries answered by POSTs, per second | {posted_queries / args.seconds:.0f} |")
+    print(f"| RSS idle / peak under load (goal: peak at most 1.5x idle) | {idle:.0f} / {peak[0]:.0f} MiB "
+          f"({peak[0] / idle:.2f}x) |")
 
 
 if __name__ == "__main__":

@@ -56,10 +56,15 @@ class Client:
 
 
 @contextlib.contextmanager
-def serving(index_dir: Path, token: str | None = None, max_batch: int = 64):
-    """An in-process server (uvicorn in a thread) on a free port; yields (port, service)."""
-    service = SearchService(LocalIndex(index_dir, dtype="fp32"), max_batch=max_batch)
-    server = make_server(create_app(service, str(index_dir), token=token), access_log=False)
+def serving(index_dir: Path, token: str | None = None, max_batch: int = 64, limits=None, index=None):
+    """An in-process server (uvicorn in a thread) on a free port; yields (port, service).
+
+    `limits` (serve.limits.Limits) bounds the queue, connections, reads and answers; `index` replaces the
+    LocalIndex opened here."""
+    bounded = {} if limits is None else {"limits": limits}
+    service = SearchService(index or LocalIndex(index_dir, dtype="fp32"), max_batch=max_batch,
+                            **({} if limits is None else {"max_queue": limits.max_queue}))
+    server = make_server(create_app(service, str(index_dir), token=token, **bounded), access_log=False, **bounded)
     listener = bind("127.0.0.1", 0)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()
@@ -149,7 +154,8 @@ def test_info_and_healthz(sample_index, client):
     status, _, body = client.request("GET", "/healthz")
     manifest = json.loads(ok("info", sample_index, "--format", "json").stdout)
     assert status == 200
-    assert json.loads(body) == {"status": "ok", "generation": manifest["generation"], "rows": manifest["documents"]}
+    assert json.loads(body) == {"status": "ok", "generation": manifest["generation"], "rows": manifest["documents"],
+                                "queued": 0, "index": manifest["created"]}
 
 
 def test_sixteen_concurrent_clients_get_the_answers_each_query_gets_alone(server):
@@ -360,6 +366,8 @@ def test_a_damaged_new_generation_leaves_the_old_one_serving(tmp_path, tiny_mode
     ("POST", "/search", b"[" + b" " * (1 << 20) + b"]", 413, "bytes"),
     ("POST", "/search", {"queries": [{"id": str(n), "text": "x"} for n in range(11)], "k": 10_000}, 413,
      "at most 100,000"),
+    ("POST", "/search", '{"queries": [{"id": "1", "text": "moon"}], "k": 3, "k": 5}', 400, "duplicate key 'k'"),
+    ("POST", "/search", '{"queries": [{"id": "1", "id": "2", "text": "moon"}]}', 400, "duplicate key 'id'"),
     ("GET", "/nowhere", None, 404, "Not Found"),
     ("DELETE", "/search", None, 405, "Method Not Allowed"),
     ("POST", "/info", None, 405, "Method Not Allowed"),

@@ -1,17 +1,21 @@
 """`bge-index serve`: keep an index's model loaded and answer searches over HTTP (JSON).
 
-This module owns the command's flags, the refusal of a non-loopback address
-without --allow-remote, the server's log lines on stderr (ISO 8601 times;
-the token is never among them), and what a stop looks like: SIGTERM or
-Ctrl-C while serving stop taking connections, answer what was asked (30 s
-at most), and exit 0; while the model loads they stop it at once (143, 130).
-The routes and the batching are the library's (http_api.py,
-search_service.py); the model loads here, inside the command, as in `search`.
+This module owns the command's flags (the server's bounds among them:
+serve/limits.py), the refusal of a non-loopback address without
+--allow-remote and of an empty token from any source, the file-handle limit
+(raised to the hard limit; connections bounded below it), the server's log
+lines on stderr (ISO 8601 times; the token is never among them), and what a
+stop looks like: SIGTERM or Ctrl-C while serving stop taking connections,
+refuse what is queued (503 JSON), finish the batch in hand, and exit 0;
+while the model loads they stop it at once (143, 130). The routes and the
+batching are the library's (http_api.py, search_service.py); the model loads
+here, inside the command, as in `search`.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from typing import Annotated, Optional
 
@@ -24,6 +28,7 @@ from bge_index.search.query import Query, SearchRequest
 
 DEFAULT_PORT = 8765
 TOKEN_ENV = "BGE_INDEX_SERVE_TOKEN"
+HANDLES_RESERVE = 256  # file handles kept for the model, logs, and the index's files, besides connections
 
 
 class _LogFormat(logging.Formatter):
@@ -57,8 +62,23 @@ def serve(
     token: Annotated[Optional[str], typer.Option(envvar=TOKEN_ENV, show_default=False,
                                                  help=f"Bearer token every request but /healthz must carry. Prefer "
                                                       f"the {TOKEN_ENV} variable: an argument shows in `ps`.")] = None,
-    max_batch: Annotated[int, typer.Option(min=1, max=1024, help="Queries answered together at most (whole requests: "
-                                                                  "one request is never split).")] = 64,
+    max_batch: Annotated[int, typer.Option(min=1, max=1024, help="Queries answered together at most; a bigger request "
+                                                                  "is answered over several batches, sharing each "
+                                                                  "with the requests waiting.")] = 64,
+    max_queue: Annotated[int, typer.Option(min=1, help="Queries waiting at most; a request past it gets 503 "
+                                                       "with Retry-After.")] = 4096,
+    max_connections: Annotated[int, typer.Option(min=1, help="Open connections at most; one more gets 503 "
+                                                             "and is closed.")] = 512,
+    header_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds a client has to send a request's "
+                                                                "headers (slow ones get 408).")] = 10.0,
+    body_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds a client has to send a request's "
+                                                              "body.")] = 30.0,
+    request_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds from a request's arrival to its "
+                                                                 "answer; past it, 503 and its work is "
+                                                                 "dropped.")] = 60.0,
+    max_answer_mb: Annotated[float, typer.Option(min=0.01, help="MiB of one answer at most, judged before the "
+                                                                "search from the index's longest text "
+                                                                "(413 beyond).")] = 32.0,
     access_log: Annotated[bool, typer.Option("--access-log/--no-access-log", help="Log each request (method, path, status).")] = True,
     model: QueryModel = None,
     device: Device = "auto",
@@ -74,10 +94,23 @@ def serve(
     if not http_api.is_loopback(host) and not allow_remote:
         raise InvalidOptionError(f"--host {host} can be reached from other machines: add --allow-remote "
                                  f"(and set {TOKEN_ENV} so that only your clients can search)")
+    if token is None and TOKEN_ENV in os.environ:
+        token = os.environ[TOKEN_ENV]  # set but empty: click reads it as unset, and would serve everyone
     if token is not None:
         token = token.strip()  # a token read from a file or an EnvironmentFile often ends in a newline
         if not token:
-            raise InvalidOptionError(f"the token ({TOKEN_ENV} or --token) is empty")
+            raise InvalidOptionError(f"the token ({TOKEN_ENV} or --token) is empty: set one, or unset "
+                                     f"{TOKEN_ENV} to serve without one")
+        try:
+            http_api.check_token(token)
+        except ValueError as problem:
+            raise InvalidOptionError(f"the token ({TOKEN_ENV} or --token): {problem}") from None
+    try:
+        limits = http_api.Limits(max_connections=max_connections, header_timeout=header_timeout,
+                                 body_timeout=body_timeout, max_queue=max_queue, request_timeout=request_timeout,
+                                 max_answer_bytes=int(max_answer_mb * (1 << 20)))
+    except ValueError as problem:
+        raise InvalidOptionError(str(problem)) from None
     listener = http_api.bind(host, port)  # before the model loads: a port in use fails at once (exit 2)
 
     _log_to_stderr(access_log)
@@ -96,35 +129,39 @@ def serve(
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        _serve(index_dir, listener, host, token, max_batch, access_log, model, device, dtype.value, stopped_by,
-               loading, log)
+        _serve(index_dir, listener, host, token, max_batch, limits, access_log, model, device, dtype.value,
+               stopped_by, loading, log)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         listener.close()
 
 
-def _serve(index_dir, listener, host, token, max_batch, access_log, model, device, dtype, stopped_by, loading,
-           log) -> None:
+def _serve(index_dir, listener, host, token, max_batch, limits, access_log, model, device, dtype, stopped_by,
+           loading, log) -> None:
     """Load, warm up, serve until a signal; the part of `serve` that runs with its signal handler in place."""
     from bge_index.serve import http_api  # imported (and its extra checked) by `serve` already
     from bge_index.search.local_index import LocalIndex
+    from bge_index.serve.file_watch import index_files
     from bge_index.serve.search_service import SearchService
 
+    # The generation served is the one the manifest names when the service starts, not this one: a commit made
+    # while the model loads is served (search_service.py looks again before the first answer).
     index = LocalIndex(index_dir, model=model, device=device, dtype=dtype)
     for message in index.notes:
         warning(message)
     # One search before the first client: the first request should not pay for kernel selection.
     index.search([Query("warm-up", "warm up")], SearchRequest(k=1))
-    service = SearchService(index, max_batch=max_batch)
-    app = http_api.create_app(service, str(index_dir), token=token)
-    server = http_api.make_server(app, access_log=access_log)
+    limits = _within_file_handles(limits, len(index_files(index.index_dir, index.manifest)), log)
+    manifest, model_name = index.manifest, index.encoder.identity.name
+    service = SearchService(index, max_batch=max_batch, max_queue=limits.max_queue)  # `index` is its own now
+    app = http_api.create_app(service, str(index_dir), token=token, limits=limits)
+    server = http_api.make_server(app, access_log=access_log, limits=limits)
 
     if not http_api.is_loopback(host) and not token:
         warning(f"no token: anyone who can reach {host}:{listener.getsockname()[1]} can search this index")
-    manifest = index.manifest
     log.info("serving %s (generation %d, %s rows, model %s) at %s%s", index_dir, manifest.generation,
-             f"{manifest.documents:,}", index.encoder.identity.name, http_api.bound_address(listener),
+             f"{manifest.documents:,}", model_name, http_api.bound_address(listener),
              ", bearer token required" if token else "")
     loading[0] = False
     try:
@@ -136,3 +173,28 @@ def _serve(index_dir, listener, host, token, max_batch, access_log, model, devic
         raise typer.Exit(1)
     reason = signal.Signals(stopped_by[0]).name if stopped_by else "a stop request"
     log.info("stopped (%s)", reason)
+
+
+def _within_file_handles(limits, index_files: int, log):
+    """`limits` with max_connections below the file-handle limit (raised to its hard limit first): the index's
+    files are each mapped and leased, twice over while a new generation opens, and must never go short."""
+    import dataclasses
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        return limits
+    room = soft - HANDLES_RESERVE - 4 * index_files
+    if limits.max_connections <= room:
+        return limits
+    fitted = max(16, room)
+    log.warning("--max-connections %d lowered to %d: the process may open %d files (ulimit -n), and the index "
+                "needs %d", limits.max_connections, fitted, soft, 4 * index_files)
+    return dataclasses.replace(limits, max_connections=fitted)

@@ -1,26 +1,32 @@
 """The HTTP face of `bge-index serve`: routes, request parsing, bearer tokens, JSON errors, and the server.
 
-Built on Starlette (routing, requests) and run by uvicorn (HTTP/1.1): the
-optional `serve` extra, `pip install 'bge-index[serve]'`. Every answer is
-JSON, and the search answers are byte for byte what the CLI prints:
+Built on Starlette (routing, requests) and run by uvicorn (HTTP/1.1) behind
+a connection guard (connections.py): the optional `serve` extra,
+`pip install 'bge-index[serve]'`. Every answer is JSON (/metrics: Prometheus'
+text), and the search answers are byte for byte what the CLI prints:
 
     GET  /search?q=TEXT&k=10&mode=hybrid   = bge-index search INDEX "TEXT" -k 10 --mode hybrid --format json
     POST /search {"queries": [{"id": "q1", "text": "..."}], "k": 10, "mode": "dense"}
                                            = bge-index search INDEX --queries FILE ... --format json
     GET  /info                             = bge-index info INDEX --format json
-    GET  /healthz                          {"status": "ok", "generation": N, "rows": N}
+    GET  /healthz                          {"status": "ok", "generation": N, "rows": N, "queued": N, ...}
+    GET  /metrics                          Prometheus text format (metrics.py)
 
 Search options go by their flag names (`k` or `top-k`, `mode`,
 `dense-weight`, `sparse-weight`, `colbert-weight`, `fusion`, `normalize`,
 `explain`, `group-by-doc`: query.SEARCH_OPTIONS, whose declaration gives
 each its parsing by type, range and default); an unknown one is an error,
-never ignored.
-A bad request gets a 4xx status and one line of JSON, `{"error": "..."}`;
-a header `X-Bge-Index-Generation` names the generation that answered, and
-`Server-Timing: search;dur=MS` what the search of the batch it was answered
-in took (encode + score; alone, that is this request's own).
+never ignored, and so is a JSON key given twice.
+A request that cannot be answered gets a 4xx/5xx status and one line of
+JSON, `{"error": "..."}`: 413 when its answer could pass Limits.max_answer_bytes
+(from the index's longest text, before any search), 503 with Retry-After
+when the queue is full, 503 past its deadline or while the server stops.
+A client that hangs up has its request's remaining work dropped.
+A header `X-Bge-Index-Generation` names the generation that answered, and
+`Server-Timing: search;dur=MS` what the searches of the batches it was
+answered in took (encode + score; alone, that is this request's own).
 With a token, every route but /healthz wants `Authorization: Bearer TOKEN`
-(compared in constant time; the token is never logged).
+(compared in constant time; the token is never logged; an empty one is refused).
 
 The searching itself is search_service.SearchService's; nothing here
 imports torch.
@@ -36,6 +42,7 @@ import json
 import logging
 import math
 import socket
+import time
 from enum import Enum
 from typing import Any
 
@@ -46,9 +53,12 @@ try:
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
-    from starlette.requests import Request
+    from starlette.requests import ClientDisconnect, Request
     from starlette.responses import Response
     from starlette.routing import Route
+
+    from bge_index.serve.connections import ConnectionGuard, EventReport, GuardedServer
+    from bge_index.serve.metrics import ServeMetrics
 except ImportError as missing:  # pragma: no cover - exercised only without the extra
     raise ExtraUnavailableError(f"bge-index serve needs the serve extra: pip install 'bge-index[serve]' "
                                 f"({missing.name} is not installed)") from None
@@ -59,7 +69,10 @@ from bge_index.store.info import index_info
 from bge_index.search.options import SearchOption, describe_range
 from bge_index.search.query import SEARCH_OPTIONS as DECLARED_OPTIONS
 from bge_index.search.query import Mode, Query, SearchRequest, request_from_options, results_json
-from bge_index.serve.search_service import SearchService, ServiceClosed
+from bge_index.serve.answer_size import answer_bound
+from bge_index.serve.generations import Unavailable
+from bge_index.serve.limits import Limits
+from bge_index.serve.search_service import DeadlineExceeded, QueueFull, SearchService, ServiceClosed
 
 log = logging.getLogger("bge_index.serve")
 
@@ -71,6 +84,7 @@ MAX_EXPLAINED_HITS = 1_000  # with explain, each hit costs a walk over its query
 MAX_COLBERT_K = 1_000  # colbert re-ranks 10 x k candidates, reading each one's token vectors
 JSON_TYPE = "application/json"
 OPEN_PATHS = frozenset({"/healthz"})  # answered without the token: load balancers probe it
+CLIENT_GONE = 499  # the status recorded (never sent) for a request whose client hung up before its answer
 
 
 class RequestError(Exception):
@@ -235,31 +249,117 @@ def _error(status: int, message: str, headers: dict | None = None) -> Response:
 
 
 def status_of(failure: Exception) -> int:
-    """The HTTP status of a failure: the client's (400), busy (503), or the server's (500)."""
+    """The HTTP status of a failure: the client's (400), busy or stopping (503), or the server's (500)."""
     if isinstance(failure, RequestError):
         return failure.status
     if isinstance(failure, (UsageError, NoColbertVectors)):
         return 400
-    if isinstance(failure, ServiceClosed):
+    if isinstance(failure, (ServiceClosed, QueueFull, DeadlineExceeded, Unavailable)):
         return 503
     return 500
 
 
-def create_app(service: SearchService, index_label: str, token: str | None = None) -> Starlette:
-    """The ASGI application answering searches through `service`; `index_label` is the index path as given
-    (what `info` prints as index_dir); with `token`, requests must carry it as a bearer token."""
+def check_token(token: str) -> str:
+    """A bearer token as given, refused (ValueError) when empty, all whitespace, or not sendable in a header."""
+    if not token.strip():
+        raise ValueError("the token is empty: give a non-empty token, or none")
+    if token != token.strip() or not all(33 <= ord(c) < 127 for c in token):
+        raise ValueError("the token must be printable ASCII without spaces (what an Authorization header carries)")
+    return token
 
-    async def answer(queries: list[Query], request: SearchRequest) -> Response:
+
+def strict_json(body: bytes) -> Any:
+    """A request body parsed as JSON, a key given twice in one object refused (400), as a repeated option is."""
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict:
+        data = {}
+        for key, value in pairs:
+            if key in data:
+                raise RequestError(400, f"duplicate key {key!r} in the JSON body (each is taken once)")
+            data[key] = value
+        return data
+
+    try:
+        return json.loads(body, object_pairs_hook=unique)
+    except (UnicodeDecodeError, ValueError) as error:
+        raise RequestError(400, f"the body is not JSON ({error})") from None
+    except RecursionError:
+        raise RequestError(400, "the body is not JSON we take (nested too deeply)") from None
+
+
+class _ClientGone(Exception):
+    """The client hung up before its answer: nothing is sent, its remaining work is dropped."""
+
+
+async def _client_gone(receive) -> None:
+    """Returns when the client disconnects (the request's body, if any, already read)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _serialized(results, mode: Mode, limit: int) -> bytes:
+    body = results_json(results, mode).encode("utf-8")
+    if len(body) > limit:  # past the estimate: escaped characters (control characters, quotes) in the texts
+        raise RequestError(413, f"the answer is {len(body):,} bytes; at most {limit:,} (ask for fewer queries "
+                                "or a smaller k)")
+    return body
+
+
+def create_app(service: SearchService, index_label: str, token: str | None = None, limits: Limits | None = None,
+               metrics: ServeMetrics | None = None) -> Starlette:
+    """The ASGI application answering searches through `service`; `index_label` is the index path as given
+    (what `info` prints as index_dir); with `token`, requests must carry it as a bearer token (an empty or
+    blank one is a ValueError: never served to everyone by mistake). `limits` bounds answers and deadlines."""
+    if token is not None:
+        check_token(token)
+    limits = limits or Limits()
+    metrics = metrics or ServeMetrics()
+    metrics.watch(service.queued_queries, service.queued_requests, lambda: service.served_identity(index_label))
+    service.on_batch = metrics.observe_batch
+
+    async def answer(http_request: Request, queries: list[Query], request: SearchRequest, arrived: float
+                     ) -> Response:
+        bound = answer_bound(queries, request, service.text_sizes())
+        if bound > limits.max_answer_bytes:
+            raise RequestError(413, f"the answer could be {bound:,} bytes (the index's longest text is "
+                                    f"{service.text_sizes().longest_text:,} bytes); at most "
+                                    f"{limits.max_answer_bytes:,} (ask for fewer queries or a smaller k)")
+        deadline = arrived + limits.request_timeout
+        try:
+            future = service.submit(queries, request, deadline=deadline)
+        except QueueFull as full:
+            metrics.count_refused("queue full")
+            return _error(503, str(full), {"Retry-After": str(full.retry_after)})
         # A request the index cannot answer (colbert without ColBERT vectors) fails in LocalIndex.search, alone:
         # the worker searches each distinct request separately.
-        answer = await asyncio.wrap_future(service.submit(queries, request))
+        result = await _wait(http_request, future, deadline)
+        body = await run_in_threadpool(_serialized, result.results, request.mode, limits.max_answer_bytes)
         # Server-Timing: what the search itself took, so a client can tell it from the network and queueing.
-        body = await run_in_threadpool(results_json, answer.results, request.mode)  # big answers: off the loop
         return Response(body, media_type=JSON_TYPE,
-                        headers={"X-Bge-Index-Generation": str(answer.generation),
-                                 "Server-Timing": f"search;dur={answer.seconds * 1000:.3f}"})
+                        headers={"X-Bge-Index-Generation": str(result.generation),
+                                 "Server-Timing": f"search;dur={result.seconds * 1000:.3f}"})
+
+    async def _wait(http_request: Request, future, deadline: float):
+        waiting = asyncio.wrap_future(future)
+        gone = asyncio.ensure_future(_client_gone(http_request.receive))
+        try:
+            done, _ = await asyncio.wait({waiting, gone}, timeout=max(0.0, deadline - time.monotonic()) + 1.0,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if waiting in done:
+            return waiting.result()  # the answer, or the search's error
+        waiting.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody reads it now
+        service.cancel(future)
+        if gone in done:
+            metrics.count_refused("client gone")
+            raise _ClientGone()
+        raise DeadlineExceeded(f"not answered within {limits.request_timeout:g} s (the server is busy); try again")
 
     async def search_get(request: Request) -> Response:
+        arrived = time.monotonic()
         params = request.query_params
         repeated = sorted({name for name in params.keys() if len(params.getlist(name)) > 1})
         if repeated:
@@ -270,20 +370,14 @@ def create_app(service: SearchService, index_label: str, token: str | None = Non
         text = _query_text(options.pop("q"), "q")
         search = search_request(options)
         check_size(1, search)
-        return await answer([Query("1", text)], search)
+        return await answer(request, [Query("1", text)], search, arrived)
 
     async def search_post(request: Request) -> Response:
+        arrived = time.monotonic()
         if request.query_params:
             raise RequestError(400, "POST /search takes its options in the JSON body, not the query string")
-        body = await _read_body(request)
-        try:
-            data = json.loads(body)
-        except (UnicodeDecodeError, ValueError) as error:
-            raise RequestError(400, f"the body is not JSON ({error})") from None
-        except RecursionError:
-            raise RequestError(400, "the body is not JSON we take (nested too deeply)") from None
-        queries, search = posted_queries(data)
-        return await answer(queries, search)
+        queries, search = posted_queries(strict_json(await _read_body(request)))
+        return await answer(request, queries, search, arrived)
 
     async def info(request: Request) -> Response:
         index = await run_in_threadpool(service.current)
@@ -297,20 +391,30 @@ def create_app(service: SearchService, index_label: str, token: str | None = Non
 
     async def healthz(request: Request) -> Response:
         # No look at the disk: a probe must answer at once, even while a new generation is being opened.
-        if not service.alive():
-            return _json(503, {"status": "stopped", "error": "the search worker has stopped"})
-        manifest = service.index.manifest
-        return _json(200, {"status": "ok", "generation": manifest.generation, "rows": manifest.documents})
+        health = service.health()
+        return _json(200 if health["status"] == "ok" else 503, health)
+
+    async def metrics_text(request: Request) -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
 
     def guarded(handler):
         async def route(request: Request) -> Response:
             try:
                 return await handler(request)
+            except (_ClientGone, ClientDisconnect):
+                return Response(b"", status_code=CLIENT_GONE)  # never sent: the connection is gone
             except (RequestError, BgeIndexError) as failure:
                 status = status_of(failure)
-                if status >= 500:
+                for kind, reason in ((DeadlineExceeded, "deadline"), (ServiceClosed, "stopping"),
+                                     (Unavailable, "unavailable")):
+                    if isinstance(failure, kind):
+                        metrics.count_refused(reason)
+                # Refusals by design are counted in /metrics; Unavailable was logged once when it began.
+                if status >= 500 and not isinstance(failure, (QueueFull, DeadlineExceeded, ServiceClosed,
+                                                              Unavailable)):
                     log.error("%s %s: %s", request.method, request.url.path, failure)
-                return _error(status, str(failure))
+                headers = {"Retry-After": "1"} if status == 503 else None
+                return _error(status, str(failure), headers)
 
         return route
 
@@ -331,12 +435,16 @@ def create_app(service: SearchService, index_label: str, token: str | None = Non
         routes=[Route("/search", guarded(search_get), methods=["GET"]),
                 Route("/search", guarded(search_post), methods=["POST"]),
                 Route("/info", guarded(info), methods=["GET"]),
-                Route("/healthz", guarded(healthz), methods=["GET"])],
+                Route("/healthz", guarded(healthz), methods=["GET"]),
+                Route("/metrics", guarded(metrics_text), methods=["GET"])],
         exception_handlers={HTTPException: http_error, Exception: internal_error},
         lifespan=lifespan,
     )
     if token:
         app.add_middleware(BearerToken, token=token)
+    app.add_middleware(Observed, metrics=metrics)  # outermost: refusals by the token count too
+    app.state.service = service
+    app.state.metrics = metrics
     return app
 
 
@@ -352,6 +460,31 @@ async def _read_body(request: Request) -> bytes:
             raise RequestError(413, f"the body is over {MAX_BODY_BYTES:,} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+class Observed:
+    """ASGI middleware: every HTTP answer counted in `metrics` by route, method and status, with its latency."""
+
+    def __init__(self, app, metrics: ServeMetrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = [500]
+
+        async def sending(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            self.metrics.observe_request(scope["path"], scope["method"], status[0], time.perf_counter() - started)
 
 
 class BearerToken:
@@ -412,15 +545,22 @@ def bind(host: str, port: int) -> socket.socket:
     return listener
 
 
-def make_server(app: Starlette, access_log: bool = True) -> uvicorn.Server:
-    """A uvicorn server for `app`; run it with `server.run(sockets=[bind(host, port)])`.
+def make_server(app: Starlette, access_log: bool = True, limits: Limits | None = None) -> uvicorn.Server:
+    """A uvicorn server for `app`, its connections guarded (connections.py); run it with
+    `server.run(sockets=[bind(host, port)])`.
 
-    Logging goes through the `logging` module (uvicorn's loggers): the caller decides where it is printed.
-    On SIGINT/SIGTERM it stops taking connections and finishes the requests it has (at most 30 s).
+    Logging goes through the `logging` module (uvicorn's loggers and bge_index.serve): the caller decides where
+    it is printed. On SIGINT/SIGTERM it stops taking connections, refuses what is queued (503 JSON), finishes
+    the batch in hand, and stops (at most 30 s).
     """
+    limits = limits or Limits()
+    metrics = getattr(app.state, "metrics", None)
+    service = getattr(app.state, "service", None)
+    guard = ConnectionGuard(limits, EventReport(on_event=metrics.count_refused if metrics else None))
     config = uvicorn.Config(app, log_config=None, access_log=access_log, lifespan="on", server_header=False,
-                            timeout_graceful_shutdown=30, ws="none")
-    return uvicorn.Server(config)
+                            timeout_graceful_shutdown=30, ws="none", http=guard.protocol_class(),
+                            timeout_keep_alive=limits.keep_alive)
+    return GuardedServer(config, guard, on_stop=service.stop_taking if service is not None else None)
 
 
 def bound_address(listener: socket.socket) -> str:
