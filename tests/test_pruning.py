@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from bge_index.search import dense_prune
+from bge_index.search import dense_prune, scoring
 from bge_index.search.dense_kernel import DenseKernel
 from bge_index.search.dense_prune import ShardPruneInfo, int8_products, shard_bounds
 from bge_index.search.query import QueryVectors, ScoreWeights
@@ -25,6 +25,12 @@ from bge_index.store.vector_store import (OpenIndex, ShardVectors, heavy_columns
 
 DIM = 64
 VOCAB = 400
+
+
+@pytest.fixture(autouse=True)
+def sparse_pruning_on(monkeypatch):
+    """Search scans in sparse mode (it measured faster); MaxScore stays tested: these tests turn it on."""
+    monkeypatch.setattr(scoring, "SPARSE_PRUNING", True)
 
 
 # ---------------------------------------------------------------------------
