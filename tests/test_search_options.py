@@ -120,6 +120,10 @@ def test_eval_flags_make_the_request_of_each_mode(monkeypatch, tmp_path):
     fake = types.ModuleType("bge_index.search.local_index")
     fake.LocalIndex = lambda *args, **kwargs: _Recorder(asked)
     monkeypatch.setitem(sys.modules, "bge_index.search.local_index", fake)
+    from bge_index.cli import eval as eval_command
+    from bge_index.search.evaluation import DocumentCoverage
+    # no index here: the stand-in backend answers; the judged-documents check (it reads an index) stands aside
+    monkeypatch.setattr(eval_command, "judged_documents_in_index", lambda *args: DocumentCoverage(1, 1, ()))
     (tmp_path / "q.jsonl").write_text('{"_id": "q1", "text": "moon"}\n')
     (tmp_path / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
     values = {o.name: _other_value(o) for o in SEARCH_OPTIONS if o.name not in NOT_EVAL_FLAGS}
