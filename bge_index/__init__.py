@@ -17,6 +17,13 @@ on first use, so `import bge_index` stays cheap (no torch until a model runs):
 from __future__ import annotations
 
 import importlib
+import os
+
+# MKL may use fewer threads than asked when the machine is busy (MKL_DYNAMIC), and a different split of an
+# sgemm's work changes the float32 sums' last bits: a query would then score differently alone and in a batch.
+# Read by MKL at its first call, after this import (the CLI and the library import torch later); a user's own
+# setting wins.
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
 __version__ = "0.1.0"
 
