@@ -190,3 +190,19 @@ def searcher_for(vectors: IndexVectors, vocab_size: int, doc_ids=None) -> Search
 def encode_texts(encoder, texts, max_length: int = 512, colbert: bool = False):
     """Encode a few texts as one padded batch (what FlagEmbedding does), for comparisons in tests."""
     return encoder.encode_ids([t.ids for t in encoder.tokenize(texts, max_length)], colbert=colbert)
+
+
+def serve_port(process, log_path: Path, timeout: float = 120.0) -> int:
+    """The port a `bge-index serve --port 0` process announced in its log ("... at http://127.0.0.1:PORT");
+    fails with the log if the process dies or says nothing within `timeout` seconds."""
+    import re
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        assert process.poll() is None, log_path.read_text()
+        assert time.monotonic() < deadline, log_path.read_text()
+        address = re.search(r"at http://127\.0\.0\.1:(\d+)", log_path.read_text())
+        if address is not None:
+            return int(address.group(1))
+        time.sleep(0.1)

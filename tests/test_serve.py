@@ -18,7 +18,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from helpers import REPO, SAMPLE_CORPUS, index, invoke, module_command, ok, write_jsonl
+from helpers import REPO, SAMPLE_CORPUS, index, invoke, module_command, ok, write_jsonl, serve_port
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
@@ -444,19 +444,13 @@ def test_serve_process_answers_logs_no_token_and_stops_cleanly_on_sigterm(sample
         process = subprocess.Popen(module_command("serve", sample_index, "--port", "0"), stderr=log,
                                    stdout=subprocess.DEVNULL, env=env, cwd=REPO)
         try:
-            deadline = time.monotonic() + 120
-            address = None
-            while address is None:
-                assert process.poll() is None, log_path.read_text()
-                assert time.monotonic() < deadline, log_path.read_text()
-                address = re.search(r"at http://127\.0\.0\.1:(\d+)", log_path.read_text())
-                time.sleep(0.1)
-            connection = Client(int(address.group(1)), token=token)
+            port = serve_port(process, log_path)
+            connection = Client(port, token=token)
             status, _, body = connection.request("GET", "/search?q=moon&mode=dense")
             assert status == 200
             assert body.decode("utf-8") == ok("search", sample_index, "moon", "--mode", "dense", "--format", "json").stdout
             connection.close()
-            stranger = Client(int(address.group(1)))
+            stranger = Client(port)
             assert stranger.request("GET", "/search?q=moon", headers={"Authorization": "Bearer nope"})[0] == 401
             stranger.close()
             process.send_signal(signal.SIGTERM)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import REPO, index, module_command, ok, write_jsonl
+from helpers import REPO, index, module_command, ok, write_jsonl, serve_port
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
@@ -179,13 +179,8 @@ def test_a_file_truncated_under_the_server_is_refused_never_a_sigbus(tmp_path, t
         process = subprocess.Popen(module_command("serve", out, "--port", "0"), stderr=log,
                                    stdout=subprocess.DEVNULL, cwd=REPO, env=dict(os.environ))
         try:
-            deadline = time.monotonic() + 120
-            address = None
-            while address is None:
-                assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
-                address = re.search(r"at http://127\.0\.0\.1:(\d+)", log_path.read_text())
-                time.sleep(0.1)
-            client = Client(int(address.group(1)))
+            port = serve_port(process, log_path)
+            client = Client(port)
             assert client.request("GET", "/search?q=moon&mode=dense")[0] == 200
             os.truncate(path, 128)  # the header and nothing else
             status, headers, body = client.request("GET", "/search?q=moon&mode=dense")

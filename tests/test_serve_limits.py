@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -21,7 +20,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from helpers import REPO, SAMPLE_CORPUS, index, module_command, ok, write_jsonl
+from helpers import REPO, SAMPLE_CORPUS, index, module_command, ok, write_jsonl, serve_port
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
@@ -385,13 +384,7 @@ def test_sigterm_answers_queued_requests_503_in_json_and_exits_0(sample_index, t
                                                   "--max-queue", "8192"),
                                    stderr=log, stdout=subprocess.DEVNULL, cwd=REPO)
         try:
-            deadline = time.monotonic() + 120
-            address = None
-            while address is None:
-                assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
-                address = re.search(r"at http://127\.0\.0\.1:(\d+)", log_path.read_text())
-                time.sleep(0.1)
-            port = int(address.group(1))
+            port = serve_port(process, log_path)
 
             def ask(n: int):
                 client = Client(port)

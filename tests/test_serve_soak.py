@@ -8,7 +8,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -17,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, index, module_command, run_process, write_jsonl
+from helpers import REPO, index, module_command, run_process, write_jsonl, serve_port
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
@@ -63,13 +62,7 @@ def test_a_minute_of_overload_slowloris_hang_ups_and_commits(tmp_path, tiny_mode
                                               "--request-timeout", "20", "--max-queue", "2048"),
                                stderr=log, stdout=subprocess.DEVNULL, cwd=REPO, env=dict(os.environ))
     try:
-        deadline = time.monotonic() + 120
-        address = None
-        while address is None:
-            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
-            address = re.search(r"at http://127\.0\.0\.1:(\d+)", log_path.read_text())
-            time.sleep(0.1)
-        port = int(address.group(1))
+        port = serve_port(process, log_path)
         summary = soak(port, process.pid, corpus, out, tiny_model)
         assert process.poll() is None, "the server died"
         process.send_signal(signal.SIGTERM)
