@@ -113,6 +113,7 @@ def test_ray_engine_matches_the_local_engine_and_searches_like_it(local_ray, tin
     assert all(re.fullmatch(r"shard-000001-\d{5}\.parquet", n) for n in names) and len(set(names)) == len(names)
     assert len(names) >= 3 and all(s.rows <= 16 for s in manifest.shards)
     assert not [p.name for p in ray_out.iterdir() if p.name.endswith(".tmp")]
+    assert not (ray_out / ".staging").exists()  # the actors' staged files: all adopted, the folder removed
     local_schema = pq.ParquetFile(local_out / local_manifest.shards[0].file).schema_arrow
     for name in names:
         schema = pq.ParquetFile(ray_out / name).schema_arrow
@@ -221,6 +222,18 @@ def test_ray_usage_errors_exit_2(tiny_model, tmp_path, args, message):
     assert message in result.output
 
 
+def test_a_killed_ray_runs_staged_files_are_no_foreign_folder_and_are_removed(tiny_model, tmp_path):
+    # A Ray run killed before its first commit leaves the lock and its staging folder (half-written files):
+    # the next run, of either engine, accepts the folder and removes them.
+    out, corpus = tmp_path / "ix", tmp_path / "c.jsonl"
+    (out / ".staging").mkdir(parents=True)
+    (out / ".staging" / "0123456789ab-cdef01234567-0.parquet.tmp").write_bytes(b"PAR1 half a shard")
+    (out / ".lock").touch()
+    write_jsonl(corpus, [{"id": "a", "text": "the moon"}])
+    index(corpus, out, tiny_model, *FP32)
+    assert not (out / ".staging").exists() and set(live_texts(out)) == {"a"}
+
+
 def test_missing_ray_extra_is_a_clear_failure(tiny_model, tmp_path, monkeypatch):
     for name in [m for m in sys.modules if m == "ray" or m.startswith("ray.")]:
         monkeypatch.delitem(sys.modules, name)
@@ -241,8 +254,11 @@ def test_sigterm_stops_a_ray_run_cleanly(tiny_model, tmp_path, second_signal):
     corpus, out = tmp_path / "c.jsonl", tmp_path / "ix"
     write_jsonl(corpus, [{"id": f"d{i}", "text": f"the moon and the train, document number {i} " * 5}
                          for i in range(3000)])
+    # With a second signal, shards larger than the corpus: no checkpoint commits before the abort, so the state
+    # it keeps is "no index" whatever the timing (the run commits each time --shard-rows rows are adopted).
     command = module_command("index", corpus, "--out", out, "--model", tiny_model, *FP32, "--engine", "ray",
-                             "--batch-tokens", "64", "--progress-every", "0.1", "--shard-rows", "500")
+                             "--batch-tokens", "64", "--progress-every", "0.1",
+                             "--shard-rows", "5000" if second_signal else "500")
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     for line in process.stderr:  # the first batch is written: a stop now has work to save
         if "documents read, " in line and not line.split("documents read, ")[1].startswith("0 encoded"):

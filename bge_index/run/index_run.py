@@ -40,6 +40,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -348,6 +349,7 @@ class IndexRun:
         from bge_index.store.shard_writer import IndexWriter
 
         if not self.options.dry_run and self.writer is None:
+            remove_staging(self.index_dir)  # a killed Ray run's staged files: never adopted now, only disk space
             self.writer = IndexWriter(self.index_dir, self.manifest, self.options.shard_rows, base=self.previous)
         return self.writer
 
@@ -561,13 +563,31 @@ def removal_limit(max_remove: str, indexed: int) -> float:
 
 
 
+# Where an engine's workers write shards that the run then adopts (the Ray engine), inside INDEX_DIR so that the
+# adoption is a rename. A folder apart: a checkpoint's commit removes the index folder's temporary files, and
+# these may still be being written. Readers never look in it; the next run of either engine removes it.
+STAGING_DIR = ".staging"
+
+
+def remove_staging(index_dir: Path) -> None:
+    """Remove INDEX_DIR/.staging and what is in it (a link there is removed, never followed); best effort."""
+    path = index_dir / STAGING_DIR
+    try:
+        if path.is_symlink() or not path.is_dir():
+            path.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(path)
+    except OSError:
+        pass  # nothing reads it: a later run tries again
+
+
 def refuse_foreign_folder(index_dir: Path) -> None:
-    """--out must be an index, a new folder, or what a crashed first build left (shards and a lock)."""
+    """--out must be an index, a new folder, or what a crashed first build left (shards, staged shards, a lock)."""
     try:
         if is_index(index_dir) or not index_dir.exists():
             return
-        foreign = not index_dir.is_dir() or any(p.name != LOCK_FILE and not is_index_data_file(p.name)
-                                                for p in index_dir.iterdir())
+        foreign = not index_dir.is_dir() or any(p.name not in (LOCK_FILE, STAGING_DIR)
+                                                and not is_index_data_file(p.name) for p in index_dir.iterdir())
     except OSError as error:
         raise OutputFolderError(f"--out {index_dir}: cannot be read ({error.strerror or error})") from error
     if foreign:

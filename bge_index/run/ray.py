@@ -8,31 +8,45 @@ Ray Data does the distribution; this module says what runs where. A run has thre
    decides for the local engine too: the last occurrence of an id wins, a
    document whose id and hash are in the index is unchanged, an indexed id
    absent from inputs read whole is removed;
-2. encode: read tasks read the chosen records again, a pool of actors (the
-   model loaded once per actor, with encoder.py's Encoder: the local engine's
-   code, not a copy) tokenises them, encodes them in token-budget batches and
-   returns Arrow tables built by shard_writer.rows_to_table, so the rows
-   have the shard schema (manifest.py); Ray Data's Parquet sink writes them
-   with the index's write options and row groups, at most --shard-rows rows
-   a file;
-3. commit (driver): IndexWriter.adopt checks, fsyncs and renames each file
-   to the next `shard-GGGGGG-NNNNN.parquet`; IndexRun retires the replaced
-   and removed rows and publishes the manifest. From then on it is an index
-   like any other: the local engine extends it and vice versa.
+2. encode and stage: read tasks read the chosen records again, a pool of
+   actors (the model loaded once per actor, with encoder.py's Encoder: the
+   local engine's code, not a copy) tokenises them, encodes them in
+   token-budget batches, builds Arrow tables with shard_writer.rows_to_table
+   (the shard schema, manifest.py) and writes each call's rows as staged
+   shards (at most --shard-rows rows a file, the index's write options and
+   row groups) in INDEX_DIR/.staging/; a call returns only the names of its
+   files, once they are complete. A call's files hold whole documents: every
+   row of a document (its passages, when chunked) comes from one call;
+3. adopt and commit (driver), as the calls complete: IndexWriter.adopt checks,
+   fsyncs and renames each file of a call to the next
+   `shard-GGGGGG-NNNNN.parquet`, and IndexRun retires the rows its documents
+   replace and settles them. Each time a shard's worth of rows (--shard-rows)
+   has been adopted, or CHECKPOINT_SECONDS have passed, `IndexRun.checkpoint`
+   commits a partial generation, exactly as the local engine does when a
+   shard is complete; the run's end (`IndexRun.finish`) applies removals and
+   commits the last generation. From then on it is an index like any other:
+   the local engine extends it and vice versa.
 
-Files are named by a FilenameProvider. Ray's sink requires the write's uuid
-and a file counter in every name, so the provider names them
-`.shard-GGGGGG-<run>-<task>-<uuid>-<i>.parquet.tmp`: temporary names in the
-index folder that readers never look at and that the writer's clean-up of a
-crashed run removes, exactly like the local writer's temporary files; the
-rename to the final name is the driver's (step 3). On a cluster the index
-folder must therefore be on a file system every worker can write (NFS, a
-shared volume), and the inputs readable under the same paths.
+A SIGKILL of the driver therefore loses at most the work since the last
+checkpoint (about a shard, or a minute of writing): the manifest names whole
+generations only (state `partial`), a staged file is never named by one, and
+a shard renamed but not committed is a file no manifest names, removed by the
+next commit; the next run (either engine) finds the committed documents
+unchanged. Commits happen between calls only, so a generation never holds
+part of a document.
+
+Staged files are named `<run>-<call>-N.parquet.tmp` (a uuid per call, so a
+retried call never collides with its first attempt). They are written in a
+folder apart because a checkpoint's commit removes the index folder's
+temporary files while the actors are still writing theirs; readers never look
+in .staging, and it is removed at the run's end (or by the next run, of either
+engine, after a crash). On a cluster the index folder must therefore be on a
+file system every worker can write (NFS, a shared volume), and the inputs
+readable under the same paths.
 
 This module necessarily touches Arrow tables (map_batches hands batches over
-as `pyarrow` tables and takes tables back: 2-D numpy arrays would become
-Ray's tensor extension type and change the Parquet schema), but the schema,
-the names and the write options stay defined in manifest.py.
+as `pyarrow` tables, and the actors write tables), but the schema, the names
+and the write options stay defined in manifest.py.
 
 Ray itself is imported lazily (it is the optional extra `bge-index[ray]`),
 and only after RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is set when a local
@@ -47,6 +61,7 @@ import logging
 import os
 import signal
 import sys
+import queue
 import threading
 import time
 import uuid
@@ -63,9 +78,11 @@ from bge_index.extras import require
 from bge_index.store.lock import run_lock
 from bge_index.store.manifest import SHARD_ROW_GROUP_ROWS, SHARD_WRITE_OPTIONS, shard_schema
 from bge_index.run.index_run import content_hash
-from bge_index.run.index_run import IndexEvents, IndexOptions, IndexProgress, IndexRun, IndexSummary, Outcome, refuse_foreign_folder
+from bge_index.run.index_run import (STAGING_DIR, IndexEvents, IndexOptions, IndexProgress, IndexRun, IndexSummary,
+                                     Outcome, refuse_foreign_folder, remove_staging)
+from bge_index.run.local import CHECKPOINT_SECONDS
 from bge_index.store.shard_reader import read_shard_column
-from bge_index.store.shard_writer import rows_to_table
+from bge_index.store.shard_writer import create_exclusive, rows_to_table, writing
 
 DOCUMENTS_PER_CALL = 256  # documents per block and per actor call (sorted by length inside the call)
 _LOOPBACK = "127.0.0.1"
@@ -108,7 +125,7 @@ class Reservations:
     """What each Ray task and actor asks the scheduler for, and how many threads an actor's torch uses.
 
     Locally the actors together reserve all CPUs but `io_cpus`, which stay for
-    the read and write tasks: two 1-CPU actors on a 2-CPU node starve the read
+    the read tasks (the actors write their shards themselves): two 1-CPU actors on a 2-CPU node starve the read
     task and the run hangs. An actor's reservation may be fractional; its
     torch still uses `threads` threads (the CPU is shared with light I/O).
     """
@@ -256,6 +273,9 @@ class EncodeSettings:
     chunking: dict | None
     dense_dim: int
     colbert_dim: int | None
+    staging: str  # the folder the actors write staged shards to (INDEX_DIR/.staging), absolute
+    run: str  # this run's id: the first part of its staged files' names
+    shard_rows: int
 
 
 class RunCounters:
@@ -286,7 +306,11 @@ class RunCounters:
 
 
 class ShardEncoder:
-    """The map_batches actor: loads the model once, then turns Arrow batches of documents into shard rows."""
+    """The map_batches actor: loads the model once, then turns Arrow batches of documents into staged shards.
+
+    A call encodes its documents, writes their rows as staged shards (`stage_shards`) and returns one row
+    naming the files, so the driver learns of each file once it is complete (zero rows: nothing written).
+    """
 
     def __init__(self, settings: EncodeSettings, counters) -> None:
         from bge_index.model.encoder import load_encoder  # torch: only in the actors
@@ -301,13 +325,13 @@ class ShardEncoder:
         self.schema = shard_schema(settings.dense_dim, settings.colbert_dim, settings.store_text,
                                    settings.chunking is not None)
 
-    def __call__(self, batch):  # pyarrow.Table -> pyarrow.Table
+    def __call__(self, batch):  # pyarrow.Table of documents -> pyarrow.Table of staged file names
         import ray
 
         if ray.get(self.counters.stopping.remote()):
-            # A stop request: this call is a batch boundary. Nothing more is encoded, so the write ends soon and
-            # what was written is committed; these documents are simply not reached.
-            return self.schema.empty_table()
+            # A stop request: this call is a batch boundary. Nothing more is encoded, so the run ends soon and
+            # what was adopted is committed; these documents are simply not reached.
+            return staged_names_table([])
         ids = batch.column("id").to_pylist()
         settings = self.settings
         rows, tokens, truncated = encode_documents(
@@ -316,54 +340,37 @@ class ShardEncoder:
             chunking=settings.chunking, batch_tokens=settings.batch_tokens,
             sources=batch.column("source").to_pylist(), lines=batch.column("source_line").to_pylist(),
             metadata=[json.loads(m) if m else None for m in batch.column("metadata").to_pylist()])
+        # A uuid per call: a call Ray retries (its actor died) writes new files, never over its first attempt's.
+        names = stage_shards(rows_to_table(rows, self.schema), Path(settings.staging),
+                             f"{settings.run}-{uuid.uuid4().hex[:12]}", settings.shard_rows)
         # Waited for, so the totals are complete once the write has finished.
         ray.get(self.counters.add.remote(len(ids), len(rows), tokens, truncated))
-        return rows_to_table(rows, self.schema)
+        return staged_names_table(names)
 
 
-class StagedShardNames:
-    """Ray's FilenameProvider for shards: temporary names in the index folder, renamed at commit.
+def stage_shards(table, folder: Path, prefix: str, shard_rows: int) -> list[str]:
+    """Write `table` (shard schema) as staged shards `PREFIX-N.parquet.tmp` in `folder`; returns their names.
 
-    `{i}` is Ray's per-task file counter (a task writes several files when it
-    has more than --shard-rows rows); the write uuid keeps retried writes apart.
+    At most `shard_rows` rows a file, in row groups of SHARD_ROW_GROUP_ROWS, with the index's write options:
+    the files IndexWriter would write. They are not synced here: IndexWriter.adopt fsyncs each before its rename.
     """
+    import pyarrow.parquet as pq
 
-    def __init__(self, generation: int, run: str) -> None:
-        self.prefix = staged_prefix(generation, run)
-
-    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-        """`.shard-GGGGGG-<run>-<task>-<uuid>-{i}.parquet.tmp`; Ray fills in `{i}`, its file counter within the task."""
-        return f"{self.prefix}{task_index:06d}-{write_uuid}-{{i}}.parquet.tmp"
-
-
-def staged_prefix(generation: int, run: str) -> str:
-    """`.shard-GGGGGG-<run>-`: how every staged file name of one Ray run starts."""
-    return f".shard-{generation:06d}-{run}-"
+    names = []
+    for number, start in enumerate(range(0, table.num_rows, shard_rows)):
+        path = folder / f"{prefix}-{number}.parquet.tmp"
+        with writing(path), create_exclusive(path) as stream:
+            with pq.ParquetWriter(stream, table.schema, **SHARD_WRITE_OPTIONS) as parquet:
+                parquet.write_table(table.slice(start, shard_rows), row_group_size=SHARD_ROW_GROUP_ROWS)
+        names.append(path.name)
+    return names
 
 
-def staged_files(index_dir: Path, generation: int, run: str) -> list[Path]:
-    """The files a run's write tasks left, in task order then file order within a task."""
-    prefix = staged_prefix(generation, run)
+def staged_names_table(names: list[str]):
+    """What a ShardEncoder call returns: one row listing its staged files, or no row when it wrote none."""
+    import pyarrow as pa
 
-    def order(path: Path) -> tuple[int, int]:
-        """Sort key of a staged file: (task index, file counter), read from its name."""
-        task, *_, counter = path.name[len(prefix):].removesuffix(".parquet.tmp").split("-")
-        return int(task), int(counter)
-
-    return sorted((p for p in index_dir.iterdir() if p.name.startswith(prefix) and p.name.endswith(".parquet.tmp")),
-                  key=order)
-
-
-def _filename_provider_class():
-    """StagedShardNames as a subclass of Ray's FilenameProvider (imported only once Ray is)."""
-    from ray.data.datasource import FilenameProvider
-
-    class _Provider(StagedShardNames, FilenameProvider):
-        def __init__(self, generation: int, run: str) -> None:
-            FilenameProvider.__init__(self, file_format="parquet")
-            StagedShardNames.__init__(self, generation, run)
-
-    return _Provider
+    return pa.table({"files": pa.array([names] if names else [], type=pa.list_(pa.string()))})
 
 
 # ---------------------------------------------------------------------------
@@ -399,7 +406,8 @@ class Plan:
 
 
 class _RayRun:
-    """One Ray index run: the plan and the commit here (through run.IndexRun), reading and encoding on Ray."""
+    """One Ray index run: the plan, adoption and commits here (through run.IndexRun), reading, encoding and
+    staging shards on Ray."""
 
     def __init__(self, index_dir: Path, options: IndexOptions, ray_options: RayOptions, events: IndexEvents,
                  should_stop: Callable[[], bool]):
@@ -413,27 +421,34 @@ class _RayRun:
         self.device = ("cuda" if gpus else "cpu") if options.device == "auto" else options.device
         self.run_state = IndexRun(index_dir, options, events, device_type=lambda: "cuda" if gpus else "cpu")
         self.summary = self.run_state.summary
+        self.written_ids: set[str] = set()  # documents whose rows this run adopted (settled)
 
     def run(self, files: list[InputFile]) -> IndexSummary:
-        """Plan, then (unless a dry run) encode, write and commit; on failure, remove what was written or staged."""
+        """Plan, then (unless a dry run) encode, stage, adopt and commit; on failure, remove what was written or
+        staged since the last checkpoint (the checkpoints stay committed, as in the local engine)."""
         run = self.run_state
-        with ray_session(self.ray_options) as (ray, local):
-            plan = self._plan(ray, files)
-            if self.options.dry_run:
-                for doc_id, seen in run.seen.items():
-                    if seen.outcome is Outcome.PENDING:
-                        run.settle(doc_id, written=False)
-                return run.finish()
-            run.open_writer()
-            encode_run = uuid.uuid4().hex[:12]
-            try:
-                self._write(ray, files, plan, encode_run)
-                return run.finish()
-            except BaseException:
-                run.abort()
-                for staged in staged_files(self.index_dir, run.manifest.generation, encode_run):
-                    staged.unlink(missing_ok=True)  # else the next run's clean-up removes them
-                raise
+        staging = False
+        try:
+            with ray_session(self.ray_options) as (ray, local):
+                plan = self._plan(ray, files)
+                if self.options.dry_run:
+                    for doc_id, seen in run.seen.items():
+                        if seen.outcome is Outcome.PENDING:
+                            run.settle(doc_id, written=False)
+                    return run.finish()
+                run.open_writer()  # removes what a killed run left in the staging folder
+                staging = True
+                try:
+                    self._write(ray, files, plan)
+                    return run.finish()
+                except BaseException:
+                    run.abort()
+                    raise
+        finally:
+            if staging:
+                # Once this run's own Ray instance is stopped, so no actor writes there any more: what is left
+                # are files of calls not adopted (a stop, a failure, a retried call's first attempt).
+                remove_staging(self.index_dir)
 
     def _plan(self, ray, files: list[InputFile]) -> Plan:
         """Step 1: every record's id and hash, read by Ray tasks, in input order; decided by the IndexRun."""
@@ -467,36 +482,33 @@ class _RayRun:
         local = self.ray_options.address is None or _is_local_instance(ray)
         return plan_reservations(self.ray_options, float(ray.cluster_resources().get("CPU", 1.0)), local)
 
-    def _write(self, ray, files: list[InputFile], plan: Plan, encode_run: str) -> None:
-        """Steps 2 and 3: encode and write the chosen documents on Ray, then adopt the shards and settle them."""
-        run = self.run_state
-        written_ids: set[str] = set()
+    def _write(self, ray, files: list[InputFile], plan: Plan) -> None:
+        """Steps 2 and 3: encode and stage the chosen documents on Ray; adopt, settle and commit them as calls
+        complete."""
         if plan.chosen and not self.should_stop():
-            self._encode_and_write(ray, files, plan, encode_run)
-            id_column = "doc_id" if run.manifest.chunking else "id"
-            for staged in staged_files(self.index_dir, run.manifest.generation, encode_run):
-                shard = run.writer.adopt(staged)
-                if shard is not None:
-                    written_ids.update(read_shard_column(self.index_dir, shard, id_column))
+            self._encode_and_write(ray, files, plan)
         elif plan.chosen:
             self.summary.interrupted = True
-        for doc_id in written_ids:
-            run.retire(run.old_rows(doc_id))
-            run.settle(doc_id)
-        missed = plan.documents - len(written_ids)
+        missed = plan.documents - len(self.written_ids)
         if missed and not self.summary.interrupted:
             self.events.warning(f"{missed} documents changed while this run read them and were not encoded; "
                                 "run again to index them")
 
-    def _encode_and_write(self, ray, files: list[InputFile], plan: Plan, encode_run: str) -> None:
+    def _encode_and_write(self, ray, files: list[InputFile], plan: Plan) -> None:
+        """Run the Ray pipeline (read, encode, stage) and adopt each call's files on this thread as it completes,
+        committing a checkpoint each shard's worth of rows; then fill in the summary's encoding counts."""
         run = self.run_state
         manifest = run.manifest
+        staging = self.index_dir / STAGING_DIR
+        with writing(staging):
+            staging.mkdir(exist_ok=True)
         reservations = self._reservations(ray)
         settings = EncodeSettings(
             model=run.model_name, device=self.device, dtype=run.precision, threads=reservations.threads,
             batch_tokens=self.options.batch_tokens, max_length=self.summary.max_length, colbert=self.options.colbert,
             store_text=self.options.store_text, chunking=manifest.chunking, dense_dim=manifest.dense_dim,
-            colbert_dim=manifest.colbert_dim)
+            colbert_dim=manifest.colbert_dim, staging=str(staging.resolve()), run=uuid.uuid4().hex[:12],
+            shard_rows=self.options.shard_rows)
         items = []
         for item in _file_items(files):
             chosen = plan.chosen.get(item["file"])
@@ -510,41 +522,80 @@ class _RayRun:
         documents = ray.data.from_items(items, override_num_blocks=len(items)) \
             .flat_map(_documents_of_file, fn_kwargs={"fields": self.options.fields, "max_bytes": self.options.max_document_bytes}, num_cpus=reservations.io_cpus) \
             .repartition(target_num_rows_per_block=DOCUMENTS_PER_CALL)
-        encoded = documents.map_batches(
+        staged = documents.map_batches(
             ShardEncoder, fn_constructor_kwargs={"settings": settings, "counters": counters},
             batch_size=DOCUMENTS_PER_CALL, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=self.ray_options.workers),
             num_cpus=reservations.actor_cpus, num_gpus=reservations.actor_gpus or None)
+        calls: queue.SimpleQueue = queue.SimpleQueue()
+        done = object()  # the end of the stream
         outcome: list[BaseException] = []
 
-        def write() -> None:
-            """The Ray write, run on a thread; its exception, if any, goes to `outcome` for the main thread to raise."""
+        def stream() -> None:
+            """Ray's executor, run on a thread: each call's staged file names go to `calls` as the call completes;
+            an exception goes to `outcome` for the main thread to raise."""
             try:
-                encoded.write_parquet(
-                    str(self.index_dir), filename_provider=_filename_provider_class()(manifest.generation, encode_run),
-                    schema=shard_schema(manifest.dense_dim, manifest.colbert_dim, manifest.store_text,
-                                        manifest.chunking is not None),
-                    row_group_size=min(SHARD_ROW_GROUP_ROWS, self.options.shard_rows),
-                    max_rows_per_file=self.options.shard_rows,
-                    ray_remote_args={"num_cpus": reservations.io_cpus}, **SHARD_WRITE_OPTIONS)
+                for block in staged.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    for names in block.column("files").to_pylist():
+                        calls.put(names)
             except BaseException as error:  # handed to the main thread
                 outcome.append(error)
+            finally:
+                calls.put(done)
 
-        # The write runs Ray's executor in a thread so that this one can report progress as the actors count it.
-        # A stop request tells the actors to encode no more (RunCounters.stop_requested): the write then ends
-        # after the calls under way, and what it wrote is committed.
-        writing = threading.Thread(target=write, name="ray-write", daemon=True)
-        writing.start()
-        while writing.is_alive():
-            writing.join(timeout=1.0)
+        # This thread adopts and commits (IndexRun is only ever touched here) and reports progress as the actors
+        # count it. A stop request tells the actors to encode no more (RunCounters.stop_requested): the stream
+        # then ends after the calls under way, and what was adopted is committed.
+        streaming = threading.Thread(target=stream, name="ray-write", daemon=True)
+        streaming.start()
+        last_commit = next_report = time.monotonic()
+        uncommitted = 0  # rows adopted since the last commit
+        while True:
+            try:
+                names = calls.get(timeout=1.0)
+            except queue.Empty:
+                names = None
+            if names is done:
+                break
+            if names:
+                uncommitted += self._adopt(staging, names)
+                # A shard's worth of rows, or the last commit is a while back: commit, as the local engine does
+                # when a shard is complete, so that a killed run loses at most that (the next run finds the rest
+                # unchanged). Between calls only: a call's files hold whole documents.
+                if uncommitted and (uncommitted >= self.options.shard_rows
+                                    or time.monotonic() - last_commit >= CHECKPOINT_SECONDS):
+                    run.checkpoint()
+                    last_commit, uncommitted = time.monotonic(), 0
             if self.should_stop() and not self.summary.interrupted:
                 self.summary.interrupted = True
                 ray.get(counters.request_stop.remote())
-            documents_done, _, tokens, _ = ray.get(counters.totals.remote())
-            self.events.progress(IndexProgress(len(run.seen), documents_done, tokens,
-                                               time.perf_counter() - run.started))
+            if time.monotonic() >= next_report:
+                next_report = time.monotonic() + 1.0
+                documents_done, _, tokens, _ = ray.get(counters.totals.remote())
+                self.events.progress(IndexProgress(len(run.seen), documents_done, tokens,
+                                                   time.perf_counter() - run.started))
+        streaming.join()
         if outcome:
             raise outcome[0]
         _, rows, tokens, truncated = ray.get(counters.totals.remote())
         self.summary.encode_seconds = time.perf_counter() - started
         self.summary.rows, self.summary.tokens, self.summary.truncated = rows, tokens, truncated
+
+    def _adopt(self, staging: Path, names: list[str]) -> int:
+        """Step 3 for one call: adopt its staged files as shards, retire the rows its documents replace and settle
+        them; returns the rows adopted (IndexRun commits them with the next checkpoint or at the end)."""
+        run = self.run_state
+        id_column = "doc_id" if run.manifest.chunking else "id"
+        ids: list[str] = []
+        rows = 0
+        for name in names:
+            shard = run.writer.adopt(staging / name)
+            if shard is not None:
+                ids += read_shard_column(self.index_dir, shard, id_column)
+                rows += shard.rows
+        for doc_id in dict.fromkeys(ids):  # a document's passages: one settle
+            if doc_id not in self.written_ids:
+                self.written_ids.add(doc_id)
+                run.retire(run.old_rows(doc_id))
+                run.settle(doc_id)
+        return rows
