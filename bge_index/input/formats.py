@@ -14,7 +14,7 @@ cannot store them), control characters in ids (ids are keys, printed in TSV and
 TREC), FIFOs, sockets and devices (never opened: a FIFO blocks), broken symlinks.
 Control characters in a text are kept, NUL included: the text is stored and
 tokenised as it is (a .txt/.md with NUL bytes is still skipped as binary). Files are read lazily, one record (Parquet: one record batch) at a
-time, so memory does not grow with the file. Parquet input is read here with
+time, so memory does not grow with the file (Parquet: batches sized by the page headers, read first). Parquet input is read here with
 pyarrow directly; the index's own Parquet shards are another module's business.
 """
 
@@ -60,7 +60,13 @@ TABLE_FORMATS = {".csv", ".tsv"}
 PARQUET_FORMATS = {".parquet"}
 SUPPORTED_FORMATS = WHOLE_FILE_FORMATS | JSON_LINES_FORMATS | TABLE_FORMATS | PARQUET_FORMATS
 
-PARQUET_BATCH_ROWS = 1024  # rows of a Parquet input decoded at a time
+PARQUET_BATCH_ROWS = 1024  # rows of a Parquet input decoded at a time, at most
+PARQUET_BATCH_BYTES = 64 << 20  # ...and fewer when the pages say a batch could hold more bytes (one row at least)
+# No Parquet page larger than this many times --max-document-bytes (and never less than the floor) is unpacked:
+# pyarrow puts up to 1024 values in a page, so a page of ordinary long documents is far over one document's bound.
+PARQUET_PAGE_DOCUMENTS = 2
+PARQUET_PAGE_FLOOR = 64 << 20
+PARQUET_READ_BUFFER = 1 << 20  # compressed bytes of a column read at a time
 
 
 def format_of(path: Path) -> str:
@@ -85,7 +91,8 @@ def read_input_file(input_file: InputFile, fields: FieldNames = FieldNames(),
     """Documents (and skipped records) of one file, in order: what a distributed reader runs per file.
 
     A document over `max_bytes` (the file's text, a JSON line, a CSV/TSV field) is skipped with the code
-    `DOCUMENT_TOO_LARGE`, having read no more than `max_bytes` of it at a time.
+    `DOCUMENT_TOO_LARGE`, having read no more than `max_bytes` of it at a time (a Parquet cell: no page over
+    `parquet_page_bound(max_bytes)` is unpacked; a row group holding one has each of its rows skipped).
     """
     if input_file.path is None:
         raise ValueError("read_input_file reads files, not stdin")
@@ -634,6 +641,15 @@ def _missing_columns(columns: Sequence[str], fields: FieldNames) -> tuple[SkipRe
 
 def _read_parquet(path: Path, source: str, fields: FieldNames,
                   max_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES) -> Iterator[DocumentOrSkipped]:
+    """Documents (and skipped rows) of a Parquet file, read in batches whose memory is bounded before they are read.
+
+    Every page header is read first (`_largest_pages`): no page over `parquet_page_bound(max_bytes)` is ever
+    unpacked. Its whole row group is not read (Arrow cannot skip a page): each of its rows is skipped as
+    DOCUMENT_TOO_LARGE, with its id where the id column can be read. The other row groups are read `_batch_rows`
+    rows at a time, fewer when their pages are large: a cell is never larger than the largest page of its column
+    (a dictionary's included), so a batch holds at most PARQUET_BATCH_BYTES (or one row). Cells over `max_bytes`
+    are counted in bytes by Arrow and never become Python objects.
+    """
     import pyarrow as pa  # only Parquet inputs need pyarrow
 
     # OSError/EOFError/zlib.error: unreadable files and damaged .parquet.gz; ArrowException: not Parquet, or cut off.
@@ -646,7 +662,7 @@ def _read_parquet(path: Path, source: str, fields: FieldNames,
 
     with contextlib.ExitStack() as cleanup:
         try:
-            parquet = _open_parquet(path, cleanup)
+            parquet, stream = _open_parquet(path, cleanup)
             columns = list(parquet.schema_arrow.names)
         except unreadable as error:
             yield skip_whole_file(error)
@@ -657,49 +673,158 @@ def _read_parquet(path: Path, source: str, fields: FieldNames,
             yield Skipped(source, None, f"{message}; whole file skipped",
                           hides_documents=code is not SkipReason.NOT_DOCUMENTS, code=code)
             return
+        page_bound = parquet_page_bound(max_bytes)
+        groups = parquet.metadata.num_row_groups
+        try:
+            # Before any data is read: a large page is refused before Arrow would unpack it whole.
+            pages = [_largest_pages(stream, parquet.metadata.row_group(group)) for group in range(groups)]
+        except unreadable as error:
+            yield skip_whole_file(error)
+            return
         # Every column: those besides id, text and title are the rows' metadata.
         wanted = columns
         row_number = 0
-        batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=wanted)
-        while True:
-            try:
-                batch = next(batches, None)
-                records = _batch_records(batch) if batch is not None else None
-            except unreadable as error:
-                yield skip_whole_file(error)
+        group = 0
+        while group < groups:
+            if isinstance(pages[group], _DamagedPage):  # where Arrow would fail too: the rows before it are kept
+                yield skip_whole_file(pages[group])
                 return
-            if records is None:
-                return
-            for record in records:
-                row_number += 1
-                bad = [name for name, value in record.items() if value is _UNDECODABLE]
-                if bad:
-                    doc_id = _known_id(record, fields)
-                    yield Skipped(source, row_number, f"invalid UTF-8 in field {bad[0]!r}", hides_documents=doc_id is None,
-                                  code=SkipReason.INVALID_UTF8, doc_id=doc_id)
-                    continue
-                if any(isinstance(value, str) and len(value) > max_bytes for value in record.values()):
-                    yield _too_large(source, row_number, max_bytes, "field", doc_id=_known_id(record, fields))
-                    continue
-                yield record_to_document(record, source, row_number, fields)
+            if max(pages[group], default=0) > page_bound:
+                try:
+                    yield from _refused_row_group(parquet, group, pages[group], row_number, source, fields,
+                                                  page_bound)
+                except unreadable as error:
+                    yield skip_whole_file(error)
+                    return
+                row_number += parquet.metadata.row_group(group).num_rows
+                group += 1
+                continue
+            # The next row groups read with the same batch size share one reader (the whole file, usually).
+            batch_rows, run = _batch_rows(pages[group]), [group]
+            group += 1
+            while (group < groups and not isinstance(pages[group], _DamagedPage)
+                   and max(pages[group], default=0) <= page_bound and _batch_rows(pages[group]) == batch_rows):
+                run.append(group)
+                group += 1
+            chosen = {} if len(run) == groups else {"row_groups": run}
+            batches = parquet.iter_batches(batch_size=batch_rows, columns=wanted, **chosen)
+            while True:
+                try:
+                    batch = next(batches, None)
+                    if batch is None:
+                        break
+                    oversized = _oversized_cells(batch, max_bytes)
+                    records = _batch_records(batch, oversized)
+                    over = set().union(*oversized.values())
+                except unreadable as error:
+                    yield skip_whole_file(error)
+                    return
+                for index, record in enumerate(records):
+                    row_number += 1
+                    bad = [name for name, value in record.items() if value is _UNDECODABLE]
+                    if bad:
+                        doc_id = _known_id(record, fields)
+                        yield Skipped(source, row_number, f"invalid UTF-8 in field {bad[0]!r}",
+                                      hides_documents=doc_id is None, code=SkipReason.INVALID_UTF8, doc_id=doc_id)
+                        continue
+                    # In bytes where Arrow counts them (string and binary columns), else in characters
+                    if index in over or any(isinstance(value, str) and len(value) > max_bytes
+                                            for value in record.values()):
+                        yield _too_large(source, row_number, max_bytes, "field", doc_id=_known_id(record, fields))
+                        continue
+                    yield record_to_document(record, source, row_number, fields)
+
+
+def parquet_page_bound(max_bytes: int) -> int:
+    """The largest Parquet page (compressed or not) a reader with this --max-document-bytes unpacks."""
+    return max(PARQUET_PAGE_FLOOR, PARQUET_PAGE_DOCUMENTS * max_bytes)
+
+
+def _batch_rows(pages: list[int]) -> int:
+    """Rows per batch of a row group whose columns' largest pages are `pages` bytes (after decompression).
+
+    A row holds at most the sum: a cell is never larger than the largest page of its column, the dictionary
+    page included (a cell of a list column may hold many values: lists are not bounded this way).
+    """
+    row_bytes = max(sum(pages), 1)
+    return max(1, min(PARQUET_BATCH_ROWS, PARQUET_BATCH_BYTES // row_bytes))
+
+
+def _refused_row_group(parquet, group: int, pages: list[int], first_row: int, source: str, fields: FieldNames,
+                       page_bound: int) -> Iterator[Skipped]:
+    """A skip for each row of a row group holding a page over `page_bound`: its rows are never unpacked.
+
+    Each carries its id when the id column can be read within the bound (then the index keeps that id's
+    copy); else it hides documents. An error reading the ids is the caller's: the file cannot be read.
+    """
+    schema = parquet.schema
+    largest = max(range(len(pages)), key=pages.__getitem__)
+    reason = (f"row group {group} holds a page of {pages[largest]:,} bytes in column {schema.column(largest).path!r}, "
+              f"over the {page_bound:,} bytes a page may unpack to ({PARQUET_PAGE_DOCUMENTS} x --max-document-bytes, "
+              f"at least {PARQUET_PAGE_FLOOR >> 20} MiB); row not read")
+    rows = parquet.metadata.row_group(group).num_rows
+    id_names = [name for name in fields.id_fields if name in parquet.schema_arrow.names]
+    # Only plain (unnested) id columns are read, and only when their own pages are within the bound.
+    leaves = {schema.column(j).path: j for j in range(len(pages))}
+    readable = bool(id_names) and all(name in leaves and pages[leaves[name]] <= page_bound for name in id_names)
+    row = first_row
+    if readable:
+        id_pages = [pages[leaves[name]] for name in id_names]
+        for batch in parquet.iter_batches(batch_size=_batch_rows(id_pages), columns=id_names, row_groups=[group]):
+            for record in _batch_records(batch):
+                row += 1
+                doc_id = _known_id(record, fields)
+                yield Skipped(source, row, reason, hides_documents=doc_id is None,
+                              code=SkipReason.DOCUMENT_TOO_LARGE, doc_id=doc_id)
+    while row < first_row + rows:  # ids that could not be read: the rows may have been any ids
+        row += 1
+        yield Skipped(source, row, reason, hides_documents=True, code=SkipReason.DOCUMENT_TOO_LARGE)
+
+
+def _oversized_cells(batch, max_bytes: int) -> dict[int, set[int]]:
+    """The string and binary cells of a record batch over `max_bytes` bytes (UTF-8 bytes, not characters), as
+    {column index: rows}: counted by Arrow on the batch's buffers, so that no such cell becomes a Python object.
+    """
+    if batch.nbytes <= max_bytes:  # no cell can be over (the usual batch): no Arrow computation per batch
+        return {}
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    oversized = {}
+    for index, column in enumerate(batch.columns):
+        kind = column.type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind)
+                or pa.types.is_large_binary(kind)):
+            continue  # dictionaries, views and nested types: the per-cell check after conversion sees their strings
+        longer = pc.fill_null(pc.greater(pc.binary_length(column), max_bytes), False)
+        rows = pc.indices_nonzero(longer).to_pylist()
+        if rows:
+            oversized[index] = set(rows)
+    return oversized
 
 
 # Stands for a Parquet string cell that is not valid UTF-8 (other writers do not all check).
 _UNDECODABLE = object()
 
 
-def _batch_records(batch) -> list[dict]:
+def _batch_records(batch, oversized: Mapping[int, set[int]] | None = None) -> list[dict]:
     """A record batch as dicts; a string cell that is not valid UTF-8 becomes `_UNDECODABLE`, its row skipped.
 
     pyarrow fails the whole batch on one such cell (UnicodeDecodeError), which would stop the run:
     then the batch is converted again, a column at a time and, in a failing column, a cell at a time.
+    The cells in `oversized` ({column index: rows}, from `_oversized_cells`) are left None, never converted.
     """
-    try:
-        return batch.to_pylist()
-    except UnicodeDecodeError:
-        pass
+    if not oversized:
+        try:
+            return batch.to_pylist()
+        except UnicodeDecodeError:
+            pass
     columns = {}
-    for name, column in zip(batch.schema.names, batch.columns):
+    for index, (name, column) in enumerate(zip(batch.schema.names, batch.columns)):
+        left_out = oversized.get(index) if oversized else None
+        if left_out:
+            columns[name] = [None if i in left_out else _cell(column, i) for i in range(len(column))]
+            continue
         try:
             columns[name] = column.to_pylist()
         except UnicodeDecodeError:
@@ -715,20 +840,164 @@ def _cell(column, index: int) -> object:
 
 
 def _open_parquet(path: Path, cleanup: contextlib.ExitStack):
-    """The file as a pyarrow ParquetFile, closed by `cleanup`.
+    """The file as a pyarrow ParquetFile and the stream it reads, both closed by `cleanup`.
 
-    Parquet needs random access, so a `.parquet.gz` is first unpacked to a temporary file.
+    Parquet needs random access, so a `.parquet.gz` is first unpacked to a temporary file. Column chunks are
+    read PARQUET_READ_BUFFER bytes at a time, not whole (pre_buffer would read a row group's chunks at once).
     """
     import pyarrow.parquet as pq
 
+    def parquet_file(stream: BinaryIO):
+        return cleanup.enter_context(pq.ParquetFile(stream, pre_buffer=False, buffer_size=PARQUET_READ_BUFFER))
+
     if path.suffix.lower() != ".gz":
         # Opened here, not by path: open_regular_file makes sure it is no FIFO put in its place.
-        return cleanup.enter_context(pq.ParquetFile(cleanup.enter_context(open_regular_file(path))))
+        stream = cleanup.enter_context(open_regular_file(path))
+        return parquet_file(stream), stream
     unpacked = cleanup.enter_context(tempfile.TemporaryFile())
     with _open_input(path) as packed:
         shutil.copyfileobj(packed, unpacked)
     unpacked.seek(0)
-    return cleanup.enter_context(pq.ParquetFile(unpacked))
+    return parquet_file(unpacked), unpacked  # type: ignore[arg-type]
+
+
+class _DamagedPage(Exception):
+    """A page header that cannot be read: Arrow could not read that row group either."""
+
+
+def _largest_pages(stream: BinaryIO, row_group) -> list[int] | _DamagedPage:
+    """The largest page of each column chunk of a row group, in bytes, compressed or not (from the page headers).
+
+    Read from the headers alone (a few hundred bytes each), walking the chunk from page to page, so that a
+    page is known before Arrow unpacks it: a chunk's total size does not tell one large cell from many rows.
+    A header that cannot be read is returned as a _DamagedPage (the rows before that row group are still read).
+    """
+    largest = []
+    for column in range(row_group.num_columns):
+        chunk = row_group.column(column)
+        position = chunk.data_page_offset
+        if chunk.has_dictionary_page and chunk.dictionary_page_offset and chunk.dictionary_page_offset < position:
+            position = chunk.dictionary_page_offset
+        end = position + chunk.total_compressed_size
+        biggest, pages = 0, 0
+        while position < end:
+            pages += 1
+            if pages > chunk.num_values + 2:  # more pages than values (and a dictionary): no writer makes those
+                return _DamagedPage(f"row group column {chunk.path_in_schema!r}: more pages than values")
+            header = _page_header(stream, position)
+            if header is None:
+                return _DamagedPage(f"page header of column {chunk.path_in_schema!r} at byte {position} is damaged")
+            length, uncompressed, compressed = header
+            biggest = max(biggest, uncompressed, compressed)
+            position += length + compressed
+        largest.append(biggest)
+    return largest
+
+
+_PAGE_HEADER_MAX = 16 << 20  # Arrow's own bound on a page header (statistics may make one long)
+
+
+def _page_header(stream: BinaryIO, position: int) -> tuple[int, int, int] | None:
+    """(header length, uncompressed size, compressed size) of the page at `position`; None if it is not one."""
+    if position < 0:
+        return None
+    want = 1024
+    while True:
+        stream.seek(position)
+        data = stream.read(want)
+        try:
+            fields, length = _thrift_struct(data, 0)
+        except IndexError:  # the header goes on past what was read
+            if len(data) < want or want >= _PAGE_HEADER_MAX:
+                return None
+            want *= 4
+            continue
+        except ValueError:
+            return None
+        uncompressed, compressed = fields.get(2), fields.get(3)  # PageHeader's uncompressed/compressed_page_size
+        if not isinstance(uncompressed, int) or not isinstance(compressed, int) or uncompressed < 0 or compressed < 0:
+            return None
+        return length, uncompressed, compressed
+
+
+# Thrift's compact protocol, read just far enough for a Parquet PageHeader: a struct's integer fields by their
+# ids; strings, doubles and containers are stepped over (statistics, encodings). pyarrow does not expose pages.
+def _thrift_struct(data: bytes, position: int, depth: int = 0) -> tuple[dict[int, object], int]:
+    """The fields of the struct at `position` (integers and nested structs; others None) and where it ends.
+
+    IndexError when `data` ends inside it; ValueError when it is no valid struct.
+    """
+    if depth > 16:
+        raise ValueError("nested too deeply")
+    fields: dict[int, object] = {}
+    field_id = 0
+    while True:
+        byte = data[position]
+        position += 1
+        if byte == 0:  # STOP
+            return fields, position
+        kind, delta = byte & 0x0F, byte >> 4
+        if delta:
+            field_id += delta
+        else:
+            raw, position = _thrift_varint(data, position)
+            field_id = (raw >> 1) ^ -(raw & 1)
+        fields[field_id], position = _thrift_value(data, position, kind, depth)
+
+
+def _thrift_value(data: bytes, position: int, kind: int, depth: int, in_container: bool = False) -> tuple[object, int]:
+    if depth > 16:  # lists of lists...: never Python's recursion limit
+        raise ValueError("nested too deeply")
+    if kind in (1, 2):  # booleans: in the field header, or a byte of their own in a list
+        return kind == 1, position + 1 if in_container else position
+    if kind == 3:  # i8
+        return data[position], position + 1
+    if kind in (4, 5, 6):  # i16, i32, i64: zigzag varints
+        raw, position = _thrift_varint(data, position)
+        return (raw >> 1) ^ -(raw & 1), position
+    if kind == 7:  # double
+        if position + 8 > len(data):
+            raise IndexError
+        return None, position + 8
+    if kind == 8:  # binary
+        size, position = _thrift_varint(data, position)
+        if position + size > len(data):
+            raise IndexError
+        return None, position + size
+    if kind in (9, 10):  # list, set
+        header = data[position]
+        position += 1
+        size, element = header >> 4, header & 0x0F
+        if size == 15:
+            size, position = _thrift_varint(data, position)
+        for _ in range(size):  # each element takes a byte at least: bounded by the data read
+            _, position = _thrift_value(data, position, element, depth + 1, in_container=True)
+        return None, position
+    if kind == 11:  # map
+        size, position = _thrift_varint(data, position)
+        if size:
+            types = data[position]
+            position += 1
+            for _ in range(size):
+                _, position = _thrift_value(data, position, types >> 4, depth + 1, in_container=True)
+                _, position = _thrift_value(data, position, types & 0x0F, depth + 1, in_container=True)
+        return None, position
+    if kind == 12:  # struct
+        return _thrift_struct(data, position, depth + 1)
+    raise ValueError(f"no Thrift type {kind}")
+
+
+def _thrift_varint(data: bytes, position: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, position
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
 
 
 # ---------------------------------------------------------------------------

@@ -16,16 +16,22 @@ same key has the bytes that passed.
         checked.remember(key)
 
 The record is one line per key and the time of its check, in
-`$BGE_INDEX_CACHE_DIR`, else `$XDG_CACHE_HOME/bge-index`, else
-`~/.cache/bge-index`: `checked-files`, appended with O_APPEND (lines of
-concurrent processes never interleave) and cut to its newest half past
-MAX_LINES. A check is trusted for MAX_AGE_DAYS, then done again: bytes that
-rot under unchanged metadata (a bad sector, a copy that keeps inode and
-timestamps at a coarse clock) are caught within a week. The record is only
-believed when it is this user's own and no one else can write it (folder
-0700, file 0600). Never inside an index folder: a search writes nothing
-there. A cache that cannot be read or written just remembers nothing:
-every check then runs, as before. `verify` never uses it.
+`$BGE_INDEX_CACHE_DIR`, else the platform's user cache folder as platformdirs
+names it (Linux: `$XDG_CACHE_HOME/bge-index`, else `~/.cache/bge-index`;
+macOS: `~/Library/Caches/bge-index`; Windows: `%LOCALAPPDATA%\\bge-index\\Cache`):
+`checked-files`, appended with O_APPEND (lines of concurrent processes never
+interleave) and cut to its newest half past MAX_LINES. A check is trusted for
+MAX_AGE_DAYS, then done again: bytes that rot under unchanged metadata (a bad
+sector, a copy that keeps inode and timestamps at a coarse clock) are caught
+within a week. The record is only believed when it and its folder are this
+user's own, no link, and no one else can write them (folder 0700, file 0600);
+it is opened without following a link and without blocking (a FIFO put there
+fails at once). Never inside an index folder: a search writes nothing there.
+Never a relative path either (a relative override, a home that cannot be
+found): that would be the working folder's. Only the cache folder and at most
+its parent are ever created, never a missing home. A cache that cannot be
+read or written just remembers nothing: every check then runs, as before.
+`verify` never uses it.
 """
 
 from __future__ import annotations
@@ -37,19 +43,31 @@ import threading
 import time
 from pathlib import Path
 
+import platformdirs
+
 CACHE_ENV = "BGE_INDEX_CACHE_DIR"
+APP_NAME = "bge-index"  # the folder's name under the platform's cache folder
 RECORD_FILE = "checked-files"
 MAX_LINES = 20_000  # ~2 MB; a year of daily commits on a 20-shard index stays well under it
 MAX_AGE_DAYS = 7
 
 
-def cache_dir() -> Path:
-    """Where bge-index keeps per-user state that may be lost at any time."""
-    explicit = os.environ.get(CACHE_ENV)
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "bge-index"
+def cache_dir() -> Path | None:
+    """Where bge-index keeps per-user state that may be lost at any time; None when there is no such place.
+
+    `$BGE_INDEX_CACHE_DIR` when set, else the user cache folder platformdirs gives for this platform (on
+    Linux it honours `$XDG_CACHE_HOME`). Nothing is created here. A relative path is no place: it would put
+    the record in whatever folder the command runs in (a corpus, a repository).
+    """
+    folder = os.environ.get(CACHE_ENV)
+    if not folder:
+        try:
+            # appauthor=False: no vendor folder level on Windows; ensure_exists stays off (never creates a home)
+            folder = platformdirs.user_cache_dir(APP_NAME, appauthor=False)
+        except (RuntimeError, OSError, KeyError):  # no home to be found (recent platformdirs raise RuntimeError)
+            return None
+    path = Path(folder)
+    return path if path.is_absolute() else None
 
 
 def file_key(info: os.stat_result, checksum: str) -> str:
@@ -75,11 +93,13 @@ class CheckedFiles:
         """The process-wide instance on this user's record (a new one if the cache directory setting changed).
 
         With `outside` (the index being read): a record whose folder lies inside it is not used (checks are
-        remembered in this process only): a search never writes into an index folder.
+        remembered in this process only): a search never writes into an index folder. Nor is one when there
+        is no cache folder (`cache_dir()` is None).
         """
-        record = cache_dir() / RECORD_FILE
-        if outside is not None and _is_inside(record.parent, outside):
+        folder = cache_dir()
+        if folder is None or (outside is not None and _is_inside(folder, outside)):
             return cls._memory_only
+        record = folder / RECORD_FILE
         with cls._default_lock:
             if cls._default is None or cls._default.record != record:
                 cls._default = cls(record)
@@ -102,9 +122,11 @@ class CheckedFiles:
                 return
             try:
                 _make_cache_folder(self.record.parent)
+                if not _trusted_folder(self.record.parent):
+                    return  # a link, or a folder others can write: they could swap the record under us
                 # O_NONBLOCK: a FIFO put at the record's path fails at once (ENXIO) instead of waiting for a reader
-                fd = os.open(self.record, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
-                             | os.O_CLOEXEC, 0o600)
+                fd = os.open(self.record, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW | _NONBLOCK
+                             | _CLOEXEC, 0o600)
                 try:
                     if _trusted(os.fstat(fd)):
                         os.write(fd, f"{key} {int(time.time())}\n".encode("ascii"))
@@ -128,11 +150,11 @@ class CheckedFiles:
 
     def _read_lines(self) -> list[str]:
         """The record's lines, if it is this user's own and no one else can write it; else none."""
-        if self.record is None:
+        if self.record is None or not _trusted_folder(self.record.parent):
             return []
         try:
             # Not through a link, and never blocking on a FIFO; what it is is checked on the open descriptor
-            fd = os.open(self.record, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd = os.open(self.record, os.O_RDONLY | _NOFOLLOW | _NONBLOCK | _CLOEXEC)
         except OSError:
             return []
         with os.fdopen(fd, "rb") as stream:
@@ -173,7 +195,7 @@ def _is_inside(folder: Path, index_dir: Path) -> bool:
 
 
 def _make_cache_folder(folder: Path) -> None:
-    """Create the cache folder (0700) and at most its parent (~/.cache): never a missing home
+    """Create the cache folder (0700) and at most its parent (~/.cache, ~/Library/Caches): never a missing home
     (HOME=/nonexistent must not make root create /nonexistent). OSError when it cannot be made."""
     if folder.is_dir():
         return
@@ -186,4 +208,26 @@ def _make_cache_folder(folder: Path) -> None:
 
 def _trusted(info: os.stat_result) -> bool:
     """A record this user owns, a regular file, writable by no one else."""
-    return stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid() and not info.st_mode & 0o022
+    return stat.S_ISREG(info.st_mode) and _private(info)
+
+
+def _trusted_folder(folder: Path) -> bool:
+    """The record's folder itself (not followed if it is a link): a folder this user owns, writable by no one else."""
+    try:
+        info = os.lstat(folder)
+    except OSError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and _private(info)
+
+
+def _private(info: os.stat_result) -> bool:
+    # Windows has no owner or mode bits to check here: its user cache folder (%LOCALAPPDATA%) is private by its ACL
+    if not hasattr(os, "geteuid"):
+        return True
+    return info.st_uid == os.geteuid() and not info.st_mode & 0o022
+
+
+# Windows lacks these flags (and FIFOs): 0 there leaves the open as it was
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
