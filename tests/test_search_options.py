@@ -32,6 +32,8 @@ def _other_value(option):
     """A valid value of `option` other than its default."""
     if option.type is bool:
         return not option.default
+    if option.type is str:
+        return 'lang == "de"'
     if issubclass(option.type, Enum):
         return next(m for m in reversed(list(option.type)) if m != option.default)
     low = option.minimum if option.minimum is not None else 0
@@ -44,7 +46,7 @@ def _as_text(value) -> str:
 
 def test_the_declaration_is_the_request_s_fields():
     assert [o.name for o in SEARCH_OPTIONS] == ["k", "mode", "dense-weight", "sparse-weight", "colbert-weight",
-                                                "fusion", "normalize", "explain", "group-by-doc"]
+                                                "fusion", "normalize", "explain", "group-by-doc", "where"]
     declared = {o.field for o in SEARCH_OPTIONS}
     fields = {f.name for f in dataclasses.fields(SearchRequest)} - {"weights", "with_text"}
     fields |= {f"weights.{f.name}" for f in dataclasses.fields(ScoreWeights)}
@@ -80,7 +82,7 @@ def test_every_name_of_every_declared_option_is_an_http_parameter():
     with pytest.raises(RequestError) as unknown:
         search_request({"colour": "red"})
     assert str(unknown.value).endswith("(search options: k, top-k, mode, dense-weight, sparse-weight, colbert-weight, "
-                                       "fusion, normalize, explain, group-by-doc)")
+                                       "fusion, normalize, explain, group-by-doc, where)")
 
 
 class _Recorder:
@@ -232,6 +234,6 @@ def test_a_made_up_declaration_change_reaches_every_surface(tmp_path):
     assert found["http"] == 3.0
     assert found["http {'boost': '9'}"] == "boost must be from 0.5 to 4 (got 9.0)"
     assert found["http {'k': '51'}"] == "k must be from 1 to 50 (got 51)"
-    assert found["http {'colour': 'red'}"].endswith("explain, group-by-doc, boost)")
+    assert found["http {'colour': 'red'}"].endswith("explain, group-by-doc, where, boost)")
     assert found["request"] == "boost must be from 0.5 to 4 (got 0.1)"
     assert found["milvus"] == "--backend milvus does not support --boost 3.0"

@@ -143,9 +143,9 @@ def with_search_flags(*, before: str, leave_out: Collection[str] = (), help: Map
         if clash := {o.parameter for o in declared} & set(names):
             raise ValueError(f"{command.__name__}: parameters named as search options: {sorted(clash)}")
         flags = [inspect.Parameter(o.parameter, inspect.Parameter.KEYWORD_ONLY, default=o.default,
-                                   annotation=Annotated[o.type, typer.Option(
+                                   annotation=Annotated[Optional[o.type] if o.default is None else o.type, typer.Option(
                                        *o.flags, min=o.minimum, max=o.maximum, help=help.get(o.name, o.help),
-                                       envvar=o.envvar if environment else None)])
+                                       envvar=o.envvar if environment else None, metavar=o.metavar)])
                  for o in declared]
         at = names.index(before)
         parameters = own[:at] + flags + own[at:]

@@ -84,9 +84,10 @@ def serve(
     device: Device = "auto",
     dtype: QueryDtype = Dtype("auto"),
 ) -> None:
-    """Answer searches over HTTP with the model loaded once: GET /search?q=..., POST /search, GET /info, GET /healthz.
+    """Answer searches over HTTP with the model loaded once: GET /search?q=..., POST /search, POST /embed, GET /info,
+    GET /healthz.
 
-    Answers are what `search --format json` and `info --format json` print. A run that commits a new
+    Answers are what `search --format json`, `embed --index` (as a JSON list) and `info --format json` print. A run that commits a new
     generation is served from the next request on, without a restart.
     """
     from bge_index.serve import http_api  # needs the serve extra: a clear error before the model loads

@@ -14,6 +14,8 @@ tokens each hit matched:
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,10 +25,14 @@ from bge_index.model.encoder import Encoder, load_encoder
 from bge_index.errors import ModelMismatchError, NoColbertVectors
 from bge_index.store.manifest import read_manifest
 from bge_index.model.identity import QUERY_MAX_LENGTH, ModelIdentity
+from bge_index.search.filters import RowColumns, parse_where
 from bge_index.search.query import Hit, Mode, Normalize, Query, QueryResult, QueryVectors, RankedDocument, SearchRequest
 from bge_index.search.scoring import Searcher
 from bge_index.timings import stage_timer
 from bge_index.store.vector_store import OpenIndex
+
+FILTER_CACHE = 16  # filters whose matching rows a LocalIndex keeps (each: one flag per row)
+
 
 def encode_queries(encoder: Encoder, texts: Sequence[str], colbert: bool = False) -> list[QueryVectors]:
     """Queries -> vectors, the one way every search backend encodes them (at most QUERY_MAX_LENGTH tokens).
@@ -92,6 +98,9 @@ class LocalIndex:
         self.manifest = self.opened.manifest
         self.shard_starts = self.opened.starts
         self.searcher = Searcher(self.opened.vectors, self.manifest.vocab_size, doc_ids=self._doc_ids)
+        self._row_columns: RowColumns | None = None  # what filters read, loaded at the first --where
+        self._filtered: OrderedDict = OrderedDict()  # parsed filter -> Searcher restricted to its rows (LRU)
+        self._filter_lock = threading.Lock()
 
     def reopen(self) -> "LocalIndex":
         """A LocalIndex on the newest committed generation sharing this encoder; self if it has not changed."""
@@ -117,15 +126,35 @@ class LocalIndex:
         if colbert and not self.manifest.has_colbert:
             raise NoColbertVectors(f"{self.index_dir} has no ColBERT vectors: rebuild it with --colbert, "
                                    "or search with --mode hybrid|dense|sparse")
+        searcher = self.searcher_for(request.where)
         query_vectors = self._encode([q.text for q in queries], colbert)
         normalize = None if request.normalize is Normalize.NONE else request.normalize.value
         with stage_timer("score"):
-            all_hits = self.searcher.search_many(query_vectors, request.k, request.mode.value, request.weights,
+            all_hits = searcher.search_many(query_vectors, request.k, request.mode.value, request.weights,
                                                  fetch_colbert=self._fetch_colbert, group_by_doc=request.group_by_doc,
                                                  fusion=request.fusion.value, normalize=normalize)
         with stage_timer("read hits"):
             return [QueryResult(query, self._describe(vectors, hits, request))
                     for query, vectors, hits in zip(queries, query_vectors, all_hits)]
+
+    def searcher_for(self, where: str | None):
+        """The Searcher a request with this filter uses: the whole index, or the index restricted to the rows
+        the filter matches (evaluated once over every row, kept for the FILTER_CACHE latest filters)."""
+        if where is None:
+            return self.searcher
+        expression = parse_where(where)
+        with self._filter_lock:
+            if expression in self._filtered:
+                self._filtered.move_to_end(expression)
+                return self._filtered[expression]
+            if self._row_columns is None:
+                self._row_columns = RowColumns(self.searcher.rows, self.opened.read_arrow)
+            with stage_timer("filter"):
+                restricted = self.searcher.restricted(self._row_columns.matching(expression))
+            self._filtered[expression] = restricted
+            while len(self._filtered) > FILTER_CACHE:
+                self._filtered.popitem(last=False)
+            return restricted
 
     def _encode(self, texts: list[str], colbert: bool) -> list[QueryVectors]:
         """The texts' vectors, from memory for texts already encoded when this object remembers queries (with

@@ -10,6 +10,9 @@ a collection with
             so Milvus scores exactly the vectors local search scores
     sparse  SPARSE_FLOAT_VECTOR, SPARSE_INVERTED_INDEX, inner product
     text    VARCHAR, with --with-text (cut to Milvus's 65,535 bytes, counted)
+    fields  JSON: {"source", "source_line", "metadata": {key: string},
+            "numbers": {key: number}} (a metadata value that reads as a number
+            is in both), what `--where` filters are translated to (`milvus_filter`)
 
 and the index's identity (model, dimensions, generation) in the collection's
 properties, so a search can refuse a collection made by another model.
@@ -52,11 +55,13 @@ from bge_index.errors import BgeIndexError, ExtraUnavailableError, IndexFormatEr
 from bge_index.extras import require
 from bge_index.store.manifest import Manifest, read_manifest
 from bge_index.model.identity import ModelIdentity
+from bge_index.search import filters
 from bge_index.search.query import (RRF_DEPTH, RRF_K, SEARCH_OPTIONS, Hit, Mode, Normalize, Query, QueryResult, QueryVectors,
                                     RankedDocument, ScoreWeights, SearchRequest)
 from bge_index.store.shard_reader import LiveRows, iter_live_rows
 
 MAX_VARCHAR_BYTES = 65_535
+FIELDS = "fields"  # the JSON field holding what --where filters read (row_fields)
 PROPERTY = "bge_index"  # collection property holding the exported index's identity (JSON)
 INDEX_TYPES = ("flat", "hnsw")
 DENSE_TYPES = ("auto", "float", "float16")
@@ -64,7 +69,7 @@ _HNSW_BUILD = {"M": 16, "efConstruction": 200}
 
 # What Milvus search does of the declared search options (query.SEARCH_OPTIONS): these at any value
 # (colbert-weight: only colbert mode reads it, refused below), ...
-MILVUS_OPTIONS = frozenset({"k", "dense-weight", "sparse-weight", "colbert-weight", "fusion"})
+MILVUS_OPTIONS = frozenset({"k", "dense-weight", "sparse-weight", "colbert-weight", "fusion", "where"})
 # ... these at these values only (a refusal names them in this order), and any other, one declared after
 # this was written included, only at its default: what Milvus cannot do is refused, never ignored.
 MILVUS_OPTIONS_AT = {"mode": (Mode.HYBRID, Mode.DENSE, Mode.SPARSE), "explain": (False,), "group-by-doc": (False,),
@@ -197,12 +202,13 @@ def _export(client, manifest: Manifest, index_dir: Path, uri: str, collection: s
         _create_collection(client, collection, manifest, dense_type, index_type, with_text and manifest.store_text)
         summary.created = True
     summary.dense_type = dense_type
-    has_text = "text" in _field_types(client, collection)
+    field_types = _field_types(client, collection)
+    has_text, has_fields = "text" in field_types, FIELDS in field_types
     identity = _identity(manifest, dense_type)
     client.alter_collection_properties(collection, properties={PROPERTY: json.dumps({**identity, "state": "partial"})})
     live_ids: set[str] | None = None if summary.created else set()
     dense_numpy = np.float16 if dense_type == "float16" else np.float32
-    for rows in iter_live_rows(index_dir, manifest, batch_rows=batch, with_text=has_text):
+    for rows in iter_live_rows(index_dir, manifest, batch_rows=batch, with_text=has_text, with_fields=has_fields):
         records = _records(rows, manifest.vocab_size, dense_numpy, summary)
         # A new collection holds none of these ids: insert. Otherwise upsert, which replaces rows by id.
         (client.insert if summary.created else client.upsert)(collection, records)
@@ -235,6 +241,7 @@ def _create_collection(client, collection: str, manifest: Manifest, dense_type: 
     schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
     if with_text:
         schema.add_field("text", DataType.VARCHAR, max_length=MAX_VARCHAR_BYTES)
+    schema.add_field(FIELDS, DataType.JSON)
     indexes = client.prepare_index_params()
     if index_type == "hnsw":
         indexes.add_index("dense", index_type="HNSW", metric_type="IP", params=_HNSW_BUILD)
@@ -292,8 +299,81 @@ def _records(rows: LiveRows, vocab_size: int, dense_numpy, summary: ExportSummar
         record = {"id": row_id, "dense": dense[row], "sparse": sparse}
         if rows.texts is not None:
             record["text"] = _fit_varchar(rows.texts[row] or "", summary)
+        if rows.sources is not None:
+            record[FIELDS] = row_fields(rows.sources[row], rows.source_lines[row], rows.metadata[row])
         records.append(record)
     return records
+
+
+def row_fields(source: str | None, source_line: int | None, metadata: dict[str, str] | None) -> dict:
+    """A row's `fields` JSON: what a --where filter reads, with each metadata value that reads as a number (as
+    filters.RowColumns reads it) also under "numbers", so that Milvus compares it as a number.
+
+        >>> row_fields("/c.jsonl", 3, {"lang": "de", "year": "2024"})
+        {'source': '/c.jsonl', 'source_line': 3, 'metadata': {'lang': 'de', 'year': '2024'}, 'numbers': {'year': 2024.0}}
+    """
+    out: dict = {}
+    if source is not None:
+        out["source"] = source
+    if source_line is not None:
+        out["source_line"] = source_line
+    metadata = metadata or {}
+    out["metadata"] = dict(metadata)
+    out["numbers"] = {key: float(value) for key, value in metadata.items() if re.match(filters.NUMBER, value)}
+    return out
+
+
+def milvus_filter(expression: filters.Expression) -> str:
+    """A parsed --where filter as a Milvus boolean expression over the exported `id` and `fields`, with the
+    same meaning (a comparison of a field a row lacks is false, `not` the complement).
+
+        >>> milvus_filter(filters.parse_where('lang in ["de", "fr"] and not year >= 2020'))
+        '((exists fields["metadata"]["lang"] and (fields["metadata"]["lang"] == "de" or \
+fields["metadata"]["lang"] == "fr")) and not (exists fields["numbers"]["year"] and fields["numbers"]["year"] >= 2020.0))'
+    """
+    node = expression
+    if isinstance(node, (filters.And, filters.Or)):
+        joiner = " and " if isinstance(node, filters.And) else " or "
+        return "(" + joiner.join(milvus_filter(part) for part in node.parts) + ")"
+    if isinstance(node, filters.Not):
+        return f"not {milvus_filter(node.part)}"
+    numeric = isinstance(node, (filters.Compare, filters.Member)) and \
+        not isinstance(node.value if isinstance(node, filters.Compare) else node.values[0], str)
+    path = _milvus_path(node.field, numeric)
+    if isinstance(node, filters.Has):
+        return "(id == id)" if path == "id" else f"(exists {path})"
+    if isinstance(node, filters.Prefix):
+        if "%" in node.prefix or "_" in node.prefix or "\\" in node.prefix:
+            raise InvalidOptionError(f"--backend milvus: a startswith() prefix holding %, _ or \\ has no Milvus "
+                                     f"form ({node.prefix!r})")
+        test = f"{path} like {_milvus_literal(node.prefix + '%')}"
+    elif isinstance(node, filters.Member):
+        # Equalities, not `in`: Milvus takes `in` on a field, not on a path inside a JSON field.
+        test = "(" + " or ".join(f"{path} == {_milvus_literal(v)}" for v in node.values) + ")"
+        test = f"not {test}" if node.negated else test
+    else:
+        test = f"{path} {node.op} {_milvus_literal(node.value)}"
+    # A row without the field matches no comparison (filters.RowColumns), `!=` and `not in` included.
+    return f"({test})" if path == "id" else f"(exists {path} and {test})"
+
+
+def _milvus_path(field: filters.Field, numeric: bool) -> str:
+    if field.column == "id":
+        if numeric:
+            raise InvalidOptionError("--backend milvus: id compares only with strings")
+        return "id"
+    if field.column is not None:
+        return f"{FIELDS}[{_milvus_literal(field.column)}]"
+    return f"{FIELDS}[\"{'numbers' if numeric else 'metadata'}\"][{_milvus_literal(field.key)}]"
+
+
+def _milvus_literal(value: str | float) -> str:
+    """A string or number as a Milvus expression literal: a string in double quotes, \\ and \" escaped."""
+    if isinstance(value, str):
+        if any(ord(c) < 32 for c in value):
+            raise InvalidOptionError(f"--backend milvus: a control character in {value!r} has no Milvus form")
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(float(value))
 
 
 def _fit_varchar(text: str, summary: ExportSummary) -> str:
@@ -370,6 +450,7 @@ class MilvusBackend:
                               f"{index_dir}, which is now at generation {self.manifest.generation}: export it again")
         fields = _field_types(self.client, collection)
         self.has_text = "text" in fields
+        self.has_fields = FIELDS in fields
         self.dense_numpy = np.float16 if self.identity.get("dense_type") == "float16" else np.float32
         self.client.load_collection(collection)
 
@@ -393,15 +474,22 @@ class MilvusBackend:
     def search(self, queries: Sequence[Query], request: SearchRequest = SearchRequest()) -> list[QueryResult]:
         """Top-k per query: hybrid (weighted or rrf), dense or sparse, as local search scores them."""
         self.check_request(request)
+        where = ""
+        if request.where is not None:
+            if not self.has_fields:
+                raise InvalidOptionError(f"--where: collection {self.collection!r} was exported without the rows' "
+                                         "fields; export it again with --drop-existing")
+            where = milvus_filter(filters.parse_where(request.where))
         with _milvus_errors(f"searching collection {self.collection!r}", *self.secrets):
             found = self._search([q.text for q in queries], request.k, request.mode.value, request.weights,
-                                 request.fusion.value, self.route_limit, request.with_text)
+                                 request.fusion.value, self.route_limit, request.with_text, where)
         return [QueryResult(query, [RankedDocument(rank, hit_id, hit, text)
                                     for rank, (hit_id, hit, text) in enumerate(hits, start=1)])
                 for query, hits in zip(queries, found)]
 
     def _search(self, texts: Sequence[str], k: int, mode: str, weights: ScoreWeights, fusion: str,
-                route_limit: int | None, with_text: bool) -> list[list[tuple[str, Hit, str | None]]]:
+                route_limit: int | None, with_text: bool, where: str = ""
+                ) -> list[list[tuple[str, Hit, str | None]]]:
         from pymilvus import AnnSearchRequest, RRFRanker, WeightedRanker
 
         limit = route_limit or default_route_limit(k)
@@ -418,13 +506,14 @@ class MilvusBackend:
                 ranker = RRFRanker(RRF_K) if fusion == "rrf" else \
                     WeightedRanker(weights.dense, weights.sparse, norm_score=False)
                 found = self.client.hybrid_search(
-                    self.collection, [AnnSearchRequest(**dense_request, limit=depth),
-                                      AnnSearchRequest(**sparse_request, limit=depth)],
+                    self.collection, [AnnSearchRequest(**dense_request, limit=depth, expr=where or None),
+                                      AnnSearchRequest(**sparse_request, limit=depth, expr=where or None)],
                     ranker, limit=k, output_fields=output)[0]
             else:
                 request = dense_request if mode == "dense" else sparse_request
                 found = self.client.search(self.collection, data=request["data"], anns_field=request["anns_field"],
-                                           search_params=request["param"], limit=k, output_fields=output)[0]
+                                           search_params=request["param"], limit=k, output_fields=output,
+                                           filter=where)[0]
             results.append(self._hits(query, found))
         return results
 

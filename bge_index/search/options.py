@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -48,13 +49,14 @@ class SearchOption:
 
     name: str  # `dense-weight`: the flag --dense-weight and the HTTP parameter dense-weight
     field: str  # where the request holds it: `k`, or `weights.dense` inside a dataclass field
-    type: type  # int, float, bool, or an Enum whose values are the choices
+    type: type  # int, float, bool, str (an optional text: default None), or an Enum whose values are the choices
     default: Any
     help: str
     aliases: tuple[str, ...] = ()  # further names, each a flag and an HTTP parameter too (`top-k`)
     minimum: float | None = None
     maximum: float | None = None
     envvar: str | None = None  # the CLI's `search` also reads it from this environment variable
+    metavar: str | None = None  # how --help names its value (`EXPR`); None: the type's name
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -101,16 +103,17 @@ class _Declared:
     minimum: float | None
     maximum: float | None
     envvar: str | None
+    metavar: str | None
 
 
 def option(default: Any, *names: str, help: str, minimum: float | None = None, maximum: float | None = None,
-           envvar: str | None = None) -> Any:
+           envvar: str | None = None, metavar: str | None = None) -> Any:
     """A dataclass field that is a search option (its type: the field's annotation); `names` default to the
     field's name with `-` for `_`. Use it as the field's default: `k: int = option(10, "k", "top-k", ...)`."""
     if not help.strip():
         raise ValueError("a search option needs its help text")
     return dataclasses.field(default=default,
-                             metadata={_KEY: _Declared(tuple(names), help, minimum, maximum, envvar)})
+                             metadata={_KEY: _Declared(tuple(names), help, minimum, maximum, envvar, metavar)})
 
 
 def declared_options(cls: type) -> tuple[SearchOption, ...]:
@@ -124,16 +127,23 @@ def _declared(cls: type, prefix: str):
         if declared is not None:
             names = declared.names or (field.name.replace("_", "-"),)
             yield SearchOption(names[0], prefix + field.name, kind, field.default, declared.help, names[1:],
-                               declared.minimum, declared.maximum, declared.envvar)
+                               declared.minimum, declared.maximum, declared.envvar, declared.metavar)
         elif dataclasses.is_dataclass(kind):
             yield from _declared(kind, f"{prefix}{field.name}.")
 
 
 @functools.cache
 def _fields(cls: type) -> tuple[tuple[dataclasses.Field, Any, _Declared | None], ...]:
-    """(field, resolved type, its option() declaration or None) for each field of dataclass `cls`."""
+    """(field, resolved type, its option() declaration or None) for each field of dataclass `cls`; an optional
+    text (`str | None`) is of type str."""
     hints = typing.get_type_hints(cls)
-    return tuple((f, hints[f.name], f.metadata.get(_KEY)) for f in dataclasses.fields(cls))
+    return tuple((f, _plain(hints[f.name]), f.metadata.get(_KEY)) for f in dataclasses.fields(cls))
+
+
+def _plain(kind: Any) -> Any:
+    """`str | None` -> str: an option that may be left out is its type with the default None."""
+    members = set(typing.get_args(kind)) if typing.get_origin(kind) in (typing.Union, types.UnionType) else set()
+    return str if members == {str, type(None)} else kind
 
 
 def check_options(instance: Any) -> None:
@@ -152,6 +162,10 @@ def check_options(instance: Any) -> None:
                 raise InvalidOptionError(f"unknown {name} {value!r} (use {choices})") from None
             continue
         low, high = declared.minimum, declared.maximum
+        if kind is str:
+            if value is not None and not isinstance(value, str):
+                raise InvalidOptionError(f"{name} must be a string (got {value!r})")
+            continue
         if (low is not None and value < low) or (high is not None and value > high):
             raise InvalidOptionError(f"{name} must be {describe_range(low, high)} (got {value})")
 

@@ -29,6 +29,7 @@ from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 
+from bge_index.search.filters import parse_where
 from bge_index.search.options import SearchOption, build, check_options, declared_options, option
 
 
@@ -113,11 +114,15 @@ class SearchRequest:
     normalize: Normalize = option(Normalize.NONE, help="Weighted hybrid: min-max normalise dense and sparse scores first.")
     explain: bool = option(False, help="Show the query tokens that matched, with their contributions.")
     group_by_doc: bool = option(False, help="Rank documents by their best passage (chunked indexes).")
+    where: str | None = option(None, metavar="EXPR", help='Only rows matching this filter, e.g. lang == "de" and year >= 2020, '
+                                          'startswith(path, "reports/") (README: Filters). Exact.')
     with_text: bool = True  # return stored texts with the hits (not an option: the CLI's output format decides)
 
     def __post_init__(self) -> None:
         # Plain strings are accepted for the enums (library callers); stored as the enums. k at least 1.
         check_options(self)
+        if self.where is not None:
+            parse_where(self.where)  # a filter that does not parse fails here, before any search
 
 
 SEARCH_OPTIONS: tuple[SearchOption, ...] = declared_options(SearchRequest)

@@ -130,14 +130,17 @@ def kth_best(values: np.ndarray, k: int) -> float:
 class PrunedSearch:
     """Rank-safe dense, sparse and weighted hybrid top-k over shards that carry pruning data (others are scanned)."""
 
-    def __init__(self, shards: Sequence[ShardVectors], kernel: DenseKernel, sparse_scan):
-        """`sparse_scan(query) -> [N] float32`: every row's exact sparse score (scoring.Searcher.sparse_scores)."""
+    def __init__(self, shards: Sequence[ShardVectors], kernel: DenseKernel, sparse_scan,
+                 shared: "PrunedSearch | None" = None):
+        """`sparse_scan(query) -> [N] float32`: every row's exact sparse score (scoring.Searcher.sparse_scores).
+        `shared`: a PrunedSearch over the same shards with other live rows (a filter), whose per-shard data
+        (which counts deleted rows too) this one reuses."""
         self.shards = list(shards)
         self.kernel = kernel
         self.sparse_scan = sparse_scan
         self.rows = sum(shard.rows for shard in self.shards)
-        self._infos: dict[int, ShardPruneInfo] = {}
-        self._token_max: dict[int, dict[int, float]] = {}
+        self._infos: dict[int, ShardPruneInfo] = {} if shared is None else shared._infos
+        self._token_max: dict[int, dict[int, float]] = {} if shared is None else shared._token_max
 
     # -- shared steps -----------------------------------------------------------------------------------------
 

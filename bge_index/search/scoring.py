@@ -20,6 +20,7 @@ order and score bits as the full scans here); RRF, min-max normalisation and
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -38,6 +39,10 @@ _DENSE_QUERY_BLOCK = QUERY_BLOCK  # queries per sgemm of the exact dense kernel 
 SPARSE_PRUNING = False  # sparse mode: MaxScore (True) or the full accumulation (False; faster, measured)
 COLBERT_CANDIDATES_PER_HIT = 10
 COLBERT_MIN_CANDIDATES = 100
+# A filtered search scores its matching rows one by one (gathers) when they are at most this many, or at most
+# 1/GATHER_FRACTION of the index: below that, gathering them costs less than a pass over the int8 codes.
+GATHER_ROWS = 4096
+GATHER_FRACTION = 16
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -63,17 +68,42 @@ class Searcher:
     """Exact search over an index's shards (memory-mapped search files, or vectors built in memory)."""
 
     def __init__(self, shards: Sequence[ShardVectors], vocab_size: int,
-                 doc_ids: Callable[[], np.ndarray] | None = None):
+                 doc_ids: Callable[[], np.ndarray] | None = None, _shared: "Searcher | None" = None):
         self.shards = list(shards)
         self.vocab_size = vocab_size
         self.rows = sum(shard.rows for shard in self.shards)
         self._doc_ids = doc_ids
-        self._documents: _DocumentGroups | None = None
-        self._kernel = DenseKernel()
-        self._pruned = PrunedSearch(self.shards, self._kernel, self.sparse_scores)
+        self._documents: _DocumentGroups | None = None if _shared is None else _shared._documents
+        self._kernel = DenseKernel() if _shared is None else _shared._kernel
+        self._pruned = PrunedSearch(self.shards, self._kernel, self.sparse_scores,
+                                    shared=None if _shared is None else _shared._pruned)
         self.live_rows = sum(shard.rows if shard.live is None else int(shard.live.sum()) for shard in self.shards)
-        self.prune = True  # rank-safe pruning where it applies (False: always full scans; the answers are the same)
+        self.prune = True if _shared is None else _shared.prune  # rank-safe pruning where it applies (False:
+        # always full scans; the answers are the same)
+        self.filtered = _shared is not None  # a restricted() view: only some rows take part
         self.last_rescored: list[int] = []  # rows scored exactly for each query of the last search (full scan: all)
+
+    def restricted(self, allowed: np.ndarray) -> "Searcher":
+        """A Searcher over the same vectors in which only the rows with `allowed[row]` ([N] bool) take part, as if
+        every other row were deleted: its answers are the exact top-k of those rows (a filter).
+
+        It shares this one's files, kernel and pruning data; a row outside `allowed` is never a hit.
+        """
+        allowed = np.asarray(allowed, dtype=bool)
+        if allowed.shape != (self.rows,):
+            raise ValueError(f"restricted: {allowed.shape[0]} flags for {self.rows} rows")
+        shards = []
+        for shard in self.shards:
+            part = allowed[shard.start:shard.start + shard.rows]
+            live = part.copy() if shard.live is None else (shard.live & part)
+            shards.append(dataclasses.replace(shard, live=live))
+        return Searcher(shards, self.vocab_size, doc_ids=self._doc_ids, _shared=self)
+
+    def live_row_numbers(self) -> np.ndarray:
+        """[live rows] int64: the rows that take part (not deleted, and allowed), ascending."""
+        parts = [shard.start + (np.arange(shard.rows) if shard.live is None else np.flatnonzero(shard.live))
+                 for shard in self.shards]
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
 
     def __len__(self) -> int:
         return self.rows
@@ -191,12 +221,14 @@ class Searcher:
 
     def _scan_search(self, query: QueryVectors, k: int, mode: str, weights: ScoreWeights,
                      fetch_colbert, group_by_doc: bool, fusion: str, normalize: str | None,
-                     dense_scores: np.ndarray | None) -> list[Hit]:
+                     dense_scores: np.ndarray | None, sparse_scores: np.ndarray | None = None) -> list[Hit]:
         """Every row scored (full scans): the definition the pruned path must equal."""
         dense = dense_scores
         if mode != "sparse" and dense is None:
             dense = self.dense_scores(query)  # [N]
-        sparse = self.sparse_scores(query) if mode != "dense" else None  # [N]
+        sparse = sparse_scores
+        if mode != "dense" and sparse is None:
+            sparse = self.sparse_scores(query)  # [N]
         if mode == "dense":
             ranking = dense
         elif mode == "sparse":
@@ -216,6 +248,8 @@ class Searcher:
         """Many queries, sharing each pass over the dense matrix (int8 codes when pruning, else float16) among
         a block of them. Each query's hits are the bits it gets searched alone."""
         _check_mode(mode, options.get("fusion", "weighted"))
+        if self.filtered and queries and self.live_rows <= max(GATHER_ROWS, self.rows // GATHER_FRACTION):
+            return self._gathered_search(queries, k, mode, weights, **options)
         if self._can_prune(queries, k, mode, weights, **options):
             return self._pruned_search(queries, k, mode, weights, options.get("fetch_colbert"))
         results: list[list[Hit]] = []
@@ -229,6 +263,44 @@ class Searcher:
                                                  dense_scores=None if dense is None else dense[column]))
         self.last_rescored = [self.rows] * len(queries)
         return results
+
+    # -- few rows: gathered ----------------------------------------------------
+
+    def _gathered_search(self, queries: Sequence[QueryVectors], k: int, mode: str, weights: ScoreWeights,
+                         fetch_colbert=None, group_by_doc: bool = False, fusion: str = "weighted",
+                         normalize: str | None = None) -> list[list[Hit]]:
+        """A filter's few rows scored one by one, by the kernels a scan uses (the same bits), never a pass over
+        the whole matrix. Weighted scores rank those rows directly; the other fusions, grouping and ColBERT get
+        [N] score arrays holding -inf elsewhere, what a scan of this view makes, and rank them as a scan does."""
+        rows = self.live_row_numbers()
+        results = []
+        for query in queries:
+            dense = self.dense_scores_of(query, rows) if mode != "sparse" else None  # [m]
+            sparse = self.sparse_scores_of(query, rows) if mode != "dense" else None  # [m]
+            if mode != "colbert" and fusion == "weighted" and not normalize and not group_by_doc:
+                ranking = dense if mode == "dense" else sparse if mode == "sparse" else \
+                    weighted_sum(dense, sparse, weights)
+                best = top_k(ranking, k)  # ties in position order: row order, the rows being ascending
+                found = Ranked(rows[best], ranking[best], None if dense is None else dense[best],
+                               None if sparse is None else sparse[best], len(rows))
+                results.append(self._ranked_hits(query, found))
+                continue
+            full_dense = None
+            if dense is not None:
+                full_dense = np.full(self.rows, -np.inf, dtype=np.float32)
+                full_dense[rows] = dense
+            results.append(self._scan_search(query, k, mode, weights, fetch_colbert, group_by_doc, fusion,
+                                             normalize, full_dense, self._spread(rows, sparse)))
+        self.last_rescored = [len(rows)] * len(queries)
+        return results
+
+    def _spread(self, rows: np.ndarray, scores: np.ndarray | None) -> np.ndarray | None:
+        """[N] float32: `scores` at `rows`, -inf elsewhere (None stays None)."""
+        if scores is None:
+            return None
+        out = np.full(self.rows, -np.inf, dtype=np.float32)
+        out[rows] = scores
+        return out
 
     # -- rank-safe pruning -----------------------------------------------------
 

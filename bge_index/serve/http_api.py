@@ -8,6 +8,8 @@ text), and the search answers are byte for byte what the CLI prints:
     GET  /search?q=TEXT&k=10&mode=hybrid   = bge-index search INDEX "TEXT" -k 10 --mode hybrid --format json
     POST /search {"queries": [{"id": "q1", "text": "..."}], "k": 10, "mode": "dense"}
                                            = bge-index search INDEX --queries FILE ... --format json
+    POST /embed {"texts": ["...", ...]} or {"documents": [{"id": "d1", "text": "..."}]}, "colbert": false
+                                           = bge-index embed FILE --index INDEX [--colbert], as a JSON list
     GET  /info                             = bge-index info INDEX --format json
     GET  /healthz                          {"status": "ok", "generation": N, "rows": N, "queued": N, ...}
     GET  /metrics                          Prometheus text format (metrics.py)
@@ -22,6 +24,9 @@ JSON, `{"error": "..."}`: 413 when its answer could pass Limits.max_answer_bytes
 (from the index's longest text, before any search), 503 with Retry-After
 when the queue is full, 503 past its deadline or while the server stops.
 A client that hangs up has its request's remaining work dropped.
+POST /embed goes through the same body limit, queue (each text a place),
+deadline, hang-up handling and answer bound (embedding.embed_answer_bound),
+and is encoded on the search worker with the served model (embedding.py).
 A header `X-Bge-Index-Generation` names the generation that answered, and
 `Server-Timing: search;dur=MS` what the searches of the batches it was
 answered in took (encode + score; alone, that is this request's own).
@@ -63,13 +68,14 @@ except ImportError as missing:  # pragma: no cover - exercised only without the 
     raise ExtraUnavailableError(f"bge-index serve needs the serve extra: pip install 'bge-index[serve]' "
                                 f"({missing.name} is not installed)") from None
 
-from bge_index.input.types import Skipped, SkipReason
+from bge_index.input.types import FieldNames, Skipped, SkipReason
 from bge_index.input.formats import QUERY_FIELDS, record_to_document
 from bge_index.store.info import index_info
 from bge_index.search.options import SearchOption, describe_range
 from bge_index.search.query import SEARCH_OPTIONS as DECLARED_OPTIONS
 from bge_index.search.query import Mode, Query, SearchRequest, request_from_options, results_json
 from bge_index.serve.answer_size import answer_bound
+from bge_index.serve.embedding import EmbedWork, check_colbert, embed_answer_bound, embed_max_length, embeddings_json
 from bge_index.serve.generations import Unavailable
 from bge_index.serve.limits import Limits
 from bge_index.serve.search_service import DeadlineExceeded, QueueFull, SearchService, ServiceClosed
@@ -78,6 +84,9 @@ log = logging.getLogger("bge_index.serve")
 
 MAX_BODY_BYTES = 1 << 20  # a POST /search body; 1 MiB holds thousands of queries
 MAX_QUERIES = 1024  # queries in one POST
+MAX_TEXTS = MAX_QUERIES  # texts in one POST /embed: each takes a place in the queue, as a query does
+EMBED_KEYS = ("texts", "documents", "colbert")  # what a POST /embed body may hold
+DOCUMENT_FIELDS = FieldNames()  # a POST /embed document's fields: `embed`'s (and `index`'s) id/_id/docid, text
 MAX_K = 10_000
 MAX_HITS = 100_000  # queries x k in one request: each hit may carry its text, so this bounds a response's size
 MAX_EXPLAINED_HITS = 1_000  # with explain, each hit costs a walk over its query's tokens
@@ -165,6 +174,10 @@ def parse_option(option: SearchOption, name: str, value: Any) -> Any:
         return _integer(name, value, option.minimum, high)
     if option.type is float:
         return _number(name, value, option.minimum, high)
+    if option.type is str:
+        if not isinstance(value, str):
+            raise RequestError(400, f"{name} must be a string (got {str(value)[:40]!r})")
+        return value
     raise TypeError(f"search option {option.name}: no HTTP parsing for {option.type!r}")  # a new type: add one
 
 
@@ -183,7 +196,10 @@ def search_request(options: dict[str, Any]) -> SearchRequest:
         if option.name in values:
             raise RequestError(400, f"{name}: given twice")
         values[option.name] = parse_option(option, name, value)
-    return request_from_options(values, with_text=True)
+    try:
+        return request_from_options(values, with_text=True)
+    except InvalidOptionError as error:  # what the request's own checks refuse (a --where that does not parse)
+        raise RequestError(400, str(error)) from None
 
 
 def _query_text(text: Any, where: str) -> str:
@@ -222,6 +238,56 @@ def posted_queries(body: Any) -> tuple[list[Query], SearchRequest]:
     request = search_request(options)
     check_size(len(queries), request)
     return queries, request
+
+
+def posted_documents(body: Any) -> tuple[list[str], list[str], bool]:
+    """The ids, texts and colbert flag of a POST /embed body: `texts` (strings, their ids "1", "2", ... as the
+    lines of a text file get theirs) or `documents` (objects read as `bge-index embed` reads a JSONL line: id,
+    text, title prepended), one of the two; a text that the command would skip is refused here (400)."""
+    if not isinstance(body, dict):
+        raise RequestError(400, 'the body must be a JSON object: {"texts": ["...", ...]} or '
+                                '{"documents": [{"id": ..., "text": ...}]}')
+    unknown = [key for key in body if key not in EMBED_KEYS]
+    if unknown:
+        raise RequestError(400, f"unknown field {unknown[0]!r} (POST /embed takes {', '.join(EMBED_KEYS)})")
+    if ("texts" in body) == ("documents" in body):
+        raise RequestError(400, 'give one of "texts" (a list of strings) or "documents" (a list of '
+                                '{"id": ..., "text": ...})')
+    colbert = _flag("colbert", body.get("colbert", False))
+    key = "texts" if "texts" in body else "documents"
+    items = body[key]
+    if not isinstance(items, list) or not items:
+        what = "strings" if key == "texts" else '{"id": ..., "text": ...}'
+        raise RequestError(400, f'"{key}" must be a non-empty list of {what}')
+    if len(items) > MAX_TEXTS:
+        raise RequestError(413, f"{len(items):,} {key} in one request; at most {MAX_TEXTS:,}")
+    ids, texts = [], []
+    for number, item in enumerate(items):
+        where = f"{key}[{number}]"
+        if key == "texts":
+            ids.append(str(number + 1))
+            texts.append(_embed_text(item, where))
+            continue
+        if not isinstance(item, dict):
+            raise RequestError(400, f"{where}: must be an object with an id and a text")
+        read = record_to_document(item, where, number + 1, DOCUMENT_FIELDS)
+        if isinstance(read, Skipped):
+            raise RequestError(400, f"{where}: {read.reason}")
+        ids.append(read.id)
+        texts.append(read.text)
+    return ids, texts, colbert
+
+
+def _embed_text(text: Any, where: str) -> str:
+    if not isinstance(text, str):
+        raise RequestError(400, f"{where}: must be a string (got {type(text).__name__})")
+    if not text.strip():
+        raise RequestError(400, f"{where}: the text is empty")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(400, f"{where}: the text is not valid Unicode (a lone surrogate)") from None
+    return text
 
 
 def check_size(count: int, request: SearchRequest) -> None:
@@ -307,6 +373,13 @@ def _serialized(results, mode: Mode, limit: int) -> bytes:
     return body
 
 
+def _serialized_embeddings(encoded, colbert: bool, limit: int) -> bytes:
+    body = embeddings_json(encoded, colbert).encode("utf-8")
+    if len(body) > limit:  # past the estimate: escaped characters in the ids
+        raise RequestError(413, f"the answer is {len(body):,} bytes; at most {limit:,} (send fewer texts)")
+    return body
+
+
 def create_app(service: SearchService, index_label: str, token: str | None = None, limits: Limits | None = None,
                metrics: ServeMetrics | None = None) -> Starlette:
     """The ASGI application answering searches through `service`; `index_label` is the index path as given
@@ -379,6 +452,35 @@ def create_app(service: SearchService, index_label: str, token: str | None = Non
         queries, search = posted_queries(strict_json(await _read_body(request)))
         return await answer(request, queries, search, arrived)
 
+    async def embed(request: Request) -> Response:
+        arrived = time.monotonic()
+        if request.query_params:
+            raise RequestError(400, "POST /embed takes its fields in the JSON body, not the query string")
+        ids, texts, colbert = posted_documents(strict_json(await _read_body(request)))
+        # Refused before queueing, from the generation a request arriving now is answered from: ColBERT of an
+        # index without it, and an answer that could pass the limit. The worker checks ColBERT again against
+        # the generation it pins (a commit may come between).
+        index = await run_in_threadpool(service.current)
+        if colbert:
+            check_colbert(index.manifest, index_label)
+        encoder = service.encoder
+        bound = embed_answer_bound(ids, texts, colbert, encoder.dense_dim, encoder.colbert_dim,
+                                   embed_max_length(index.manifest))
+        if bound > limits.max_answer_bytes:
+            raise RequestError(413, f"the answer could be {bound:,} bytes; at most {limits.max_answer_bytes:,} "
+                                    f"(send fewer or shorter texts{', or leave out colbert' if colbert else ''})")
+        deadline = arrived + limits.request_timeout
+        try:
+            future = service.submit_embed(EmbedWork(ids, texts, colbert), deadline=deadline)
+        except QueueFull as full:
+            metrics.count_refused("queue full")
+            return _error(503, str(full), {"Retry-After": str(full.retry_after)})
+        result = await _wait(http_request=request, future=future, deadline=deadline)
+        body = await run_in_threadpool(_serialized_embeddings, result.results, colbert, limits.max_answer_bytes)
+        return Response(body, media_type=JSON_TYPE,
+                        headers={"X-Bge-Index-Generation": str(result.generation),
+                                 "Server-Timing": f"embed;dur={result.seconds * 1000:.3f}"})
+
     async def info(request: Request) -> Response:
         index = await run_in_threadpool(service.current)
         try:
@@ -434,6 +536,7 @@ def create_app(service: SearchService, index_label: str, token: str | None = Non
     app = Starlette(
         routes=[Route("/search", guarded(search_get), methods=["GET"]),
                 Route("/search", guarded(search_post), methods=["POST"]),
+                Route("/embed", guarded(embed), methods=["POST"]),
                 Route("/info", guarded(info), methods=["GET"]),
                 Route("/healthz", guarded(healthz), methods=["GET"]),
                 Route("/metrics", guarded(metrics_text), methods=["GET"])],

@@ -33,6 +33,14 @@ module owns what that needs beyond `LocalIndex`:
 - **Stopping.** `stop_taking()` (SIGTERM) refuses what waits with
   `ServiceClosed` and new requests too, and lets the batch in hand finish;
   `close()` answers what is queued, then stops.
+- **Embedding** (POST /embed, embedding.py). `submit_embed(work)` queues
+  texts to encode as documents with the same model, in the same queue (each
+  text counts as a query against `max_queue`), under the same deadlines,
+  cancellation, generations and stop. The worker does an embedding a step
+  at a time (a group's tokenisation or one forward pass), taking turns with
+  the search batches, oldest embedding first: a search waits for at most
+  one step, and an embedding is never split other than `bge-index embed`
+  splits it (its bits are the command's).
 
     service = SearchService(LocalIndex(Path("notes-index")))
     future = service.submit([Query("1", "sourdough starter")], SearchRequest(k=5))
@@ -56,6 +64,7 @@ from bge_index.errors import BgeIndexError
 from bge_index.search.local_index import LocalIndex
 from bge_index.search.query import Query, QueryResult, SearchRequest
 from bge_index.serve.answer_size import TextSizes
+from bge_index.serve.embedding import EmbedWork
 from bge_index.serve.generations import Generation, Generations, ManifestKey, Unavailable, manifest_key
 
 log = logging.getLogger("bge_index.serve")
@@ -85,9 +94,11 @@ class DeadlineExceeded(BgeIndexError):
 @dataclass(frozen=True)
 class Answer:
     """What a submitted search's future gives: one result per query, the generation that answered, and the
-    seconds its searches (encode + score + read hits, for the whole batches it was part of) took."""
+    seconds its searches (encode + score + read hits, for the whole batches it was part of) took. For an
+    embedding (`submit_embed`): one (rows, row number) per text, in input order (embedding.embedding_record
+    makes its record), and the seconds its steps took."""
 
-    results: list[QueryResult]
+    results: list
     generation: int
     seconds: float = 0.0
 
@@ -95,10 +106,11 @@ class Answer:
 @dataclass(eq=False)
 class _Pending:
     """One submitted search: its queries, request and future, when it arrived and must be answered by, the
-    manifest key it saw, and how far it has got."""
+    manifest key it saw, and how far it has got. An embedding has `embed` (its work), its texts as `queries`
+    (id, text) and no `request`."""
 
     queries: list[Query]
-    request: SearchRequest
+    request: SearchRequest | None
     arrived: float
     deadline: float | None
     seen_key: ManifestKey | None
@@ -108,6 +120,7 @@ class _Pending:
     seconds: float = 0.0
     generation: Generation | None = None  # pinned by its first batch: all of it is answered from one generation
     cancelled: bool = False
+    embed: EmbedWork | None = None
 
     @property
     def untaken(self) -> int:
@@ -131,6 +144,10 @@ class SearchService:
         self._refused_at = float("-inf")
         self._rate: float | None = None  # queries per second, recent batches
         self.batches = 0  # batches answered so far (fewer than requests when requests wait together)
+        self.embed_steps = 0  # embedding steps done so far (a tokenisation or a forward pass each)
+        self._embed_turn = False  # the next step goes to an embedding, if one is ready (they take turns)
+        # The model every generation shares (Generations opens each with it): /embed sizes its answers by it.
+        self.encoder = getattr(index, "encoder", None)
         self.on_batch: Callable[[int, float], None] | None = None  # (queries, seconds) after each batch
         self._generations = Generations(index, on_change=self._notify)
         self._worker = threading.Thread(target=self._work, name="bge-index-search", daemon=True)
@@ -143,10 +160,23 @@ class SearchService:
         time.monotonic() by which it must be answered. QueueFull when too many queries wait, ServiceClosed
         when stopping."""
         pending = _Pending(list(queries), request, time.monotonic(), deadline, manifest_key(self.index_dir))
+        return self._enqueue(pending)
+
+    def submit_embed(self, work: EmbedWork, deadline: float | None = None) -> Future:
+        """Queue an embedding (texts encoded as documents, as `bge-index embed --index` does); the future's
+        result is an `Answer` of (rows, row number) per text, or the error (NoColbertVectors when ColBERT
+        vectors are asked of an index without them). Each text takes a place in the queue, as a query does:
+        QueueFull and ServiceClosed as for `submit`."""
+        pending = _Pending([Query(i, t) for i, t in zip(work.ids, work.texts)], None, time.monotonic(), deadline,
+                           manifest_key(self.index_dir), embed=work)
+        return self._enqueue(pending)
+
+    def _enqueue(self, pending: _Pending) -> Future:
+        size = len(pending.queries)
         with self._cond:
             if self._closing or self._refusing or not self._worker.is_alive():
                 raise ServiceClosed("the server is stopping; try again")
-            if self.max_queue is not None and self._waiting and self._queued + len(queries) > self._room(len(queries)):
+            if self.max_queue is not None and self._waiting and self._queued + size > self._room(size):
                 self._refused_at = time.monotonic()
                 raise QueueFull(f"the queue is full ({self._queued:,} queries waiting, at most "
                                 f"{self.max_queue:,}); try again", self._retry_after())
@@ -266,17 +296,20 @@ class SearchService:
                     self._drop_locked(time.monotonic())
                     if not self._waiting and (self._closing or self._refusing):
                         return
-                    chunks = self._pick_locked()
-                    if chunks:
+                    chunks, embedding = self._next_work_locked()
+                    if chunks or embedding is not None:
                         break
                     self._cond.wait(self._next_deadline_locked())
-                self._in_flight = [pending for pending, _, _ in chunks]
+                self._in_flight = [pending for pending, _, _ in chunks] if chunks else [embedding]
             try:
-                self._answer(chunks)
+                if embedding is not None:
+                    self._embed_step(embedding)
+                else:
+                    self._answer(chunks)
             except Exception:  # noqa: BLE001 - a bug here must not stop the server answering
                 log.exception("internal error while answering a batch")
                 with self._cond:
-                    for pending, _, _ in chunks:
+                    for pending in self._in_flight:
                         self._remove_locked(pending, RuntimeError("internal error"))
             finally:
                 with self._cond:
@@ -298,20 +331,48 @@ class SearchService:
         deadlines = [p.deadline for p in self._waiting if p.deadline is not None]
         return max(0.001, min([0.5, *(d - time.monotonic() for d in deadlines)]))
 
+    def _next_work_locked(self) -> tuple[list[tuple[_Pending, int, int]], _Pending | None]:
+        """What to do next: a search batch (chunks, None) or an embedding step ([], embedding), taking turns
+        while both wait, so that neither holds the other up by more than one batch or step; ([], None): nothing."""
+        if self._embed_turn:
+            embedding = self._pick_embedding_locked()
+            if embedding is not None:
+                self._embed_turn = False
+                return [], embedding
+        chunks = self._pick_locked()
+        if chunks:
+            self._embed_turn = True
+            return chunks, None
+        embedding = self._pick_embedding_locked()
+        self._embed_turn = False
+        return [], embedding
+
+    def _pinned_locked(self, pending: _Pending) -> bool:
+        """Whether `pending` has its generation (pinned now if it had none); one that cannot be served is
+        removed (Unavailable), one whose commit is being looked at waits."""
+        if pending.generation is None:
+            try:
+                pending.generation = self._generations.generation_for(pending.seen_key, pending.arrived)
+            except Unavailable as failure:
+                self._remove_locked(pending, failure)
+                return False
+        return pending.generation is not None
+
+    def _pick_embedding_locked(self) -> _Pending | None:
+        """The oldest embedding that can go on now, its generation pinned."""
+        for pending in list(self._waiting):
+            if pending.embed is not None and self._pinned_locked(pending):
+                return pending
+        return None
+
     def _pick_locked(self) -> list[tuple[_Pending, int, int]]:
         """The next batch: (request, first query, end) chunks, at most max_batch queries (see the docstring)."""
         eligible = []
         for pending in list(self._waiting):
-            if pending.untaken == 0:
-                continue
-            if pending.generation is None:
-                try:
-                    pending.generation = self._generations.generation_for(pending.seen_key, pending.arrived)
-                except Unavailable as failure:
-                    self._remove_locked(pending, failure)
-                    continue
-                if pending.generation is None:
-                    continue  # a commit it saw is being looked at: it waits, the others go on
+            if pending.embed is not None or pending.untaken == 0:
+                continue  # embeddings go a step at a time, in their turn (_next_work_locked)
+            if not self._pinned_locked(pending):
+                continue  # a commit it saw is being looked at: it waits, the others go on
             eligible.append(pending)
         if not eligible:
             return []
@@ -386,6 +447,34 @@ class SearchService:
                 self._rate = rate if self._rate is None else (1 - RATE_MEMORY) * self._rate + RATE_MEMORY * rate
         if self.on_batch is not None:
             self.on_batch(answered, seconds)
+
+    def _embed_step(self, pending: _Pending) -> None:
+        """One step of an embedding with its generation's model (the served one, which searches use too); its
+        texts finished by the step are its results, and it is answered when all are."""
+        self.embed_steps += 1
+        generation = pending.generation
+        started = time.perf_counter()
+        with generation.lock:  # as a search batch: the generation's files are not let go under it
+            broken = generation.check()
+            if broken is not None:
+                outcome: list | BaseException = Unavailable(f"{broken}; the index cannot be served now; try again")
+            else:
+                try:
+                    outcome = pending.embed.step(generation.index.encoder, generation.manifest, self.index_dir)
+                except Exception as failure:  # noqa: BLE001 - handed to the caller, who reports it
+                    outcome = failure
+        seconds = time.perf_counter() - started
+        with self._cond:
+            if pending.future.done() or pending.future not in self._by_future:
+                return  # dropped meanwhile (deadline, hang-up, stop)
+            if isinstance(outcome, BaseException):
+                self._remove_locked(pending, outcome)
+                return
+            pending.results += outcome
+            pending.seconds += seconds
+            self._queued -= len(outcome)
+            if pending.embed.done:
+                self._remove_locked(pending, None, answered=True)
 
     def _remove_locked(self, pending: _Pending, failure: BaseException | None, answered: bool = False) -> None:
         """Take a request out of the queue: answered, failed with `failure`, or dropped (both None)."""

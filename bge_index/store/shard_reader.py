@@ -163,6 +163,7 @@ class LiveRows:
     sparse_indices: [nnz] uint32 token ids, ascending within a row
     sparse_values:  [nnz] float32 weights
     texts:          B texts, or None when not asked for (or not stored)
+    sources, source_lines, metadata: B each (None values where a row has none), or None when not asked for
     """
 
     ids: list[str]
@@ -171,20 +172,39 @@ class LiveRows:
     sparse_indices: np.ndarray
     sparse_values: np.ndarray
     texts: list[str] | None = None
+    sources: list[str | None] | None = None
+    source_lines: list[int | None] | None = None
+    metadata: list[dict[str, str] | None] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
 
 
+ROW_FIELDS = ("source", "source_line", "metadata")  # shard layout 2: where each row came from, its other fields
+
+
+def _row_fields(batch: pa.RecordBatch, present: bool) -> dict:
+    """LiveRows' sources, source_lines and metadata of a batch (all None for a shard without them)."""
+    if not present:
+        return {"sources": [None] * batch.num_rows, "source_lines": [None] * batch.num_rows,
+                "metadata": [None] * batch.num_rows}
+    return {"sources": batch.column("source").to_pylist(), "source_lines": batch.column("source_line").to_pylist(),
+            "metadata": [None if m is None else dict(m) for m in batch.column("metadata").to_pylist()]}
+
+
 def iter_live_rows(index_dir: Path, manifest: Manifest, batch_rows: int = 1000,
-                   with_text: bool = False) -> Iterator[LiveRows]:
-    """Every live row, shard by shard, `batch_rows` at a time: memory stays at one batch, whatever the index size."""
+                   with_text: bool = False, with_fields: bool = False) -> Iterator[LiveRows]:
+    """Every live row, shard by shard, `batch_rows` at a time: memory stays at one batch, whatever the index size.
+    `with_fields`: each row's source, source line and metadata too (None for a shard written before them)."""
     columns = ["id", "dense", "sparse"] + (["text"] if with_text and manifest.store_text else [])
     for shard in manifest.shards:
         mask = live_mask(index_dir, shard)
         start = 0
         try:
-            for batch in open_shard(index_dir, shard).iter_batches(batch_size=batch_rows, columns=columns):
+            parquet = open_shard(index_dir, shard)
+            fields = with_fields and "source" in parquet.schema_arrow.names
+            for batch in parquet.iter_batches(batch_size=batch_rows,
+                                              columns=columns + (list(ROW_FIELDS) if fields else [])):
                 keep = mask[start:start + batch.num_rows]
                 start += batch.num_rows
                 if not keep.any():
@@ -202,6 +222,7 @@ def iter_live_rows(index_dir: Path, manifest: Manifest, batch_rows: int = 1000,
                     sparse_indices=indices.flatten().to_numpy(zero_copy_only=False).astype(np.uint32, copy=False),
                     sparse_values=values.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False),
                     texts=batch.column("text").to_pylist() if "text" in columns else None,
+                    **(_row_fields(batch, fields) if with_fields else {}),
                 )
         except (OSError, pa.ArrowException) as error:
             raise IndexFormatError(f"{index_dir / shard.file}: damaged shard ({error})") from error

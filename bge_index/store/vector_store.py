@@ -547,6 +547,24 @@ class OpenIndex:
 
         return read_rows_through(handle, self.locations(rows), column)
 
+    def read_arrow(self, column: str) -> pa.ChunkedArray | None:
+        """One column of every row (deleted rows included), in row order, as Arrow: one chunk per shard, nulls
+        for a shard written before the column existed; None when no shard has it."""
+        kinds = [s.parquet.schema_arrow.field(column).type for s in self.shards
+                 if column in s.parquet.schema_arrow.names]
+        if not kinds:
+            return None
+        chunks = []
+        for shard in self.shards:
+            if column not in shard.parquet.schema_arrow.names:
+                chunks.append(pa.nulls(shard.info.rows, kinds[0]))
+                continue
+            try:
+                chunks.extend(shard.parquet.read(columns=[column]).column(column).cast(kinds[0]).chunks)
+            except (OSError, pa.ArrowException) as error:
+                raise IndexFormatError(f"{self.index_dir / shard.info.file}: damaged shard ({error})") from error
+        return pa.chunked_array(chunks, type=kinds[0])
+
     def read_column(self, column: str) -> np.ndarray:
         """One column of every row (deleted rows included), in row order, as an object array."""
         parts = []
