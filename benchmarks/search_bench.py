@@ -72,8 +72,9 @@ SYNTHETIC_MODEL = {"name": "synthetic", "revision": "none", "sha256": None, "fil
 
 
 def build(index_dir: Path, size: int, seed: int = 0, model: dict = SYNTHETIC_MODEL, dim: int = DIM,
-          vocab_size: int = VOCAB, shard_rows: int = 100_000) -> None:
-    """A synthetic index of `size` rows recorded as made by `model` (a manifest's model record)."""
+          vocab_size: int = VOCAB, shard_rows: int = 100_000, fields=None) -> None:
+    """A synthetic index of `size` rows recorded as made by `model` (a manifest's model record); `fields(start,
+    count)` may give rows' (sources, source lines, metadata) as RowBatch takes them (the vectors stay the same)."""
     from bge_index.store.manifest import Manifest
     from bge_index.store.shard_writer import IndexWriter, RowBatch
 
@@ -85,8 +86,10 @@ def build(index_dir: Path, size: int, seed: int = 0, model: dict = SYNTHETIC_MOD
         count = min(WRITE_BATCH, size - start)
         ids = draw_tokens(rng, cdf, count, 200)  # ~150 distinct of 200 draws
         sparse = [(t, (rng.random(len(t), dtype=np.float32) * 0.3 + 0.01)) for t in ids]
+        sources, lines, metadata = fields(start, count) if fields else (None, None, None)
         writer.write(RowBatch([f"doc{start + i}" for i in range(count)], ["0" * 32] * count, None,
-                              unit_rows(rng, count, dim), sparse))
+                              unit_rows(rng, count, dim), sparse, sources=sources, source_lines=lines,
+                              metadata=metadata))
     writer.commit()  # builds each shard's search files (pruning files included) before publishing the manifest
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import doctest
 import json
 
 import numpy as np
 
 from helpers import index, invoke, load_vectors, write_jsonl
+import bge_index.model.embedding as embedding_module
+from bge_index.errors import EXIT_FAILURE
 from bge_index.store.manifest import read_manifest
 
 
@@ -46,3 +49,25 @@ def test_embed_reads_stdin_and_skips_bad_lines(tiny_model, tmp_path):
     assert result.exit_code == 0, result.output
     assert [json.loads(line)["id"] for line in result.stdout.splitlines()] == ["x"]
     assert "skipped: malformed JSON" in result.stderr
+
+
+def test_embed_colbert_of_an_index_without_it_is_refused_before_the_model_loads(tiny_model, tmp_path, monkeypatch):
+    corpus, out = tmp_path / "c.jsonl", tmp_path / "ix"
+    write_jsonl(corpus, [{"id": "a", "text": "tides"}])
+    index(corpus, out, tiny_model)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    import bge_index.search.local_index as local_index
+    monkeypatch.setattr(local_index, "load_index_encoder", no_model)
+    result = invoke("embed", corpus, "--index", out, "--colbert")
+    # as `search --mode colbert` on such an index: NoColbertVectors, an IndexFormatError (exit 1)
+    assert result.exit_code == EXIT_FAILURE, result.output
+    assert result.stdout == ""
+    assert result.stderr.startswith("bge-index: error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert "no ColBERT vectors" in result.stderr and "--colbert" in result.stderr
+
+
+def test_embedding_module_examples_hold():
+    assert doctest.testmod(embedding_module).failed == 0

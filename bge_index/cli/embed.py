@@ -12,14 +12,11 @@ them). With --index, the model, precision and max length are the index's own.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Iterator
-from itertools import islice
 from pathlib import Path
 from typing import Annotated, Optional
 
-import numpy as np
 import typer
 
 from bge_index.cli.display import warning
@@ -27,8 +24,9 @@ from bge_index.cli.options import Device, Dtype
 from bge_index.errors import UsageError
 from bge_index.input.formats import open_regular_file, read_json_lines
 from bge_index.input.types import Document, FieldNames, Skipped
+from bge_index.model.embedding import (EMBED_BATCH_DOCUMENTS, EMBED_BATCH_TOKENS, EMBED_MAX_LENGTH, check_colbert,
+                                       document_groups, embedding_json, index_max_length)
 
-EMBED_BATCH_DOCUMENTS = 256  # documents encoded (and held) at a time
 JSON_LINES_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz")
 
 
@@ -42,12 +40,13 @@ def embed(
                                                       "else BAAI/bge-m3).")] = None,
     device: Device = "auto",
     dtype: Annotated[Dtype, typer.Option(envvar="BGE_INDEX_DTYPE", help="Encoding precision.")] = Dtype("auto"),
-    max_length: Annotated[int, typer.Option(min=2, help="Tokens per text (longer ones are truncated).")] = 8192,
+    max_length: Annotated[int, typer.Option(min=2, help="Tokens per text (longer ones are truncated).")
+                          ] = EMBED_MAX_LENGTH,
     colbert: Annotated[bool, typer.Option("--colbert", help="Also give ColBERT vectors.")] = False,
-    batch_tokens: Annotated[int, typer.Option(min=1, help="Tokens per forward pass.")] = 16384,
+    batch_tokens: Annotated[int, typer.Option(min=1, help="Tokens per forward pass.")] = EMBED_BATCH_TOKENS,
 ) -> None:
     """Encode texts and print their dense, sparse (and ColBERT) vectors as JSON Lines."""
-    from bge_index.model.batching import encode_documents
+    from bge_index.model.embedding import EmbeddingGroup
     from bge_index.model.encoder import load_encoder
 
     dtype_name = dtype.value
@@ -56,20 +55,20 @@ def embed(
         from bge_index.store.manifest import read_manifest
 
         manifest = read_manifest(index_dir)
+        if colbert:  # before the model loads: the index's vectors come out, and it has no ColBERT vectors
+            check_colbert(manifest, index_dir, "leave out --colbert")
         encoder = load_index_encoder(manifest, model, device, dtype_name)
-        max_length = min(max_length, int(manifest.model.get("max_length", max_length)))
+        max_length = index_max_length(manifest, max_length)
     else:
         from bge_index.model.identity import DEFAULT_MODEL
 
         encoder = load_encoder(model or DEFAULT_MODEL, device, dtype_name)
-    for batch in _batches(_documents(source), EMBED_BATCH_DOCUMENTS):
-        ids = [d.id for d in batch]
-        rows, _, _ = encode_documents(encoder, ids, [d.text for d in batch], [""] * len(batch), colbert=colbert,
-                                      store_text=False, max_length=max_length, chunking=None,
-                                      batch_tokens=batch_tokens)
+    for batch in document_groups(_documents(source), EMBED_BATCH_DOCUMENTS):
+        rows = EmbeddingGroup(encoder, [d.id for d in batch], [d.text for d in batch], colbert=colbert,
+                              max_length=max_length, batch_tokens=batch_tokens).encode(encoder)
         if rows is None:
             continue
-        sys.stdout.write("".join(_record_line(rows, i, colbert) for i in range(len(rows))))
+        sys.stdout.write("".join(embedding_json(rows, i, colbert) + "\n" for i in range(len(rows))))
     sys.stdout.flush()
 
 
@@ -114,19 +113,3 @@ def _text_lines(stream, source: str) -> Iterator[Document | Skipped]:
             continue
         if text.strip():
             yield Document(str(number), text, source, number)
-
-
-def _batches(documents: Iterator[Document], size: int) -> Iterator[list[Document]]:
-    while batch := list(islice(documents, size)):
-        yield batch
-
-
-def _record_line(rows, i: int, colbert: bool) -> str:
-    """One output line: the vectors as the index stores them (dense and ColBERT through float16)."""
-    ids, weights = rows.sparse[i]
-    record = {"id": rows.ids[i],
-              "dense": rows.dense[i].astype(np.float16).astype(np.float32).tolist(),
-              "sparse": [[int(t), float(w)] for t, w in zip(ids.tolist(), weights.tolist())]}
-    if colbert and rows.colbert is not None:
-        record["colbert"] = rows.colbert[i].astype(np.float16).astype(np.float32).tolist()
-    return json.dumps(record, ensure_ascii=False) + "\n"
