@@ -85,3 +85,80 @@ def test_cli_index_skips_the_link_and_search_cannot_return_it(tmp_path, tiny_mod
     assert "symbolic link out of the input folder" in result.output
     hits = ok("search", out, "secret hash", "--format", "json", "-k", "10").stdout
     assert "secret-hash" not in hits and "x.txt" not in hits
+
+
+def _swap_after_the_path_check(monkeypatch, swap):
+    """Run `swap()` right after the path-based link check passed once: an attacker racing the run."""
+    from bge_index.input import formats
+
+    checked = formats.is_inside
+    done = []
+
+    def racing(real, folder):
+        inside = checked(real, folder)
+        if inside and not done:
+            done.append(True)
+            swap()
+        return inside
+
+    monkeypatch.setattr(formats, "is_inside", racing)
+
+
+def test_a_file_swapped_for_a_link_after_the_check_is_not_read(tmp_path, monkeypatch):
+    secret = tmp_path / "outside" / "shadow.txt"
+    secret.parent.mkdir()
+    secret.write_text("root:$6$secret-hash")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("an innocent document")
+
+    def swap():
+        (docs / "a.txt").unlink()
+        os.symlink(secret, docs / "a.txt")
+
+    _swap_after_the_path_check(monkeypatch, swap)
+    texts, skips = _read(docs)
+    assert "secret" not in repr(texts) and texts == {}
+    assert [s.code for s in skips] == [SkipReason.LINK_OUTSIDE_INPUTS]
+
+
+def test_a_folder_swapped_for_a_link_after_the_check_is_not_read(tmp_path, monkeypatch):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "notes.jsonl").write_text('{"id": "stolen", "text": "root:$6$secret-hash"}\n')
+    docs = tmp_path / "docs"
+    (docs / "sub").mkdir(parents=True)
+    (docs / "sub" / "notes.jsonl").write_text('{"id": "n1", "text": "a note"}\n')
+
+    def swap():
+        (docs / "sub").rename(tmp_path / "moved")
+        os.symlink(outside, docs / "sub")
+
+    _swap_after_the_path_check(monkeypatch, swap)
+    texts, skips = _read(docs)
+    assert texts == {} and [s.code for s in skips] == [SkipReason.LINK_OUTSIDE_INPUTS]
+
+
+def test_a_file_replaced_between_the_check_and_the_reading_is_not_read(tmp_path, monkeypatch):
+    """The descriptor checked is closed before the format reader opens the path again: that opening must be the
+    same file, or the file is skipped (its documents kept, as for any file that could not be read)."""
+    from bge_index.input import formats
+
+    secret = tmp_path / "outside" / "shadow.txt"
+    secret.parent.mkdir()
+    secret.write_text("root:$6$secret-hash")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("an innocent document")
+    checked = formats._opened_inside
+
+    def then_swap(path, root):
+        result = checked(path, root)
+        Path(path).unlink()
+        os.symlink(secret, path)
+        return result
+
+    monkeypatch.setattr(formats, "_opened_inside", then_swap)
+    texts, skips = _read(docs)
+    assert texts == {} and len(skips) == 1
+    assert skips[0].hides_documents and "replaced while it was being read" in skips[0].reason

@@ -124,6 +124,16 @@ def _read_file(input_file: InputFile, fields: FieldNames, max_bytes: int) -> Ite
     if not stat.S_ISREG(info.st_mode):
         yield _not_regular(source, info.st_mode)
         return
+    identity = None
+    if input_file.root is not None:
+        # The check above read the path; what is read is a file descriptor. A path component swapped for a link
+        # between the two (a folder others can write to) must not make it read another file: the opened file's
+        # own path is checked, and every later opening must be that same file.
+        identity, outside = _opened_inside(path, input_file.root)
+        if outside is not None:
+            yield Skipped(source, None, f"symbolic link out of the input folder (to {outside}); not read "
+                          "(--follow-links reads it)", code=SkipReason.LINK_OUTSIDE_INPUTS)
+            return
     fmt = format_of(path)
     if fmt not in SUPPORTED_FORMATS:
         supported = " ".join(sorted(SUPPORTED_FORMATS))
@@ -132,11 +142,11 @@ def _read_file(input_file: InputFile, fields: FieldNames, max_bytes: int) -> Ite
         return
     try:
         if fmt in WHOLE_FILE_FORMATS:
-            yield from _read_whole_file(path, input_file.doc_id, source, max_bytes, info)
+            yield from _read_whole_file(path, input_file.doc_id, source, max_bytes, info, identity)
         elif fmt in PARQUET_FORMATS:
-            yield from _read_parquet(path, source, fields, max_bytes)
+            yield from _read_parquet(path, source, fields, max_bytes, identity)
         else:
-            with _open_input(path) as stream:
+            with _open_input(path, identity) as stream:
                 if fmt in JSON_LINES_FORMATS:
                     yield from read_json_lines(stream, source, fields, max_bytes)
                 else:
@@ -191,18 +201,32 @@ class NotRegularFileError(OSError):
         self.mode = mode
 
 
-def open_regular_file(path: Path) -> BinaryIO:
-    """`path` opened for reading in binary, if it is a regular file; NotRegularFileError if not.
+class ReplacedFileError(OSError):
+    """`open_regular_file` opened another file than the one checked at that path (replaced in between)."""
+
+    def __init__(self, path: Path):
+        super().__init__(errno.ESTALE, "replaced while it was being read (not the file that was checked)", str(path))
+
+
+FileIdentity = tuple  # (st_dev, st_ino) of a file checked once, which every later opening must be
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def open_regular_file(path: Path, expected: FileIdentity | None = None) -> BinaryIO:
+    """`path` opened for reading in binary, if it is a regular file; NotRegularFileError if not; with `expected`,
+    ReplacedFileError if it is not that file (st_dev, st_ino).
 
     Opened non-blocking and checked on the open descriptor, so a FIFO put in the file's place after it
     was looked at cannot block the run (opening a FIFO waits for a writer; with O_NONBLOCK it does not).
     """
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(path, flags)
+    fd = os.open(path, _OPEN_FLAGS)
     try:
-        mode = os.fstat(fd).st_mode
+        info = os.fstat(fd)
+        mode = info.st_mode
         if not stat.S_ISREG(mode):
             raise NotRegularFileError(path, mode)
+        if expected is not None and (info.st_dev, info.st_ino) != tuple(expected):
+            raise ReplacedFileError(path)
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:
@@ -210,10 +234,34 @@ def open_regular_file(path: Path) -> BinaryIO:
         raise
 
 
+def _opened_inside(path: Path, root: str) -> tuple[FileIdentity, str | None]:
+    """Open `path` and find where the opened file really is: (its identity, None) when inside the real folder
+    `root`, else (identity, where it is). On Linux the kernel's own path of the descriptor (/proc/self/fd);
+    elsewhere the real path, which must then be that same file."""
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        info = os.fstat(fd)
+        identity = (info.st_dev, info.st_ino)
+        try:
+            real = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            real = os.path.realpath(path)
+            try:
+                again = os.stat(real)
+            except OSError:
+                return identity, real
+            if (again.st_dev, again.st_ino) != identity:
+                return identity, real
+    finally:
+        os.close(fd)
+    return identity, None if real.startswith(os.sep) and is_inside(real, root) else real
+
+
 @contextlib.contextmanager
-def _open_input(path: Path) -> Iterator[BinaryIO]:
-    """An input file, opened as `open_regular_file` does and gunzipped when it ends in `.gz`."""
-    with open_regular_file(path) as raw:
+def _open_input(path: Path, expected: FileIdentity | None = None) -> Iterator[BinaryIO]:
+    """An input file, opened as `open_regular_file` does (`expected`: the file it must be) and gunzipped when it
+    ends in `.gz`."""
+    with open_regular_file(path, expected) as raw:
         if path.suffix.lower() == ".gz":
             with gzip.GzipFile(fileobj=raw, mode="rb") as unpacked:
                 yield unpacked  # type: ignore[misc]
@@ -256,7 +304,8 @@ def _too_large(source: str, line: int | None, max_bytes: int, what: str, doc_id:
 
 
 def _read_whole_file(path: Path, doc_id: str, source: str, max_bytes: int,
-                     info: os.stat_result | None = None) -> Iterator[DocumentOrSkipped]:
+                     info: os.stat_result | None = None, expected: FileIdentity | None = None
+                     ) -> Iterator[DocumentOrSkipped]:
     # The id is the file's path: one that is no valid id (a name in another encoding, a newline in it) is
     # skipped before the file is read. A lone surrogate cannot have been indexed: no good copy to keep.
     bad_id = _id_problem(doc_id)
@@ -266,7 +315,7 @@ def _read_whole_file(path: Path, doc_id: str, source: str, max_bytes: int,
                       doc_id=doc_id if code is SkipReason.CONTROL_CHARACTER_IN_ID else None)
         return
     try:
-        with _open_input(path) as stream:
+        with _open_input(path, expected) as stream:
             data = stream.read(max_bytes + 1)  # a gzip bomb stops here: never more than the bound unpacked
     except (EOFError, zlib.error) as error:
         yield Skipped(source, None, f"corrupt or truncated gzip data ({error})", hides_documents=True,
@@ -640,7 +689,8 @@ def _missing_columns(columns: Sequence[str], fields: FieldNames) -> tuple[SkipRe
 
 
 def _read_parquet(path: Path, source: str, fields: FieldNames,
-                  max_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES) -> Iterator[DocumentOrSkipped]:
+                  max_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES, expected: FileIdentity | None = None
+                  ) -> Iterator[DocumentOrSkipped]:
     """Documents (and skipped rows) of a Parquet file, read in batches whose memory is bounded before they are read.
 
     Every page header is read first (`_largest_pages`): no page over `parquet_page_bound(max_bytes)` is ever
@@ -662,7 +712,7 @@ def _read_parquet(path: Path, source: str, fields: FieldNames,
 
     with contextlib.ExitStack() as cleanup:
         try:
-            parquet, stream = _open_parquet(path, cleanup)
+            parquet, stream = _open_parquet(path, cleanup, expected)
             columns = list(parquet.schema_arrow.names)
         except unreadable as error:
             yield skip_whole_file(error)
@@ -839,7 +889,7 @@ def _cell(column, index: int) -> object:
         return _UNDECODABLE
 
 
-def _open_parquet(path: Path, cleanup: contextlib.ExitStack):
+def _open_parquet(path: Path, cleanup: contextlib.ExitStack, expected: FileIdentity | None = None):
     """The file as a pyarrow ParquetFile and the stream it reads, both closed by `cleanup`.
 
     Parquet needs random access, so a `.parquet.gz` is first unpacked to a temporary file. Column chunks are
@@ -852,10 +902,10 @@ def _open_parquet(path: Path, cleanup: contextlib.ExitStack):
 
     if path.suffix.lower() != ".gz":
         # Opened here, not by path: open_regular_file makes sure it is no FIFO put in its place.
-        stream = cleanup.enter_context(open_regular_file(path))
+        stream = cleanup.enter_context(open_regular_file(path, expected))
         return parquet_file(stream), stream
     unpacked = cleanup.enter_context(tempfile.TemporaryFile())
-    with _open_input(path) as packed:
+    with _open_input(path, expected) as packed:
         shutil.copyfileobj(packed, unpacked)
     unpacked.seek(0)
     return parquet_file(unpacked), unpacked  # type: ignore[arg-type]
