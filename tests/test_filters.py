@@ -60,6 +60,9 @@ def test_the_documented_forms_parse(text):
     ("(" * 300 + "x == 1" + ")" * 300, "where:"),
     ("x == 1 or " * 1000 + "x == 1", "characters"),
     ("   ", "empty"),
+    ('lang == "de"\nbge-index: error: forged', "invalid syntax"),  # never a second line
+    ("x == 1\x1b[2J", "\\x1b"),
+    (" or ".join(f"k{i} == 1" for i in range(40)), "more than 32 different fields"),
 ])
 def test_anything_else_is_refused_in_one_line_naming_the_problem(text, message):
     with pytest.raises(InvalidOptionError) as refused:
@@ -98,6 +101,25 @@ def _columns():
 ])
 def test_a_filter_matches_what_the_readme_says(text, expected):
     assert _columns().matching(parse_where(text)).tolist() == [bool(v) for v in expected]
+
+
+def test_numbers_are_read_as_a_reader_of_the_json_would():
+    metadata = pa.array([[("y", " 12 ")], [("y", "1e400")], [("y", "+3")], [("y", "1.")], [("y", "0x10")],
+                         [("y", "nan")]], type=pa.map_(pa.string(), pa.string()))
+    columns = RowColumns(6, {"metadata": pa.chunked_array([metadata])}.get)
+    assert columns.matching(parse_where("y > 0")).tolist() == [True, False, True, True, False, False]
+    assert columns.matching(parse_where("y in [12, 3]")).tolist() == [True, False, True, False, False, False]
+
+
+def test_fields_read_are_bounded_in_memory(monkeypatch):
+    from bge_index.search import filters
+
+    keys = [f"k{i}" for i in range(40)]
+    metadata = pa.array([[(k, "1") for k in keys]], type=pa.map_(pa.string(), pa.string()))
+    columns = RowColumns(1, {"metadata": pa.chunked_array([metadata])}.get)
+    for key in keys:
+        assert columns.matching(parse_where(f"{key} == 1 and {key} == \"1\"")).tolist() == [True]
+    assert len(columns._values) == filters.FIELD_CACHE
 
 
 def test_an_index_without_source_or_metadata_columns_matches_nothing_but_ids():

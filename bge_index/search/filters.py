@@ -40,6 +40,7 @@ from __future__ import annotations
 import ast
 import functools
 import re
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -56,8 +57,24 @@ MAX_WHERE_NODES = 1000
 _ORDER = ("==", "!=", "<", "<=", ">", ">=")
 _AST_OPS = {ast.Eq: "==", ast.NotEq: "!=", ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">="}
 _MIRROR = {"==": "==", "!=": "!=", "<": ">", "<=": ">=", ">": "<", ">=": "<="}
-# A number as JSON or Python writes it (no inf, nan or hex): what a numeric comparison reads a stored string as.
-NUMBER = r"^\s*[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\s*$"
+MAX_WHERE_FIELDS = 32  # distinct fields in one filter: each is a column of every row to look up
+FIELD_CACHE = 16  # fields whose values a RowColumns keeps between filters
+# A number as JSON or Python writes it (no inf, nan or hex), once surrounding whitespace is trimmed: what a
+# numeric comparison reads a stored string as.
+NUMBER = r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$"
+
+
+def number_of(value: str) -> float | None:
+    """A stored string as a numeric comparison reads it: a finite number, or None (never matches).
+
+        >>> number_of(" 2024 "), number_of("1e400"), number_of("0x10"), number_of("1_000")
+        (2024.0, None, None, None)
+    """
+    text = value.strip()
+    if not re.match(NUMBER, text):
+        return None
+    number = float(text)
+    return number if np.isfinite(number) else None
 
 
 @dataclass(frozen=True)
@@ -123,7 +140,9 @@ Expression = Compare | Member | Prefix | Has | And | Or | Not
 
 
 def _fail(message: str, text: str) -> InvalidOptionError:
-    return InvalidOptionError(f"where: {message}: {text}")
+    """The refusal of filter `text`, one line: the filter shown with control characters escaped, cut at 200."""
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return InvalidOptionError(f"where: {message}: {shown if len(shown) <= 200 else shown[:200] + '...'}")
 
 
 @functools.lru_cache(maxsize=256)
@@ -143,9 +162,21 @@ def parse_where(text: str) -> Expression:
     if sum(1 for _ in ast.walk(tree)) > MAX_WHERE_NODES:
         raise _fail(f"more than {MAX_WHERE_NODES:,} terms", text)
     try:
-        return _expression(tree.body, text)
+        expression = _expression(tree.body, text)
     except RecursionError:
         raise _fail("too deeply nested", text) from None
+    if len(fields_of(expression)) > MAX_WHERE_FIELDS:
+        raise _fail(f"more than {MAX_WHERE_FIELDS} different fields", text)
+    return expression
+
+
+def fields_of(expression: Expression) -> set[Field]:
+    """The fields an expression reads."""
+    if isinstance(expression, (And, Or)):
+        return set().union(*(fields_of(part) for part in expression.parts))
+    if isinstance(expression, Not):
+        return fields_of(expression.part)
+    return {expression.field}
 
 
 def _expression(node: ast.AST, text: str) -> Expression:
@@ -267,8 +298,9 @@ class RowColumns:
         self.rows = rows
         self._read = read
         self._columns: dict[str, pa.ChunkedArray | None] = {}
-        self._strings: dict[Field, pa.ChunkedArray] = {}
-        self._numbers: dict[Field, pa.ChunkedArray] = {}
+        # (field, "strings" or "numbers") -> values, the FIELD_CACHE latest: a client asking for ever new
+        # metadata keys costs time, never memory without bound.
+        self._values: OrderedDict[tuple[Field, str], pa.ChunkedArray] = OrderedDict()
 
     def matching(self, where: Expression) -> np.ndarray:
         """[rows] bool: whether each row matches `where`."""
@@ -309,9 +341,18 @@ class RowColumns:
             self._columns[name] = self._read(name)
         return self._columns[name]
 
+    def _cached(self, key: tuple[Field, str], make) -> pa.ChunkedArray:
+        if key in self._values:
+            self._values.move_to_end(key)
+            return self._values[key]
+        values = self._values[key] = make()
+        while len(self._values) > FIELD_CACHE:
+            self._values.popitem(last=False)
+        return values
+
     def strings(self, field: Field) -> pa.ChunkedArray:
         """The field's value of each row as a string (null where the row has none)."""
-        if field not in self._strings:
+        def make():
             if field.column is not None:
                 values = self._column(field.column)
                 if values is not None and field.column in NUMERIC_COLUMNS:
@@ -319,21 +360,23 @@ class RowColumns:
             else:
                 metadata = self._column("metadata")
                 values = None if metadata is None else pc.map_lookup(metadata, pa.scalar(field.key), "first")
-            self._strings[field] = _nulls(self.rows, pa.string()) if values is None else values
-        return self._strings[field]
+            return _nulls(self.rows, pa.string()) if values is None else values
+
+        return self._cached((field, "strings"), make)
 
     def numbers(self, field: Field) -> pa.ChunkedArray:
-        """The field's value of each row as float64 (null where it has none, or what it has is not a number)."""
-        if field not in self._numbers:
+        """The field's value of each row as float64: null where it has none, or what it has is not a finite
+        number (`number_of`)."""
+        def make():
             if field.column in NUMERIC_COLUMNS:
                 values = self._column(field.column)
-                values = _nulls(self.rows, pa.float64()) if values is None else pc.cast(values, pa.float64())
-            else:
-                strings = self.strings(field)
-                number = pc.match_substring_regex(strings, NUMBER)
-                values = pc.cast(pc.if_else(number, strings, pa.scalar(None, pa.string())), pa.float64())
-            self._numbers[field] = values
-        return self._numbers[field]
+                return _nulls(self.rows, pa.float64()) if values is None else pc.cast(values, pa.float64())
+            strings = pc.utf8_trim_whitespace(self.strings(field))
+            number = pc.match_substring_regex(strings, NUMBER)
+            values = pc.cast(pc.if_else(number, strings, pa.scalar(None, pa.string())), pa.float64())
+            return pc.if_else(pc.is_finite(values), values, pa.scalar(None, pa.float64()))  # 1e400: no number
+
+        return self._cached((field, "numbers"), make)
 
 
 def _nulls(rows: int, kind: pa.DataType) -> pa.ChunkedArray:

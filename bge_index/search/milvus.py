@@ -319,7 +319,8 @@ def row_fields(source: str | None, source_line: int | None, metadata: dict[str, 
         out["source_line"] = source_line
     metadata = metadata or {}
     out["metadata"] = dict(metadata)
-    out["numbers"] = {key: float(value) for key, value in metadata.items() if re.match(filters.NUMBER, value)}
+    numbers = {key: filters.number_of(value) for key, value in metadata.items()}
+    out["numbers"] = {key: number for key, number in numbers.items() if number is not None}
     return out
 
 

@@ -203,10 +203,15 @@ def search_request(options: dict[str, Any]) -> SearchRequest:
 
 
 def _query_text(text: Any, where: str) -> str:
+    return _checked_text(text, where, "the text must be a string", "the query is empty: give the text to search for")
+
+
+def _checked_text(text: Any, where: str, not_text: str, empty: str) -> str:
+    """A request's text, refused (400, `where: ...`) when not a string, blank, or not valid Unicode."""
     if not isinstance(text, str):
-        raise RequestError(400, f"{where}: the text must be a string")
+        raise RequestError(400, f"{where}: {not_text}")
     if not text.strip():
-        raise RequestError(400, f"{where}: the query is empty: give the text to search for")
+        raise RequestError(400, f"{where}: {empty}")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -279,15 +284,7 @@ def posted_documents(body: Any) -> tuple[list[str], list[str], bool]:
 
 
 def _embed_text(text: Any, where: str) -> str:
-    if not isinstance(text, str):
-        raise RequestError(400, f"{where}: must be a string (got {type(text).__name__})")
-    if not text.strip():
-        raise RequestError(400, f"{where}: the text is empty")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise RequestError(400, f"{where}: the text is not valid Unicode (a lone surrogate)") from None
-    return text
+    return _checked_text(text, where, f"must be a string (got {type(text).__name__})", "the text is empty")
 
 
 def check_size(count: int, request: SearchRequest) -> None:
