@@ -599,3 +599,20 @@ def test_a_querys_dense_and_sparse_vectors_do_not_depend_on_asking_for_colbert(e
         assert a.sparse_ids.tobytes() == b.sparse_ids.tobytes()
         assert a.sparse_weights.tobytes() == b.sparse_weights.tobytes()
         assert a.colbert is None and b.colbert is not None
+
+
+def test_the_int8_pass_leaves_torchs_thread_count_alone(monkeypatch):
+    """SimSIMD sets the OpenMP thread count it is given, and with torch loaded first that is torch's runtime: its
+    exactness check once asked for 1 thread and left every later sgemm (scans, rescoring, the model) on one core."""
+    pytest.importorskip("simsimd")
+    monkeypatch.setattr(dense_prune, "_simsimd_checked", None)  # the check runs again, here
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rng = np.random.default_rng(31)
+        index = searcher(random_parts(rng, [3000]))
+        index.search(random_queries(rng, 1)[0], 10, "dense")
+        assert dense_prune._simsimd_checked  # the lone query went through SimSIMD
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

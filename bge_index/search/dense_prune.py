@@ -85,7 +85,10 @@ def _simsimd_dot():
             a = rng.integers(-CODE_LEVELS, CODE_LEVELS + 1, (64, 256), dtype=np.int8)
             b = rng.integers(-CODE_LEVELS, CODE_LEVELS + 1, (1, 256), dtype=np.int8)
             a[0], a[1], b[0, :128] = CODE_LEVELS, -CODE_LEVELS, CODE_LEVELS
-            got = np.asarray(simsimd.cdist(a, b, metric="dot", threads=1), dtype=np.float64)[:, 0]
+            # threads: torch's own count, never another: SimSIMD sets it as OpenMP's, and when torch was loaded
+            # first that is torch's OpenMP runtime (threads=1 here left every later sgemm on one core).
+            got = np.asarray(simsimd.cdist(a, b, metric="dot", threads=torch.get_num_threads()),
+                             dtype=np.float64)[:, 0]
             if np.array_equal(got, (a.astype(np.int64) @ b[0].astype(np.int64)).astype(np.float64)):
                 _simsimd_checked = simsimd
         except (ImportError, AttributeError, TypeError, ValueError, RuntimeError):
@@ -104,7 +107,7 @@ def int8_products(codes: np.ndarray, query_codes: np.ndarray) -> np.ndarray:
     rows = codes.shape[0]
     if query_codes.shape[1] == 1 and rows and (simsimd := _simsimd_dot()) is not None:
         query = np.ascontiguousarray(query_codes.T, dtype=np.int8)  # [1, D]
-        dots = np.asarray(simsimd.cdist(codes, query, metric="dot", threads=torch.get_num_threads()))
+        dots = np.asarray(simsimd.cdist(codes, query, metric="dot", threads=torch.get_num_threads()))  # see above
         return dots.reshape(rows, 1).astype(np.int32)  # exact integers below 2**31
     out = torch.empty(rows, query_codes.shape[1], dtype=torch.int32)  # [rows, Q]
     # A fresh tensor with plain strides: a numpy [D, 1] view may carry a 0 stride that oneDNN misreads.
