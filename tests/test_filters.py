@@ -60,6 +60,11 @@ def test_the_documented_forms_parse(text):
     ("(" * 300 + "x == 1" + ")" * 300, "where:"),
     ("x == 1 or " * 1000 + "x == 1", "characters"),
     ("   ", "empty"),
+    ("a == 1" + "0" * 400, "out of range"),
+    ('lang == "\\ud800"', "not valid Unicode"),
+    ('metadata["\\udc00"] == "x"', "not valid Unicode"),
+    ('lang == "\ud800"', "cannot be read"),
+    ('"""x\nbge-index: error: forged\x1b[31m""" == "z"', "a field on one side"),
     ('lang == "de"\nbge-index: error: forged', "invalid syntax"),  # never a second line
     ("x == 1\x1b[2J", "\\x1b"),
     (" or ".join(f"k{i} == 1" for i in range(40)), "more than 32 different fields"),
@@ -138,6 +143,7 @@ def _reference(index, q, k, mode, allowed, weights=ScoreWeights(), fusion="weigh
     dense[~allowed], sparse[~allowed] = -np.inf, -np.inf
     ranking = dense if mode == "dense" else sparse if mode == "sparse" else fuse(dense, sparse, weights, fusion,
                                                                                    normalize)
+    ranking[~allowed | ~np.isin(np.arange(index.rows), index.live_row_numbers())] = -np.inf  # whatever the weights
     rows = top_k(ranking, k)
     return [(int(r), np.float32(ranking[r]).tobytes(), np.float32(index.dense_score(q, int(r))).tobytes(),
              np.float32(index.sparse_score(q, int(r))).tobytes()) for r in rows]
@@ -180,6 +186,40 @@ def test_rrf_and_minmax_fuse_over_the_matching_rows_only(which, fusion, normaliz
     for q in random_queries(rng, 5, DIM):
         hits = restricted.search(q, 10, "hybrid", fusion=fusion, normalize=normalize)
         assert hits_bits(hits) == _reference(index, q, 10, "hybrid", allowed, fusion=fusion, normalize=normalize)
+
+
+@pytest.mark.parametrize("which", ["few", "many"])
+@pytest.mark.parametrize("weights, normalize", [(ScoreWeights(-1.0, -1.0), None), (ScoreWeights(-0.5, 0.3), "minmax"),
+                                                (ScoreWeights(0.0, 1.0), None), (ScoreWeights(1.0, 0.0), "minmax")])
+def test_no_weights_let_a_row_outside_the_filter_or_deleted_in(which, weights, normalize):
+    """-inf (outside, deleted) times a negative weight is +inf, times 0 is NaN: such rows must stay out."""
+    rng, index, filters = _index_and_filters(9)
+    allowed = filters[which]
+    restricted = index.restricted(allowed)
+    live = set(index.live_row_numbers().tolist())
+    for q in random_queries(rng, 4, DIM):
+        hits = restricted.search(q, 10, "hybrid", weights, normalize=normalize)
+        assert len(hits) == 10 and all(allowed[h.row] and h.row in live for h in hits)
+        assert hits_bits(hits) == _reference(index, q, 10, "hybrid", allowed, weights, normalize=normalize)
+        unfiltered = index.search(q, 10, "hybrid", weights, normalize=normalize)
+        assert all(h.row in live for h in unfiltered) and all(np.isfinite(h.score) for h in unfiltered)
+
+
+def test_a_zero_weight_keeps_documents_grouped_by_their_matching_passages():
+    rng, index, filters = _index_and_filters(10)
+    documents = np.arange(index.rows) // 4  # four passages per document
+    grouped = scoring.Searcher(index.shards, index.vocab_size, doc_ids=lambda: documents)
+    allowed = np.zeros(index.rows, dtype=bool)
+    allowed[::4] = True  # one passage of every document matches
+    q = random_queries(rng, 1, DIM)[0]
+    hits = grouped.restricted(allowed).search(q, 10, "hybrid", ScoreWeights(1.0, 0.0), group_by_doc=True)
+    assert len(hits) == 10 and all(h.row % 4 == 0 for h in hits)
+
+
+def test_weights_that_are_not_finite_are_refused():
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(InvalidOptionError, match="finite"):
+            ScoreWeights(dense=value)
 
 
 def test_ties_at_the_kth_score_keep_row_order_among_the_matching_rows():
@@ -375,3 +415,16 @@ def test_whole_files_filter_by_their_path_size_and_time(spread_model, tmp_path):
     assert all(h["source"].startswith(str(tmp_path / "docs" / "reports")) for h in hits)
     assert json.loads(ok("search", out, "moon", "--format", "json", "--where",
                          'mtime >= "2000-01-01" and startswith(id, "notes/")').stdout)[0]["hits"]
+
+
+def test_metadata_over_milvus_json_limit_is_exported_without_it_and_counted(tiny_model, tmp_path):
+    pytest.importorskip("milvus_lite")
+    corpus, out, uri = tmp_path / "c.jsonl", tmp_path / "ix", tmp_path / "m.db"
+    write_jsonl(corpus, [{"id": "big", "text": "moon", "quote": '"' * 60_000},  # 60 KB, 120 KB as JSON
+                         {"id": "small", "text": "moon", "quote": "x"}])
+    index(corpus, out, tiny_model)
+    ok("export", "milvus", out, "--uri", uri, "--collection", "c", "--report", tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text())["fields_cut"] == 1
+    remote = json.loads(ok("search", out, "moon", "--format", "json", "--where", "has(quote)", "--backend", "milvus",
+                           "--uri", uri, "--collection", "c").stdout)
+    assert [h["id"] for h in remote[0]["hits"]] == ["small"]

@@ -162,3 +162,23 @@ def test_a_file_replaced_between_the_check_and_the_reading_is_not_read(tmp_path,
     texts, skips = _read(docs)
     assert texts == {} and len(skips) == 1
     assert skips[0].hides_documents and "replaced while it was being read" in skips[0].reason
+
+
+def test_a_file_that_cannot_be_opened_in_a_walked_folder_is_a_skip_not_a_crash(tmp_path, monkeypatch):
+    """Found by review: the opened-file check ran outside the reading's error handling (EACCES, a file gone)."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("readable")
+    (docs / "b.txt").write_text("locked")
+    real_open = os.open
+
+    def refusing(path, flags, *args, **kwargs):
+        if str(path).endswith("b.txt"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refusing)
+    texts, skips = _read(docs)
+    assert texts == {"a.txt": "readable"}
+    assert [s.code for s in skips] == [SkipReason.UNREADABLE_FILE] and skips[0].hides_documents
+    assert "Permission denied" in skips[0].reason

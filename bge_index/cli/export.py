@@ -55,7 +55,8 @@ def export_milvus(
                      f"{summary.seconds:.1f} s ({summary.rows_per_second:,.0f} rows/s), dense {summary.dense_type}",
                      markup=False)
         stdout.print(f"  empty sparse vectors (stored with a placeholder token): {summary.empty_sparse:,}; "
-                     f"stale rows removed: {summary.stale_removed:,}; texts cut to 65,535 bytes: {summary.texts_cut:,}",
+                     f"stale rows removed: {summary.stale_removed:,}; texts cut to 65,535 bytes: {summary.texts_cut:,}; "
+                     f"rows whose metadata is over Milvus's 64 KiB JSON (not filterable there): {summary.fields_cut:,}",
                      markup=False)
     if report is not None:
         write_json(report, summary.to_json(), "--report")

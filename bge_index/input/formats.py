@@ -129,7 +129,12 @@ def _read_file(input_file: InputFile, fields: FieldNames, max_bytes: int) -> Ite
         # The check above read the path; what is read is a file descriptor. A path component swapped for a link
         # between the two (a folder others can write to) must not make it read another file: the opened file's
         # own path is checked, and every later opening must be that same file.
-        identity, outside = _opened_inside(path, input_file.root)
+        try:
+            identity, outside = _opened_inside(path, input_file.root)
+        except _READ_ERRORS as error:  # unreadable, or gone since it was looked at: its documents are kept
+            yield Skipped(source, None, f"cannot read file: {_describe_read_error(error)}", hides_documents=True,
+                          code=SkipReason.UNREADABLE_FILE)
+            return
         if outside is not None:
             yield Skipped(source, None, f"symbolic link out of the input folder (to {outside}); not read "
                           "(--follow-links reads it)", code=SkipReason.LINK_OUTSIDE_INPUTS)

@@ -140,9 +140,14 @@ Expression = Compare | Member | Prefix | Has | And | Or | Not
 
 
 def _fail(message: str, text: str) -> InvalidOptionError:
-    """The refusal of filter `text`, one line: the filter shown with control characters escaped, cut at 200."""
-    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-    return InvalidOptionError(f"where: {message}: {shown if len(shown) <= 200 else shown[:200] + '...'}")
+    """The refusal of filter `text`, one line: the message and the filter (cut at 200 characters) with every
+    character that is not printable escaped."""
+    shown = text if len(text) <= 200 else text[:200] + "..."
+    return InvalidOptionError(_printable(f"where: {message}: {shown}"))
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 @functools.lru_cache(maxsize=256)
@@ -157,8 +162,10 @@ def parse_where(text: str) -> Expression:
     except SyntaxError as error:
         hint = " (write == for equality)" if re.search(r"(?<![=!<>])=(?!=)", text) else ""
         raise _fail(f"invalid syntax at column {error.offset or 0}{hint}", text) from None
-    except (RecursionError, MemoryError, ValueError):
+    except (RecursionError, MemoryError):
         raise _fail("too deeply nested", text) from None
+    except ValueError as error:  # a NUL character, a lone surrogate
+        raise _fail(f"cannot be read ({error})", text) from None
     if sum(1 for _ in ast.walk(tree)) > MAX_WHERE_NODES:
         raise _fail(f"more than {MAX_WHERE_NODES:,} terms", text)
     try:
@@ -250,7 +257,7 @@ def _field(node: ast.AST, text: str) -> Field:
         return Field(node.id) if node.id in COLUMNS else Field(None, node.id)
     if (isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id == "metadata"
             and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str)):
-        return Field(None, node.slice.value)
+        return Field(None, _valid_text(node.slice.value, text))
     raise _fail(f"expected a field name or metadata[\"key\"]; got {_shown(node, text)!r}", text)
 
 
@@ -266,13 +273,26 @@ def _literal(node: ast.AST, text: str) -> str | float:
         if isinstance(value, bool):
             return "true" if value else "false"  # metadata holds JSON's spelling of a boolean
         if isinstance(value, str):
-            return value
+            return _valid_text(value, text)
         if type(value) in (int, float):
-            number = sign * float(value)
+            try:
+                number = sign * float(value)
+            except OverflowError:  # an integer literal past float's range
+                raise _fail("a number is out of range", text) from None
             if not np.isfinite(number):
                 raise _fail(f"the number {_shown(node, text)} is out of range", text)
             return number
     raise _fail(f"expected a string or a number; got {_shown(node, text)!r}", text)
+
+
+def _valid_text(value: str, text: str) -> str:
+    """A string of the filter (a literal, a metadata key), refused when it is not valid Unicode (a lone
+    surrogate from an escape): no stored value can equal it, and Arrow cannot hold it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _fail("a string is not valid Unicode (a lone surrogate)", text) from None
+    return value
 
 
 def _check_kind(field: Field, value: str | float, text: str) -> None:

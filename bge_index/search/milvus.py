@@ -62,6 +62,7 @@ from bge_index.store.shard_reader import LiveRows, iter_live_rows
 
 MAX_VARCHAR_BYTES = 65_535
 FIELDS = "fields"  # the JSON field holding what --where filters read (row_fields)
+MAX_JSON_BYTES = 65_536  # Milvus's largest JSON value
 PROPERTY = "bge_index"  # collection property holding the exported index's identity (JSON)
 INDEX_TYPES = ("flat", "hnsw")
 DENSE_TYPES = ("auto", "float", "float16")
@@ -151,6 +152,7 @@ class ExportSummary:
     rows: int = 0
     empty_sparse: int = 0  # stored with the placeholder token (see the module docstring)
     texts_cut: int = 0  # texts cut to MAX_VARCHAR_BYTES
+    fields_cut: int = 0  # rows whose metadata did not fit MAX_JSON_BYTES: stored with their source only
     stale_removed: int = 0  # rows of ids no longer live in the index
     created: bool = False
     dense_type: str = "float"
@@ -164,7 +166,7 @@ class ExportSummary:
     def to_json(self) -> dict:
         """The summary as a JSON-ready dict (seconds rounded to milliseconds)."""
         return {"uri": self.uri, "collection": self.collection, "rows": self.rows, "empty_sparse": self.empty_sparse,
-                "texts_cut": self.texts_cut, "stale_removed": self.stale_removed, "created": self.created,
+                "texts_cut": self.texts_cut, "fields_cut": self.fields_cut, "stale_removed": self.stale_removed, "created": self.created,
                 "dense_type": self.dense_type, "seconds": round(self.seconds, 3),
                 "rows_per_second": round(self.rows_per_second, 1)}
 
@@ -300,7 +302,13 @@ def _records(rows: LiveRows, vocab_size: int, dense_numpy, summary: ExportSummar
         if rows.texts is not None:
             record["text"] = _fit_varchar(rows.texts[row] or "", summary)
         if rows.sources is not None:
-            record[FIELDS] = row_fields(rows.sources[row], rows.source_lines[row], rows.metadata[row])
+            fields = row_fields(rows.sources[row], rows.source_lines[row], rows.metadata[row])
+            if len(json.dumps(fields, ensure_ascii=False).encode("utf-8")) > MAX_JSON_BYTES:
+                # Milvus refuses a larger JSON value; a filter on this row's metadata then finds nothing in Milvus
+                # (counted, and said by the export).
+                fields = row_fields(rows.sources[row], rows.source_lines[row], None)
+                summary.fields_cut += 1
+            record[FIELDS] = fields
         records.append(record)
     return records
 

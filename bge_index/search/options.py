@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -162,6 +163,8 @@ def check_options(instance: Any) -> None:
                 raise InvalidOptionError(f"unknown {name} {value!r} (use {choices})") from None
             continue
         low, high = declared.minimum, declared.maximum
+        if kind is float and not math.isfinite(value):
+            raise InvalidOptionError(f"{name} must be a finite number (got {value})")
         if kind is str:
             if value is not None and not isinstance(value, str):
                 raise InvalidOptionError(f"{name} must be a string (got {value!r})")

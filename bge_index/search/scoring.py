@@ -73,7 +73,8 @@ class Searcher:
         self.vocab_size = vocab_size
         self.rows = sum(shard.rows for shard in self.shards)
         self._doc_ids = doc_ids
-        self._documents: _DocumentGroups | None = None if _shared is None else _shared._documents
+        self._documents: _DocumentGroups | None = None
+        self._parent = _shared
         self._kernel = DenseKernel() if _shared is None else _shared._kernel
         self._pruned = PrunedSearch(self.shards, self._kernel, self.sparse_scores,
                                     shared=None if _shared is None else _shared._pruned)
@@ -235,6 +236,9 @@ class Searcher:
             ranking = sparse
         else:
             ranking = fuse(dense, sparse, weights, fusion, normalize)
+            # A row that does not take part (deleted, or outside a filter) scores -inf in both parts; a negative
+            # weight would turn that into +inf, a zero weight into NaN: it stays out, whatever the weights.
+            ranking[np.isneginf(dense) | np.isneginf(sparse)] = -np.inf
         groups = self._document_groups() if group_by_doc else None
         if mode == "colbert":
             candidates = top_k(ranking, max(k * COLBERT_CANDIDATES_PER_HIT, COLBERT_MIN_CANDIDATES))
@@ -366,6 +370,8 @@ class Searcher:
                 for row, score, d, s in zip(found.rows, found.ranking, dense, sparse)]
 
     def _document_groups(self) -> "_DocumentGroups":
+        if self._parent is not None:  # a restricted view: the whole index's groups, built once for all views
+            return self._parent._document_groups()
         if self._documents is None:
             if self._doc_ids is None:
                 raise ValueError("grouping by document needs the index's document ids")
@@ -470,7 +476,7 @@ class _DocumentGroups:
         """Best row of each of the k best groups; a group scores as its best row (ties: earlier group, row)."""
         if len(scores) == 0:
             return []
-        best = np.maximum.reduceat(scores[self.rows_by_group], self.starts)  # [groups]
+        best = np.fmax.reduceat(scores[self.rows_by_group], self.starts)  # [groups]; a NaN row never wins
         ends = np.append(self.starts[1:], len(scores))
         rows = []
         for group in top_k(best, k).tolist():
