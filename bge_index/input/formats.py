@@ -53,13 +53,13 @@ from bge_index.input.types import (
     Skipped,
 )
 from bge_index.errors import QueryFileError
+from bge_index.input.parquet_pages import PARQUET_VALUE_BYTES, DamagedPage, FileWalk, GroupPages, largest_pages
 
 WHOLE_FILE_FORMATS = {".txt", ".md", ".markdown"}
 JSON_LINES_FORMATS = {".jsonl", ".ndjson"}
 TABLE_FORMATS = {".csv", ".tsv"}
 PARQUET_FORMATS = {".parquet"}
 SUPPORTED_FORMATS = WHOLE_FILE_FORMATS | JSON_LINES_FORMATS | TABLE_FORMATS | PARQUET_FORMATS
-
 PARQUET_BATCH_ROWS = 1024  # rows of a Parquet input decoded at a time, at most
 PARQUET_BATCH_BYTES = 64 << 20  # ...and fewer when the pages say a batch could hold more bytes (one row at least)
 # No Parquet page larger than this many times --max-document-bytes (and never less than the floor) is unpacked:
@@ -698,12 +698,17 @@ def _read_parquet(path: Path, source: str, fields: FieldNames,
                   ) -> Iterator[DocumentOrSkipped]:
     """Documents (and skipped rows) of a Parquet file, read in batches whose memory is bounded before they are read.
 
-    Every page header is read first (`_largest_pages`): no page over `parquet_page_bound(max_bytes)` is ever
-    unpacked. Its whole row group is not read (Arrow cannot skip a page): each of its rows is skipped as
+    Every page header is read first (`largest_pages`): no page over `parquet_page_bound(max_bytes)` is ever
+    unpacked, and no row group whose list and map columns could decode to more than that bound (one row may hold
+    all their values: each counted as its dictionary's longest value, or its page, plus PARQUET_VALUE_BYTES) is
+    read. Such a whole row group is not read (Arrow cannot skip a page): each of its rows is skipped as
     DOCUMENT_TOO_LARGE, with its id where the id column can be read. The other row groups are read `_batch_rows`
-    rows at a time, fewer when their pages are large: a cell is never larger than the largest page of its column
-    (a dictionary's included), so a batch holds at most PARQUET_BATCH_BYTES (or one row). Cells over `max_bytes`
-    are counted in bytes by Arrow and never become Python objects.
+    rows at a time, fewer when their pages are large: a cell of a column without lists is never larger than the
+    largest page of its column (a dictionary's included), so a batch holds at most PARQUET_BATCH_BYTES (or one
+    row) of those, and the list values of row groups decoding to the page bound at most. Cells over `max_bytes`
+    are counted in bytes by Arrow and never become Python objects. A footer or page header that cannot be true
+    (chunks outside the file or claiming more bytes than it holds, pages past their chunk) damages the file from
+    that row group on: the rows before it are read (`FileWalk` bounds the headers walked by the file's size).
     """
     import pyarrow as pa  # only Parquet inputs need pyarrow
 
@@ -732,7 +737,12 @@ def _read_parquet(path: Path, source: str, fields: FieldNames,
         groups = parquet.metadata.num_row_groups
         try:
             # Before any data is read: a large page is refused before Arrow would unpack it whole.
-            pages = [_largest_pages(stream, parquet.metadata.row_group(group)) for group in range(groups)]
+            walk = FileWalk(stream.seek(0, os.SEEK_END), page_bound)
+            pages: list[GroupPages | DamagedPage] = []
+            for group in range(groups):
+                pages.append(largest_pages(stream, parquet.metadata.row_group(group), parquet.schema, walk))
+                if isinstance(pages[-1], DamagedPage):
+                    break  # the row groups after it are not read
         except unreadable as error:
             yield skip_whole_file(error)
             return
@@ -741,24 +751,32 @@ def _read_parquet(path: Path, source: str, fields: FieldNames,
         row_number = 0
         group = 0
         while group < groups:
-            if isinstance(pages[group], _DamagedPage):  # where Arrow would fail too: the rows before it are kept
-                yield skip_whole_file(pages[group])
+            found = pages[group]
+            if isinstance(found, DamagedPage):  # where Arrow would fail too: the rows before it are kept
+                yield skip_whole_file(found)
                 return
-            if max(pages[group], default=0) > page_bound:
+            refusal = _refusal(parquet.schema, group, found, page_bound)
+            if refusal is not None:
                 try:
-                    yield from _refused_row_group(parquet, group, pages[group], row_number, source, fields,
-                                                  page_bound)
+                    yield from _refused_row_group(parquet, group, found.largest, row_number, source, fields,
+                                                  page_bound, refusal)
                 except unreadable as error:
                     yield skip_whole_file(error)
                     return
                 row_number += parquet.metadata.row_group(group).num_rows
                 group += 1
                 continue
-            # The next row groups read with the same batch size share one reader (the whole file, usually).
-            batch_rows, run = _batch_rows(pages[group]), [group]
+            # The next row groups read with the same batch size share one reader (the whole file, usually), as
+            # long as their list values together stay within the bound (a batch may span them all).
+            batch_rows, run, repeated = _batch_rows(found.largest), [group], sum(found.repeated)
             group += 1
-            while (group < groups and not isinstance(pages[group], _DamagedPage)
-                   and max(pages[group], default=0) <= page_bound and _batch_rows(pages[group]) == batch_rows):
+            while group < len(pages):
+                following = pages[group]
+                if (isinstance(following, DamagedPage) or _refusal(parquet.schema, group, following, page_bound)
+                        or _batch_rows(following.largest) != batch_rows
+                        or repeated + sum(following.repeated) > page_bound):
+                    break
+                repeated += sum(following.repeated)
                 run.append(group)
                 group += 1
             chosen = {} if len(run) == groups else {"row_groups": run}
@@ -798,25 +816,37 @@ def parquet_page_bound(max_bytes: int) -> int:
 def _batch_rows(pages: list[int]) -> int:
     """Rows per batch of a row group whose columns' largest pages are `pages` bytes (after decompression).
 
-    A row holds at most the sum: a cell is never larger than the largest page of its column, the dictionary
-    page included (a cell of a list column may hold many values: lists are not bounded this way).
+    A row holds at most the sum, and PARQUET_VALUE_BYTES a column: a cell is never larger than the largest page
+    of its column, the dictionary page included (a cell of a list column may hold many values: those are bounded
+    by the row group, `GroupPages.repeated`).
     """
-    row_bytes = max(sum(pages), 1)
+    row_bytes = max(sum(pages) + len(pages) * PARQUET_VALUE_BYTES, 1)
     return max(1, min(PARQUET_BATCH_ROWS, PARQUET_BATCH_BYTES // row_bytes))
 
 
+def _refusal(schema, group: int, pages: GroupPages, page_bound: int) -> str | None:
+    """Why row group `group` is not read (a page, or its list values, over `page_bound`); None if it is read."""
+    bound = (f"{page_bound:,} bytes a page may unpack to ({PARQUET_PAGE_DOCUMENTS} x --max-document-bytes, "
+             f"at least {PARQUET_PAGE_FLOOR >> 20} MiB); row not read")
+    largest = max(range(len(pages.largest)), key=pages.largest.__getitem__, default=None)
+    if largest is not None and pages.largest[largest] > page_bound:
+        return (f"row group {group} holds a page of {pages.largest[largest]:,} bytes in column "
+                f"{schema.column(largest).path!r}, over the {bound}")
+    if sum(pages.repeated) > page_bound:
+        largest = max(range(len(pages.repeated)), key=pages.repeated.__getitem__)
+        return (f"row group {group}'s list values could decode to {sum(pages.repeated):,} bytes (one row may hold "
+                f"them all; {pages.repeated[largest]:,} in column {schema.column(largest).path!r}), over the {bound}")
+    return None
+
+
 def _refused_row_group(parquet, group: int, pages: list[int], first_row: int, source: str, fields: FieldNames,
-                       page_bound: int) -> Iterator[Skipped]:
-    """A skip for each row of a row group holding a page over `page_bound`: its rows are never unpacked.
+                       page_bound: int, reason: str) -> Iterator[Skipped]:
+    """A skip for each row of a row group `_refusal` refused, for `reason`: its rows are never unpacked.
 
     Each carries its id when the id column can be read within the bound (then the index keeps that id's
     copy); else it hides documents. An error reading the ids is the caller's: the file cannot be read.
     """
     schema = parquet.schema
-    largest = max(range(len(pages)), key=pages.__getitem__)
-    reason = (f"row group {group} holds a page of {pages[largest]:,} bytes in column {schema.column(largest).path!r}, "
-              f"over the {page_bound:,} bytes a page may unpack to ({PARQUET_PAGE_DOCUMENTS} x --max-document-bytes, "
-              f"at least {PARQUET_PAGE_FLOOR >> 20} MiB); row not read")
     rows = parquet.metadata.row_group(group).num_rows
     id_names = [name for name in fields.id_fields if name in parquet.schema_arrow.names]
     # Only plain (unnested) id columns are read, and only when their own pages are within the bound.
@@ -916,150 +946,6 @@ def _open_parquet(path: Path, cleanup: contextlib.ExitStack, expected: FileIdent
     return parquet_file(unpacked), unpacked  # type: ignore[arg-type]
 
 
-class _DamagedPage(Exception):
-    """A page header that cannot be read: Arrow could not read that row group either."""
-
-
-def _largest_pages(stream: BinaryIO, row_group) -> list[int] | _DamagedPage:
-    """The largest page of each column chunk of a row group, in bytes, compressed or not (from the page headers).
-
-    Read from the headers alone (a few hundred bytes each), walking the chunk from page to page, so that a
-    page is known before Arrow unpacks it: a chunk's total size does not tell one large cell from many rows.
-    A header that cannot be read is returned as a _DamagedPage (the rows before that row group are still read).
-    """
-    largest = []
-    for column in range(row_group.num_columns):
-        chunk = row_group.column(column)
-        position = chunk.data_page_offset
-        if chunk.has_dictionary_page and chunk.dictionary_page_offset and chunk.dictionary_page_offset < position:
-            position = chunk.dictionary_page_offset
-        end = position + chunk.total_compressed_size
-        biggest, pages = 0, 0
-        while position < end:
-            pages += 1
-            if pages > chunk.num_values + 2:  # more pages than values (and a dictionary): no writer makes those
-                return _DamagedPage(f"row group column {chunk.path_in_schema!r}: more pages than values")
-            header = _page_header(stream, position)
-            if header is None:
-                return _DamagedPage(f"page header of column {chunk.path_in_schema!r} at byte {position} is damaged")
-            length, uncompressed, compressed = header
-            biggest = max(biggest, uncompressed, compressed)
-            position += length + compressed
-        largest.append(biggest)
-    return largest
-
-
-_PAGE_HEADER_MAX = 16 << 20  # Arrow's own bound on a page header (statistics may make one long)
-
-
-def _page_header(stream: BinaryIO, position: int) -> tuple[int, int, int] | None:
-    """(header length, uncompressed size, compressed size) of the page at `position`; None if it is not one."""
-    if position < 0:
-        return None
-    want = 1024
-    while True:
-        stream.seek(position)
-        data = stream.read(want)
-        try:
-            fields, length = _thrift_struct(data, 0)
-        except IndexError:  # the header goes on past what was read
-            if len(data) < want or want >= _PAGE_HEADER_MAX:
-                return None
-            want *= 4
-            continue
-        except ValueError:
-            return None
-        uncompressed, compressed = fields.get(2), fields.get(3)  # PageHeader's uncompressed/compressed_page_size
-        if not isinstance(uncompressed, int) or not isinstance(compressed, int) or uncompressed < 0 or compressed < 0:
-            return None
-        return length, uncompressed, compressed
-
-
-# Thrift's compact protocol, read just far enough for a Parquet PageHeader: a struct's integer fields by their
-# ids; strings, doubles and containers are stepped over (statistics, encodings). pyarrow does not expose pages.
-def _thrift_struct(data: bytes, position: int, depth: int = 0) -> tuple[dict[int, object], int]:
-    """The fields of the struct at `position` (integers and nested structs; others None) and where it ends.
-
-    IndexError when `data` ends inside it; ValueError when it is no valid struct.
-    """
-    if depth > 16:
-        raise ValueError("nested too deeply")
-    fields: dict[int, object] = {}
-    field_id = 0
-    while True:
-        byte = data[position]
-        position += 1
-        if byte == 0:  # STOP
-            return fields, position
-        kind, delta = byte & 0x0F, byte >> 4
-        if delta:
-            field_id += delta
-        else:
-            raw, position = _thrift_varint(data, position)
-            field_id = (raw >> 1) ^ -(raw & 1)
-        fields[field_id], position = _thrift_value(data, position, kind, depth)
-
-
-def _thrift_value(data: bytes, position: int, kind: int, depth: int, in_container: bool = False) -> tuple[object, int]:
-    if depth > 16:  # lists of lists...: never Python's recursion limit
-        raise ValueError("nested too deeply")
-    if kind in (1, 2):  # booleans: in the field header, or a byte of their own in a list
-        return kind == 1, position + 1 if in_container else position
-    if kind == 3:  # i8
-        return data[position], position + 1
-    if kind in (4, 5, 6):  # i16, i32, i64: zigzag varints
-        raw, position = _thrift_varint(data, position)
-        return (raw >> 1) ^ -(raw & 1), position
-    if kind == 7:  # double
-        if position + 8 > len(data):
-            raise IndexError
-        return None, position + 8
-    if kind == 8:  # binary
-        size, position = _thrift_varint(data, position)
-        if position + size > len(data):
-            raise IndexError
-        return None, position + size
-    if kind in (9, 10):  # list, set
-        header = data[position]
-        position += 1
-        size, element = header >> 4, header & 0x0F
-        if size == 15:
-            size, position = _thrift_varint(data, position)
-        for _ in range(size):  # each element takes a byte at least: bounded by the data read
-            _, position = _thrift_value(data, position, element, depth + 1, in_container=True)
-        return None, position
-    if kind == 11:  # map
-        size, position = _thrift_varint(data, position)
-        if size:
-            types = data[position]
-            position += 1
-            for _ in range(size):
-                _, position = _thrift_value(data, position, types >> 4, depth + 1, in_container=True)
-                _, position = _thrift_value(data, position, types & 0x0F, depth + 1, in_container=True)
-        return None, position
-    if kind == 12:  # struct
-        return _thrift_struct(data, position, depth + 1)
-    raise ValueError(f"no Thrift type {kind}")
-
-
-def _thrift_varint(data: bytes, position: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[position]
-        position += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, position
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint too long")
-
-
-# ---------------------------------------------------------------------------
-# Query files
-
-
-# The fields of a query record (a --queries JSONL line, a POST /search query): BEIR's, and common others.
 QUERY_FIELDS = FieldNames(id_fields=("_id", "id", "query_id", "qid"), text_fields=("text", "query"))
 
 
