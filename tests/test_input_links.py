@@ -104,13 +104,19 @@ def _swap_after_the_path_check(monkeypatch, swap):
     monkeypatch.setattr(formats, "is_inside", racing)
 
 
-def test_a_file_swapped_for_a_link_after_the_check_is_not_read(tmp_path, monkeypatch):
+def _secret_beside_a_document(tmp_path: Path) -> tuple[Path, Path]:
+    """A secret outside the input folder, and the folder `docs` holding one innocent document, a.txt."""
     secret = tmp_path / "outside" / "shadow.txt"
     secret.parent.mkdir()
     secret.write_text("root:$6$secret-hash")
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "a.txt").write_text("an innocent document")
+    return secret, docs
+
+
+def test_a_file_swapped_for_a_link_after_the_check_is_not_read(tmp_path, monkeypatch):
+    secret, docs = _secret_beside_a_document(tmp_path)
 
     def swap():
         (docs / "a.txt").unlink()
@@ -144,12 +150,7 @@ def test_a_file_replaced_between_the_check_and_the_reading_is_not_read(tmp_path,
     same file, or the file is skipped (its documents kept, as for any file that could not be read)."""
     from bge_index.input import formats
 
-    secret = tmp_path / "outside" / "shadow.txt"
-    secret.parent.mkdir()
-    secret.write_text("root:$6$secret-hash")
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    (docs / "a.txt").write_text("an innocent document")
+    secret, docs = _secret_beside_a_document(tmp_path)
     checked = formats._opened_inside
 
     def then_swap(path, root):
