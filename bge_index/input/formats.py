@@ -107,8 +107,7 @@ def _read_file(input_file: InputFile, fields: FieldNames, max_bytes: int) -> Ite
         yield _unlistable(source, input_file.problem)
         return
     if input_file.root is not None and not is_inside(os.path.realpath(path), input_file.root):
-        yield Skipped(source, None, f"symbolic link out of the input folder (to {os.path.realpath(path)}); not read "
-                      "(--follow-links reads it)", code=SkipReason.LINK_OUTSIDE_INPUTS)
+        yield _link_outside(source, os.path.realpath(path))
         return
     # Looked at before anything opens it: a FIFO would block the run for ever, a device may do anything.
     try:
@@ -136,8 +135,7 @@ def _read_file(input_file: InputFile, fields: FieldNames, max_bytes: int) -> Ite
                           code=SkipReason.UNREADABLE_FILE)
             return
         if outside is not None:
-            yield Skipped(source, None, f"symbolic link out of the input folder (to {outside}); not read "
-                          "(--follow-links reads it)", code=SkipReason.LINK_OUTSIDE_INPUTS)
+            yield _link_outside(source, outside)
             return
     fmt = format_of(path)
     if fmt not in SUPPORTED_FORMATS:
@@ -161,6 +159,12 @@ def _read_file(input_file: InputFile, fields: FieldNames, max_bytes: int) -> Ite
     except _READ_ERRORS as error:  # unreadable, vanished, or a corrupt/truncated gzip stream
         code = SkipReason.UNREADABLE_GZIP if _is_gzip_error(error) else SkipReason.UNREADABLE_FILE
         yield Skipped(source, None, f"cannot read file: {_describe_read_error(error)}", hides_documents=True, code=code)
+
+
+def _link_outside(source: str, real: str) -> Skipped:
+    """A file whose real path `real` is outside its input folder: not read. Its documents go (it is no input)."""
+    return Skipped(source, None, f"symbolic link out of the input folder (to {real}); not read (--follow-links reads it)",
+                   code=SkipReason.LINK_OUTSIDE_INPUTS)
 
 
 def _unlistable(source: str, why: str) -> Skipped:

@@ -96,6 +96,11 @@ class Compare:
     op: str  # one of _ORDER
     value: str | float
 
+    @property
+    def numeric(self) -> bool:
+        """Whether it compares numbers (a number literal), not strings."""
+        return not isinstance(self.value, str)
+
 
 @dataclass(frozen=True)
 class Member:
@@ -104,6 +109,11 @@ class Member:
     field: Field
     values: tuple
     negated: bool = False
+
+    @property
+    def numeric(self) -> bool:
+        """Whether its values are numbers (they are all of one kind), not strings."""
+        return not isinstance(self.values[0], str)
 
 
 @dataclass(frozen=True)
@@ -344,14 +354,12 @@ class RowColumns:
         if isinstance(node, Prefix):
             return _as_mask(pc.starts_with(self.strings(node.field), node.prefix), self.rows)
         if isinstance(node, Member):
-            numeric = not isinstance(node.values[0], str)
-            values = self.numbers(node.field) if numeric else self.strings(node.field)
+            values = self.numbers(node.field) if node.numeric else self.strings(node.field)
             found = pc.is_in(values, value_set=pa.array(node.values, type=values.type))
             # A missing value is in no list, and not in every list: `not in` never matches it either.
             found = pc.invert(found) if node.negated else found
             return _as_mask(pc.and_kleene(found, pc.is_valid(values)), self.rows)
-        numeric = not isinstance(node.value, str)
-        values = self.numbers(node.field) if numeric else self.strings(node.field)
+        values = self.numbers(node.field) if node.numeric else self.strings(node.field)
         compare = {"==": pc.equal, "!=": pc.not_equal, "<": pc.less, "<=": pc.less_equal, ">": pc.greater,
                    ">=": pc.greater_equal}[node.op]
         return _as_mask(compare(values, pa.scalar(node.value, type=values.type)), self.rows)

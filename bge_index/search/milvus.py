@@ -346,8 +346,7 @@ fields["metadata"]["lang"] == "fr")) and not (exists fields["numbers"]["year"] a
         return "(" + joiner.join(milvus_filter(part) for part in node.parts) + ")"
     if isinstance(node, filters.Not):
         return f"not {milvus_filter(node.part)}"
-    numeric = isinstance(node, (filters.Compare, filters.Member)) and \
-        not isinstance(node.value if isinstance(node, filters.Compare) else node.values[0], str)
+    numeric = isinstance(node, (filters.Compare, filters.Member)) and node.numeric
     path = _milvus_path(node.field, numeric)
     if isinstance(node, filters.Has):
         return "(id == id)" if path == "id" else f"(exists {path})"

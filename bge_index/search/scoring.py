@@ -79,10 +79,14 @@ class Searcher:
         self._pruned = PrunedSearch(self.shards, self._kernel, self.sparse_scores,
                                     shared=None if _shared is None else _shared._pruned)
         self.live_rows = sum(shard.rows if shard.live is None else int(shard.live.sum()) for shard in self.shards)
-        self.prune = True if _shared is None else _shared.prune  # rank-safe pruning where it applies (False:
-        # always full scans; the answers are the same)
-        self.filtered = _shared is not None  # a restricted() view: only some rows take part
+        # Rank-safe pruning where it applies (False: always full scans; the answers are the same).
+        self.prune = True if _shared is None else _shared.prune
         self.last_rescored: list[int] = []  # rows scored exactly for each query of the last search (full scan: all)
+
+    @property
+    def filtered(self) -> bool:
+        """Whether this is a restricted() view, in which only some rows take part."""
+        return self._parent is not None
 
     def restricted(self, allowed: np.ndarray) -> "Searcher":
         """A Searcher over the same vectors in which only the rows with `allowed[row]` ([N] bool) take part, as if
@@ -236,9 +240,6 @@ class Searcher:
             ranking = sparse
         else:
             ranking = fuse(dense, sparse, weights, fusion, normalize)
-            # A row that does not take part (deleted, or outside a filter) scores -inf in both parts; a negative
-            # weight would turn that into +inf, a zero weight into NaN: it stays out, whatever the weights.
-            ranking[np.isneginf(dense) | np.isneginf(sparse)] = -np.inf
         groups = self._document_groups() if group_by_doc else None
         if mode == "colbert":
             candidates = top_k(ranking, max(k * COLBERT_CANDIDATES_PER_HIT, COLBERT_MIN_CANDIDATES))
@@ -289,12 +290,8 @@ class Searcher:
                                None if sparse is None else sparse[best], len(rows))
                 results.append(self._ranked_hits(query, found))
                 continue
-            full_dense = None
-            if dense is not None:
-                full_dense = np.full(self.rows, -np.inf, dtype=np.float32)
-                full_dense[rows] = dense
             results.append(self._scan_search(query, k, mode, weights, fetch_colbert, group_by_doc, fusion,
-                                             normalize, full_dense, self._spread(rows, sparse)))
+                                             normalize, self._spread(rows, dense), self._spread(rows, sparse)))
         self.last_rescored = [len(rows)] * len(queries)
         return results
 
@@ -446,9 +443,14 @@ def fuse(dense: np.ndarray, sparse: np.ndarray, weights: ScoreWeights, fusion: s
             fused[top] += 1.0 / (RRF_K + np.arange(1, len(top) + 1, dtype=np.float32))
         fused[~np.isfinite(dense)] = -np.inf  # deleted rows stay out
         return fused
+    # A row that does not take part (deleted, or outside a filter) scores -inf in both parts; a negative weight
+    # would turn that into +inf, a zero weight into NaN: it stays out, whatever the weights.
+    left_out = np.isneginf(dense) | np.isneginf(sparse)
     if normalize == "minmax":
         dense, sparse = _minmax(dense), _minmax(sparse)
-    return weighted_sum(dense, sparse, weights)
+    fused = weighted_sum(dense, sparse, weights)
+    fused[left_out] = -np.inf
+    return fused
 
 
 def _minmax(scores: np.ndarray) -> np.ndarray:

@@ -559,22 +559,22 @@ class OpenIndex:
             if column not in shard.parquet.schema_arrow.names:
                 chunks.append(pa.nulls(shard.info.rows, kinds[0]))
                 continue
-            try:
-                chunks.extend(shard.parquet.read(columns=[column]).column(column).cast(kinds[0]).chunks)
-            except (OSError, pa.ArrowException) as error:
-                raise IndexFormatError(f"{self.index_dir / shard.info.file}: damaged shard ({error})") from error
+            chunks.extend(self._shard_column(shard, column, kinds[0]).chunks)
         return pa.chunked_array(chunks, type=kinds[0])
 
     def read_column(self, column: str) -> np.ndarray:
         """One column of every row (deleted rows included), in row order, as an object array."""
-        parts = []
-        for shard in self.shards:
-            try:
-                values = shard.parquet.read(columns=[column]).column(column).to_pylist()
-            except (OSError, pa.ArrowException) as error:
-                raise IndexFormatError(f"{self.index_dir / shard.info.file}: damaged shard ({error})") from error
-            parts.append(np.asarray(values, dtype=object))
+        parts = [np.asarray(self._shard_column(shard, column).to_pylist(), dtype=object) for shard in self.shards]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=object)
+
+    def _shard_column(self, shard: OpenShard, column: str, kind: pa.DataType | None = None) -> pa.ChunkedArray:
+        """One column of one shard through its open handle (cast to `kind`); a read or cast that fails is a damaged
+        shard."""
+        try:
+            values = shard.parquet.read(columns=[column]).column(column)
+            return values if kind is None else values.cast(kind)
+        except (OSError, pa.ArrowException) as error:
+            raise IndexFormatError(f"{self.index_dir / shard.info.file}: damaged shard ({error})") from error
 
 
 def _check_untouched(index_dir: Path, shard: ShardInfo) -> None:
