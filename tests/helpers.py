@@ -6,6 +6,7 @@ Fixtures live in conftest.py; this module holds functions, imported as `from hel
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -190,6 +191,20 @@ def searcher_for(vectors: IndexVectors, vocab_size: int, doc_ids=None) -> Search
 def encode_texts(encoder, texts, max_length: int = 512, colbert: bool = False):
     """Encode a few texts as one padded batch (what FlagEmbedding does), for comparisons in tests."""
     return encoder.encode_ids([t.ids for t in encoder.tokenize(texts, max_length)], colbert=colbert)
+
+
+@contextlib.contextmanager
+def serve_process(*arguments, log_path: Path, env: dict | None = None):
+    """A `bge-index serve ARGUMENTS --port 0` process logging to `log_path`: yields (process, its port). Killed at
+    the end if it still runs (a test that checks how it stops sends SIGTERM itself)."""
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(module_command("serve", *arguments, "--port", "0"), stderr=log,
+                                   stdout=subprocess.DEVNULL, cwd=REPO, env=env)
+        try:
+            yield process, serve_port(process, log_path)
+        finally:
+            if process.poll() is None:
+                process.kill()
 
 
 def serve_port(process, log_path: Path, timeout: float = 120.0) -> int:

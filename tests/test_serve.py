@@ -18,7 +18,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from helpers import REPO, SAMPLE_CORPUS, index, invoke, module_command, ok, write_jsonl, serve_port
+from helpers import REPO, SAMPLE_CORPUS, index, invoke, ok, serve_process, write_jsonl
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
@@ -440,24 +440,17 @@ def test_serve_process_answers_logs_no_token_and_stops_cleanly_on_sigterm(sample
     token = "tok-" + "9" * 24
     env = dict(os.environ, BGE_INDEX_SERVE_TOKEN=token)
     log_path = tmp_path / "serve.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(module_command("serve", sample_index, "--port", "0"), stderr=log,
-                                   stdout=subprocess.DEVNULL, env=env, cwd=REPO)
-        try:
-            port = serve_port(process, log_path)
-            connection = Client(port, token=token)
-            status, _, body = connection.request("GET", "/search?q=moon&mode=dense")
-            assert status == 200
-            assert body.decode("utf-8") == ok("search", sample_index, "moon", "--mode", "dense", "--format", "json").stdout
-            connection.close()
-            stranger = Client(port)
-            assert stranger.request("GET", "/search?q=moon", headers={"Authorization": "Bearer nope"})[0] == 401
-            stranger.close()
-            process.send_signal(signal.SIGTERM)
-            assert process.wait(60) == 0
-        finally:
-            if process.poll() is None:
-                process.kill()
+    with serve_process(sample_index, log_path=log_path, env=env) as (process, port):
+        connection = Client(port, token=token)
+        status, _, body = connection.request("GET", "/search?q=moon&mode=dense")
+        assert status == 200
+        assert body.decode("utf-8") == ok("search", sample_index, "moon", "--mode", "dense", "--format", "json").stdout
+        connection.close()
+        stranger = Client(port)
+        assert stranger.request("GET", "/search?q=moon", headers={"Authorization": "Bearer nope"})[0] == 401
+        stranger.close()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
     logged = log_path.read_text()
     assert token not in logged
     assert re.search(r"^bge-index: \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d serving ", logged, re.M)

@@ -10,13 +10,12 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import REPO, index, module_command, ok, write_jsonl, serve_port
+from helpers import index, ok, serve_process, write_jsonl
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
@@ -175,26 +174,19 @@ def test_a_file_truncated_under_the_server_is_refused_never_a_sigbus(tmp_path, t
     _, out = notes(tmp_path, tiny_model, count=300)
     path = dense_file(out)
     log_path = tmp_path / "serve.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(module_command("serve", out, "--port", "0"), stderr=log,
-                                   stdout=subprocess.DEVNULL, cwd=REPO, env=dict(os.environ))
-        try:
-            port = serve_port(process, log_path)
-            client = Client(port)
-            assert client.request("GET", "/search?q=moon&mode=dense")[0] == 200
-            os.truncate(path, 128)  # the header and nothing else
-            status, headers, body = client.request("GET", "/search?q=moon&mode=dense")
-            assert status == 503, body[:300]
-            assert "changed" in json.loads(body)["error"]
-            status, _, body = client.request("GET", "/healthz")
-            assert status == 503 and json.loads(body)["status"] == "unavailable"
-            client.close()
-            assert process.poll() is None
-            process.send_signal(signal.SIGTERM)
-            assert process.wait(60) == 0
-        finally:
-            if process.poll() is None:
-                process.kill()
+    with serve_process(out, log_path=log_path) as (process, port):
+        client = Client(port)
+        assert client.request("GET", "/search?q=moon&mode=dense")[0] == 200
+        os.truncate(path, 128)  # the header and nothing else
+        status, headers, body = client.request("GET", "/search?q=moon&mode=dense")
+        assert status == 503, body[:300]
+        assert "changed" in json.loads(body)["error"]
+        status, _, body = client.request("GET", "/healthz")
+        assert status == 503 and json.loads(body)["status"] == "unavailable"
+        client.close()
+        assert process.poll() is None
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
     logged = log_path.read_text()
     errors = [line for line in logged.splitlines() if path.name in line and "changed" in line]
     assert len(errors) == 1, logged

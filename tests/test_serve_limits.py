@@ -20,7 +20,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from helpers import REPO, SAMPLE_CORPUS, index, module_command, ok, write_jsonl, serve_port
+from helpers import REPO, SAMPLE_CORPUS, index, module_command, ok, serve_process, write_jsonl
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
@@ -379,31 +379,23 @@ def test_metrics_are_in_prometheus_text_format(sample_index):
 @pytest.mark.slow
 def test_sigterm_answers_queued_requests_503_in_json_and_exits_0(sample_index, tmp_path):
     log_path = tmp_path / "serve.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(module_command("serve", sample_index, "--port", "0", "--max-batch", "16",
-                                                  "--max-queue", "8192"),
-                                   stderr=log, stdout=subprocess.DEVNULL, cwd=REPO)
-        try:
-            port = serve_port(process, log_path)
+    with serve_process(sample_index, "--max-batch", "16", "--max-queue", "8192", log_path=log_path) as (process, port):
 
-            def ask(n: int):
-                client = Client(port)
-                try:
-                    return client.request("POST", "/search", posted(1024, offset=n))
-                finally:
-                    client.close()
+        def ask(n: int):
+            client = Client(port)
+            try:
+                return client.request("POST", "/search", posted(1024, offset=n))
+            finally:
+                client.close()
 
-            with ThreadPoolExecutor(6) as pool:  # ~40 s of work on the tiny model: past uvicorn's 30 s grace
-                futures = [pool.submit(ask, n) for n in range(6)]
-                time.sleep(1.5)
-                stopped = time.monotonic()
-                process.send_signal(signal.SIGTERM)
-                answers = [future.result(60) for future in futures]
-            assert process.wait(60) == 0
-            assert time.monotonic() - stopped < 20
-        finally:
-            if process.poll() is None:
-                process.kill()
+        with ThreadPoolExecutor(6) as pool:  # ~40 s of work on the tiny model: past uvicorn's 30 s grace
+            futures = [pool.submit(ask, n) for n in range(6)]
+            time.sleep(1.5)
+            stopped = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            answers = [future.result(60) for future in futures]
+        assert process.wait(60) == 0
+        assert time.monotonic() - stopped < 20
     statuses = [status for status, _, _ in answers]
     assert 503 in statuses and set(statuses) <= {200, 503}, statuses
     for status, headers, body in answers:

@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import signal
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, index, module_command, run_process, write_jsonl, serve_port
+from helpers import index, module_command, run_process, serve_process, write_jsonl
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
@@ -57,20 +55,12 @@ def test_a_minute_of_overload_slowloris_hang_ups_and_commits(tmp_path, tiny_mode
     out = tmp_path / "index"
     index(corpus, out, tiny_model)
     log_path = tmp_path / "serve.log"
-    log = open(log_path, "wb")
-    process = subprocess.Popen(module_command("serve", out, "--port", "0", "--no-access-log", "--header-timeout", "2",
-                                              "--request-timeout", "20", "--max-queue", "2048"),
-                               stderr=log, stdout=subprocess.DEVNULL, cwd=REPO, env=dict(os.environ))
-    try:
-        port = serve_port(process, log_path)
+    with serve_process(out, "--no-access-log", "--header-timeout", "2", "--request-timeout", "20", "--max-queue", "2048",
+                       log_path=log_path) as (process, port):
         summary = soak(port, process.pid, corpus, out, tiny_model)
         assert process.poll() is None, "the server died"
         process.send_signal(signal.SIGTERM)
         assert process.wait(60) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-        log.close()
     print(json.dumps(summary, indent=2))
     logged = log_path.read_text()
     assert len(logged) < 1 << 20, f"{len(logged):,} bytes of log in a minute"
