@@ -310,6 +310,7 @@ class IndexRun:
         self.deleted_any = False
         self.writer = None  # a shard_writer.IndexWriter, once the engine opens one (never in a dry run)
         self.checkpoints = 0  # partial commits made as shards completed
+        self.last_commit = time.monotonic()  # when this run last committed, or began writing
         self.summary.max_length = self.manifest.model["max_length"]
         self.summary.model = self.model.identity.describe()
 
@@ -351,6 +352,7 @@ class IndexRun:
         if not self.options.dry_run and self.writer is None:
             remove_staging(self.index_dir)  # a killed Ray run's staged files: never adopted now, only disk space
             self.writer = IndexWriter(self.index_dir, self.manifest, self.options.shard_rows, base=self.previous)
+            self.last_commit = time.monotonic()
         return self.writer
 
     # -- occurrences ------------------------------------------------------------
@@ -425,12 +427,21 @@ class IndexRun:
         """A stop came before this pending document was written: the rows it would replace stay live."""
         self.seen[doc_id].outcome = Outcome.NOT_REACHED
 
+    def checkpoint_if(self, shard_done: bool) -> bool:
+        """Commit a checkpoint when the engine says a shard's worth of rows is written (`shard_done`) or the last
+        commit is CHECKPOINT_SECONDS back: a killed run loses at most about a shard and that much writing (the next
+        run finds the rest unchanged). Whether it committed. Call it between documents, never inside one."""
+        if shard_done or time.monotonic() - self.last_commit >= CHECKPOINT_SECONDS:
+            self.checkpoint()
+            return True
+        return False
+
     def checkpoint(self) -> None:
         """Commit what is written so far as a partial generation, and go on writing on top of it.
 
-        The local engine calls this each time a shard is complete: a run killed (SIGKILL, power loss) loses
-        at most the shard in progress, and the next run finds the committed documents unchanged instead of
-        encoding them again. Each checkpoint is a consistent state: a document's new rows and the retiring
+        Engines call it through `checkpoint_if`, each time a shard's worth is written: a run killed (SIGKILL,
+        power loss) loses at most the shard in progress, and the next run finds the committed documents unchanged
+        instead of encoding them again. Each checkpoint is a consistent state: a document's new rows and the retiring
         of its old ones are committed together; removals wait for the run's end. Readers see whole
         generations only (the manifest switch), with `state: partial` until the last commit.
         """
@@ -441,6 +452,7 @@ class IndexRun:
 
         committed = self.writer.commit(state="partial", checkpoint=True)
         fault_point("checkpoint")
+        self.last_commit = time.monotonic()
         self.summary.wrote = True
         self.checkpoints += 1
         following = Manifest.from_json(committed.to_json())  # the same settings, as a new generation
@@ -562,6 +574,8 @@ def removal_limit(max_remove: str, indexed: int) -> float:
     return value * indexed if kind == "share" else value
 
 
+
+CHECKPOINT_SECONDS = 60.0  # at most this long between partial commits while an engine writes (checkpoint_if)
 
 # Where an engine's workers write shards that the run then adopts (the Ray engine), inside INDEX_DIR so that the
 # adoption is a rename. A folder apart: a checkpoint's commit removes the index folder's temporary files, and

@@ -38,7 +38,6 @@ from bge_index.run.index_run import IndexEvents, IndexOptions, IndexProgress, In
 from bge_index.store.shard_writer import RowBatch
 
 WINDOW_DOCUMENTS = 2048
-CHECKPOINT_SECONDS = 60.0  # at most this long between partial commits while windows land
 
 
 def _never() -> bool:
@@ -106,7 +105,6 @@ class LocalEngine:
         self.in_flight: deque[_WindowInFlight] = deque()  # windows handed to the encoders, oldest first
         self.workers = None  # workers.EncodingWorkers, loaded with the first window to encode
         self.new_rows: dict[str, list[RowLocation]] = {}  # rows this run wrote, per document id
-        self.last_commit = time.monotonic()  # when the index was last committed (checkpoints)
 
     def _devices(self) -> list[str]:
         if self.options.devices:
@@ -232,11 +230,9 @@ class LocalEngine:
             run.retire(item.replaces)
             self.new_rows[doc_id] = by_document[doc_id]
             run.settle(doc_id)
-        # A shard is complete, or the last commit is a while back: commit, so that a killed run loses at most the
-        # shard in progress and CHECKPOINT_SECONDS of writing (the next run finds the rest unchanged).
-        if len(run.writer.shards) > shards_before or time.monotonic() - self.last_commit >= CHECKPOINT_SECONDS:
-            run.checkpoint()
-            self.last_commit = time.monotonic()
+        # A shard is complete (or the last commit is a while back): commit, so that a killed run loses at most the
+        # shard in progress.
+        run.checkpoint_if(len(run.writer.shards) > shards_before)
 
     # -- encoding ---------------------------------------------------------------
 

@@ -21,7 +21,7 @@ Ray Data does the distribution; this module says what runs where. A run has thre
    fsyncs and renames each file of a call to the next
    `shard-GGGGGG-NNNNN.parquet`, and IndexRun retires the rows its documents
    replace and settles them. Each time a shard's worth of rows (--shard-rows)
-   has been adopted, or CHECKPOINT_SECONDS have passed, `IndexRun.checkpoint`
+   has been adopted, or CHECKPOINT_SECONDS have passed, `IndexRun.checkpoint_if`
    commits a partial generation, exactly as the local engine does when a
    shard is complete; the run's end (`IndexRun.finish`) applies removals and
    commits the last generation. From then on it is an index like any other:
@@ -80,7 +80,6 @@ from bge_index.store.manifest import SHARD_ROW_GROUP_ROWS, SHARD_WRITE_OPTIONS, 
 from bge_index.run.index_run import content_hash
 from bge_index.run.index_run import (STAGING_DIR, IndexEvents, IndexOptions, IndexProgress, IndexRun, IndexSummary,
                                      Outcome, refuse_foreign_folder, remove_staging)
-from bge_index.run.local import CHECKPOINT_SECONDS
 from bge_index.store.shard_reader import read_shard_column
 from bge_index.store.shard_writer import create_exclusive, rows_to_table, writing
 
@@ -548,7 +547,7 @@ class _RayRun:
         # then ends after the calls under way, and what was adopted is committed.
         streaming = threading.Thread(target=stream, name="ray-write", daemon=True)
         streaming.start()
-        last_commit = next_report = time.monotonic()
+        next_report = time.monotonic()
         uncommitted = 0  # rows adopted since the last commit
         while True:
             try:
@@ -562,10 +561,8 @@ class _RayRun:
                 # A shard's worth of rows, or the last commit is a while back: commit, as the local engine does
                 # when a shard is complete, so that a killed run loses at most that (the next run finds the rest
                 # unchanged). Between calls only: a call's files hold whole documents.
-                if uncommitted and (uncommitted >= self.options.shard_rows
-                                    or time.monotonic() - last_commit >= CHECKPOINT_SECONDS):
-                    run.checkpoint()
-                    last_commit, uncommitted = time.monotonic(), 0
+                if uncommitted and run.checkpoint_if(uncommitted >= self.options.shard_rows):
+                    uncommitted = 0
             if self.should_stop() and not self.summary.interrupted:
                 self.summary.interrupted = True
                 ray.get(counters.request_stop.remote())
