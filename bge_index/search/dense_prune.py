@@ -46,7 +46,7 @@ from bge_index.store.vector_store import CODE_LEVELS, ShardVectors
 INT8_QUERY_BLOCK = 32  # queries per int8 pass (their [32, rows] int32 products are held for the whole batch)
 DIGIT = 128  # the high digit's weight when a query takes two int8 digits
 CONE = 0.5  # a shard whose center is at least this long (rows in a cone) gives queries two digits
-_INT8_CHUNK_ROWS = 65536  # rows per _int_mm call (bounds the kernel's own packing buffers)
+_INT8_CHUNK_ROWS = 65536  # rows per _int_mm call (bounds the kernel's own packing buffers; a multiple of BLOCK_ROWS)
 _SLACK = 2.0 ** -40  # relative slack on float64 evaluations of a bound (their rounding is below 2**-50)
 _OUTLIER = 4.0  # rows whose error bound is this many times the median get their own bound, always
 BLOCK_ROWS = 64  # rows per block whose largest product is kept: cuts skip whole blocks, seeds are block maxima
@@ -96,8 +96,12 @@ def _simsimd_dot():
     return _simsimd_checked or None
 
 
-def int8_products(codes: np.ndarray, query_codes: np.ndarray) -> np.ndarray:
+def int8_products(codes: np.ndarray, query_codes: np.ndarray, on_chunk=None) -> np.ndarray:
     """[rows, Q] int32 exact products of a shard's [rows, D] int8 codes with [D, Q] int8 query codes.
+
+    `on_chunk(start, products)`, when given, sees each chunk of rows' [c, Q] int32 products (a torch view of the
+    result, writable) as soon as it is made, while it is still in the cache (ShardPass's block maxima); chunks
+    start at multiples of _INT8_CHUNK_ROWS.
 
     One query column: SimSIMD's int8 dot products (VNNI), which stream the codes at about twice the speed of
     a one-column _int_mm here (BENCHMARKS.md, issue 17). Several: torch._int_mm (oneDNN: VNNI / AMX), whose
@@ -108,7 +112,10 @@ def int8_products(codes: np.ndarray, query_codes: np.ndarray) -> np.ndarray:
     if query_codes.shape[1] == 1 and rows and (simsimd := _simsimd_dot()) is not None:
         query = np.ascontiguousarray(query_codes.T, dtype=np.int8)  # [1, D]
         dots = np.asarray(simsimd.cdist(codes, query, metric="dot", threads=torch.get_num_threads()))  # see above
-        return dots.reshape(rows, 1).astype(np.int32)  # exact integers below 2**31
+        products = dots.reshape(rows, 1).astype(np.int32)  # exact integers below 2**31
+        if on_chunk is not None:
+            on_chunk(0, torch.from_numpy(products))
+        return products
     out = torch.empty(rows, query_codes.shape[1], dtype=torch.int32)  # [rows, Q]
     # A fresh tensor with plain strides: a numpy [D, 1] view may carry a 0 stride that oneDNN misreads.
     right = torch.empty(query_codes.shape, dtype=torch.int8)
@@ -116,10 +123,13 @@ def int8_products(codes: np.ndarray, query_codes: np.ndarray) -> np.ndarray:
     exact_int8 = _int_mm_is_exact()
     for start in range(0, rows, _INT8_CHUNK_ROWS):
         left = torch.from_numpy(codes[start:start + _INT8_CHUNK_ROWS])  # [c, D] int8, a view of the map
+        chunk = out[start:start + left.shape[0]]  # [c, Q], contiguous
         if exact_int8:
-            out[start:start + left.shape[0]] = torch._int_mm(left, right)
+            torch._int_mm(left, right, out=chunk)  # written in place: no copy of the [rows, Q] result
         else:
-            out[start:start + left.shape[0]] = torch.mm(left.double(), right.double()).to(torch.int32)
+            chunk.copy_(torch.mm(left.double(), right.double()).to(torch.int32))
+        if on_chunk is not None:
+            on_chunk(start, chunk)
     return out.numpy()  # [rows, Q]: queries side by side (the passes below work on all of them at once)
 
 
@@ -168,32 +178,38 @@ class QueryFrame:
     low_norm: float  # >= |lo| (0 with one digit)
 
     @classmethod
-    def of(cls, query: np.ndarray, frame: np.ndarray, digits: int) -> "QueryFrame":
-        """The frame of `query` ([D] float32) in a shard's `frame` ([3, D] float32: center, steps, direction)."""
-        q = query.astype(np.float64)
-        weighted = frame[1].astype(np.float64) * q  # exact: two float32 factors
+    def many(cls, queries: np.ndarray, frame: np.ndarray, digits: int) -> list["QueryFrame"]:
+        """The frames of [Q, D] float32 queries in a shard's `frame` ([3, D] float32: center, steps, direction),
+        computed for all of them at once."""
+        q = queries.astype(np.float64)  # [Q, D]
+        weighted = frame[1].astype(np.float64) * q  # [Q, D], exact: two float32 factors
         levels = CODE_LEVELS * (DIGIT if digits == 2 else 1)
-        top = float(np.abs(weighted).max()) if len(weighted) else 0.0
-        step = top / levels if top > 0 and np.isfinite(top) else 0.0
-        codes = np.clip(np.rint(weighted / step), -levels, levels) if step > 0 else np.zeros_like(weighted)
-        rest = weighted - step * codes  # float64: within 2**-52 of |step * codes| + |rest| per component
-        rest_norm = float(np.linalg.norm(rest)) * (1 + _SLACK) + _SLACK * float(np.linalg.norm(weighted))
+        top = np.abs(weighted).max(axis=1) if weighted.shape[1] else np.zeros(len(q))  # [Q]
+        usable = (top > 0) & np.isfinite(top)
+        step = np.where(usable, top, 0.0) / levels  # [Q]; 0: no step (codes 0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            codes = np.where(usable[:, None], np.clip(np.rint(weighted / step[:, None]), -levels, levels), 0.0)
+        rest = weighted - step[:, None] * codes  # float64: within 2**-52 of |step * codes| + |rest| per component
+        rest_norm = np.linalg.norm(rest, axis=1) * (1 + _SLACK) + _SLACK * np.linalg.norm(weighted, axis=1)
         if digits == 2:
             high = np.rint(codes / DIGIT)
-            low = codes - DIGIT * high  # in [-64, 64]
-            columns = np.stack([high, low], axis=1)
+            low = codes - DIGIT * high  # [Q, D] in [-64, 64]
+            columns = np.stack([high, low], axis=2)  # [Q, D, 2]
         else:
-            low = np.zeros(0)
-            columns = codes[:, None]
+            low = np.zeros((len(q), 0))
+            columns = codes[:, :, None]  # [Q, D, 1]
         direction = frame[2].astype(np.float64)
         length = float(direction @ direction)
-        alpha = float(q @ direction) / length if length > 0 else 0.0
-        across = q - alpha * direction  # float64, within 2**-52 of |q| + |alpha u| per component
-        query_norm = float(np.linalg.norm(q))
-        across_norm = (float(np.linalg.norm(across)) * (1 + _SLACK)
-                       + _SLACK * (query_norm + abs(alpha) * np.sqrt(length)))
-        return cls(float(frame[0].astype(np.float64) @ q), step, columns.astype(np.int8), rest_norm,
-                   query_norm * (1 + _SLACK), across_norm, abs(alpha), float(np.linalg.norm(low)))
+        alpha = (q @ direction) / length if length > 0 else np.zeros(len(q))  # [Q]
+        across = q - alpha[:, None] * direction  # float64, within 2**-52 of |q| + |alpha u| per component
+        query_norm = np.linalg.norm(q, axis=1)
+        across_norm = (np.linalg.norm(across, axis=1) * (1 + _SLACK)
+                       + _SLACK * (query_norm + np.abs(alpha) * np.sqrt(length)))
+        center_dot = q @ frame[0].astype(np.float64)
+        low_norm = np.linalg.norm(low, axis=1)
+        return [cls(float(center_dot[i]), float(step[i]), columns[i].astype(np.int8), float(rest_norm[i]),
+                    float(query_norm[i]) * (1 + _SLACK), float(across_norm[i]), abs(float(alpha[i])),
+                    float(low_norm[i])) for i in range(len(q))]
 
 
 class DenseShardBound:
@@ -290,15 +306,15 @@ class ShardPass:
     all of them over the shard's rows. Both use the maxima of blocks of BLOCK_ROWS rows: the best estimates
     are the best blocks' best rows, and the integer cut looks into a block only when its maximum passes."""
 
-    def __init__(self, shard: ShardVectors, bounds: list[DenseShardBound], high: np.ndarray):
-        """`high`: [rows, Q] int32, each query's high digit (deleted rows at the int32 minimum)."""
+    def __init__(self, shard: ShardVectors, bounds: list[DenseShardBound], high: np.ndarray,
+                 block_max: np.ndarray | None = None):
+        """`high`: [rows, Q] int32, each query's high digit (deleted rows at the int32 minimum); `block_max`:
+        its [blocks, Q] maxima when already made (block_maxima), else computed here."""
         self.shard, self.bounds, self.high = shard, bounds, high
-        rows, queries = high.shape
-        full = rows // BLOCK_ROWS
-        maxima = [high[:full * BLOCK_ROWS].reshape(full, BLOCK_ROWS, queries).max(axis=1)]  # [full, Q]
-        if rows > full * BLOCK_ROWS:
-            maxima.append(high[full * BLOCK_ROWS:].max(axis=0, keepdims=True))  # the last, shorter block
-        self.block_max = np.concatenate(maxima)  # [blocks, Q]
+        if block_max is None:
+            block_max = np.empty((-(-high.shape[0] // BLOCK_ROWS), high.shape[1]), dtype=np.int32)
+            block_maxima(torch.from_numpy(np.ascontiguousarray(high)), torch.from_numpy(block_max))
+        self.block_max = block_max  # [blocks, Q]
 
     def _rows_of(self, blocks: np.ndarray) -> np.ndarray:
         """The local rows (ascending) of some blocks (ascending)."""
@@ -315,22 +331,16 @@ class ShardPass:
                 return [np.zeros(0, dtype=np.int64) for _ in self.bounds]
             top = torch.topk(torch.from_numpy(self.high), count, dim=0, sorted=False).indices.numpy()  # [count, Q]
             return [top[:, i].astype(np.int64) for i in range(len(self.bounds))]
-        out = []
-        for i in range(len(self.bounds)):
-            column = self.block_max[:, i]
-            top = np.flatnonzero(column > _MISSING)  # blocks holding a live row
-            if len(top) > count:
-                top = top[np.argpartition(-column[top].astype(np.int64), count - 1)[:count]]
-            rows = self._rows_of(np.sort(top))
-            if not len(rows) or min(count, live) <= 0:
-                out.append(np.zeros(0, dtype=np.int64))
-                continue
-            values = self.high[rows, i].reshape(-1)
-            per_block = np.split(np.arange(len(rows)), np.flatnonzero(np.diff(rows // BLOCK_ROWS)) + 1)
-            picked = np.array([block[np.argmax(values[block])] for block in per_block])
-            picked = rows[picked]
-            out.append(picked[self.high[picked, i] > _MISSING].astype(np.int64))
-        return out
+        if min(count, live) <= 0:
+            return [np.zeros(0, dtype=np.int64) for _ in self.bounds]
+        # Every query at once: its `count` best blocks ([count, Q]), then each block's best row.
+        blocks = torch.topk(torch.from_numpy(np.ascontiguousarray(self.block_max)), count, dim=0,
+                            sorted=False).indices.numpy()  # [count, Q]
+        queries = np.arange(len(self.bounds))
+        rows = np.minimum(blocks[:, :, None] * BLOCK_ROWS + np.arange(BLOCK_ROWS), self.shard.rows - 1)  # [c, Q, 64]
+        best = np.take_along_axis(rows, self.high[rows, queries[None, :, None]].argmax(axis=2)[:, :, None], 2)[:, :, 0]
+        # A block of deleted rows only (its maximum the int32 minimum) gives no seed.
+        return [np.sort(column[self.high[column, i] > _MISSING]).astype(np.int64) for i, column in enumerate(best.T)]
 
     def reaching(self, thresholds: list[float]) -> list[np.ndarray]:
         """Per query, the live local rows (ascending) whose upper bound reaches its threshold: the integer cut
@@ -348,21 +358,19 @@ class ShardPass:
             out.append(rows[bound.upper(rows) >= threshold])
         return out
 
-    def reaching_with(self, i: int, threshold: float, weight: float, extra: np.ndarray, extra_weight: float
-                      ) -> np.ndarray:
+    def reaching_with(self, i: int, threshold: float, weight: float, extra: np.ndarray, extra_weight: float,
+                      extra_max: np.ndarray | None = None) -> np.ndarray:
         """Live local rows (ascending) where weight * (query i's dense upper bound) + extra_weight * extra[row]
-        reaches `threshold` (weight > 0; `extra`: [rows] float32 or float64, another part's exact score or bound
-        per row, e.g. sparse; the arithmetic is float64).
+        reaches `threshold` (weight > 0; `extra`: [rows] float32, another part's exact score or bound per row,
+        e.g. sparse; `extra_max`: its block maxima (value_block_maxima) when already made; the arithmetic is
+        float64).
 
         Per block, the dense score needed is lowest where `extra` is highest: the blocks whose maximum product
         passes that cut, then each of their rows with its own cut, then its own bound."""
         bound = self.bounds[i]
-        rows = len(extra)
-        full = rows // BLOCK_ROWS
-        maxima = [extra[:full * BLOCK_ROWS].reshape(full, BLOCK_ROWS).max(axis=1)]
-        if rows > full * BLOCK_ROWS:
-            maxima.append(extra[full * BLOCK_ROWS:].max(keepdims=True))  # the last, shorter block
-        extra_max = np.concatenate(maxima).astype(np.float64)  # [blocks]; a max of float32 values is exact
+        if extra_max is None:
+            extra_max = value_block_maxima(extra)
+        extra_max = extra_max.astype(np.float64)  # [blocks]; a max of float32 values is exact
 
         def needed(values: np.ndarray) -> np.ndarray:  # the dense bound needed, lowered for the division's rounding
             # A deleted row's extra is -inf: its need is +inf or NaN, and no comparison with either passes.
@@ -429,30 +437,71 @@ class ExactPass:
         """Per query, live local rows (ascending) whose exact score reaches its threshold."""
         return [b.reaching(t) for b, t in zip(self.bounds, thresholds)]
 
-    def reaching_with(self, i: int, threshold: float, weight: float, extra: np.ndarray, extra_weight: float
-                      ) -> np.ndarray:
-        """Live local rows (ascending) where weight * exact + extra_weight * extra[row] reaches `threshold`."""
+    def reaching_with(self, i: int, threshold: float, weight: float, extra: np.ndarray, extra_weight: float,
+                      extra_max: np.ndarray | None = None) -> np.ndarray:
+        """Live local rows (ascending) where weight * exact + extra_weight * extra[row] reaches `threshold`
+        (`extra_max` is not needed here)."""
         scores = self.bounds[i].scores.astype(np.float64)
         with np.errstate(invalid="ignore"):  # deleted rows: -inf, and NaN never passes
             reach = weight * scores + extra_weight * extra.astype(np.float64) >= threshold
         return np.flatnonzero(np.isfinite(scores) & reach)
 
 
+def block_maxima(products: torch.Tensor, out: torch.Tensor) -> None:
+    """out[b] = the maxima of products' rows b * BLOCK_ROWS ... (b + 1) * BLOCK_ROWS - 1 (the last block may be
+    shorter): [rows, Q] int32 -> [ceil(rows / BLOCK_ROWS), Q] int32, torch's amax (all cores)."""
+    rows, queries = products.shape
+    full = rows // BLOCK_ROWS
+    if full:
+        torch.amax(products[:full * BLOCK_ROWS].view(full, BLOCK_ROWS, queries), dim=1, out=out[:full])
+    if rows > full * BLOCK_ROWS:
+        torch.amax(products[full * BLOCK_ROWS:], dim=0, keepdim=True, out=out[full:full + 1])
+
+
+def value_block_maxima(values: np.ndarray) -> np.ndarray:
+    """[ceil(rows / BLOCK_ROWS)] float32: the maxima of a [rows] float32 array's blocks of BLOCK_ROWS rows (a
+    NaN makes its block's maximum NaN)."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    out = torch.empty(-(-len(values) // BLOCK_ROWS), 1, dtype=torch.float32)
+    block_maxima(torch.from_numpy(values)[:, None], out)
+    return out.numpy()[:, 0]
+
+
+def best_of_blocks(values: np.ndarray, maxima: np.ndarray, count: int) -> np.ndarray:
+    """Local rows (ascending) of the best value in each of the `count` blocks with the highest `maxima`
+    (value_block_maxima of `values`), blocks whose maximum is -inf (deleted rows only) left out: rows with some
+    of the highest values, chosen without a pass over all of them."""
+    count = min(count, len(maxima))
+    if count <= 0:
+        return np.zeros(0, dtype=np.int64)
+    blocks = torch.topk(torch.from_numpy(np.ascontiguousarray(maxima)), count, sorted=False).indices.numpy()
+    blocks = np.sort(blocks[maxima[blocks] > -np.inf])
+    rows = np.minimum(blocks[:, None] * BLOCK_ROWS + np.arange(BLOCK_ROWS), len(values) - 1)  # [c, 64]
+    return np.take_along_axis(rows, values[rows].argmax(axis=1)[:, None], 1)[:, 0].astype(np.int64)
+
+
 def shard_pass(shard: ShardVectors, info: ShardPruneInfo, dense_queries: np.ndarray) -> ShardPass:
     """One int8 pass over a shard for a block of [Q, D] float32 queries.
 
     A lone query takes one digit even in a cone: the one-column pass is the fastest there is, and costs the
-    looser bound a few more rows rescored; in a block, the second digit is almost free (_int_mm).
+    looser bound a few more rows rescored; in a block, the second digit is almost free (_int_mm). Each chunk of
+    products gets its deleted rows marked and its block maxima taken as soon as it is made (in the cache).
     """
     d = info.digits if len(dense_queries) > 1 else 1
-    frames = [QueryFrame.of(q, shard.frame, d) for q in dense_queries]
-    products = int8_products(shard.codes, np.concatenate([f.digits for f in frames], axis=1))  # [rows, Q * d]
-    if shard.live is not None:
-        # Deleted rows get the smallest product, so they never rank among the best.
-        products[~shard.live, ::d] = _MISSING
+    frames = QueryFrame.many(dense_queries, shard.frame, d)
+    block_max = torch.empty(-(-shard.rows // BLOCK_ROWS), len(frames) * d, dtype=torch.int32)  # [blocks, Q * d]
+    dead = None if shard.live is None else torch.from_numpy(~shard.live)
+
+    def finish(start: int, chunk: torch.Tensor) -> None:  # chunk: [c, Q * d] int32, start a multiple of 64
+        if dead is not None:
+            # Deleted rows get the smallest product, so they never rank among the best.
+            chunk[:, ::d].masked_fill_(dead[start:start + chunk.shape[0], None], _MISSING)
+        block_maxima(chunk, block_max[start // BLOCK_ROWS:])
+
+    products = int8_products(shard.codes, np.concatenate([f.digits for f in frames], axis=1), finish)
     bounds = [DenseShardBound(shard, info, f, products[:, i * d], products[:, i * d + 1] if d == 2 else None)
               for i, f in enumerate(frames)]
-    return ShardPass(shard, bounds, products[:, ::d])
+    return ShardPass(shard, bounds, products[:, ::d], block_max.numpy()[:, ::d])
 
 
 def shard_bounds(shard: ShardVectors, info: ShardPruneInfo, dense_queries: np.ndarray) -> list[DenseShardBound]:

@@ -38,7 +38,8 @@ import numpy as np
 import torch
 
 from bge_index.search.dense_kernel import QUERY_BLOCK, DenseKernel, summation_gamma
-from bge_index.search.dense_prune import ExactPass, ExactShardBound, ShardPruneInfo, shard_pass
+from bge_index.search.dense_prune import (ExactPass, ExactShardBound, ShardPruneInfo, best_of_blocks, shard_pass,
+                                          value_block_maxima)
 from bge_index.search.query import QueryVectors, ScoreWeights
 from bge_index.search.sparse_prune import SparseShardQuery, token_max_of
 from bge_index.store.vector_store import ShardVectors
@@ -200,6 +201,18 @@ class PrunedSearch:
         cache = self._token_max.setdefault(number, {})
         return SparseShardQuery(shard, query.sparse_ids, query.sparse_weights, token_max_of(shard, cache))
 
+    def _sparse_abs_bound(self, query: QueryVectors) -> float:
+        """At least |exact sparse score| of every row: the largest over shards of sum |q_w| * max |d_w| over the
+        query's tokens, with the float32 sum's rounding (gamma_(n+1)) on top. Cheap: no pass over any row."""
+        weights = np.abs(np.asarray(query.sparse_weights, dtype=np.float64))
+        largest = 0.0
+        for number, shard in enumerate(self.shards):
+            token_max = token_max_of(shard, self._token_max.setdefault(number, {}))
+            largest = max(largest, sum(w * token_max(slot) for w, slot in
+                                       zip(weights.tolist(), shard.token_slots(query.sparse_ids).tolist())
+                                       if slot >= 0))
+        return largest * (1 + summation_gamma(len(weights) + 1)) * (1 + _SLACK)
+
     def _best_estimates(self, estimates: list[tuple[np.ndarray, np.ndarray]], k: int) -> list[np.ndarray]:
         """Per shard, the local rows (ascending) among the k best of all shards' (rows, estimates); any rows would
         be valid seeds, these make the first threshold tight."""
@@ -296,27 +309,22 @@ class PrunedSearch:
         wd, ws = float(np.float32(weights.dense)), float(np.float32(weights.sparse))
         sparse = [self.sparse_scan(query) for query in queries]  # [query] -> [N] float32, deleted rows -inf
         parts = [[scores[shard.start:shard.start + shard.rows] for shard in self.shards] for scores in sparse]
+        part_max = [[value_block_maxima(part) for part in per_shard] for per_shard in parts]  # [query][shard]
         # The float32 sum w_d * d + w_s * s is within gamma_2 of its real value times |w_d d| + |w_s s|.
         slacks = []
-        for per_shard, scores in zip(bounds, sparse):
+        for query, per_shard in zip(queries, bounds):
             dense_abs = max((b.abs_max() for b in per_shard), default=0.0)
-            finite = scores[np.isfinite(scores)]
-            sparse_abs = float(np.abs(finite).max()) if len(finite) else 0.0
+            sparse_abs = self._sparse_abs_bound(query)
             slacks.append(summation_gamma(2) * (wd * dense_abs + ws * sparse_abs) * (1 + _SLACK)
                           + _SLACK * (wd + ws + 1))
-        # 1. seeds: per shard the best dense estimates and the best sparse scores; the k best of those by
+        # 1. seeds: per shard the best dense estimates and rows of the best sparse blocks; the k best of those by
         #    estimate, scored exactly
         best = [shard_pass.best(k) for shard_pass in passes]  # [shard][query]
         seeds = []
         for i in range(len(queries)):
             estimates = []
             for number, (bound, part) in enumerate(zip(bounds[i], parts[i])):
-                live = self.shards[number].live
-                if live is None and len(part) > k:
-                    top = np.argpartition(-part, k - 1)[:k]
-                else:
-                    finite = np.flatnonzero(np.isfinite(part))  # deleted rows are -inf
-                    top = finite[np.argpartition(-part[finite], k - 1)[:k]] if len(finite) > k else finite
+                top = best_of_blocks(part, part_max[i][number], k)
                 rows = np.union1d(best[number][i], top).astype(np.int64)
                 estimates.append((rows, wd * bound.approx(rows) + ws * part[rows].astype(np.float64)))
             seeds.append(self._best_estimates(estimates, k))
@@ -330,7 +338,7 @@ class PrunedSearch:
             for number, dense_pass in enumerate(passes):
                 part, done = parts[i][number], seeds[i][number]  # part: deleted rows -inf, never reached
                 if wd > 0:
-                    rows = dense_pass.reaching_with(i, threshold - slacks[i], wd, part, ws)
+                    rows = dense_pass.reaching_with(i, threshold - slacks[i], wd, part, ws, part_max[i][number])
                 else:
                     with np.errstate(invalid="ignore"):
                         rows = np.flatnonzero(ws * part.astype(np.float64) + slacks[i] >= threshold)

@@ -28,7 +28,7 @@ import torch
 
 from bge_index.errors import NoColbertVectors
 from bge_index.search.dense_kernel import QUERY_BLOCK, DenseKernel, exact_kernel_usable
-from bge_index.search.dense_prune import INT8_QUERY_BLOCK
+from bge_index.search.dense_prune import BLOCK_ROWS, INT8_QUERY_BLOCK, value_block_maxima
 from bge_index.search.query import RRF_DEPTH, RRF_K, Hit, QueryVectors, ScoreWeights
 from bge_index.search.rank_safe import PrunedSearch, Ranked, weighted_sum
 from bge_index.store.vector_store import ShardVectors
@@ -43,6 +43,7 @@ COLBERT_MIN_CANDIDATES = 100
 # 1/GATHER_FRACTION of the index: below that, gathering them costs less than a pass over the int8 codes.
 GATHER_ROWS = 4096
 GATHER_FRACTION = 16
+_BLOCK_TOP_K_ROWS = 1 << 16  # top_k over at least this many scores looks at the best blocks' rows only
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -53,6 +54,24 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     n = scores.shape[0]
     if k <= 0 or n == 0:
         return np.zeros(0, dtype=np.int64)
+    if n >= _BLOCK_TOP_K_ROWS and k * BLOCK_ROWS * 4 <= n and scores.dtype == np.float32:
+        # The k-th highest block maximum is at most the k-th highest score (k blocks each hold a row reaching
+        # it), so every row reaching the k-th score, ties included, lies in a block whose maximum reaches it:
+        # those blocks' rows are ranked alone (a NaN anywhere: the plain path, which orders NaN its own way).
+        maxima = value_block_maxima(scores)  # [blocks]
+        if not np.isnan(maxima).any():
+            kth_block = float(torch.topk(torch.from_numpy(maxima), k, sorted=False).values.min())
+            if kth_block > -np.inf:
+                blocks = np.flatnonzero(maxima >= kth_block)
+                rows = np.minimum((blocks[:, None] * BLOCK_ROWS + np.arange(BLOCK_ROWS)).reshape(-1), n - 1)
+                rows = np.unique(rows)  # the last block may be shorter: its clipped rows repeat
+                return rows[_plain_top_k(scores[rows], k)]
+    return _plain_top_k(scores, k)
+
+
+def _plain_top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """top_k by a partition of every score."""
+    n = scores.shape[0]
     if k < n:
         # Keep every row tied with the k-th score, so the tie-break below sees them all.
         kth_score = scores[np.argpartition(-scores, k - 1)[k - 1]]
@@ -386,19 +405,22 @@ class Searcher:
     def sparse_scores_of(self, query: QueryVectors, rows: np.ndarray) -> np.ndarray:
         """[len(rows)] float32 lexical scores of a few rows, by binary search in the query tokens' postings."""
         totals = np.zeros(len(rows), dtype=np.float32)
+        weights = np.asarray(query.sparse_weights, dtype=np.float32)
         for shard in self.shards:
             inside = (rows >= shard.start) & (rows < shard.start + shard.rows)
             if not inside.any():
                 continue
             local = (rows[inside] - shard.start).astype(np.uint32)
             partial = np.zeros(len(local), dtype=np.float32)
-            for token, weight in zip(query.sparse_ids.tolist(), query.sparse_weights.tolist()):
-                token_rows, token_weights = shard.postings(token)
-                if len(token_rows) == 0:
+            slots = shard.token_slots(query.sparse_ids)  # [tokens]: one search for all of them
+            for slot, weight in zip(slots.tolist(), weights):  # query order: the scan's order of additions
+                if slot < 0:
                     continue
+                token_rows = shard.posting_rows[shard.token_ptr[slot]:shard.token_ptr[slot + 1]]
+                token_weights = shard.posting_weights[shard.token_ptr[slot]:shard.token_ptr[slot + 1]]
                 at = np.minimum(np.searchsorted(token_rows, local), len(token_rows) - 1)
                 found = token_rows[at] == local
-                partial[found] += token_weights[at[found]] * np.float32(weight)
+                partial[found] += token_weights[at[found]] * weight
             totals[inside] = partial
         return totals
 

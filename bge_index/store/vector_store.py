@@ -125,6 +125,17 @@ class ShardVectors:
         at = int(np.searchsorted(self.token_ids, np.uint32(token)))
         return at if at < len(self.token_ids) and int(self.token_ids[at]) == token else -1
 
+    def token_slots(self, tokens: np.ndarray) -> np.ndarray:
+        """[n] int64: the position in token_ids of each of `tokens` ([n] integers), -1 where the shard lacks it;
+        one binary search for all of them."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        valid = (tokens >= 0) & (tokens <= _UINT32_MAX)
+        if not len(self.token_ids) or not len(tokens):
+            return np.full(len(tokens), -1, dtype=np.int64)
+        keys = np.where(valid, tokens, 0).astype(np.uint32)
+        at = np.minimum(np.searchsorted(self.token_ids, keys), len(self.token_ids) - 1)
+        return np.where(valid & (self.token_ids[at] == keys), at, -1).astype(np.int64)
+
     def postings(self, token: int) -> tuple[np.ndarray, np.ndarray]:
         """(rows ascending, weights) of one token; empty for a token absent from the shard."""
         at = int(np.searchsorted(self.token_ids, np.uint32(token))) if 0 <= token <= _UINT32_MAX \
