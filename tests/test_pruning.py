@@ -616,3 +616,96 @@ def test_the_int8_pass_leaves_torchs_thread_count_alone(monkeypatch):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------
+# block maxima: the int8 pass's, chunk by chunk, and top_k's
+
+
+def _reference_block_max(values: np.ndarray, block: int = dense_prune.BLOCK_ROWS) -> np.ndarray:
+    """[ceil(rows / block), ...] maxima of consecutive blocks of rows, the last one shorter: numpy, one by one."""
+    return np.stack([values[start:start + block].max(axis=0) for start in range(0, len(values), block)])
+
+
+@pytest.mark.parametrize("chunk", [64, 128, 65536])
+@pytest.mark.parametrize("deleted_share", [0.0, 0.3, 0.999])
+def test_the_int8_pass_block_maxima_are_those_of_its_rows_chunk_by_chunk(monkeypatch, chunk, deleted_share):
+    """The pass takes each chunk's block maxima as it makes it, after marking its deleted rows: the same maxima
+    as the finished products', with a short last block and chunks of any multiple of the block."""
+    monkeypatch.setattr(dense_prune, "_INT8_CHUNK_ROWS", chunk)
+    rng = np.random.default_rng(40)
+    n = 1000  # 15 full blocks of 64 and one of 40
+    live = rng.random(n) >= deleted_share if deleted_share else None
+    part = shard(unit(rng.standard_normal((n, DIM))), sparse_rows(rng, n), live=live)
+    info = ShardPruneInfo.of(part)
+    for count in (1, 3, 16, 20):
+        queries = unit(rng.standard_normal((count, DIM)))
+        shard_pass = dense_prune.shard_pass(part, info, queries)
+        assert shard_pass.block_max.shape == (16, count)
+        assert np.array_equal(shard_pass.block_max, _reference_block_max(shard_pass.high))
+        if live is not None:
+            assert np.all(shard_pass.high[~live] == np.iinfo(np.int32).min)  # deleted rows never rank
+
+
+def test_the_best_blocks_seeds_are_each_blocks_best_live_row():
+    rng = np.random.default_rng(41)
+    values = rng.random(1000).astype(np.float32)
+    values[64:128] = -np.inf  # a block of deleted rows only
+    values[130] = 5.0  # the best row overall, in the third block
+    maxima = dense_prune.value_block_maxima(values)
+    assert np.array_equal(maxima, _reference_block_max(values))
+    rows = dense_prune.best_of_blocks(values, maxima, 3)
+    assert 130 in rows and np.all(np.diff(rows) > 0)
+    assert all(values[row] == values[row // 64 * 64:row // 64 * 64 + 64].max() for row in rows)
+    every = dense_prune.best_of_blocks(values, maxima, 100)  # more blocks asked for than there are
+    assert len(every) == 15 and not np.any((every >= 64) & (every < 128))
+
+
+@pytest.mark.parametrize("k", [1, 10, 57, 400])
+def test_top_k_over_many_scores_looks_at_the_best_blocks_and_gives_the_same_rows(k):
+    """top_k over at least 65,536 scores ranks only the blocks whose maximum reaches the k-th best block
+    maximum: the same rows, in the same order, as a partition of every score, ties across blocks included."""
+    rng = np.random.default_rng(42)
+    for trial in range(12):
+        n = int(rng.integers(1 << 16, 200_000))
+        scores = rng.integers(0, (3, 40, 10**6)[trial % 3], n).astype(np.float32)  # many ties, some, few
+        if trial % 4 == 1:
+            scores[rng.random(n) < 0.95] = -np.inf  # deleted rows
+        if trial % 4 == 2:
+            scores[: n - 5] = -np.inf  # fewer live rows than k, some of them in the short last block
+        got = scoring.top_k(scores, k)
+        assert np.array_equal(got, scoring._plain_top_k(scores, k)), trial
+        assert np.all(np.isfinite(scores[got]))
+    flat = np.zeros(1 << 16, dtype=np.float32)  # every block reaches the k-th maximum
+    assert np.array_equal(scoring.top_k(flat, k), np.arange(k))
+    with_nan = rng.random(1 << 16).astype(np.float32)
+    with_nan[77] = np.nan  # the plain path's own order
+    assert np.array_equal(scoring.top_k(with_nan, k), scoring._plain_top_k(with_nan, k))
+
+
+def test_the_sparse_bound_of_the_hybrid_covers_every_rows_score():
+    rng = np.random.default_rng(43)
+    index = searcher(random_parts(rng, [700, 900], deleted_share=0.2))
+    for q in random_queries(rng, 10) + [query(unit(rng.standard_normal(DIM)), {0: -2.0, 3: 0.5, 399: -0.25})]:
+        scores = index.sparse_scores(q)
+        bound = index._pruned._sparse_abs_bound(q)
+        assert np.abs(scores[np.isfinite(scores)]).max() <= bound
+
+
+def test_a_few_rows_sparse_scores_are_the_scans_bits():
+    """sparse_scores_of (hits, candidates) reads heavy columns and postings as the scan does: the same bits, for
+    negative weights too."""
+    rng = np.random.default_rng(44)
+    index = searcher(random_parts(rng, [600, 800]))
+    assert any(len(s.heavy_ids) for s in index.shards)
+    rows = np.sort(rng.permutation(1400)[:300]).astype(np.int64)
+    for q in random_queries(rng, 8) + [query(unit(rng.standard_normal(DIM)), {0: -1.5, 1: 0.7, 2: -0.1})]:
+        assert index.sparse_scores_of(q, rows).tobytes() == index.sparse_scores(q)[rows].tobytes()
+
+
+@pytest.mark.parametrize("chunk", [64, 192])
+def test_answers_stay_the_scans_when_the_int8_pass_is_cut_in_small_chunks(monkeypatch, chunk):
+    monkeypatch.setattr(dense_prune, "_INT8_CHUNK_ROWS", chunk)
+    rng = np.random.default_rng(45)
+    index = searcher(random_parts(rng, [900, 1300], deleted_share=0.15))
+    assert_same_as_scan(index, random_queries(rng, 20), 10)

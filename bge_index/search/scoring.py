@@ -161,21 +161,21 @@ class Searcher:
         plain float32 sum of the q_w * d_w products, in query-token order.
         """
         out = torch.zeros(self.rows, dtype=torch.float32)
-        tokens = [(int(t), float(w)) for t, w in zip(query.sparse_ids, np.asarray(query.sparse_weights, np.float32))]
+        weights = [float(w) for w in np.asarray(query.sparse_weights, np.float32)]
         for shard in self.shards:
             view = out[shard.start:shard.start + shard.rows]
-            for token, weight in tokens:
+            slots, heavy = shard.token_slots(query.sparse_ids).tolist(), shard.heavy_slots(query.sparse_ids).tolist()
+            for slot, at, weight in zip(slots, heavy, weights):
                 # Products first, then plain adds (never alpha=, which may fuse them): the bits of
                 # sparse_prune.SparseShardQuery.exact, which pruning scores candidates with.
-                column = shard.heavy_column(token)
-                if column is not None:
+                if at >= 0:
                     # A token in most rows: one streaming add of its dense column (zeros where absent).
-                    view.add_(torch.from_numpy(column) * weight)
-                    continue
-                rows, weights = shard.postings(token)
-                if len(rows):
+                    view.add_(torch.from_numpy(shard.heavy_columns[at]) * weight)
+                elif slot >= 0:
+                    start, end = shard.token_ptr[slot], shard.token_ptr[slot + 1]
                     # Rows are uint32 below 2**31, so their bits read as int32 are the same numbers.
-                    view.index_add_(0, torch.from_numpy(rows.view(np.int32)), torch.from_numpy(weights) * weight)
+                    view.index_add_(0, torch.from_numpy(shard.posting_rows[start:end].view(np.int32)),
+                                    torch.from_numpy(shard.posting_weights[start:end]) * weight)
             if shard.live is not None:
                 view[torch.from_numpy(~shard.live)] = -np.inf
         return out.numpy()
@@ -403,7 +403,8 @@ class Searcher:
                 for row, d, s in zip(rows, dense_scores, sparse_scores)]
 
     def sparse_scores_of(self, query: QueryVectors, rows: np.ndarray) -> np.ndarray:
-        """[len(rows)] float32 lexical scores of a few rows, by binary search in the query tokens' postings."""
+        """[len(rows)] float32 lexical scores of a few rows, by binary search in the query tokens' postings (a
+        gather from the heavy columns): the bits the scan gives them."""
         totals = np.zeros(len(rows), dtype=np.float32)
         weights = np.asarray(query.sparse_weights, dtype=np.float32)
         for shard in self.shards:
@@ -413,7 +414,11 @@ class Searcher:
             local = (rows[inside] - shard.start).astype(np.uint32)
             partial = np.zeros(len(local), dtype=np.float32)
             slots = shard.token_slots(query.sparse_ids)  # [tokens]: one search for all of them
-            for slot, weight in zip(slots.tolist(), weights):  # query order: the scan's order of additions
+            heavy = shard.heavy_slots(query.sparse_ids)
+            for slot, at, weight in zip(slots.tolist(), heavy.tolist(), weights):  # query order, as the scan adds
+                if at >= 0:  # a heavy column: the scan adds its products to every row, zeros included
+                    partial += shard.heavy_columns[at][local] * weight
+                    continue
                 if slot < 0:
                     continue
                 token_rows = shard.posting_rows[shard.token_ptr[slot]:shard.token_ptr[slot + 1]]

@@ -136,6 +136,15 @@ class ShardVectors:
         at = np.minimum(np.searchsorted(self.token_ids, keys), len(self.token_ids) - 1)
         return np.where(valid & (self.token_ids[at] == keys), at, -1).astype(np.int64)
 
+    def heavy_slots(self, tokens: np.ndarray) -> np.ndarray:
+        """[n] int64: the row of heavy_columns holding each of `tokens`, -1 where it has none (heavy_column's
+        lookup, one binary search for all of them)."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if self.heavy_ids is None or not len(self.heavy_ids) or not len(tokens):
+            return np.full(len(tokens), -1, dtype=np.int64)
+        at = np.minimum(np.searchsorted(self.heavy_ids, tokens), len(self.heavy_ids) - 1)
+        return np.where(self.heavy_ids[at] == tokens, at, -1).astype(np.int64)
+
     def postings(self, token: int) -> tuple[np.ndarray, np.ndarray]:
         """(rows ascending, weights) of one token; empty for a token absent from the shard."""
         at = int(np.searchsorted(self.token_ids, np.uint32(token))) if 0 <= token <= _UINT32_MAX \
