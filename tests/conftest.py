@@ -6,7 +6,9 @@ here, so test modules import them as `from helpers import ...`.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -24,6 +26,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Remembered checksum checks (checked_files.py) go to a folder of this test session, never the user's cache.
 os.environ["BGE_INDEX_CACHE_DIR"] = tempfile.mkdtemp(prefix="bge-index-test-cache-")
+atexit.register(shutil.rmtree, os.environ["BGE_INDEX_CACHE_DIR"], ignore_errors=True)  # not left in /tmp
 # The CLI's --dtype auto means bf16 on CPUs with native bf16 and fp32 elsewhere; tests that compare
 # vectors with an fp32 computation need the same precision on every machine. Tests of `auto` unset this.
 os.environ["BGE_INDEX_DTYPE"] = "fp32"
