@@ -709,3 +709,64 @@ def test_answers_stay_the_scans_when_the_int8_pass_is_cut_in_small_chunks(monkey
     rng = np.random.default_rng(45)
     index = searcher(random_parts(rng, [900, 1300], deleted_share=0.15))
     assert_same_as_scan(index, random_queries(rng, 20), 10)
+
+
+# ---------------------------------------------------------------------------
+# packed codes (batches in long-lived processes)
+
+
+def _packable() -> bool:
+    return dense_prune.pack_codes(np.zeros((64, DIM), dtype=np.int8)) is not None
+
+
+needs_packing = pytest.mark.skipif(not _packable(), reason="oneDNN's int8 linear is not exact on this machine")
+
+
+@needs_packing
+def test_batches_on_packed_codes_answer_as_the_scan_bit_for_bit():
+    rng = np.random.default_rng(50)
+    index = searcher(random_parts(rng, [900, 1300, 700], deleted_share=0.1))
+    assert index.pack_codes(budget=1 << 30) == sum(s.codes.nbytes for s in index.shards)
+    assert index.packs_codes and all(info.packed is not None for info in index._pruned._infos.values())
+    assert_same_as_scan(index, random_queries(rng, 40), 10)
+    allowed = rng.random(index.rows) < 0.3  # a filter's view shares the packed codes
+    view = index.restricted(allowed)
+    for mode in ("dense", "hybrid"):
+        index.prune = False
+        expected = [view.search(q, 10, mode) for q in random_queries(np.random.default_rng(51), 20)]
+        index.prune = True
+        got = view.search_many(random_queries(np.random.default_rng(51), 20), 10, mode)
+        assert [hits_bits(h) for h in got] == [hits_bits(h) for h in expected], mode
+
+
+@needs_packing
+def test_packed_codes_in_a_cone_take_two_digits_and_stay_exact():
+    rng = np.random.default_rng(52)
+    center = unit(rng.standard_normal(DIM))
+    x = unit(center + 0.003 * rng.standard_normal((3000, DIM)))
+    queries = [query(unit(center + 0.003 * rng.standard_normal(DIM)), sparse_rows(rng, 1, tokens=5)[0])
+               for _ in range(20)]
+    index = searcher([(x[:1700], sparse_rows(rng, 1700), None), (x[1700:], sparse_rows(rng, 1300), None)])
+    index.pack_codes(budget=1 << 30)
+    assert all(info.digits == 2 for info in index._pruned._infos.values())
+    assert_same_as_scan(index, queries, 10, modes=("dense", "hybrid"))
+
+
+def test_codes_are_not_packed_past_the_budget_nor_when_the_kernel_is_not_exact(monkeypatch):
+    rng = np.random.default_rng(53)
+    index = searcher(random_parts(rng, [800]))
+    assert index.pack_codes(budget=1000) == 0 and not index.packs_codes  # 800 x 64 bytes of codes
+    # A kernel that is off by one somewhere: never used, and the batch reads the mapped codes instead.
+    real = dense_prune._qlinear
+
+    def off_by_one(packed, rows, query_codes):
+        out = real(packed, rows, query_codes)
+        out[0, -1] += 1
+        return out
+
+    monkeypatch.setattr(dense_prune, "_qlinear", off_by_one)
+    assert dense_prune.pack_codes(index.shards[0].codes) is None
+    index.pack_codes(budget=1 << 30)
+    assert all(info.packed is None for info in index._pruned._infos.values())
+    assert_same_as_scan(index, random_queries(rng, 18), 10, modes=("dense",))
+    assert dense_prune.pack_codes(np.zeros((10, dense_prune.PACK_MAX_DIM + 1), dtype=np.int8)) is None

@@ -191,3 +191,20 @@ def test_a_file_truncated_under_the_server_is_refused_never_a_sigbus(tmp_path, t
     errors = [line for line in logged.splitlines() if path.name in line and "changed" in line]
     assert len(errors) == 1, logged
     assert re.match(r"bge-index: \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", errors[0])
+
+
+def test_a_new_generation_packs_its_codes_as_the_first_one_did(tmp_path, tiny_model):
+    """`serve` packs the int8 codes of the index it opens for its batches (when they fit in memory); the
+    generations it opens later do the same, so a commit never makes batches slower."""
+    corpus, out = notes(tmp_path, tiny_model)
+    loaded = LocalIndex(out, dtype="fp32")
+    packed = loaded.searcher.pack_codes(budget=1 << 30)
+    newer = commit(corpus, out, tiny_model, "after-start")
+    service = SearchService(loaded)
+    try:
+        answer = service.submit([Query("1", "moon"), Query("2", "tides")], SearchRequest(k=3)).result(30)
+        assert answer.generation == newer
+        served = service._generations.served.index.searcher
+        assert served.packs_codes == bool(packed)
+    finally:
+        service.close()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from typing import Annotated, Optional
 
 import typer
@@ -151,6 +152,11 @@ def _serve(index_dir, listener, host, token, max_batch, limits, access_log, mode
     index = LocalIndex(index_dir, model=model, device=device, dtype=dtype)
     for message in index.notes:
         warning(message)
+    # Batches of queries read packed int8 codes when they fit in a quarter of the memory (BENCHMARKS.md).
+    started = time.monotonic()
+    packed = index.searcher.pack_codes()
+    if packed:
+        log.info("packed %.0f MiB of int8 codes for batches in %.1f s", packed / (1 << 20), time.monotonic() - started)
     # One search before the first client: the first request should not pay for kernel selection.
     index.search([Query("warm-up", "warm up")], SearchRequest(k=1))
     limits = _within_file_handles(limits, len(index_files(index.index_dir, index.manifest)), log)

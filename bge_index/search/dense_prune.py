@@ -35,6 +35,7 @@ it.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +54,9 @@ BLOCK_ROWS = 64  # rows per block whose largest product is kept: cuts skip whole
 _MISSING = np.iinfo(np.int32).min  # the product given to deleted rows, so they never rank among the best
 _int_mm_checked: bool | None = None
 _simsimd_checked = None  # the simsimd module once checked exact, False when not usable
+_packed_checked: bool | None = None  # whether oneDNN's int8 linear on packed codes is exact here
+# Packed products come back as float32: exact while every sum of int8 products stays below 2**24.
+PACK_MAX_DIM = (2 ** 24 - 1) // (CODE_LEVELS * CODE_LEVELS)
 
 
 def _int_mm_is_exact() -> bool:
@@ -133,6 +137,53 @@ def int8_products(codes: np.ndarray, query_codes: np.ndarray, on_chunk=None) -> 
     return out.numpy()  # [rows, Q]: queries side by side (the passes below work on all of them at once)
 
 
+def _qlinear(packed: torch.Tensor, rows: int, query_codes: np.ndarray) -> torch.Tensor:
+    """[Q, rows] float32 products of packed codes with [D, Q] int8 query codes: oneDNN's u8 x s8 linear, the
+    queries shifted by 128 into uint8 and the shift taken back as a zero point, every scale 1."""
+    shifted = torch.from_numpy((query_codes.T.astype(np.int16) + 128).astype(np.uint8))  # [Q, D]
+    return torch.ops.onednn.qlinear_pointwise(shifted, 1.0, 128, packed, torch.ones(rows),
+                                              torch.zeros(rows, dtype=torch.long), None, 1.0, 0, torch.float32,
+                                              "none", [], "")
+
+
+def pack_codes(codes: np.ndarray) -> torch.Tensor | None:
+    """oneDNN's packed copy of a shard's [rows, D] int8 codes, for batches (`packed_products`): the batch pass
+    then reads codes laid out for its int8 kernel (VNNI / AMX) instead of re-packing them on every call. None
+    where oneDNN's int8 linear is missing or not exact here (checked once per process), or D is above
+    PACK_MAX_DIM. It holds a copy of the codes in memory (their size)."""
+    global _packed_checked
+    if not len(codes) or codes.shape[1] > PACK_MAX_DIM:
+        return None
+    if _packed_checked is None:
+        _packed_checked = False
+        try:
+            rng = np.random.default_rng(2)
+            a = rng.integers(-CODE_LEVELS, CODE_LEVELS + 1, (64, PACK_MAX_DIM), dtype=np.int8)
+            b = rng.integers(-CODE_LEVELS, CODE_LEVELS + 1, (PACK_MAX_DIM, 4), dtype=np.int8)
+            a[0], a[1], b[:, 0], b[:, 1] = CODE_LEVELS, -CODE_LEVELS, CODE_LEVELS, -CODE_LEVELS  # sums near 2**24
+            got = _qlinear(torch.ops.onednn.qlinear_prepack(torch.from_numpy(a), [4, a.shape[1]]), 64, b).numpy()
+            _packed_checked = bool(np.array_equal(got.astype(np.float64), (a.astype(np.int64) @ b.astype(np.int64)).T))
+        except (AttributeError, RuntimeError, NotImplementedError):
+            pass
+    if not _packed_checked:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # a read-only map: prepack only reads it
+        packed = torch.ops.onednn.qlinear_prepack(torch.from_numpy(codes), [INT8_QUERY_BLOCK, codes.shape[1]])
+    # This shard's own shapes, each batch width's kernel: checked exact on its first and last rows.
+    rng = np.random.default_rng(3)
+    sample = np.unique(np.concatenate([np.arange(min(128, len(codes))), np.arange(max(0, len(codes) - 128),
+                                                                                   len(codes))]))
+    for width in (2, 16, INT8_QUERY_BLOCK):
+        query_codes = rng.integers(-CODE_LEVELS, CODE_LEVELS + 1, (codes.shape[1], width), dtype=np.int8)
+        query_codes[:, 0] = CODE_LEVELS
+        got = _qlinear(packed, len(codes), query_codes).numpy()[:, sample]
+        expected = (np.asarray(codes[sample], dtype=np.int64) @ query_codes.astype(np.int64)).T
+        if not np.array_equal(got.astype(np.float64), expected):
+            return None
+    return packed
+
+
 @dataclass
 class ShardPruneInfo:
     """What one shard's bounds need beyond its files, computed once: the per-row bounds' maxima over all but the
@@ -146,6 +197,8 @@ class ShardPruneInfo:
     center_norm: float
     gamma: float
     digits: int
+    packed: torch.Tensor | None = None  # pack_codes' copy, made for batches when asked (PrunedSearch.pack)
+    pack_tried: bool = False
 
     @classmethod
     def of(cls, shard: ShardVectors) -> "ShardPruneInfo":
@@ -498,7 +551,19 @@ def shard_pass(shard: ShardVectors, info: ShardPruneInfo, dense_queries: np.ndar
             chunk[:, ::d].masked_fill_(dead[start:start + chunk.shape[0], None], _MISSING)
         block_maxima(chunk, block_max[start // BLOCK_ROWS:])
 
-    products = int8_products(shard.codes, np.concatenate([f.digits for f in frames], axis=1), finish)
+    query_codes = np.concatenate([f.digits for f in frames], axis=1)  # [D, Q * d]
+    if info.packed is not None and len(frames) > 1:
+        by_query = _qlinear(info.packed, shard.rows, query_codes)  # [Q * d, rows] float32, exact integers
+        if dead is not None:
+            by_query[::d].masked_fill_(dead[None, :], _MISSING)
+        full = shard.rows // BLOCK_ROWS
+        if full:
+            block_max[:full] = torch.amax(by_query[:, :full * BLOCK_ROWS].view(-1, full, BLOCK_ROWS), dim=2).T
+        if shard.rows > full * BLOCK_ROWS:
+            block_max[full] = torch.amax(by_query[:, full * BLOCK_ROWS:], dim=1)
+        products = by_query.numpy().T  # [rows, Q * d], a view: each query's column is contiguous
+    else:
+        products = int8_products(shard.codes, query_codes, finish)
     bounds = [DenseShardBound(shard, info, f, products[:, i * d], products[:, i * d + 1] if d == 2 else None)
               for i, f in enumerate(frames)]
     return ShardPass(shard, bounds, products[:, ::d], block_max.numpy()[:, ::d])

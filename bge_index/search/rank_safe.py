@@ -38,8 +38,8 @@ import numpy as np
 import torch
 
 from bge_index.search.dense_kernel import QUERY_BLOCK, DenseKernel, summation_gamma
-from bge_index.search.dense_prune import (ExactPass, ExactShardBound, ShardPruneInfo, best_of_blocks, shard_pass,
-                                          value_block_maxima)
+from bge_index.search.dense_prune import (ExactPass, ExactShardBound, ShardPruneInfo, best_of_blocks, pack_codes,
+                                          shard_pass, value_block_maxima)
 from bge_index.search.query import QueryVectors, ScoreWeights
 from bge_index.search.sparse_prune import SparseShardQuery, token_max_of
 from bge_index.store.vector_store import ShardVectors
@@ -142,6 +142,25 @@ class PrunedSearch:
         self.rows = sum(shard.rows for shard in self.shards)
         self._infos: dict[int, ShardPruneInfo] = {} if shared is None else shared._infos
         self._token_max: dict[int, dict[int, float]] = {} if shared is None else shared._token_max
+        # Batches read packed copies of the int8 codes (dense_prune.pack_codes: one copy in memory, made on a
+        # shard's first batch; worth it in long-lived processes); False: the codes as mapped.
+        self.pack = False if shared is None else shared.pack
+
+    def pack_all(self) -> int:
+        """Pack every shard's int8 codes now (dense_prune.pack_codes) and let batches read them: the bytes of
+        codes packed (a copy of each in memory)."""
+        packed = 0
+        for number, shard in enumerate(self.shards):
+            if shard.codes is None:
+                continue
+            info = self._infos.get(number)
+            if info is None:
+                info = self._infos[number] = ShardPruneInfo.of(shard)
+            if not info.pack_tried:
+                info.packed, info.pack_tried = pack_codes(shard.codes), True
+            packed += shard.codes.nbytes if info.packed is not None else 0
+        self.pack = True
+        return packed
 
     # -- shared steps -----------------------------------------------------------------------------------------
 
@@ -154,6 +173,8 @@ class PrunedSearch:
                 info = self._infos.get(number)
                 if info is None:
                     info = self._infos[number] = ShardPruneInfo.of(shard)
+                if self.pack and count > 1 and not info.pack_tried:
+                    info.packed, info.pack_tried = pack_codes(shard.codes), True  # once per shard (shared)
                 passes.append(shard_pass(shard, info, dense_queries))
             else:
                 scores = np.empty((count, shard.rows), dtype=np.float32)
