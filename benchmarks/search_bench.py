@@ -18,11 +18,14 @@ In a fresh process per index it measures, side by side:
   time, pruned (the default) and exhaustive (every row scored: the same
   answers, `Searcher.prune = False`);
 - rows scored exactly per query by the pruned search (median, 95th pct, max);
-- queries/s of batches of 16 (one int8 pass for the batch) against one at a time;
+- queries/s of batches of 16 (one int8 pass for the batch) against one at a time,
+  on the int8 codes as mapped (the CLI's `--queries`, eval) and on packed codes
+  (`Searcher.pack_codes`, what `serve` does), the packed batches' answers
+  checked against each query searched alone, and the packing time;
 - the copy-bandwidth bound: the float16 dense matrix's bytes / measured
   memcpy bandwidth, and each mode's p50 against it;
-- resident memory after the pruned searches against the index's search
-  files, and the int8 codes' size against the float16 dense file's;
+- resident memory after the pruned searches (the packed copy included)
+  against the index's search files, and the int8 codes' size against the float16 dense file's;
 - exactness: the share of top-10s whose rows and score bits equal the
   exhaustive search's, and the share equal to an independent brute force
   (numpy float64 dense products, scipy CSR sparse products: rows identical,
@@ -204,6 +207,22 @@ def measure(index_dir: Path, vectors_file: Path | None, count: int) -> dict:
             "single_qps": len(latencies) / sum(latencies),
             "batch16_qps": sum(len(b) for b in batches) / sum(batch_seconds)}
         row["batch_over_single"] = row["batch16_qps"] / row["single_qps"]
+    # 1b. batches again on packed int8 codes (what `serve` does when they fit), each answer checked against the
+    #     query searched alone; the RSS is read after, so it counts the packed copy
+    started = time.perf_counter()
+    result["packed_bytes"] = searcher.pack_codes()
+    result["pack_seconds"] = time.perf_counter() - started
+    for mode in MODES:
+        batches = [queries[i:i + 16] for i in range(0, len(queries) - 15, 16)] or [queries]
+        searcher.search_many(batches[0], 10, mode)  # warm
+        answers: list = []
+        batch_seconds = [_seconds(lambda b=b: answers.extend(searcher.search_many(b, 10, mode))) for b in batches]
+        row = result["modes"][mode]
+        row["packed_batch16_qps"] = sum(len(b) for b in batches) / sum(batch_seconds)
+        row["packed_batch_over_single"] = row["packed_batch16_qps"] / row["single_qps"]
+        row["packed_equal_to_alone"] = sum(
+            [(h.row, np.float32(h.score).tobytes()) for h in got] == [(h.row, np.float32(h.score).tobytes()) for h in alone]
+            for got, alone in zip(answers, pruned_hits[mode]))
     result["rss"], result["rss_peak"] = rss_bytes()
     # 2. exhaustive: every row scored, the same answers
     searcher.prune = False
@@ -341,14 +360,18 @@ def report(label: str, m: dict, first_open: float, second_open: float) -> None:
           f"({m['dense_bytes'] / gib:.2f} GiB at {m['copy_bandwidth_gbps']:.1f} GB/s)")
     header = (f"{'mode':<7} {'p50 ms':>8} {'p95 ms':>8} {'p50/bound':>9} {'exhaustive p50':>15} {'speed-up':>8} "
               f"{'rescored med/p95/max':>22} {'single q/s':>10} {'batch16 q/s':>11} {'batch/single':>12} "
-              f"{'= exhaustive':>12} {'= brute force':>13}")
+              f"{'packed q/s':>10} {'packed/single':>13} {'= alone':>7} {'= exhaustive':>12} {'= brute force':>13}")
     print(header)
     for mode, row in m["modes"].items():
         rescored = f"{row['rescored_median']:.0f}/{row['rescored_p95']:.0f}/{row['rescored_max']:.0f}"
         print(f"{mode:<7} {row['p50_ms']:>8.2f} {row['p95_ms']:>8.2f} {row['p50_ms'] / bound:>9.2f} "
               f"{row['exhaustive_p50_ms']:>15.1f} {row['exhaustive_p50_ms'] / row['p50_ms']:>8.1f} {rescored:>22} "
               f"{row['single_qps']:>10.1f} {row['batch16_qps']:>11.1f} {row['batch_over_single']:>12.1f} "
-              f"{row['equal_to_exhaustive']:>12} {m['brute_force']['top10_equal'][mode]:>13}")
+              f"{row['packed_batch16_qps']:>10.1f} {row['packed_batch_over_single']:>13.1f} "
+              f"{row['packed_equal_to_alone']:>7} {row['equal_to_exhaustive']:>12} "
+              f"{m['brute_force']['top10_equal'][mode]:>13}")
+    print(f"packed int8 codes (serve's batches): {m['packed_bytes'] / gib:.2f} GiB packed in {m['pack_seconds']:.1f} s"
+          if m["packed_bytes"] else "packed int8 codes: not packed (over a quarter of the memory, or no exact kernel)")
     print(f"brute force (numpy float64 dense, scipy CSR sparse), p50: dense {m['brute_force']['dense_p50_ms']:.1f} ms, "
           f"sparse {m['brute_force']['sparse_p50_ms']:.1f} ms; top-10s equal to it but for the order of rows whose "
           "scores are within 1e-6 (float32 cannot order those): "

@@ -456,6 +456,25 @@ def test_serve_process_answers_logs_no_token_and_stops_cleanly_on_sigterm(sample
     assert re.search(r"^bge-index: \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d serving ", logged, re.M)
     assert '"GET /search?q=moon&mode=dense HTTP/1.1" 200' in logged
     assert "stopped (SIGTERM)" in logged
+    assert re.search(r"packed \d+ MiB of int8 codes for batches", logged)  # a small index: packed by default
+
+
+@pytest.mark.slow
+def test_serve_can_be_told_not_to_pack_the_codes(sample_index, tmp_path):
+    log_path = tmp_path / "serve.log"
+    with serve_process(sample_index, "--no-pack-codes", log_path=log_path) as (process, port):
+        records = [{"_id": f"q{n}", "text": text} for n, text in enumerate(QUERIES[:4])]
+        queries = tmp_path / "queries.jsonl"
+        write_jsonl(queries, records)
+        connection = Client(port)
+        status, _, body = connection.request("POST", "/search", {"queries": records, "mode": "dense"})
+        assert status == 200, body
+        assert body.decode("utf-8") == ok("search", sample_index, "--queries", queries, "--mode", "dense",
+                                          "--format", "json").stdout
+        connection.close()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+    assert "packed" not in log_path.read_text()
 
 
 def test_serve_without_the_extra_names_it(sample_index, tmp_path):

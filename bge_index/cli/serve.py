@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import time
 from typing import Annotated, Optional
 
@@ -81,6 +82,10 @@ def serve(
                                                                 "search from the index's longest text "
                                                                 "(413 beyond).")] = 32.0,
     access_log: Annotated[bool, typer.Option("--access-log/--no-access-log", help="Log each request (method, path, status).")] = True,
+    pack_codes: Annotated[Optional[bool], typer.Option("--pack-codes/--no-pack-codes", show_default=False,
+                                                       help="Keep a packed copy of the int8 codes for batches of "
+                                                            "queries (the codes' size in memory, faster batches). "
+                                                            "Default: when they fit in a quarter of the memory.")] = None,
     model: QueryModel = None,
     device: Device = "auto",
     dtype: QueryDtype = Dtype("auto"),
@@ -132,7 +137,7 @@ def serve(
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         _serve(index_dir, listener, host, token, max_batch, limits, access_log, model, device, dtype.value,
-               stopped_by, loading, log)
+               stopped_by, loading, log, pack_codes)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -140,7 +145,7 @@ def serve(
 
 
 def _serve(index_dir, listener, host, token, max_batch, limits, access_log, model, device, dtype, stopped_by,
-           loading, log) -> None:
+           loading, log, pack_codes: bool | None = None) -> None:
     """Load, warm up, serve until a signal; the part of `serve` that runs with its signal handler in place."""
     from bge_index.serve import http_api  # imported (and its extra checked) by `serve` already
     from bge_index.search.local_index import LocalIndex
@@ -152,11 +157,14 @@ def _serve(index_dir, listener, host, token, max_batch, limits, access_log, mode
     index = LocalIndex(index_dir, model=model, device=device, dtype=dtype)
     for message in index.notes:
         warning(message)
-    # Batches of queries read packed int8 codes when they fit in a quarter of the memory (BENCHMARKS.md).
-    started = time.monotonic()
-    packed = index.searcher.pack_codes()
-    if packed:
-        log.info("packed %.0f MiB of int8 codes for batches in %.1f s", packed / (1 << 20), time.monotonic() - started)
+    # Batches of queries read packed int8 codes (BENCHMARKS.md): by default when they fit in a quarter of the
+    # memory; --pack-codes whatever their size, --no-pack-codes never. Later generations do as this one.
+    if pack_codes is not False:
+        started = time.monotonic()
+        packed = index.searcher.pack_codes(budget=None if pack_codes is None else sys.maxsize)
+        if packed:
+            log.info("packed %.0f MiB of int8 codes for batches in %.1f s", packed / (1 << 20),
+                     time.monotonic() - started)
     # One search before the first client: the first request should not pay for kernel selection.
     index.search([Query("warm-up", "warm up")], SearchRequest(k=1))
     limits = _within_file_handles(limits, len(index_files(index.index_dir, index.manifest)), log)

@@ -106,7 +106,8 @@ class Searcher:
     def pack_codes(self, budget: int | None = None) -> int:
         """Give batches packed copies of the int8 codes (oneDNN's layout: a batch of 16 queries then costs about
         as much as one, BENCHMARKS.md), when all of them fit in `budget` bytes (default: a quarter of the
-        machine's memory); made now, once. Long-lived processes (serve) gain; a short search does not repay
+        memory this process may use: the machine's, its container's limit, or what is available now, the
+        least); made now, once. Long-lived processes (serve) gain; a short search does not repay
         the packing (about 3 s per million rows here). Returns the bytes packed (0: none)."""
         total = sum(shard.codes.nbytes for shard in self.shards if shard.codes is not None)
         if budget is None:
@@ -464,11 +465,27 @@ class Searcher:
 
 
 def _memory_bytes() -> int:
-    """The machine's physical memory in bytes (0 when it cannot be told)."""
+    """The memory this process may use, in bytes: the machine's, or its control group's limit when lower (a
+    container), or what is available now when lower still; 0 when none can be told."""
+    sizes = []
     try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        sizes.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):
-        return 0
+        pass
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as limit:
+                sizes.append(int(limit.read().strip()))  # "max" (no limit): ValueError
+        except (OSError, ValueError):
+            pass
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    sizes.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    return min(sizes) if sizes else 0
 
 
 def _check_mode(mode: str, fusion: str) -> None:
