@@ -770,3 +770,9 @@ def test_codes_are_not_packed_past_the_budget_nor_when_the_kernel_is_not_exact(m
     assert all(info.packed is None for info in index._pruned._infos.values())
     assert_same_as_scan(index, random_queries(rng, 18), 10, modes=("dense",))
     assert dense_prune.pack_codes(np.zeros((10, dense_prune.PACK_MAX_DIM + 1), dtype=np.int8)) is None
+
+    def refused(packed, rows, query_codes):
+        raise RuntimeError("onednn: could not create a primitive")
+
+    monkeypatch.setattr(dense_prune, "_qlinear", refused)  # a shard oneDNN will not take: no crash, no copy
+    assert dense_prune.pack_codes(index.shards[0].codes) is None

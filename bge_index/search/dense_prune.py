@@ -167,20 +167,23 @@ def pack_codes(codes: np.ndarray) -> torch.Tensor | None:
             pass
     if not _packed_checked:
         return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # a read-only map: prepack only reads it
-        packed = torch.ops.onednn.qlinear_prepack(torch.from_numpy(codes), [INT8_QUERY_BLOCK, codes.shape[1]])
-    # This shard's own shapes, each batch width's kernel: checked exact on its first and last rows.
-    rng = np.random.default_rng(3)
-    sample = np.unique(np.concatenate([np.arange(min(128, len(codes))), np.arange(max(0, len(codes) - 128),
-                                                                                   len(codes))]))
-    for width in (2, 16, INT8_QUERY_BLOCK):
-        query_codes = rng.integers(-CODE_LEVELS, CODE_LEVELS + 1, (codes.shape[1], width), dtype=np.int8)
-        query_codes[:, 0] = CODE_LEVELS
-        got = _qlinear(packed, len(codes), query_codes).numpy()[:, sample]
-        expected = (np.asarray(codes[sample], dtype=np.int64) @ query_codes.astype(np.int64)).T
-        if not np.array_equal(got.astype(np.float64), expected):
-            return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # a read-only map: prepack only reads it
+            packed = torch.ops.onednn.qlinear_prepack(torch.from_numpy(codes), [INT8_QUERY_BLOCK, codes.shape[1]])
+        # This shard's own shapes, each batch width's kernel: checked exact on its first and last rows.
+        rng = np.random.default_rng(3)
+        sample = np.unique(np.concatenate([np.arange(min(128, len(codes))),
+                                           np.arange(max(0, len(codes) - 128), len(codes))]))
+        for width in (2, 16, INT8_QUERY_BLOCK):
+            query_codes = rng.integers(-CODE_LEVELS, CODE_LEVELS + 1, (codes.shape[1], width), dtype=np.int8)
+            query_codes[:, 0] = CODE_LEVELS
+            got = _qlinear(packed, len(codes), query_codes).numpy()[:, sample]
+            expected = (np.asarray(codes[sample], dtype=np.int64) @ query_codes.astype(np.int64)).T
+            if not np.array_equal(got.astype(np.float64), expected):
+                return None
+    except (RuntimeError, ValueError, MemoryError):  # oneDNN refused this shard (or memory ran out): _int_mm
+        return None
     return packed
 
 
