@@ -662,25 +662,32 @@ def test_the_best_blocks_seeds_are_each_blocks_best_live_row():
 
 
 @pytest.mark.parametrize("k", [1, 10, 57, 400])
-def test_top_k_over_many_scores_looks_at_the_best_blocks_and_gives_the_same_rows(k):
+def test_top_k_over_many_scores_looks_at_the_best_blocks_and_gives_the_same_rows(monkeypatch, k):
     """top_k over at least 65,536 scores ranks only the blocks whose maximum reaches the k-th best block
     maximum: the same rows, in the same order, as a partition of every score, ties across blocks included."""
     rng = np.random.default_rng(42)
+    ranked = []
+    real = scoring._plain_top_k
+    monkeypatch.setattr(scoring, "_plain_top_k", lambda scores, k: ranked.append(len(scores)) or real(scores, k))
     for trial in range(12):
-        n = int(rng.integers(1 << 16, 200_000))
+        n = int(rng.integers(max(1 << 16, k * 4 * 64), max(1 << 16, k * 4 * 64) + 150_000))
         scores = rng.integers(0, (3, 40, 10**6)[trial % 3], n).astype(np.float32)  # many ties, some, few
         if trial % 4 == 1:
             scores[rng.random(n) < 0.95] = -np.inf  # deleted rows
         if trial % 4 == 2:
             scores[: n - 5] = -np.inf  # fewer live rows than k, some of them in the short last block
+        ranked.clear()
         got = scoring.top_k(scores, k)
-        assert np.array_equal(got, scoring._plain_top_k(scores, k)), trial
+        assert np.array_equal(got, real(scores, k)), trial
         assert np.all(np.isfinite(scores[got]))
-    flat = np.zeros(1 << 16, dtype=np.float32)  # every block reaches the k-th maximum
+        if trial % 4 != 2 and trial % 3 != 0:  # (few live rows or many ties: every block may reach the cut)
+            assert ranked and ranked[0] < n  # only the best blocks' rows were ranked
+    flat = np.zeros(max(1 << 16, k * 4 * 64), dtype=np.float32)  # every block reaches the k-th maximum
     assert np.array_equal(scoring.top_k(flat, k), np.arange(k))
-    with_nan = rng.random(1 << 16).astype(np.float32)
-    with_nan[77] = np.nan  # the plain path's own order
-    assert np.array_equal(scoring.top_k(with_nan, k), scoring._plain_top_k(with_nan, k))
+    with_nan = rng.random(max(1 << 16, k * 4 * 64)).astype(np.float32)
+    with_nan[77] = np.nan  # NaN: the plain path, whose order is the definition
+    ranked.clear()
+    assert np.array_equal(scoring.top_k(with_nan, k), real(with_nan, k)) and ranked == [len(with_nan)]
 
 
 def test_the_sparse_bound_of_the_hybrid_covers_every_rows_score():
@@ -723,20 +730,30 @@ needs_packing = pytest.mark.skipif(not _packable(), reason="oneDNN's int8 linear
 
 
 @needs_packing
-def test_batches_on_packed_codes_answer_as_the_scan_bit_for_bit():
+def test_batches_on_packed_codes_answer_as_the_scan_bit_for_bit(monkeypatch):
     rng = np.random.default_rng(50)
-    index = searcher(random_parts(rng, [900, 1300, 700], deleted_share=0.1))
+    index = searcher(random_parts(rng, [2900, 4100, 1700], deleted_share=0.1))
     assert index.pack_codes(budget=1 << 30) == sum(s.codes.nbytes for s in index.shards)
     assert index.packs_codes and all(info.packed is not None for info in index._pruned._infos.values())
+    calls = []
+    real = dense_prune._qlinear
+    monkeypatch.setattr(dense_prune, "_qlinear", lambda *a: calls.append(1) or real(*a))
     assert_same_as_scan(index, random_queries(rng, 40), 10)
-    allowed = rng.random(index.rows) < 0.3  # a filter's view shares the packed codes
-    view = index.restricted(allowed)
+    assert calls  # the batches read the packed codes
+    # A filter's view (broad enough for the pruned path, not the gathered one) shares the packed codes.
+    view = index.restricted(rng.random(index.rows) < 0.7)
+    assert view.live_rows > max(scoring.GATHER_ROWS, view.rows // scoring.GATHER_FRACTION)
     for mode in ("dense", "hybrid"):
         index.prune = False
         expected = [view.search(q, 10, mode) for q in random_queries(np.random.default_rng(51), 20)]
         index.prune = True
+        calls.clear()
         got = view.search_many(random_queries(np.random.default_rng(51), 20), 10, mode)
-        assert [hits_bits(h) for h in got] == [hits_bits(h) for h in expected], mode
+        assert calls and [hits_bits(h) for h in got] == [hits_bits(h) for h in expected], mode
+    # The bounds' helpers take the packed (float32) products as they take _int_mm's.
+    info = index._pruned._infos[0]
+    for bound in dense_prune.shard_pass(index.shards[0], info, unit(rng.standard_normal((3, DIM)))).bounds:
+        assert len(bound.best(10)) == 10 and len(bound.reaching(-1.0)) == index.shards[0].live.sum()
 
 
 @needs_packing
@@ -769,10 +786,34 @@ def test_codes_are_not_packed_past_the_budget_nor_when_the_kernel_is_not_exact(m
     index.pack_codes(budget=1 << 30)
     assert all(info.packed is None for info in index._pruned._infos.values())
     assert_same_as_scan(index, random_queries(rng, 18), 10, modes=("dense",))
-    assert dense_prune.pack_codes(np.zeros((10, dense_prune.PACK_MAX_DIM + 1), dtype=np.int8)) is None
+    too_large = np.full((10, 1024), dense_prune.CODE_LEVELS, dtype=np.int8)  # 255 * sum |k| past 2**24
+    assert dense_prune.pack_codes(too_large) is None
+    too_large[:, :] = 0
+    too_large[3, :520] = -128  # a hostile file's -128 counts as 128
+    assert dense_prune.pack_codes(too_large) is None
 
     def refused(packed, rows, query_codes):
         raise RuntimeError("onednn: could not create a primitive")
 
     monkeypatch.setattr(dense_prune, "_qlinear", refused)  # a shard oneDNN will not take: no crash, no copy
     assert dense_prune.pack_codes(index.shards[0].codes) is None
+
+
+@needs_packing
+@pytest.mark.parametrize("spread", [40, 127])
+def test_packed_products_at_bge_m3s_dimension_are_exact_or_not_packed(spread):
+    """At 1,024 dimensions the packed kernel's float32 sum of (q + 128) * k can pass 2**24 (codes of full
+    range): such codes are never packed; codes like BGE-M3's (sums of |k| far below the limit) are, and every
+    row's products are then exact for every batch width, extreme query codes included."""
+    rng = np.random.default_rng(54)
+    codes = rng.integers(-spread, spread + 1, (3000, 1024), dtype=np.int8)
+    packed = dense_prune.pack_codes(codes)
+    if spread == 127:
+        assert packed is None  # sums of |k| about 65,000: some rows' shifted sums pass 2**24
+        return
+    assert packed is not None
+    for width in (2, 3, 5, 16, 31, 33, 64):
+        query_codes = rng.integers(-127, 128, (1024, width), dtype=np.int8)
+        query_codes[:, 0], query_codes[:, -1] = 127, -127
+        got = dense_prune._qlinear(packed, len(codes), query_codes).numpy().astype(np.float64)
+        assert np.array_equal(got, (codes.astype(np.int64) @ query_codes.astype(np.int64)).T), width

@@ -193,18 +193,31 @@ def test_a_file_truncated_under_the_server_is_refused_never_a_sigbus(tmp_path, t
     assert re.match(r"bge-index: \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", errors[0])
 
 
-def test_a_new_generation_packs_its_codes_as_the_first_one_did(tmp_path, tiny_model):
-    """`serve` packs the int8 codes of the index it opens for its batches (when they fit in memory); the
-    generations it opens later do the same, so a commit never makes batches slower."""
+def test_a_new_generation_packs_its_codes_as_the_first_one_did(tmp_path, tiny_model, monkeypatch):
+    """`serve` packs the int8 codes of the index it opens for its batches (when they fit in memory, or always
+    with --pack-codes); the generations it opens later do as they were asked to, so a commit never makes
+    batches slower."""
+    from bge_index.search import scoring
+
+    monkeypatch.setattr(scoring, "_memory_bytes", lambda: 0)  # the default budget: nothing fits
     corpus, out = notes(tmp_path, tiny_model)
-    loaded = LocalIndex(out, dtype="fp32")
-    packed = loaded.searcher.pack_codes(budget=1 << 30)
-    newer = commit(corpus, out, tiny_model, "after-start")
-    service = SearchService(loaded)
-    try:
-        answer = service.submit([Query("1", "moon"), Query("2", "tides")], SearchRequest(k=3)).result(30)
-        assert answer.generation == newer
-        served = service._generations.served.index.searcher
-        assert served.packs_codes == bool(packed)
-    finally:
-        service.close()
+    for budget in (1 << 30, 1):  # --pack-codes (any size) and a budget the codes do not fit: carried over as asked
+        loaded = LocalIndex(out, dtype="fp32")
+        loaded.searcher.pack_codes(budget=budget)
+        first_packs = loaded.searcher.packs_codes
+        newer = commit(corpus, out, tiny_model, f"after-start-{budget}")
+        service = SearchService(loaded)
+        try:
+            answer = service.submit([Query("1", "moon"), Query("2", "tides")], SearchRequest(k=3)).result(30)
+            assert answer.generation == newer
+            served = service._generations.served.index.searcher
+            assert served.pack_request == budget
+            assert served.packs_codes == first_packs == (budget > 1 and packing_works())
+        finally:
+            service.close()
+
+
+def packing_works() -> bool:
+    from bge_index.search import dense_prune
+
+    return dense_prune.pack_codes(np.zeros((64, 32), dtype=np.int8)) is not None

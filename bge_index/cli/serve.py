@@ -163,7 +163,7 @@ def _serve(index_dir, listener, host, token, max_batch, limits, access_log, mode
         started = time.monotonic()
         packed = index.searcher.pack_codes(budget=None if pack_codes is None else sys.maxsize)
         if packed:
-            log.info("packed %.0f MiB of int8 codes for batches in %.1f s", packed / (1 << 20),
+            log.info("packed %.1f MiB of int8 codes for batches in %.1f s", packed / (1 << 20),
                      time.monotonic() - started)
     # One search before the first client: the first request should not pay for kernel selection.
     index.search([Query("warm-up", "warm up")], SearchRequest(k=1))

@@ -35,7 +35,7 @@ it.
 
 from __future__ import annotations
 
-import warnings
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,8 +55,11 @@ _MISSING = np.iinfo(np.int32).min  # the product given to deleted rows, so they 
 _int_mm_checked: bool | None = None
 _simsimd_checked = None  # the simsimd module once checked exact, False when not usable
 _packed_checked: bool | None = None  # whether oneDNN's int8 linear on packed codes is exact here
-# Packed products come back as float32: exact while every sum of int8 products stays below 2**24.
-PACK_MAX_DIM = (2 ** 24 - 1) // (CODE_LEVELS * CODE_LEVELS)
+_packed_lock = threading.Lock()
+# The packed kernel sums (q + 128) * k in int32 and hands the sum to float32 before taking 128 * sum(k) back off:
+# exact while 255 * sum |k| < 2**24, i.e. while no row's codes sum to PACK_MAX_L1 in absolute value or more.
+PACK_MAX_L1 = (2 ** 24 - 1) // 255
+PACK_CHECK_WIDTHS = (2, 4, 5, 16, 33, 2 * INT8_QUERY_BLOCK)  # batch widths (queries x digits) checked exact
 
 
 def _int_mm_is_exact() -> bool:
@@ -146,42 +149,69 @@ def _qlinear(packed: torch.Tensor, rows: int, query_codes: np.ndarray) -> torch.
                                               "none", [], "")
 
 
-def pack_codes(codes: np.ndarray) -> torch.Tensor | None:
-    """oneDNN's packed copy of a shard's [rows, D] int8 codes, for batches (`packed_products`): the batch pass
-    then reads codes laid out for its int8 kernel (VNNI / AMX) instead of re-packing them on every call. None
-    where oneDNN's int8 linear is missing or not exact here (checked once per process), or D is above
-    PACK_MAX_DIM. It holds a copy of the codes in memory (their size)."""
+def _packed_exact(packed: torch.Tensor, codes: np.ndarray, rows: np.ndarray, seed: int) -> bool:
+    """Whether the packed kernel gives the exact products of `rows` of `codes` for queries of every width of
+    PACK_CHECK_WIDTHS, extreme query codes included (columns of +127 and -127)."""
+    rng = np.random.default_rng(seed)
+    for width in PACK_CHECK_WIDTHS:
+        query_codes = rng.integers(-CODE_LEVELS, CODE_LEVELS + 1, (codes.shape[1], width), dtype=np.int8)
+        query_codes[:, 0], query_codes[:, 1] = CODE_LEVELS, -CODE_LEVELS
+        got = _qlinear(packed, len(codes), query_codes).numpy()[:, rows].astype(np.float64)
+        if not np.array_equal(got, (np.asarray(codes[rows], dtype=np.int64) @ query_codes.astype(np.int64)).T):
+            return False
+    return True
+
+
+def _kernel_is_exact() -> bool:
+    """Whether oneDNN's packed int8 linear is here and exact up to the PACK_MAX_L1 limit: checked once per
+    process on codes at that limit (every code +-127) and random ones, for every width of PACK_CHECK_WIDTHS."""
     global _packed_checked
-    if not len(codes) or codes.shape[1] > PACK_MAX_DIM:
-        return None
-    if _packed_checked is None:
-        _packed_checked = False
-        try:
-            rng = np.random.default_rng(2)
-            a = rng.integers(-CODE_LEVELS, CODE_LEVELS + 1, (64, PACK_MAX_DIM), dtype=np.int8)
-            b = rng.integers(-CODE_LEVELS, CODE_LEVELS + 1, (PACK_MAX_DIM, 4), dtype=np.int8)
-            a[0], a[1], b[:, 0], b[:, 1] = CODE_LEVELS, -CODE_LEVELS, CODE_LEVELS, -CODE_LEVELS  # sums near 2**24
-            got = _qlinear(torch.ops.onednn.qlinear_prepack(torch.from_numpy(a), [4, a.shape[1]]), 64, b).numpy()
-            _packed_checked = bool(np.array_equal(got.astype(np.float64), (a.astype(np.int64) @ b.astype(np.int64)).T))
-        except (AttributeError, RuntimeError, NotImplementedError):
-            pass
-    if not _packed_checked:
+    with _packed_lock:  # one check, whichever thread asks first; the others wait for its answer
+        if _packed_checked is None:
+            try:
+                rng = np.random.default_rng(2)
+                dim = PACK_MAX_L1 // CODE_LEVELS  # 518: a row of +-127 codes sums to just under the limit
+                codes = rng.integers(-CODE_LEVELS, CODE_LEVELS + 1, (96, dim), dtype=np.int8)
+                codes[0], codes[1] = CODE_LEVELS, -CODE_LEVELS
+                codes[2] = np.where(rng.random(dim) < 0.5, CODE_LEVELS, -CODE_LEVELS)
+                packed = torch.ops.onednn.qlinear_prepack(torch.from_numpy(codes), [INT8_QUERY_BLOCK, dim])
+                _packed_checked = _packed_exact(packed, codes, np.arange(len(codes)), 2)
+            except (AttributeError, RuntimeError, NotImplementedError, ValueError):
+                _packed_checked = False
+        return _packed_checked
+
+
+def _largest_l1(codes: np.ndarray) -> tuple[int, np.ndarray]:
+    """(the largest sum |k| of a row of `codes`, the rows of the 64 largest sums), one pass, chunk by chunk."""
+    sums = torch.empty(len(codes), dtype=torch.int32)
+    for start in range(0, len(codes), 8192):  # int32 copies of 32 MiB at 1,024 dimensions
+        chunk = torch.from_numpy(codes[start:start + 8192]).to(torch.int32)  # widened first: |-128| is 128
+        torch.sum(chunk.abs_(), dim=1, out=sums[start:start + len(chunk)])
+    top = torch.topk(sums, min(64, len(codes))).indices.numpy()
+    return int(sums.max()), top
+
+
+def pack_codes(codes: np.ndarray) -> torch.Tensor | None:
+    """oneDNN's packed copy of a shard's [rows, D] int8 codes, for batches (shard_pass): the batch pass then reads
+    codes laid out for its int8 kernel (VNNI / AMX) instead of re-packing them on every call (_int_mm). It holds
+    a copy of the codes in memory (their size).
+
+    None (the shard keeps _int_mm) where oneDNN's int8 linear is missing or not exact here (checked once per
+    process), where a row's codes sum to PACK_MAX_L1 or more in absolute value (the kernel's float32 sum would
+    round; BGE-M3's codes sum to about a third of it), or where the packed copy fails its own check (this shard's
+    first and last rows and the rows of largest sum, every batch width) or oneDNN refuses the shard.
+    """
+    if not len(codes) or not codes.shape[1] or not _kernel_is_exact():
         return None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # a read-only map: prepack only reads it
-            packed = torch.ops.onednn.qlinear_prepack(torch.from_numpy(codes), [INT8_QUERY_BLOCK, codes.shape[1]])
-        # This shard's own shapes, each batch width's kernel: checked exact on its first and last rows.
-        rng = np.random.default_rng(3)
+        largest, heavy_rows = _largest_l1(codes)
+        if largest >= PACK_MAX_L1:
+            return None
+        packed = torch.ops.onednn.qlinear_prepack(torch.from_numpy(codes), [INT8_QUERY_BLOCK, codes.shape[1]])
         sample = np.unique(np.concatenate([np.arange(min(128, len(codes))),
-                                           np.arange(max(0, len(codes) - 128), len(codes))]))
-        for width in (2, 16, INT8_QUERY_BLOCK):
-            query_codes = rng.integers(-CODE_LEVELS, CODE_LEVELS + 1, (codes.shape[1], width), dtype=np.int8)
-            query_codes[:, 0] = CODE_LEVELS
-            got = _qlinear(packed, len(codes), query_codes).numpy()[:, sample]
-            expected = (np.asarray(codes[sample], dtype=np.int64) @ query_codes.astype(np.int64)).T
-            if not np.array_equal(got.astype(np.float64), expected):
-                return None
+                                           np.arange(max(0, len(codes) - 128), len(codes)), heavy_rows]))
+        if not _packed_exact(packed, codes, sample, 3):
+            return None
     except (RuntimeError, ValueError, MemoryError):  # oneDNN refused this shard (or memory ran out): _int_mm
         return None
     return packed
@@ -367,8 +397,8 @@ class ShardPass:
         """`high`: [rows, Q] int32, each query's high digit (deleted rows at the int32 minimum); `block_max`:
         its [blocks, Q] maxima when already made (block_maxima), else computed here."""
         self.shard, self.bounds, self.high = shard, bounds, high
-        if block_max is None:
-            block_max = np.empty((-(-high.shape[0] // BLOCK_ROWS), high.shape[1]), dtype=np.int32)
+        if block_max is None:  # (int32 products, or float32 ones from packed codes)
+            block_max = np.empty((-(-high.shape[0] // BLOCK_ROWS), high.shape[1]), dtype=high.dtype)
             block_maxima(torch.from_numpy(np.ascontiguousarray(high)), torch.from_numpy(block_max))
         self.block_max = block_max  # [blocks, Q]
 

@@ -102,13 +102,16 @@ class Searcher:
         # Rank-safe pruning where it applies (False: always full scans; the answers are the same).
         self.prune = True if _shared is None else _shared.prune
         self.last_rescored: list[int] = []  # rows scored exactly for each query of the last search (full scan: all)
+        self.pack_request: int | None | bool = False  # pack_codes' budget when asked (None: its default)
 
     def pack_codes(self, budget: int | None = None) -> int:
         """Give batches packed copies of the int8 codes (oneDNN's layout: a batch of 16 queries then costs about
-        as much as one, BENCHMARKS.md), when all of them fit in `budget` bytes (default: a quarter of the
-        memory this process may use: the machine's, its container's limit, or what is available now, the
-        least); made now, once. Long-lived processes (serve) gain; a short search does not repay
-        the packing (about 3 s per million rows here). Returns the bytes packed (0: none)."""
+        1.5 alone rather than 2.2, BENCHMARKS.md), when all of them fit in `budget` bytes (default: a quarter
+        of the memory this process may use: the machine's, its control group's limit less its use, or what is
+        available now, the least); made now, once. Long-lived processes (serve) gain; a short search does not
+        repay the packing (about 2.5 s per million rows here). Returns the bytes packed (0: none); the request
+        is remembered (`pack_request`), so that a later generation of the index can be packed alike."""
+        self.pack_request = budget
         total = sum(shard.codes.nbytes for shard in self.shards if shard.codes is not None)
         if budget is None:
             budget = _memory_bytes() // 4
@@ -118,7 +121,8 @@ class Searcher:
 
     @property
     def packs_codes(self) -> bool:
-        """Whether pack_codes was asked for (and its budget allowed it)."""
+        """Whether batches read packed codes (pack_codes was asked for and its budget allowed it; a shard the
+        kernel could not take exactly keeps its mapped codes)."""
         return self._pruned.pack
 
     @property
@@ -465,27 +469,48 @@ class Searcher:
 
 
 def _memory_bytes() -> int:
-    """The memory this process may use, in bytes: the machine's, or its control group's limit when lower (a
-    container), or what is available now when lower still; 0 when none can be told."""
+    """The memory this process may use, in bytes, the least of: the machine's; for its control group and every
+    group above it, the limit less what the group uses (cgroup v2 memory.max / memory.current, v1
+    memory.limit_in_bytes / memory.usage_in_bytes); what /proc/meminfo calls available. 0 when none can be told."""
     sizes = []
     try:
         sizes.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):
         pass
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            with open(path) as limit:
-                sizes.append(int(limit.read().strip()))  # "max" (no limit): ValueError
-        except (OSError, ValueError):
-            pass
+    sizes.extend(_cgroup_room())
     try:
         with open("/proc/meminfo") as info:
-            for line in info:
-                if line.startswith("MemAvailable:"):
-                    sizes.append(int(line.split()[1]) * 1024)
+            sizes.extend(int(line.split()[1]) * 1024 for line in info if line.startswith("MemAvailable:"))
     except (OSError, ValueError, IndexError):
         pass
-    return min(sizes) if sizes else 0
+    return max(0, min(sizes)) if sizes else 0
+
+
+def _cgroup_room() -> list[int]:
+    """limit - usage of this process's memory control group and of each group above it (where readable)."""
+    try:
+        with open("/proc/self/cgroup") as groups:
+            lines = groups.read().splitlines()
+    except OSError:
+        return []
+    rooms = []
+    for line in lines:
+        number, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if number == "0" and controllers == "":  # v2
+            base, files = "/sys/fs/cgroup", ("memory.max", "memory.current")
+        elif "memory" in controllers.split(","):  # v1
+            base, files = "/sys/fs/cgroup/memory", ("memory.limit_in_bytes", "memory.usage_in_bytes")
+        else:
+            continue
+        parts = [p for p in path.split("/") if p and p != ".."]
+        for depth in range(len(parts), -1, -1):  # this group, then each one above it
+            folder = os.path.join(base, *parts[:depth])
+            try:
+                with open(os.path.join(folder, files[0])) as limit, open(os.path.join(folder, files[1])) as used:
+                    rooms.append(int(limit.read().strip()) - int(used.read().strip()))  # "max": ValueError
+            except (OSError, ValueError):
+                continue
+    return rooms
 
 
 def _check_mode(mode: str, fusion: str) -> None:

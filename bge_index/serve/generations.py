@@ -125,10 +125,10 @@ class Generation:
 
 
 def open_generation(index_dir: Path, manifest: Manifest, key: ManifestKey | None, encoder,
-                    pack_codes: bool = False) -> Generation:
+                    pack_request: int | None | bool = False) -> Generation:
     """Open `manifest`'s generation with `encoder`: its files leased first, then mapped and checked
-    (OpenIndex.open), then measured; with `pack_codes`, its int8 codes packed for batches as the first
-    generation's were (Searcher.pack_codes). A BgeIndexError when it cannot be served."""
+    (OpenIndex.open), then measured; its int8 codes packed for batches as the first generation's were asked to
+    be (`pack_request`: Searcher.pack_request, False: not asked). A BgeIndexError when it cannot be served."""
     files = WatchedFiles.open(index_dir, manifest)
     try:
         opened = OpenIndex.open(index_dir, manifest)
@@ -138,8 +138,8 @@ def open_generation(index_dir: Path, manifest: Manifest, key: ManifestKey | None
         if moved:
             raise IndexFormatError(f"{moved} while generation {manifest.generation} was being opened")
         index = LocalIndex(index_dir, encoder=encoder, opened=opened)
-        if pack_codes:
-            index.searcher.pack_codes()
+        if pack_request is not False:
+            index.searcher.pack_codes(pack_request)
         return Generation(index, key, files, TextSizes.of(index_dir, manifest))
     except BaseException:
         files.close()
@@ -167,8 +167,8 @@ class Generations:
                  poll: float = POLL_SECONDS):
         self.index_dir = Path(index.index_dir)
         self._encoder = getattr(index, "encoder", None)
-        searcher = getattr(index, "searcher", None)
-        self._pack_codes = bool(getattr(searcher, "packs_codes", False))  # later generations as the first
+        # Later generations' codes packed as the first one's were asked to be (with the same budget).
+        self._pack_request = getattr(getattr(index, "searcher", None), "pack_request", False)
         self._on_change = on_change or (lambda: None)
         self._poll = poll
         self._cond = threading.Condition()
@@ -266,7 +266,7 @@ class Generations:
             if served.broken is None and same_index(manifest, served.manifest):
                 served.key = key  # the key now known to name what is served
                 return
-            generation = open_generation(self.index_dir, manifest, key, self._encoder, self._pack_codes)
+            generation = open_generation(self.index_dir, manifest, key, self._encoder, self._pack_request)
         except BgeIndexError as failure:
             self._failed(key, str(failure))
             return
