@@ -801,17 +801,22 @@ def test_codes_are_not_packed_past_the_budget_nor_when_the_kernel_is_not_exact(m
 
 @needs_packing
 @pytest.mark.parametrize("spread", [40, 127])
-def test_packed_products_at_bge_m3s_dimension_are_exact_or_not_packed(spread):
+def test_packed_products_at_bge_m3s_dimension_are_exact_or_not_packed(monkeypatch, spread):
     """At 1,024 dimensions the packed kernel's float32 sum of (q + 128) * k can pass 2**24 (codes of full
     range): such codes are never packed; codes like BGE-M3's (sums of |k| far below the limit) are, and every
     row's products are then exact for every batch width, extreme query codes included."""
     rng = np.random.default_rng(54)
     codes = rng.integers(-spread, spread + 1, (3000, 1024), dtype=np.int8)
-    packed = dense_prune.pack_codes(codes)
+    norms = np.linalg.norm(codes.astype(np.float64), axis=1).astype(np.float32) * np.float32(1 + 2 ** -20)
+    passes = []
+    real = dense_prune._largest_l1
+    monkeypatch.setattr(dense_prune, "_largest_l1", lambda c: passes.append(1) or real(c))
+    packed = dense_prune.pack_codes(codes, norms)
+    assert dense_prune.pack_codes(codes) is None if spread == 127 else dense_prune.pack_codes(codes) is not None
     if spread == 127:
-        assert packed is None  # sums of |k| about 65,000: some rows' shifted sums pass 2**24
+        assert packed is None and passes  # sums of |k| about 65,000: some rows' shifted sums pass 2**24
         return
-    assert packed is not None
+    assert packed is not None and len(passes) == 1  # sqrt(D) |k| below the limit: no pass without norms only
     for width in (2, 3, 5, 16, 31, 33, 64):
         query_codes = rng.integers(-127, 128, (1024, width), dtype=np.int8)
         query_codes[:, 0], query_codes[:, -1] = 127, -127

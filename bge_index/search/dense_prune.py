@@ -149,11 +149,12 @@ def _qlinear(packed: torch.Tensor, rows: int, query_codes: np.ndarray) -> torch.
                                               "none", [], "")
 
 
-def _packed_exact(packed: torch.Tensor, codes: np.ndarray, rows: np.ndarray, seed: int) -> bool:
-    """Whether the packed kernel gives the exact products of `rows` of `codes` for queries of every width of
-    PACK_CHECK_WIDTHS, extreme query codes included (columns of +127 and -127)."""
+def _packed_exact(packed: torch.Tensor, codes: np.ndarray, rows: np.ndarray, seed: int,
+                  widths: tuple[int, ...] = PACK_CHECK_WIDTHS) -> bool:
+    """Whether the packed kernel gives the exact products of `rows` of `codes` for queries of each of `widths`,
+    extreme query codes included (columns of +127 and -127)."""
     rng = np.random.default_rng(seed)
-    for width in PACK_CHECK_WIDTHS:
+    for width in widths:
         query_codes = rng.integers(-CODE_LEVELS, CODE_LEVELS + 1, (codes.shape[1], width), dtype=np.int8)
         query_codes[:, 0], query_codes[:, 1] = CODE_LEVELS, -CODE_LEVELS
         got = _qlinear(packed, len(codes), query_codes).numpy()[:, rows].astype(np.float64)
@@ -191,7 +192,7 @@ def _largest_l1(codes: np.ndarray) -> tuple[int, np.ndarray]:
     return int(sums.max()), top
 
 
-def pack_codes(codes: np.ndarray) -> torch.Tensor | None:
+def pack_codes(codes: np.ndarray, code_norms: np.ndarray | None = None) -> torch.Tensor | None:
     """oneDNN's packed copy of a shard's [rows, D] int8 codes, for batches (shard_pass): the batch pass then reads
     codes laid out for its int8 kernel (VNNI / AMX) instead of re-packing them on every call (_int_mm). It holds
     a copy of the codes in memory (their size).
@@ -199,18 +200,26 @@ def pack_codes(codes: np.ndarray) -> torch.Tensor | None:
     None (the shard keeps _int_mm) where oneDNN's int8 linear is missing or not exact here (checked once per
     process), where a row's codes sum to PACK_MAX_L1 or more in absolute value (the kernel's float32 sum would
     round; BGE-M3's codes sum to about a third of it), or where the packed copy fails its own check (this shard's
-    first and last rows and the rows of largest sum, every batch width) or oneDNN refuses the shard.
+    first and last rows and the rows of largest sum, the narrowest and widest batches) or oneDNN refuses it.
+    `code_norms`: the rows' |k| rounded up (the dense-bounds file's first column): sum |k| <= sqrt(D) |k| spares
+    a pass over the codes when that bound is below the limit.
     """
     if not len(codes) or not codes.shape[1] or not _kernel_is_exact():
         return None
     try:
-        largest, heavy_rows = _largest_l1(codes)
-        if largest >= PACK_MAX_L1:
-            return None
+        if code_norms is not None and len(code_norms) == len(codes) and \
+                float(np.max(code_norms)) * np.sqrt(codes.shape[1]) * (1 + 2 ** -20) < PACK_MAX_L1:
+            heavy_rows = np.argpartition(-np.asarray(code_norms), min(63, len(codes) - 1))[:64]
+        else:
+            largest, heavy_rows = _largest_l1(codes)
+            if largest >= PACK_MAX_L1:
+                return None
         packed = torch.ops.onednn.qlinear_prepack(torch.from_numpy(codes), [INT8_QUERY_BLOCK, codes.shape[1]])
         sample = np.unique(np.concatenate([np.arange(min(128, len(codes))),
                                            np.arange(max(0, len(codes) - 128), len(codes)), heavy_rows]))
-        if not _packed_exact(packed, codes, sample, 3):
+        # (each check is a pass over the whole shard: the narrowest and widest batches only, the kernel's
+        # exactness at every width and at the limit having been checked once per process)
+        if not _packed_exact(packed, codes, sample, 3, (2, 2 * INT8_QUERY_BLOCK)):
             return None
     except (RuntimeError, ValueError, MemoryError):  # oneDNN refused this shard (or memory ran out): _int_mm
         return None

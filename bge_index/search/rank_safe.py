@@ -121,6 +121,11 @@ def in_sorted(values: np.ndarray, sorted_rows: np.ndarray) -> np.ndarray:
     return sorted_rows[at] == values
 
 
+def _code_norms(shard: ShardVectors) -> np.ndarray | None:
+    """The shard's rows' |k| rounded up (dense-bounds' first column), for pack_codes."""
+    return None if shard.row_bounds is None else shard.row_bounds[:, 0]
+
+
 def kth_best(values: np.ndarray, k: int) -> float:
     """The k-th largest value, or -inf when there are fewer than k."""
     if len(values) < k or k <= 0:
@@ -157,7 +162,7 @@ class PrunedSearch:
             if info is None:
                 info = self._infos[number] = ShardPruneInfo.of(shard)
             if not info.pack_tried:
-                info.packed, info.pack_tried = pack_codes(shard.codes), True
+                info.packed, info.pack_tried = pack_codes(shard.codes, _code_norms(shard)), True
             packed += shard.codes.nbytes if info.packed is not None else 0
         self.pack = True
         return packed
@@ -174,7 +179,7 @@ class PrunedSearch:
                 if info is None:
                     info = self._infos[number] = ShardPruneInfo.of(shard)
                 if self.pack and count > 1 and not info.pack_tried:
-                    info.packed, info.pack_tried = pack_codes(shard.codes), True  # once per shard (shared)
+                    info.packed, info.pack_tried = pack_codes(shard.codes, _code_norms(shard)), True  # once, shared
                 passes.append(shard_pass(shard, info, dense_queries))
             else:
                 scores = np.empty((count, shard.rows), dtype=np.float32)
