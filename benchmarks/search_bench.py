@@ -189,6 +189,7 @@ def measure(index_dir: Path, vectors_file: Path | None, count: int) -> dict:
                     "search_file_bytes": sum(files.values()), "pruning_files": "dense-codes" in files,
                     "modes": {}}
     # 1. pruned, one query at a time, then in batches of 16 (the RSS is read after these)
+    batches = [queries[i:i + 16] for i in range(0, len(queries) - 15, 16)] or [queries]
     searcher.prune = True
     pruned_hits = {}
     for mode in MODES:
@@ -198,7 +199,6 @@ def measure(index_dir: Path, vectors_file: Path | None, count: int) -> dict:
             latencies.append(_seconds(lambda q=q: hits.append(searcher.search(q, 10, mode))))
             rescored.append(searcher.last_rescored[0])
         pruned_hits[mode] = hits
-        batches = [queries[i:i + 16] for i in range(0, len(queries) - 15, 16)] or [queries]
         batch_seconds = [_seconds(lambda b=b: searcher.search_many(b, 10, mode)) for b in batches]
         row = result["modes"][mode] = {
             "p50_ms": percentile(latencies, 50) * 1e3, "p95_ms": percentile(latencies, 95) * 1e3,
@@ -213,7 +213,6 @@ def measure(index_dir: Path, vectors_file: Path | None, count: int) -> dict:
     result["packed_bytes"] = searcher.pack_codes()
     result["pack_seconds"] = time.perf_counter() - started
     for mode in MODES:
-        batches = [queries[i:i + 16] for i in range(0, len(queries) - 15, 16)] or [queries]
         searcher.search_many(batches[0], 10, mode)  # warm
         answers: list = []
         batch_seconds = [_seconds(lambda b=b: answers.extend(searcher.search_many(b, 10, mode))) for b in batches]

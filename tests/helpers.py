@@ -221,3 +221,10 @@ def serve_port(process, log_path: Path, timeout: float = 120.0) -> int:
         if address is not None:
             return int(address.group(1))
         time.sleep(0.1)
+
+
+def packing_works() -> bool:
+    """Whether this machine's oneDNN int8 linear is exact, so that int8 codes can be packed (dense_prune)."""
+    from bge_index.search import dense_prune
+
+    return dense_prune.pack_codes(np.zeros((64, 32), dtype=np.int8)) is not None

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import packing_works
 
 from bge_index.search import dense_prune, scoring
 from bge_index.search.dense_kernel import DenseKernel
@@ -722,11 +723,7 @@ def test_answers_stay_the_scans_when_the_int8_pass_is_cut_in_small_chunks(monkey
 # packed codes (batches in long-lived processes)
 
 
-def _packable() -> bool:
-    return dense_prune.pack_codes(np.zeros((64, DIM), dtype=np.int8)) is not None
-
-
-needs_packing = pytest.mark.skipif(not _packable(), reason="oneDNN's int8 linear is not exact on this machine")
+needs_packing = pytest.mark.skipif(not packing_works(), reason="oneDNN's int8 linear is not exact on this machine")
 
 
 @needs_packing

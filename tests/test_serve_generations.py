@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import index, ok, serve_process, write_jsonl
+from helpers import index, ok, packing_works, serve_process, write_jsonl
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
@@ -215,9 +215,3 @@ def test_a_new_generation_packs_its_codes_as_the_first_one_did(tmp_path, tiny_mo
             assert served.packs_codes == first_packs == (budget > 1 and packing_works())
         finally:
             service.close()
-
-
-def packing_works() -> bool:
-    from bge_index.search import dense_prune
-
-    return dense_prune.pack_codes(np.zeros((64, 32), dtype=np.int8)) is not None

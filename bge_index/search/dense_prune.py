@@ -408,7 +408,7 @@ class ShardPass:
         self.shard, self.bounds, self.high = shard, bounds, high
         if block_max is None:  # (int32 products, or float32 ones from packed codes)
             block_max = np.empty((-(-high.shape[0] // BLOCK_ROWS), high.shape[1]), dtype=high.dtype)
-            block_maxima(torch.from_numpy(np.ascontiguousarray(high)), torch.from_numpy(block_max))
+            block_maxima(torch.from_numpy(high), torch.from_numpy(block_max))
         self.block_max = block_max  # [blocks, Q]
 
     def _rows_of(self, blocks: np.ndarray) -> np.ndarray:
@@ -432,10 +432,10 @@ class ShardPass:
         blocks = torch.topk(torch.from_numpy(np.ascontiguousarray(self.block_max)), count, dim=0,
                             sorted=False).indices.numpy()  # [count, Q]
         queries = np.arange(len(self.bounds))
-        rows = np.minimum(blocks[:, :, None] * BLOCK_ROWS + np.arange(BLOCK_ROWS), self.shard.rows - 1)  # [c, Q, 64]
+        rows = block_rows(blocks, self.shard.rows)  # [c, Q, 64]
         best = np.take_along_axis(rows, self.high[rows, queries[None, :, None]].argmax(axis=2)[:, :, None], 2)[:, :, 0]
         # A block of deleted rows only (its maximum the int32 minimum) gives no seed.
-        return [np.sort(column[self.high[column, i] > _MISSING]).astype(np.int64) for i, column in enumerate(best.T)]
+        return [np.sort(column[self.high[column, i] > _MISSING]) for i, column in enumerate(best.T)]
 
     def reaching(self, thresholds: list[float]) -> list[np.ndarray]:
         """Per query, the live local rows (ascending) whose upper bound reaches its threshold: the integer cut
@@ -544,13 +544,20 @@ class ExactPass:
 
 def block_maxima(products: torch.Tensor, out: torch.Tensor) -> None:
     """out[b] = the maxima of products' rows b * BLOCK_ROWS ... (b + 1) * BLOCK_ROWS - 1 (the last block may be
-    shorter): [rows, Q] int32 -> [ceil(rows / BLOCK_ROWS), Q] int32, torch's amax (all cores)."""
-    rows, queries = products.shape
+    shorter): [rows, Q] -> [ceil(rows / BLOCK_ROWS), Q] of the same dtype, torch's amax (all cores). Any strides:
+    _int_mm's chunks are [rows, Q], the packed pass's products a transposed view of [Q, rows]."""
+    rows = products.shape[0]
     full = rows // BLOCK_ROWS
-    if full:
-        torch.amax(products[:full * BLOCK_ROWS].view(full, BLOCK_ROWS, queries), dim=1, out=out[:full])
+    if full:  # [full, Q, BLOCK_ROWS] view, reduced over its blocks
+        torch.amax(products[:full * BLOCK_ROWS].unfold(0, BLOCK_ROWS, BLOCK_ROWS), dim=2, out=out[:full])
     if rows > full * BLOCK_ROWS:
         torch.amax(products[full * BLOCK_ROWS:], dim=0, keepdim=True, out=out[full:full + 1])
+
+
+def block_rows(blocks: np.ndarray, rows: int) -> np.ndarray:
+    """[..., BLOCK_ROWS] int64: the rows of each of `blocks` (any shape) in an array of `rows` rows; the last,
+    shorter block repeats its last row."""
+    return np.minimum(np.asarray(blocks, dtype=np.int64)[..., None] * BLOCK_ROWS + np.arange(BLOCK_ROWS), rows - 1)
 
 
 def value_block_maxima(values: np.ndarray) -> np.ndarray:
@@ -571,8 +578,8 @@ def best_of_blocks(values: np.ndarray, maxima: np.ndarray, count: int) -> np.nda
         return np.zeros(0, dtype=np.int64)
     blocks = torch.topk(torch.from_numpy(np.ascontiguousarray(maxima)), count, sorted=False).indices.numpy()
     blocks = np.sort(blocks[maxima[blocks] > -np.inf])
-    rows = np.minimum(blocks[:, None] * BLOCK_ROWS + np.arange(BLOCK_ROWS), len(values) - 1)  # [c, 64]
-    return np.take_along_axis(rows, values[rows].argmax(axis=1)[:, None], 1)[:, 0].astype(np.int64)
+    rows = block_rows(blocks, len(values))  # [c, 64]
+    return np.take_along_axis(rows, values[rows].argmax(axis=1)[:, None], 1)[:, 0]
 
 
 def shard_pass(shard: ShardVectors, info: ShardPruneInfo, dense_queries: np.ndarray) -> ShardPass:
@@ -584,25 +591,21 @@ def shard_pass(shard: ShardVectors, info: ShardPruneInfo, dense_queries: np.ndar
     """
     d = info.digits if len(dense_queries) > 1 else 1
     frames = QueryFrame.many(dense_queries, shard.frame, d)
-    block_max = torch.empty(-(-shard.rows // BLOCK_ROWS), len(frames) * d, dtype=torch.int32)  # [blocks, Q * d]
+    packed = info.packed is not None and len(frames) > 1
+    block_max = torch.empty(-(-shard.rows // BLOCK_ROWS), len(frames) * d,  # [blocks, Q * d], the products' dtype
+                            dtype=torch.float32 if packed else torch.int32)
     dead = None if shard.live is None else torch.from_numpy(~shard.live)
 
-    def finish(start: int, chunk: torch.Tensor) -> None:  # chunk: [c, Q * d] int32, start a multiple of 64
+    def finish(start: int, chunk: torch.Tensor) -> None:  # chunk: [c, Q * d], start a multiple of 64
         if dead is not None:
             # Deleted rows get the smallest product, so they never rank among the best.
             chunk[:, ::d].masked_fill_(dead[start:start + chunk.shape[0], None], _MISSING)
         block_maxima(chunk, block_max[start // BLOCK_ROWS:])
 
     query_codes = np.concatenate([f.digits for f in frames], axis=1)  # [D, Q * d]
-    if info.packed is not None and len(frames) > 1:
+    if packed:
         by_query = _qlinear(info.packed, shard.rows, query_codes)  # [Q * d, rows] float32, exact integers
-        if dead is not None:
-            by_query[::d].masked_fill_(dead[None, :], _MISSING)
-        full = shard.rows // BLOCK_ROWS
-        if full:
-            block_max[:full] = torch.amax(by_query[:, :full * BLOCK_ROWS].view(-1, full, BLOCK_ROWS), dim=2).T
-        if shard.rows > full * BLOCK_ROWS:
-            block_max[full] = torch.amax(by_query[:, full * BLOCK_ROWS:], dim=1)
+        finish(0, by_query.T)  # (one chunk: the whole shard)
         products = by_query.numpy().T  # [rows, Q * d], a view: each query's column is contiguous
     else:
         products = int8_products(shard.codes, query_codes, finish)

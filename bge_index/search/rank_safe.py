@@ -121,11 +121,6 @@ def in_sorted(values: np.ndarray, sorted_rows: np.ndarray) -> np.ndarray:
     return sorted_rows[at] == values
 
 
-def _code_norms(shard: ShardVectors) -> np.ndarray | None:
-    """The shard's rows' |k| rounded up (dense-bounds' first column), for pack_codes."""
-    return None if shard.row_bounds is None else shard.row_bounds[:, 0]
-
-
 def kth_best(values: np.ndarray, k: int) -> float:
     """The k-th largest value, or -inf when there are fewer than k."""
     if len(values) < k or k <= 0:
@@ -154,18 +149,21 @@ class PrunedSearch:
     def pack_all(self) -> int:
         """Pack every shard's int8 codes now (dense_prune.pack_codes) and let batches read them: the bytes of
         codes packed (a copy of each in memory)."""
-        packed = 0
-        for number, shard in enumerate(self.shards):
-            if shard.codes is None:
-                continue
-            info = self._infos.get(number)
-            if info is None:
-                info = self._infos[number] = ShardPruneInfo.of(shard)
-            if not info.pack_tried:
-                info.packed, info.pack_tried = pack_codes(shard.codes, _code_norms(shard)), True
-            packed += shard.codes.nbytes if info.packed is not None else 0
         self.pack = True
-        return packed
+        return sum(shard.codes.nbytes for number, shard in enumerate(self.shards)
+                   if shard.codes is not None and self._info(number, packed=True).packed is not None)
+
+    def _info(self, number: int, packed: bool = False) -> ShardPruneInfo:
+        """Shard `number`'s ShardPruneInfo (made once, shared with filtered views); with `packed`, its codes packed
+        too (tried once)."""
+        info = self._infos.get(number)
+        if info is None:
+            info = self._infos[number] = ShardPruneInfo.of(self.shards[number])
+        if packed and not info.pack_tried:
+            shard = self.shards[number]
+            norms = None if shard.row_bounds is None else shard.row_bounds[:, 0]  # |k| rounded up
+            info.packed, info.pack_tried = pack_codes(shard.codes, norms), True
+        return info
 
     # -- shared steps -----------------------------------------------------------------------------------------
 
@@ -175,12 +173,7 @@ class PrunedSearch:
         passes = []
         for number, shard in enumerate(self.shards):
             if shard.codes is not None:
-                info = self._infos.get(number)
-                if info is None:
-                    info = self._infos[number] = ShardPruneInfo.of(shard)
-                if self.pack and count > 1 and not info.pack_tried:
-                    info.packed, info.pack_tried = pack_codes(shard.codes, _code_norms(shard)), True  # once, shared
-                passes.append(shard_pass(shard, info, dense_queries))
+                passes.append(shard_pass(shard, self._info(number, packed=self.pack and count > 1), dense_queries))
             else:
                 scores = np.empty((count, shard.rows), dtype=np.float32)
                 self.kernel.scan(shard.dense, blocks, count, scores)

@@ -29,7 +29,7 @@ import torch
 
 from bge_index.errors import NoColbertVectors
 from bge_index.search.dense_kernel import QUERY_BLOCK, DenseKernel, exact_kernel_usable
-from bge_index.search.dense_prune import BLOCK_ROWS, INT8_QUERY_BLOCK, value_block_maxima
+from bge_index.search.dense_prune import BLOCK_ROWS, INT8_QUERY_BLOCK, block_rows, value_block_maxima
 from bge_index.search.query import RRF_DEPTH, RRF_K, Hit, QueryVectors, ScoreWeights
 from bge_index.search.rank_safe import PrunedSearch, Ranked, weighted_sum
 from bge_index.store.vector_store import ShardVectors
@@ -63,9 +63,7 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
         if not np.isnan(maxima).any():
             kth_block = float(torch.topk(torch.from_numpy(maxima), k, sorted=False).values.min())
             if kth_block > -np.inf:
-                blocks = np.flatnonzero(maxima >= kth_block)
-                rows = np.minimum((blocks[:, None] * BLOCK_ROWS + np.arange(BLOCK_ROWS)).reshape(-1), n - 1)
-                rows = np.unique(rows)  # the last block may be shorter: its clipped rows repeat
+                rows = np.unique(block_rows(np.flatnonzero(maxima >= kth_block), n))  # (the last block's repeat)
                 return rows[_plain_top_k(scores[rows], k)]
     return _plain_top_k(scores, k)
 

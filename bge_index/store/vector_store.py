@@ -147,9 +147,8 @@ class ShardVectors:
 
     def postings(self, token: int) -> tuple[np.ndarray, np.ndarray]:
         """(rows ascending, weights) of one token; empty for a token absent from the shard."""
-        at = int(np.searchsorted(self.token_ids, np.uint32(token))) if 0 <= token <= _UINT32_MAX \
-            else len(self.token_ids)
-        if at >= len(self.token_ids) or int(self.token_ids[at]) != token:
+        at = self.token_slot(token)
+        if at < 0:
             return self.posting_rows[:0], self.posting_weights[:0]
         start, end = self.token_ptr[at], self.token_ptr[at + 1]
         return self.posting_rows[start:end], self.posting_weights[start:end]
