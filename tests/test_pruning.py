@@ -5,6 +5,7 @@ the index format (built, checked, optional)."""
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -367,6 +368,33 @@ def test_a_batch_of_many_queries_answers_each_as_alone():
         batch = index.search_many(queries, 10, mode)
         for position in (0, 1, 15, 16, 31, 32, 47, 69):
             assert hits_bits(batch[position]) == hits_bits(index.search(queries[position], 10, mode)), position
+
+
+@pytest.mark.parametrize("prune", [False, True])
+def test_threads_searching_one_index_at_once_each_get_their_own_answers(prune):
+    """Scans write scores into arrays the Searcher keeps for the next search (fresh ones cost page faults):
+    each thread has its own, so searches running at once in one process never mix their scores."""
+    rng = np.random.default_rng(31)
+    index = searcher(random_parts(rng, [3000, 3000], deleted_share=0.1))
+    queries = random_queries(rng, 8)
+    index.prune = prune
+    modes = ("sparse", "hybrid", "dense")
+    expected = {(i, mode): hits_bits(index.search(q, 10, mode)) for i, q in enumerate(queries) for mode in modes}
+    wrong: list[tuple[int, str]] = []
+
+    def search(offset: int) -> None:
+        for turn in range(25):
+            for i, q in enumerate(queries):
+                mode = modes[(i + offset + turn) % len(modes)]
+                if hits_bits(index.search(q, 10, mode)) != expected[(i, mode)]:
+                    wrong.append((i, mode))
+
+    workers = [threading.Thread(target=search, args=(n,)) for n in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert not wrong
 
 
 def test_a_rows_score_does_not_depend_on_its_place_in_the_kernels_block():

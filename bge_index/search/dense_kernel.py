@@ -23,6 +23,7 @@ pruning bounds add this (dense_prune.py).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -62,8 +63,8 @@ class DenseKernel:
     """Exact dense scores of float16 rows against float32 queries, in fixed-shape blocks (see the module)."""
 
     def __init__(self) -> None:
-        self._buffer = torch.empty(0)
-        self._filled = 0  # rows of the buffer that may hold something other than zeros
+        # The widened rows, one buffer per thread: searches may run in several threads at once.
+        self._local = threading.local()
 
     @staticmethod
     def query_blocks(queries: np.ndarray) -> list[torch.Tensor]:
@@ -76,24 +77,26 @@ class DenseKernel:
         return [columns[:, b * QUERY_BLOCK:(b + 1) * QUERY_BLOCK].contiguous() for b in range(blocks)]
 
     def _rows_buffer(self, dim: int) -> torch.Tensor:
-        if self._buffer.shape != (CHUNK_ROWS, dim):
-            self._buffer = torch.zeros(CHUNK_ROWS, dim, dtype=torch.float32)
-            self._filled = 0
-        return self._buffer
+        """This thread's [CHUNK_ROWS, dim] float32 buffer (its `filled` rows may hold something other than zeros)."""
+        local = self._local
+        if getattr(local, "buffer", None) is None or local.buffer.shape != (CHUNK_ROWS, dim):
+            local.buffer = torch.zeros(CHUNK_ROWS, dim, dtype=torch.float32)
+            local.filled = 0
+        return local.buffer
 
     def _load(self, rows: np.ndarray) -> int:
-        """Widen [n <= CHUNK_ROWS, D] float16 rows into the buffer, zeros below them; returns n."""
+        """Widen [n <= CHUNK_ROWS, D] float16 rows into this thread's buffer, zeros below them; returns n."""
         n = rows.shape[0]
         buffer = self._rows_buffer(rows.shape[1])
         buffer[:n].copy_(torch.from_numpy(np.ascontiguousarray(rows)))
-        if n < self._filled:
-            buffer[n:self._filled].zero_()  # only what an earlier, longer block left
-        self._filled = n
+        if n < self._local.filled:
+            buffer[n:self._local.filled].zero_()  # only what an earlier, longer block left
+        self._local.filled = n
         return n
 
     def _multiply(self, block: torch.Tensor) -> np.ndarray:
         """[CHUNK_ROWS, QUERY_BLOCK] float32 scores of the loaded rows with one query block: the only sgemm."""
-        return torch.mm(self._buffer, block).numpy()
+        return torch.mm(self._local.buffer, block).numpy()
 
     def scan(self, dense: np.ndarray, blocks: Sequence[torch.Tensor], queries: int,
              out: np.ndarray, first: int = 0) -> None:
@@ -128,9 +131,9 @@ class DenseKernel:
                 picked = rows[chunk_place[a]:chunk_place[b - 1] + 1]  # [b - a] local rows
                 buffer[a:b].copy_(torch.from_numpy(np.ascontiguousarray(dense[picked])))
             n = len(chunk_owner)
-            if n < self._filled:
-                buffer[n:self._filled].zero_()  # only what an earlier, longer block left
-            self._filled = n
+            if n < self._local.filled:
+                buffer[n:self._local.filled].zero_()  # only what an earlier, longer block left
+            self._local.filled = n
             scores = self._multiply(block)  # [CHUNK_ROWS, QUERY_BLOCK]
             for a, b in runs:
                 piece = int(chunk_owner[a])

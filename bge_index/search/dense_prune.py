@@ -379,21 +379,35 @@ class DenseShardBound:
 
     def cuts(self, thresholds: np.ndarray) -> np.ndarray:
         """`cut` of each of [n] float64 thresholds, clipped to what int32 digits can compare with."""
-        need = thresholds - self.frame.center_dot - self.error_max - self.slack
-        if not self.frame.step > 0:
-            out = np.where(need <= 0, -np.inf, np.where(need > 0, np.inf, np.nan))  # NaN stays NaN: never passes
-        elif self._low is None:
-            with np.errstate(invalid="ignore"):
-                out = np.floor(need / self.frame.step) - 1  # the division's rounding is far below 1
-        else:
-            low_max = self.info.code_max * self.frame.low_norm * (1 + _SLACK) + 1
-            with np.errstate(invalid="ignore"):
-                out = np.floor((need / self.frame.step - low_max) / DIGIT) - 1
-        return np.clip(out, -float(np.iinfo(np.int32).max), 2.0 ** 40)  # int32 minimum (deleted) never passes
+        return _cuts(thresholds, *self.cut_terms())
+
+    def cut_terms(self) -> tuple[float, float, float | None]:
+        """(what a threshold loses before the division: m + error_max + slack; the step t; the low digit's
+        largest reach, None with one digit): `cuts`' terms, for `_cuts`."""
+        low_max = None if self._low is None else self.info.code_max * self.frame.low_norm * (1 + _SLACK) + 1
+        return self.frame.center_dot + self.error_max + self.slack, self.frame.step, low_max
 
     def reaching(self, threshold: float) -> np.ndarray:
         """Live local rows (ascending) whose upper bound reaches `threshold`."""
         return ShardPass(self.shard, [self], self._high[:, None]).reaching([threshold])[0]
+
+
+def _cuts(thresholds, offset, step, low_max):
+    """DenseShardBound.cuts with its terms (cut_terms) given as scalars or arrays broadcasting with the
+    [...] float64 thresholds: the high digit below which a row that is not an outlier cannot reach them.
+    With one digit t * I >= threshold - offset needs I >= (threshold - offset) / t; with two, the low digit
+    adds at most low_max to I / t, and I = 128 * hi + lo."""
+    need = thresholds - offset
+    step = np.asarray(step, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if low_max is None:
+            out = np.floor(need / step) - 1  # the division's rounding is far below 1
+        else:
+            out = np.floor((need / step - low_max) / DIGIT) - 1
+        # No step (a zero query): every row has I = 0, so only the sign of what is needed decides (NaN stays).
+        flat = np.where(need <= 0, -np.inf, np.where(need > 0, np.inf, np.nan))
+        out = np.where(step > 0, out, flat)
+    return np.clip(out, -float(np.iinfo(np.int32).max), 2.0 ** 40)  # int32 minimum (deleted) never passes
 
 
 class ShardPass:
@@ -453,35 +467,51 @@ class ShardPass:
             out.append(rows[bound.upper(rows) >= threshold])
         return out
 
-    def reaching_with(self, i: int, threshold: float, weight: float, extra: np.ndarray, extra_weight: float,
-                      extra_max: np.ndarray | None = None) -> np.ndarray:
-        """Live local rows (ascending) where weight * (query i's dense upper bound) + extra_weight * extra[row]
-        reaches `threshold` (weight > 0; `extra`: [rows] float32, another part's exact score or bound per row,
-        e.g. sparse; `extra_max`: its block maxima (value_block_maxima) when already made; the arithmetic is
-        float64).
+    def reaching_with(self, thresholds: np.ndarray, weight: float, extra: np.ndarray, extra_weight: float,
+                      extra_max: np.ndarray | None = None) -> list[np.ndarray]:
+        """Per query i, the live local rows (ascending) where weight * (its dense upper bound) + extra_weight *
+        extra[row, i] reaches thresholds[i] (weight > 0; `extra`: [rows, Q] float32, any strides, another
+        part's exact score or bound per row, e.g. sparse, -inf on deleted rows; `extra_max`: its [blocks, Q]
+        block maxima (value_block_maxima) when already made; the arithmetic is float64).
 
         Per block, the dense score needed is lowest where `extra` is highest: the blocks whose maximum product
-        passes that cut, then each of their rows with its own cut, then its own bound."""
-        bound = self.bounds[i]
+        passes that cut, then each of their rows with its own cut, then its own bound; every query at once."""
+        count = len(self.bounds)
+        thresholds = np.asarray(thresholds, dtype=np.float64)
         if extra_max is None:
             extra_max = value_block_maxima(extra)
-        extra_max = extra_max.astype(np.float64)  # [blocks]; a max of float32 values is exact
+        terms = [bound.cut_terms() for bound in self.bounds]
+        offset, step = np.array([t[0] for t in terms]), np.array([t[1] for t in terms])  # [Q]
+        low_max = None if terms[0][2] is None else np.array([t[2] for t in terms])
 
-        def needed(values: np.ndarray) -> np.ndarray:  # the dense bound needed, lowered for the division's rounding
+        def needed(values: np.ndarray, queries) -> np.ndarray:  # the dense bound needed, lowered for the rounding
             # A deleted row's extra is -inf: its need is +inf or NaN, and no comparison with either passes.
             with np.errstate(invalid="ignore"):
-                need = (threshold - extra_weight * values) / weight
+                need = (thresholds[queries] - extra_weight * values) / weight
                 return need - np.abs(need) * _SLACK - _SLACK
 
-        blocks = np.flatnonzero(self.block_max[:, i] >= bound.cuts(needed(extra_max)))
-        rows = self._rows_of(blocks)
-        rows = rows[self.high[rows, i] >= bound.cuts(needed(extra[rows].astype(np.float64)))]
-        outliers = bound.info.outliers
-        if len(outliers):
-            rows = np.union1d(rows, outliers)
-        if self.shard.live is not None:
-            rows = rows[self.shard.live[rows]]
-        return rows[weight * bound.upper(rows) + extra_weight * extra[rows].astype(np.float64) >= threshold]
+        every = np.arange(count)
+        passing = self.block_max >= _cuts(needed(extra_max.astype(np.float64), every), offset, step, low_max)
+        queries, blocks = np.nonzero(passing.T)  # query-major: each query's blocks ascending
+        rows = blocks[:, None] * BLOCK_ROWS + np.arange(BLOCK_ROWS)  # [pairs, 64]
+        queries = np.broadcast_to(queries[:, None], rows.shape)
+        inside = rows < self.shard.rows
+        rows, queries = rows[inside], queries[inside]  # each query's rows ascending
+        need = needed(extra[rows, queries].astype(np.float64), queries)
+        keep = self.high[rows, queries] >= _cuts(need, offset[queries], step[queries],
+                                                 None if low_max is None else low_max[queries])
+        rows, queries = rows[keep], queries[keep]
+        ends = np.searchsorted(queries, np.arange(count + 1))
+        out = []
+        for i, bound in enumerate(self.bounds):
+            found = rows[ends[i]:ends[i + 1]]
+            if len(bound.info.outliers):
+                found = np.union1d(found, bound.info.outliers)
+            if self.shard.live is not None:
+                found = found[self.shard.live[found]]
+            out.append(found[weight * bound.upper(found) + extra_weight * extra[found, i].astype(np.float64)
+                             >= thresholds[i]])
+        return out
 
 
 class ExactShardBound:
@@ -532,14 +562,17 @@ class ExactPass:
         """Per query, live local rows (ascending) whose exact score reaches its threshold."""
         return [b.reaching(t) for b, t in zip(self.bounds, thresholds)]
 
-    def reaching_with(self, i: int, threshold: float, weight: float, extra: np.ndarray, extra_weight: float,
-                      extra_max: np.ndarray | None = None) -> np.ndarray:
-        """Live local rows (ascending) where weight * exact + extra_weight * extra[row] reaches `threshold`
-        (`extra_max` is not needed here)."""
-        scores = self.bounds[i].scores.astype(np.float64)
-        with np.errstate(invalid="ignore"):  # deleted rows: -inf, and NaN never passes
-            reach = weight * scores + extra_weight * extra.astype(np.float64) >= threshold
-        return np.flatnonzero(np.isfinite(scores) & reach)
+    def reaching_with(self, thresholds: np.ndarray, weight: float, extra: np.ndarray, extra_weight: float,
+                      extra_max: np.ndarray | None = None) -> list[np.ndarray]:
+        """Per query i, the live local rows (ascending) where weight * exact + extra_weight * extra[row, i]
+        reaches thresholds[i] (`extra_max` is not needed here)."""
+        out = []
+        for i, (bound, threshold) in enumerate(zip(self.bounds, thresholds)):
+            scores = bound.scores.astype(np.float64)
+            with np.errstate(invalid="ignore"):  # deleted rows: -inf, and NaN never passes
+                reach = weight * scores + extra_weight * extra[:, i].astype(np.float64) >= threshold
+            out.append(np.flatnonzero(np.isfinite(scores) & reach))
+        return out
 
 
 def block_maxima(products: torch.Tensor, out: torch.Tensor) -> None:
@@ -561,12 +594,15 @@ def block_rows(blocks: np.ndarray, rows: int) -> np.ndarray:
 
 
 def value_block_maxima(values: np.ndarray) -> np.ndarray:
-    """[ceil(rows / BLOCK_ROWS)] float32: the maxima of a [rows] float32 array's blocks of BLOCK_ROWS rows (a
-    NaN makes its block's maximum NaN)."""
-    values = np.ascontiguousarray(values, dtype=np.float32)
-    out = torch.empty(-(-len(values) // BLOCK_ROWS), 1, dtype=torch.float32)
-    block_maxima(torch.from_numpy(values)[:, None], out)
-    return out.numpy()[:, 0]
+    """The maxima of the blocks of BLOCK_ROWS rows of float32 values (a NaN makes its block's maximum NaN):
+    [rows] -> [ceil(rows / BLOCK_ROWS)], or [rows, Q] (any strides) -> [ceil(rows / BLOCK_ROWS), Q]."""
+    values = np.asarray(values)
+    if values.dtype != np.float32:
+        values = values.astype(np.float32)
+    columns = values[:, None] if values.ndim == 1 else values
+    out = torch.empty(-(-len(values) // BLOCK_ROWS), columns.shape[1], dtype=torch.float32)
+    block_maxima(torch.from_numpy(columns), out)
+    return out.numpy()[:, 0] if values.ndim == 1 else out.numpy()
 
 
 def best_of_blocks(values: np.ndarray, maxima: np.ndarray, count: int) -> np.ndarray:

@@ -133,7 +133,8 @@ class PrunedSearch:
 
     def __init__(self, shards: Sequence[ShardVectors], kernel: DenseKernel, sparse_scan,
                  shared: "PrunedSearch | None" = None):
-        """`sparse_scan(query) -> [N] float32`: every row's exact sparse score (scoring.Searcher.sparse_scores).
+        """`sparse_scan(query, out=[N] float32)`: writes every row's exact sparse score into `out`
+        (scoring.Searcher.sparse_scores).
         `shared`: a PrunedSearch over the same shards with other live rows (a filter), whose per-shard data
         (which counts deleted rows too) this one reuses."""
         self.shards = list(shards)
@@ -326,9 +327,12 @@ class PrunedSearch:
         passes = self._dense_passes(dense_queries, blocks)
         bounds = [[shard_pass.bounds[i] for shard_pass in passes] for i in range(len(queries))]
         wd, ws = float(np.float32(weights.dense)), float(np.float32(weights.sparse))
-        sparse = [self.sparse_scan(query) for query in queries]  # [query] -> [N] float32, deleted rows -inf
+        sparse = np.empty((len(queries), self.rows), dtype=np.float32)  # [Q, N], deleted rows -inf
+        for query, scores in zip(queries, sparse):
+            self.sparse_scan(query, out=scores)
         parts = [[scores[shard.start:shard.start + shard.rows] for shard in self.shards] for scores in sparse]
-        part_max = [[value_block_maxima(part) for part in per_shard] for per_shard in parts]  # [query][shard]
+        columns = [sparse[:, shard.start:shard.start + shard.rows].T for shard in self.shards]  # [shard]: [rows, Q]
+        part_max = [value_block_maxima(column) for column in columns]  # [shard]: [blocks, Q] float32
         # The float32 sum w_d * d + w_s * s is within gamma_2 of its real value times |w_d d| + |w_s s|.
         slacks = []
         for query, per_shard in zip(queries, bounds):
@@ -343,26 +347,25 @@ class PrunedSearch:
         for i in range(len(queries)):
             estimates = []
             for number, (bound, part) in enumerate(zip(bounds[i], parts[i])):
-                top = best_of_blocks(part, part_max[i][number], k)
+                top = best_of_blocks(part, part_max[number][:, i], k)
                 rows = np.union1d(best[number][i], top).astype(np.int64)
                 estimates.append((rows, wd * bound.approx(rows) + ws * part[rows].astype(np.float64)))
             seeds.append(self._best_estimates(estimates, k))
         seed_dense = self._exact_dense(bounds, seeds, blocks)
         # 2. candidates: every other live row whose bound reaches the k-th best seed score
-        wants = []
-        for i in range(len(queries)):
-            fused = [weighted_sum(d, part[rows], weights) for d, part, rows in zip(seed_dense[i], parts[i], seeds[i])]
-            threshold = kth_best(np.concatenate(fused), k)
-            found = []
-            for number, dense_pass in enumerate(passes):
-                part, done = parts[i][number], seeds[i][number]  # part: deleted rows -inf, never reached
-                if wd > 0:
-                    rows = dense_pass.reaching_with(i, threshold - slacks[i], wd, part, ws, part_max[i][number])
-                else:
-                    with np.errstate(invalid="ignore"):
-                        rows = np.flatnonzero(ws * part.astype(np.float64) + slacks[i] >= threshold)
-                found.append(rows[~in_sorted(rows, done)])
-            wants.append(found)
+        thresholds = np.array([kth_best(np.concatenate([weighted_sum(d, part[rows], weights) for d, part, rows
+                                                        in zip(seed_dense[i], parts[i], seeds[i])]), k)
+                               for i in range(len(queries))]) - np.array(slacks)
+        wants = [[None] * len(self.shards) for _ in queries]  # [query][shard]
+        for number, dense_pass in enumerate(passes):  # parts: deleted rows -inf, never reached
+            if wd > 0:
+                reached = dense_pass.reaching_with(thresholds, wd, columns[number], ws, part_max[number])
+            else:
+                with np.errstate(invalid="ignore"):
+                    reached = [np.flatnonzero(ws * parts[i][number].astype(np.float64) >= thresholds[i])
+                               for i in range(len(queries))]
+            for i, rows in enumerate(reached):
+                wants[i][number] = rows[~in_sorted(rows, seeds[i][number])]
         candidate_dense = self._exact_dense(bounds, wants, blocks)
         results = []
         for i in range(len(queries)):
