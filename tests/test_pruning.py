@@ -14,7 +14,7 @@ from helpers import packing_works
 
 from bge_index.search import dense_prune, scoring
 from bge_index.search.dense_kernel import DenseKernel
-from bge_index.search.dense_prune import ShardPruneInfo, int8_products, shard_bounds
+from bge_index.search.dense_prune import ShardPruneInfo, int8_products, shard_bounds, shard_pass
 from bge_index.search.query import QueryVectors, ScoreWeights
 from bge_index.search.scoring import Searcher, top_k
 from bge_index.search.sparse_prune import SparseShardQuery, token_max_of
@@ -199,6 +199,43 @@ def test_every_rows_exact_score_lies_within_its_bounds(layout):
             for threshold in np.quantile(exact, [0.5, 0.99, 0.999]):
                 expected = rows[bound.upper(rows) >= threshold]
                 assert np.array_equal(bound.reaching(threshold), expected)
+
+
+@pytest.mark.parametrize("layout", ["isotropic", "cone", "outliers", "constant"])
+def test_the_hybrid_cut_keeps_every_row_whose_weighted_bound_reaches_the_threshold(layout):
+    """ShardPass.reaching_with (the hybrid's int8 cut: a linear test on blocks, then rows, then each row's own
+    bound) returns exactly the rows where weight * upper + extra_weight * extra reaches each query's threshold."""
+    rng = np.random.default_rng(21)
+    n = 3000
+    base = {"isotropic": np.zeros(DIM), "cone": np.ones(DIM), "outliers": np.zeros(DIM), "constant": np.zeros(DIM)}
+    x = base[layout] + (0.01 if layout == "cone" else 1.0) * rng.standard_normal((n, DIM))
+    if layout == "outliers":
+        x[::7, 3] = 40.0
+    if layout == "constant":  # every row the same: each has the largest error, so bounds sit right at the cut
+        x[:] = x[0]
+    dense16 = unit(x).astype(np.float16)
+    frame, codes, row_bounds = quantize_dense(dense16)
+    part = ShardVectors(0, dense16, np.zeros(0, np.uint32), np.zeros(1, np.int64), np.zeros(0, np.uint32),
+                        np.zeros(0, np.float32), codes=codes, frame=frame, row_bounds=row_bounds,
+                        token_max=np.zeros(0, np.float32))
+    info = ShardPruneInfo.of(part)
+    queries = np.stack([unit(rng.standard_normal(DIM)), dense16[5].astype(np.float32), np.zeros(DIM, np.float32),
+                        unit(dense16[0].astype(np.float32) + 1e-3 * rng.standard_normal(DIM))])
+    extra = rng.random((len(queries), n)).astype(np.float32) * 0.6 - 0.1  # [Q, n]; its transpose is [n, Q]
+    extra[:, ::11] = -np.inf  # deleted rows' sparse score
+    rows = np.arange(n)
+    for digits in (1, 2):
+        info.digits = digits
+        one_pass = shard_pass(part, info, queries)
+        for weight, extra_weight in ((1.0, 0.3), (0.5, 0.0), (1.0, 3.0)):
+            with np.errstate(invalid="ignore"):  # 0 * -inf: NaN, which reaches nothing
+                upper = [weight * bound.upper(rows) + extra_weight * extra[i].astype(np.float64)
+                         for i, bound in enumerate(one_pass.bounds)]
+            for quantile in (0.5, 0.99, 0.9995, 1.0):
+                thresholds = np.array([np.quantile(u[np.isfinite(u)], quantile) for u in upper])
+                found = one_pass.reaching_with(thresholds, weight, extra.T, extra_weight)
+                for i in range(len(queries)):
+                    assert np.array_equal(found[i], rows[upper[i] >= thresholds[i]]), (layout, digits, quantile, i)
 
 
 def test_sparse_candidates_hold_every_row_that_reaches_the_threshold():

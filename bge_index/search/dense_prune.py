@@ -474,32 +474,32 @@ class ShardPass:
         part's exact score or bound per row, e.g. sparse, -inf on deleted rows; `extra_max`: its [blocks, Q]
         block maxima (value_block_maxima) when already made; the arithmetic is float64).
 
-        Per block, the dense score needed is lowest where `extra` is highest: the blocks whose maximum product
-        passes that cut, then each of their rows with its own cut, then its own bound; every query at once."""
+        A linear test in the high digit and `extra`, first on each block's maxima, then on the rows of the blocks
+        that pass, then each passing row's own bound; every query at once."""
         count = len(self.bounds)
         thresholds = np.asarray(thresholds, dtype=np.float64)
         if extra_max is None:
             extra_max = value_block_maxima(extra)
+        # A row that is not an outlier has dense upper bound <= offset + step * (digit * high + low_max) (see
+        # cut_terms), so it can reach only if a * high + extra_weight * extra + c >= 0, a and c below (per
+        # query, float64; c holds room for that sum's rounding). The test rises with high and with extra, so a
+        # block whose maxima fail it holds no row that passes.
         terms = [bound.cut_terms() for bound in self.bounds]
         offset, step = np.array([t[0] for t in terms]), np.array([t[1] for t in terms])  # [Q]
-        low_max = None if terms[0][2] is None else np.array([t[2] for t in terms])
-
-        def needed(values: np.ndarray, queries) -> np.ndarray:  # the dense bound needed, lowered for the rounding
-            # A deleted row's extra is -inf: its need is +inf or NaN, and no comparison with either passes.
-            with np.errstate(invalid="ignore"):
-                need = (thresholds[queries] - extra_weight * values) / weight
-                return need - np.abs(need) * _SLACK - _SLACK
-
-        every = np.arange(count)
-        passing = self.block_max >= _cuts(needed(extra_max.astype(np.float64), every), offset, step, low_max)
+        low_max = np.array([t[2] or 0.0 for t in terms])
+        a = weight * step * (1 if terms and terms[0][2] is None else DIGIT)  # [Q]
+        c = weight * (offset + step * low_max) - thresholds
+        with np.errstate(invalid="ignore"):  # (a threshold of -inf: every row passes but deleted ones, NaN)
+            c = c + _SLACK * (np.abs(a) * 2.0 ** 31 + np.abs(c) + np.abs(thresholds))
+            passing = a * self.block_max + extra_weight * extra_max.astype(np.float64) + c >= 0  # [blocks, Q]
         queries, blocks = np.nonzero(passing.T)  # query-major: each query's blocks ascending
         rows = blocks[:, None] * BLOCK_ROWS + np.arange(BLOCK_ROWS)  # [pairs, 64]
         queries = np.broadcast_to(queries[:, None], rows.shape)
         inside = rows < self.shard.rows
         rows, queries = rows[inside], queries[inside]  # each query's rows ascending
-        need = needed(extra[rows, queries].astype(np.float64), queries)
-        keep = self.high[rows, queries] >= _cuts(need, offset[queries], step[queries],
-                                                 None if low_max is None else low_max[queries])
+        with np.errstate(invalid="ignore"):  # deleted rows: extra -inf, never passing
+            keep = (a[queries] * self.high[rows, queries] + extra_weight * extra[rows, queries].astype(np.float64)
+                    + c[queries] >= 0)
         rows, queries = rows[keep], queries[keep]
         ends = np.searchsorted(queries, np.arange(count + 1))
         out = []
