@@ -727,10 +727,17 @@ def test_the_best_blocks_seeds_are_each_blocks_best_live_row():
     assert len(every) == 15 and not np.any((every >= 64) & (every < 128))
 
 
+def _reference_top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """The definition: finite rows by score, best first, equal scores in row order (NaN rows never)."""
+    rows = np.flatnonzero(scores > -np.inf)
+    return rows[np.lexsort((rows, -scores[rows]))][:k]
+
+
 @pytest.mark.parametrize("k", [1, 10, 57, 400])
 def test_top_k_over_many_scores_looks_at_the_best_blocks_and_gives_the_same_rows(monkeypatch, k):
     """top_k over at least 65,536 scores ranks only the blocks whose maximum reaches the k-th best block
-    maximum: the same rows, in the same order, as a partition of every score, ties across blocks included."""
+    maximum (of those tied at it, the first k): the rows and order of the definition, ties across blocks
+    included, and few rows ranked even when every score ties (a query sharing no token with any row)."""
     rng = np.random.default_rng(42)
     ranked = []
     real = scoring._plain_top_k
@@ -744,12 +751,15 @@ def test_top_k_over_many_scores_looks_at_the_best_blocks_and_gives_the_same_rows
             scores[: n - 5] = -np.inf  # fewer live rows than k, some of them in the short last block
         ranked.clear()
         got = scoring.top_k(scores, k)
-        assert np.array_equal(got, real(scores, k)), trial
+        assert np.array_equal(got, _reference_top_k(scores, k)), trial
+        assert np.array_equal(real(scores, k), _reference_top_k(scores, k)), trial
         assert np.all(np.isfinite(scores[got]))
-        if trial % 4 != 2 and trial % 3 != 0:  # (few live rows or many ties: every block may reach the cut)
-            assert ranked and ranked[0] < n  # only the best blocks' rows were ranked
-    flat = np.zeros(max(1 << 16, k * 4 * 64), dtype=np.float32)  # every block reaches the k-th maximum
-    assert np.array_equal(scoring.top_k(flat, k), np.arange(k))
+        if trial % 4 != 2:  # (fewer live rows than k: the k-th block maximum is -inf, every row is ranked)
+            assert ranked and ranked[0] <= 2 * k * dense_prune.BLOCK_ROWS  # only the best blocks' rows
+    for flat in (np.zeros(max(1 << 16, k * 4 * 64), dtype=np.float32), np.zeros(1 << 20, dtype=np.float32)):
+        ranked.clear()  # every block reaches the k-th maximum: its first k blocks are enough
+        assert np.array_equal(scoring.top_k(flat, k), np.arange(k)) and ranked[0] <= k * dense_prune.BLOCK_ROWS
+        assert np.array_equal(real(flat, k), np.arange(k))
     with_nan = rng.random(max(1 << 16, k * 4 * 64)).astype(np.float32)
     with_nan[77] = np.nan  # NaN: the plain path, whose order is the definition
     ranked.clear()

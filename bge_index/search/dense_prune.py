@@ -493,14 +493,15 @@ class ShardPass:
             c = c + _SLACK * (np.abs(a) * 2.0 ** 31 + np.abs(c) + np.abs(thresholds))
             passing = a * self.block_max + extra_weight * extra_max.astype(np.float64) + c >= 0  # [blocks, Q]
         queries, blocks = np.nonzero(passing.T)  # query-major: each query's blocks ascending
-        rows = blocks[:, None] * BLOCK_ROWS + np.arange(BLOCK_ROWS)  # [pairs, 64]
-        queries = np.broadcast_to(queries[:, None], rows.shape)
-        inside = rows < self.shard.rows
-        rows, queries = rows[inside], queries[inside]  # each query's rows ascending
+        # The rows of each passing (query, block) pair, 64 at a time: [pairs, 64] slabs of the high digits and of
+        # `extra` (a shorter last block's missing rows read as deleted).
+        full = self.shard.rows // BLOCK_ROWS
+        high = _block_slabs(self.high, full, blocks, queries, _MISSING)
+        extras = _block_slabs(extra, full, blocks, queries, -np.inf)
         with np.errstate(invalid="ignore"):  # deleted rows: extra -inf, never passing
-            keep = (a[queries] * self.high[rows, queries] + extra_weight * extra[rows, queries].astype(np.float64)
-                    + c[queries] >= 0)
-        rows, queries = rows[keep], queries[keep]
+            keep = (a[queries, None] * high + extra_weight * extras.astype(np.float64) + c[queries, None] >= 0)
+        pairs, places = np.nonzero(keep)  # pair-major, rows ascending within a pair
+        rows, queries = blocks[pairs] * BLOCK_ROWS + places, queries[pairs]  # each query's rows ascending
         ends = np.searchsorted(queries, np.arange(count + 1))
         out = []
         for i, bound in enumerate(self.bounds):
@@ -573,6 +574,22 @@ class ExactPass:
                 reach = weight * scores + extra_weight * extra[:, i].astype(np.float64) >= threshold
             out.append(np.flatnonzero(np.isfinite(scores) & reach))
         return out
+
+
+def _block_slabs(values: np.ndarray, full: int, blocks: np.ndarray, queries: np.ndarray, missing) -> np.ndarray:
+    """[pairs, BLOCK_ROWS]: values[block * 64 : block * 64 + 64, query] of each (block, query) pair from a
+    [rows, Q] array (any strides), `full` of whose blocks have 64 rows; the last block's missing rows hold
+    `missing`."""
+    out = np.empty((len(blocks), BLOCK_ROWS), dtype=values.dtype)
+    whole = blocks < full
+    if whole.any():  # a [full, 64, Q] view: each pair's 64 values in one strided copy
+        out[whole] = values[:full * BLOCK_ROWS].reshape(full, BLOCK_ROWS, values.shape[1])[blocks[whole], :,
+                                                                                           queries[whole]]
+    if not whole.all():
+        tail = values[full * BLOCK_ROWS:]  # [rows - 64 * full, Q]
+        out[~whole] = missing
+        out[~whole, :len(tail)] = tail[:, queries[~whole]].T
+    return out
 
 
 def block_maxima(products: torch.Tensor, out: torch.Tensor) -> None:

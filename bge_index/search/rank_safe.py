@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from bge_index.search.buffers import ThreadBuffers
 from bge_index.search.dense_kernel import QUERY_BLOCK, DenseKernel, summation_gamma
 from bge_index.search.dense_prune import (ExactPass, ExactShardBound, ShardPruneInfo, best_of_blocks, pack_codes,
                                           shard_pass, value_block_maxima)
@@ -131,16 +132,17 @@ def kth_best(values: np.ndarray, k: int) -> float:
 class PrunedSearch:
     """Rank-safe dense, sparse and weighted hybrid top-k over shards that carry pruning data (others are scanned)."""
 
-    def __init__(self, shards: Sequence[ShardVectors], kernel: DenseKernel, sparse_scan,
+    def __init__(self, shards: Sequence[ShardVectors], kernel: DenseKernel, sparse_scan, buffers: ThreadBuffers,
                  shared: "PrunedSearch | None" = None):
         """`sparse_scan(query, out=[N] float32)`: writes every row's exact sparse score into `out`
-        (scoring.Searcher.sparse_scores).
+        (scoring.Searcher.sparse_scores). `buffers`: the scratch arrays of the searching threads.
         `shared`: a PrunedSearch over the same shards with other live rows (a filter), whose per-shard data
         (which counts deleted rows too) this one reuses."""
         self.shards = list(shards)
         self.kernel = kernel
         self.sparse_scan = sparse_scan
         self.rows = sum(shard.rows for shard in self.shards)
+        self.buffers = buffers
         self._infos: dict[int, ShardPruneInfo] = {} if shared is None else shared._infos
         self._token_max: dict[int, dict[int, float]] = {} if shared is None else shared._token_max
         # Batches read packed copies of the int8 codes (dense_prune.pack_codes: one copy in memory, made on a
@@ -327,7 +329,7 @@ class PrunedSearch:
         passes = self._dense_passes(dense_queries, blocks)
         bounds = [[shard_pass.bounds[i] for shard_pass in passes] for i in range(len(queries))]
         wd, ws = float(np.float32(weights.dense)), float(np.float32(weights.sparse))
-        sparse = np.empty((len(queries), self.rows), dtype=np.float32)  # [Q, N], deleted rows -inf
+        sparse = self.buffers.get("hybrid sparse", (len(queries), self.rows))  # [Q, N], deleted rows -inf
         for query, scores in zip(queries, sparse):
             self.sparse_scan(query, out=scores)
         parts = [[scores[shard.start:shard.start + shard.rows] for shard in self.shards] for scores in sparse]

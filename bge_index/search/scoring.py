@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import threading
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
 from bge_index.errors import NoColbertVectors
+from bge_index.search.buffers import ThreadBuffers
 from bge_index.search.dense_kernel import QUERY_BLOCK, DenseKernel, exact_kernel_usable
 from bge_index.search.dense_prune import BLOCK_ROWS, INT8_QUERY_BLOCK, block_rows, value_block_maxima
 from bge_index.search.query import RRF_DEPTH, RRF_K, Hit, QueryVectors, ScoreWeights
@@ -60,11 +60,14 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
         # The k-th highest block maximum is at most the k-th highest score (k blocks each hold a row reaching
         # it), so every row reaching the k-th score, ties included, lies in a block whose maximum reaches it:
         # those blocks' rows are ranked alone (a NaN anywhere: the plain path, which orders NaN its own way).
+        # Of the blocks tied at the k-th maximum only the first k count: each holds a row scoring it, and a later
+        # one's rows come after k such rows (a query sharing no token with any row: every score 0).
         maxima = value_block_maxima(scores)  # [blocks]
         if not np.isnan(maxima).any():
             kth_block = float(torch.topk(torch.from_numpy(maxima), k, sorted=False).values.min())
             if kth_block > -np.inf:
-                rows = np.unique(block_rows(np.flatnonzero(maxima >= kth_block), n))  # (the last block's repeat)
+                blocks = np.union1d(np.flatnonzero(maxima > kth_block), np.flatnonzero(maxima == kth_block)[:k])
+                rows = np.unique(block_rows(blocks, n))  # (the last block's repeat)
                 return rows[_plain_top_k(scores[rows], k)]
     return _plain_top_k(scores, k)
 
@@ -73,9 +76,11 @@ def _plain_top_k(scores: np.ndarray, k: int) -> np.ndarray:
     """top_k by a partition of every score."""
     n = scores.shape[0]
     if k < n:
-        # Keep every row tied with the k-th score, so the tie-break below sees them all.
+        # Fewer than k rows score above the k-th score; of the rows tied with it, the first ones in row order fill
+        # the rest (all of them would be sorted for nothing: a query sharing no token with any row ties them all).
         kth_score = scores[np.argpartition(-scores, k - 1)[k - 1]]
-        candidates = np.flatnonzero(scores >= kth_score)
+        above = np.flatnonzero(scores > kth_score)
+        candidates = np.union1d(above, np.flatnonzero(scores == kth_score)[:k - len(above)])
     else:
         candidates = np.arange(n)
     candidates = candidates[scores[candidates] > -np.inf]
@@ -96,14 +101,14 @@ class Searcher:
         self._documents: _DocumentGroups | None = None
         self._parent = _shared
         self._kernel = DenseKernel() if _shared is None else _shared._kernel
-        self._pruned = PrunedSearch(self.shards, self._kernel, self.sparse_scores,
+        self._buffers = ThreadBuffers() if _shared is None else _shared._buffers  # scratch arrays, per thread
+        self._pruned = PrunedSearch(self.shards, self._kernel, self.sparse_scores, self._buffers,
                                     shared=None if _shared is None else _shared._pruned)
         self.live_rows = sum(shard.rows if shard.live is None else int(shard.live.sum()) for shard in self.shards)
         # Rank-safe pruning where it applies (False: always full scans; the answers are the same).
         self.prune = True if _shared is None else _shared.prune
         self.last_rescored: list[int] = []  # rows scored exactly for each query of the last search (full scan: all)
         self.pack_request: int | None | bool = False  # pack_codes' budget when asked (None: its default)
-        self._buffers = _Buffers() if _shared is None else _shared._buffers
 
     def pack_codes(self, budget: int | None = None) -> int:
         """Give batches packed copies of the int8 codes (oneDNN's layout: a batch of 16 queries then costs about
@@ -188,27 +193,30 @@ class Searcher:
         scores = np.empty(self.rows, dtype=np.float32) if out is None else out
         total = torch.from_numpy(scores)  # [N], written in place
         total.zero_()
-        # One token's products at a time, in a buffer kept by this thread (a fresh one per token costs its
-        # allocation and page faults: as much as the additions at a million rows).
-        products = torch.from_numpy(self._buffers.get("products", max((s.rows for s in self.shards), default=0)))
-        weights = [float(w) for w in np.asarray(query.sparse_weights, np.float32)]
+        # One token's products at a time, in a buffer kept by this thread: a fresh one per token costs its
+        # allocation and page faults (as much as the additions at a million rows); numpy's multiply has the
+        # least overhead for the many short posting lists (both libraries give IEEE float32 products).
+        products = self._buffers.get("products", max((s.rows for s in self.shards), default=0))
+        products_t = torch.from_numpy(products)
+        weights = np.asarray(query.sparse_weights, np.float32)
         for shard in self.shards:
             view = total[shard.start:shard.start + shard.rows]
-            slots, heavy = shard.token_slots(query.sparse_ids).tolist(), shard.heavy_slots(query.sparse_ids).tolist()
-            for slot, at, weight in zip(slots, heavy, weights):
+            slots, heavy = shard.token_slots(query.sparse_ids), shard.heavy_slots(query.sparse_ids)
+            starts, ends = shard.token_ptr[slots].tolist(), shard.token_ptr[slots + 1].tolist()
+            for slot, at, weight, start, end in zip(slots.tolist(), heavy.tolist(), weights, starts, ends):
                 # Products first, then plain adds (never alpha=, which may fuse them): the bits of
                 # sparse_prune.SparseShardQuery.exact, which pruning scores candidates with.
                 if at >= 0:
-                    # A token in most rows: one streaming add of its dense column (zeros where absent).
-                    product = products[:shard.rows]
-                    torch.mul(torch.from_numpy(shard.heavy_columns[at]), weight, out=product)
+                    # A token in most rows: one streaming add of its dense column (zeros where absent), with
+                    # torch's multiply (on all cores: numpy's single-threaded one measured slower here).
+                    product = products_t[:shard.rows]
+                    torch.mul(torch.from_numpy(shard.heavy_columns[at]), float(weight), out=product)
                     view.add_(product)
                 elif slot >= 0:
-                    start, end = shard.token_ptr[slot], shard.token_ptr[slot + 1]
-                    product = products[:end - start]
-                    torch.mul(torch.from_numpy(shard.posting_weights[start:end]), weight, out=product)
+                    np.multiply(shard.posting_weights[start:end], weight, out=products[:end - start])
                     # Rows are uint32 below 2**31, so their bits read as int32 are the same numbers.
-                    view.index_add_(0, torch.from_numpy(shard.posting_rows[start:end].view(np.int32)), product)
+                    view.index_add_(0, torch.from_numpy(shard.posting_rows[start:end].view(np.int32)),
+                                    products_t[:end - start])
             if shard.live is not None:
                 view[torch.from_numpy(~shard.live)] = -np.inf
         return scores
@@ -477,21 +485,6 @@ class Searcher:
             hits.append(Hit(row, float(score), dense, sparse, colbert))
         hits.sort(key=lambda h: (-h.score, h.row))
         return hits
-
-
-class _Buffers(threading.local):
-    """Float32 arrays a thread reuses from one search to the next (a full scan's [N] scores, one token's
-    products): fresh ones cost page faults, about 0.5 ms per million rows here."""
-
-    def __init__(self) -> None:
-        self.arrays: dict[str, np.ndarray] = {}
-
-    def get(self, name: str, size: int) -> np.ndarray:
-        """[size] float32, its content left over from an earlier use."""
-        array = self.arrays.get(name)
-        if array is None or array.shape[0] < size:
-            array = self.arrays[name] = np.empty(size, dtype=np.float32)
-        return array[:size]
 
 
 def _memory_bytes() -> int:
