@@ -25,7 +25,9 @@ In a fresh process per index it measures, side by side:
 - the copy-bandwidth bound: the float16 dense matrix's bytes / measured
   memcpy bandwidth, and each mode's p50 against it;
 - resident memory after the pruned searches (the packed copy included)
-  against the index's search files, and the int8 codes' size against the float16 dense file's;
+  against the index's search files, in all and above the runtime's own
+  (Python, numpy, torch: measured before opening the index), and the int8
+  codes' size against the float16 dense file's;
 - exactness: the share of top-10s whose rows and score bits equal the
   exhaustive search's, and the share equal to an independent brute force
   (numpy float64 dense products, scipy CSR sparse products: rows identical,
@@ -177,6 +179,7 @@ def measure(index_dir: Path, vectors_file: Path | None, count: int) -> dict:
     manifest = read_manifest(index_dir)
     # Queries encoded by the parent process (so the model is not in this one's memory), or synthetic.
     queries = pickle.loads(vectors_file.read_bytes()) if vectors_file else synthetic_queries(count, manifest.dense_dim)
+    runtime_rss = rss_bytes()[0]  # Python, numpy, torch and the queries, before any of the index
     opened = time.perf_counter()
     shards = OpenIndex.open(index_dir, manifest).vectors  # what LocalIndex opens, without the model
     searcher = Searcher(shards, manifest.vocab_size)
@@ -187,6 +190,7 @@ def measure(index_dir: Path, vectors_file: Path | None, count: int) -> dict:
                     "query_tokens": float(np.mean([len(q.sparse_ids) for q in queries])),
                     "dense_bytes": files.get("dense", 0), "codes_bytes": files.get("dense-codes", 0),
                     "search_file_bytes": sum(files.values()), "pruning_files": "dense-codes" in files,
+                    "runtime_rss": runtime_rss,
                     "modes": {}}
     # 1. pruned, one query at a time, then in batches of 16 (the RSS is read after these)
     batches = [queries[i:i + 16] for i in range(0, len(queries) - 15, 16)] or [queries]
@@ -377,7 +381,9 @@ def report(label: str, m: dict, first_open: float, second_open: float) -> None:
           + ", ".join(f"{mode} {v}" for mode, v in m['brute_force']['top10_equal_but_near_ties'].items()))
     print(f"resident memory after the pruned searches: {m['rss'] / gib:.2f} GiB = "
           f"{m['rss'] / max(m['search_file_bytes'], 1):.2f} x the search files (peak {m['rss_peak'] / gib:.2f} GiB, "
-          "the exhaustive and brute-force runs included)")
+          "the exhaustive and brute-force runs included); above the runtime's own "
+          f"{m['runtime_rss'] / gib:.2f} GiB (Python, numpy, torch, measured before opening the index): "
+          f"{(m['rss'] - m['runtime_rss']) / max(m['search_file_bytes'], 1):.2f} x")
 
 
 if __name__ == "__main__":

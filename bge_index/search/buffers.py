@@ -1,10 +1,11 @@
 """Scratch arrays a thread keeps from one search to the next.
 
-A full sparse scan writes a million float32 scores per query; a fresh array
-for each costs its page faults (and, for arrays numpy asks huge pages for,
-the kernel's compaction: measured 7 ms for 4 MB on a busy machine), as much
-as the scan itself. Each thread reuses its own arrays, so several threads
-may search one index at once. Must never import the model.
+A full sparse scan writes a million float32 scores per query, a batch of
+hybrid queries one such array per query; fresh arrays cost their page faults
+(and, for arrays numpy asks huge pages for, the kernel's compaction:
+measured 7 ms per 4 MB in a batch's 64 MB), as much as the scans
+themselves. Each thread reuses its own arrays, so several threads may
+search one index at once. Must never import the model.
 """
 
 from __future__ import annotations

@@ -183,8 +183,8 @@ class Searcher:
         return out
 
     def sparse_scores(self, query: QueryVectors, out: np.ndarray | None = None) -> np.ndarray:
-        """[N] float32 lexical scores from the inverted index: only the query tokens' postings are read. `out`:
-        an [N] float32 array to write them into (else a new one).
+        """[N] float32 lexical scores from the inverted index: only the query tokens' postings are read; deleted
+        rows -inf. `out`: an [N] float32 array to write them into (else a new one).
 
         torch's index_add_ with int32 row numbers measured twice as fast as
         np.bincount here; a row appears once per token, so each addition is a
@@ -193,30 +193,21 @@ class Searcher:
         scores = np.empty(self.rows, dtype=np.float32) if out is None else out
         total = torch.from_numpy(scores)  # [N], written in place
         total.zero_()
-        # One token's products at a time, in a buffer kept by this thread: a fresh one per token costs its
-        # allocation and page faults (as much as the additions at a million rows); numpy's multiply has the
-        # least overhead for the many short posting lists (both libraries give IEEE float32 products).
-        products = self._buffers.get("products", max((s.rows for s in self.shards), default=0))
-        products_t = torch.from_numpy(products)
-        weights = np.asarray(query.sparse_weights, np.float32)
+        weights = [float(w) for w in np.asarray(query.sparse_weights, np.float32)]
         for shard in self.shards:
             view = total[shard.start:shard.start + shard.rows]
-            slots, heavy = shard.token_slots(query.sparse_ids), shard.heavy_slots(query.sparse_ids)
-            starts, ends = shard.token_ptr[slots].tolist(), shard.token_ptr[slots + 1].tolist()
-            for slot, at, weight, start, end in zip(slots.tolist(), heavy.tolist(), weights, starts, ends):
+            slots, heavy = shard.token_slots(query.sparse_ids).tolist(), shard.heavy_slots(query.sparse_ids).tolist()
+            for slot, at, weight in zip(slots, heavy, weights):
                 # Products first, then plain adds (never alpha=, which may fuse them): the bits of
                 # sparse_prune.SparseShardQuery.exact, which pruning scores candidates with.
                 if at >= 0:
-                    # A token in most rows: one streaming add of its dense column (zeros where absent), with
-                    # torch's multiply (on all cores: numpy's single-threaded one measured slower here).
-                    product = products_t[:shard.rows]
-                    torch.mul(torch.from_numpy(shard.heavy_columns[at]), float(weight), out=product)
-                    view.add_(product)
+                    # A token in most rows: one streaming add of its dense column (zeros where absent).
+                    view.add_(torch.from_numpy(shard.heavy_columns[at]) * weight)
                 elif slot >= 0:
-                    np.multiply(shard.posting_weights[start:end], weight, out=products[:end - start])
+                    start, end = shard.token_ptr[slot], shard.token_ptr[slot + 1]
                     # Rows are uint32 below 2**31, so their bits read as int32 are the same numbers.
                     view.index_add_(0, torch.from_numpy(shard.posting_rows[start:end].view(np.int32)),
-                                    products_t[:end - start])
+                                    torch.from_numpy(shard.posting_weights[start:end]) * weight)
             if shard.live is not None:
                 view[torch.from_numpy(~shard.live)] = -np.inf
         return scores
