@@ -379,35 +379,28 @@ class DenseShardBound:
 
     def cuts(self, thresholds: np.ndarray) -> np.ndarray:
         """`cut` of each of [n] float64 thresholds, clipped to what int32 digits can compare with."""
-        return _cuts(thresholds, *self.cut_terms())
+        offset, step, low_max = self.cut_terms()
+        need = thresholds - offset
+        if not step > 0:
+            out = np.where(need <= 0, -np.inf, np.where(need > 0, np.inf, np.nan))  # NaN stays NaN: never passes
+        elif low_max is None:
+            with np.errstate(invalid="ignore"):
+                out = np.floor(need / step) - 1  # the division's rounding is far below 1
+        else:
+            with np.errstate(invalid="ignore"):
+                out = np.floor((need / step - low_max) / DIGIT) - 1
+        return np.clip(out, -float(np.iinfo(np.int32).max), 2.0 ** 40)  # int32 minimum (deleted) never passes
 
     def cut_terms(self) -> tuple[float, float, float | None]:
-        """(what a threshold loses before the division: m + error_max + slack; the step t; the low digit's
-        largest reach, None with one digit): `cuts`' terms, for `_cuts`."""
+        """(m + error_max + slack: the most a row that is not an outlier scores above t * I; the step t; the most
+        the low digit adds to I / t, None with one digit): a row's upper bound is at most
+        offset + t * (128 * hi + low_max), or offset + t * I with one digit."""
         low_max = None if self._low is None else self.info.code_max * self.frame.low_norm * (1 + _SLACK) + 1
         return self.frame.center_dot + self.error_max + self.slack, self.frame.step, low_max
 
     def reaching(self, threshold: float) -> np.ndarray:
         """Live local rows (ascending) whose upper bound reaches `threshold`."""
         return ShardPass(self.shard, [self], self._high[:, None]).reaching([threshold])[0]
-
-
-def _cuts(thresholds, offset, step, low_max):
-    """DenseShardBound.cuts with its terms (cut_terms) given as scalars or arrays broadcasting with the
-    [...] float64 thresholds: the high digit below which a row that is not an outlier cannot reach them.
-    With one digit t * I >= threshold - offset needs I >= (threshold - offset) / t; with two, the low digit
-    adds at most low_max to I / t, and I = 128 * hi + lo."""
-    need = thresholds - offset
-    step = np.asarray(step, dtype=np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        if low_max is None:
-            out = np.floor(need / step) - 1  # the division's rounding is far below 1
-        else:
-            out = np.floor((need / step - low_max) / DIGIT) - 1
-        # No step (a zero query): every row has I = 0, so only the sign of what is needed decides (NaN stays).
-        flat = np.where(need <= 0, -np.inf, np.where(need > 0, np.inf, np.nan))
-        out = np.where(step > 0, out, flat)
-    return np.clip(out, -float(np.iinfo(np.int32).max), 2.0 ** 40)  # int32 minimum (deleted) never passes
 
 
 class ShardPass:
