@@ -116,9 +116,10 @@ def _has_pruning_files(index_dir: Path) -> bool:
     return all(any(r["kind"] == "dense-codes" for r in shard.search or []) for shard in read_manifest(index_dir).shards)
 
 
-def rss_bytes() -> tuple[int, int]:
+def rss_bytes(field: str = "VmRSS") -> tuple[int, int]:
+    """(resident bytes: all, or one of /proc's RssAnon / RssFile; the peak of all)."""
     fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-    return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+    return int(fields[field].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
 
 
 def copy_bandwidth() -> float:
@@ -227,6 +228,7 @@ def measure(index_dir: Path, vectors_file: Path | None, count: int) -> dict:
             [(h.row, np.float32(h.score).tobytes()) for h in got] == [(h.row, np.float32(h.score).tobytes()) for h in alone]
             for got, alone in zip(answers, pruned_hits[mode]))
     result["rss"], result["rss_peak"] = rss_bytes()
+    result["rss_anon"], result["rss_file"] = rss_bytes("RssAnon")[0], rss_bytes("RssFile")[0]
     # 2. exhaustive: every row scored, the same answers
     searcher.prune = False
     for mode in MODES:
@@ -383,7 +385,9 @@ def report(label: str, m: dict, first_open: float, second_open: float) -> None:
           f"{m['rss'] / max(m['search_file_bytes'], 1):.2f} x the search files (peak {m['rss_peak'] / gib:.2f} GiB, "
           "the exhaustive and brute-force runs included); above the runtime's own "
           f"{m['runtime_rss'] / gib:.2f} GiB (Python, numpy, torch, measured before opening the index): "
-          f"{(m['rss'] - m['runtime_rss']) / max(m['search_file_bytes'], 1):.2f} x")
+          f"{(m['rss'] - m['runtime_rss']) / max(m['search_file_bytes'], 1):.2f} x; of it "
+          f"{m['rss_file'] / gib:.2f} GiB mapped from files (the search files' pages this process touched, and "
+          f"libraries), {m['rss_anon'] / gib:.2f} GiB its own (the runtime's, the packed codes, scratch arrays)")
 
 
 if __name__ == "__main__":

@@ -201,10 +201,13 @@ def test_every_rows_exact_score_lies_within_its_bounds(layout):
                 assert np.array_equal(bound.reaching(threshold), expected)
 
 
+@pytest.mark.parametrize("slab_pairs", [3, 8192])
 @pytest.mark.parametrize("layout", ["isotropic", "cone", "outliers", "constant"])
-def test_the_hybrid_cut_keeps_every_row_whose_weighted_bound_reaches_the_threshold(layout):
-    """ShardPass.reaching_with (the hybrid's int8 cut: a linear test on blocks, then rows, then each row's own
-    bound) returns exactly the rows where weight * upper + extra_weight * extra reaches each query's threshold."""
+def test_the_hybrid_cut_keeps_every_row_whose_weighted_bound_reaches_the_threshold(monkeypatch, layout, slab_pairs):
+    """ShardPass.reaching_with (the hybrid's int8 cut: a linear test on blocks, then rows (a few blocks at a
+    time), then each row's own bound) returns exactly the rows where weight * upper + extra_weight * extra
+    reaches each query's threshold; rows whose error is far past the others' (outliers) get their own bound."""
+    monkeypatch.setattr(dense_prune, "_SLAB_PAIRS", slab_pairs)
     rng = np.random.default_rng(21)
     n = 3000
     base = {"isotropic": np.zeros(DIM), "cone": np.ones(DIM), "outliers": np.zeros(DIM), "constant": np.zeros(DIM)}
@@ -215,10 +218,13 @@ def test_the_hybrid_cut_keeps_every_row_whose_weighted_bound_reaches_the_thresho
         x[:] = x[0]
     dense16 = unit(x).astype(np.float16)
     frame, codes, row_bounds = quantize_dense(dense16)
+    if layout == "outliers":  # rows whose error bound is 10x the rest: outliers, which the linear test misses
+        row_bounds[::97, 1] *= 10  # (a looser bound is still a bound)
     part = ShardVectors(0, dense16, np.zeros(0, np.uint32), np.zeros(1, np.int64), np.zeros(0, np.uint32),
                         np.zeros(0, np.float32), codes=codes, frame=frame, row_bounds=row_bounds,
                         token_max=np.zeros(0, np.float32))
     info = ShardPruneInfo.of(part)
+    assert (len(info.outliers) > 0) == (layout == "outliers")
     queries = np.stack([unit(rng.standard_normal(DIM)), dense16[5].astype(np.float32), np.zeros(DIM, np.float32),
                         unit(dense16[0].astype(np.float32) + 1e-3 * rng.standard_normal(DIM))])
     extra = rng.random((len(queries), n)).astype(np.float32) * 0.6 - 0.1  # [Q, n]; its transpose is [n, Q]
@@ -236,6 +242,68 @@ def test_the_hybrid_cut_keeps_every_row_whose_weighted_bound_reaches_the_thresho
                 found = one_pass.reaching_with(thresholds, weight, extra.T, extra_weight)
                 for i in range(len(queries)):
                     assert np.array_equal(found[i], rows[upper[i] >= thresholds[i]]), (layout, digits, quantile, i)
+
+
+def test_the_hybrid_cut_holds_its_temporaries_to_a_few_blocks_at_a_time():
+    """Where nothing is pruned (every row reaches), the cut's [pairs, 64] slabs for 32 queries over 131,072 rows
+    would take about 200 MB at once; a few thousand blocks at a time keep them near 20 MB."""
+    import tracemalloc
+
+    rng = np.random.default_rng(22)
+    n, count = 1 << 17, 32
+    dense16 = unit(rng.standard_normal((n, DIM))).astype(np.float16)
+    frame, codes, row_bounds = quantize_dense(dense16)
+    part = ShardVectors(0, dense16, np.zeros(0, np.uint32), np.zeros(1, np.int64), np.zeros(0, np.uint32),
+                        np.zeros(0, np.float32), codes=codes, frame=frame, row_bounds=row_bounds,
+                        token_max=np.zeros(0, np.float32))
+    one_pass = shard_pass(part, ShardPruneInfo.of(part), unit(rng.standard_normal((count, DIM))))
+    extra = np.zeros((n, count), dtype=np.float32)
+    tracemalloc.start()
+    try:
+        found = one_pass.reaching_with(np.full(count, -0.5), 1e-3, extra, 1.0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert all(len(rows) == n for rows in found)
+    result = sum(rows.nbytes for rows in found)  # what it returns: every row for every query
+    assert peak - result < 64 << 20
+
+
+def test_scores_that_could_overflow_float32_are_left_to_the_scans():
+    """Query weights of 3e38 make some rows' sparse scores +inf in float32: the bounds, made for finite scores,
+    would lose rows (0 * inf is NaN), so such queries are scanned and answer as the scan does."""
+    rng = np.random.default_rng(23)
+    dense, sparse, live = random_parts(rng, [2048])[0]
+    for row in range(0, 2048, 64):
+        sparse[row] = {396: 0.3, 397: 0.3, 398: 0.3, 399: 0.3}
+    index = searcher([(dense, sparse, live)])
+    huge = query(unit(rng.standard_normal(DIM)), {396: 3e38, 397: 3e38, 398: 3e38, 399: 3e38, 5: 0.2})
+    assert np.isposinf(index.sparse_scores(huge)).sum() == 32
+    loud = QueryVectors(np.full(DIM, 1e36, dtype=np.float32), huge.sparse_ids, np.full(5, 0.1, np.float32))
+    for weights in (ScoreWeights(1.0, 0.0), ScoreWeights(1.0, 0.3), ScoreWeights(0.0, 1.0)):
+        assert_same_as_scan(index, [huge, loud], 10, modes=("dense", "sparse", "hybrid"), weights=weights)
+    index.prune = True
+    assert not index._can_prune([huge], 10, "hybrid", ScoreWeights())
+    assert not index._can_prune([loud], 10, "dense", ScoreWeights())
+
+
+def test_a_dropped_searcher_is_freed_at_once_with_its_scratch_arrays():
+    """No reference cycle keeps a Searcher (and each thread's [N] and [Q, N] scratch arrays) alive until
+    Python's cycle collector runs: serve drops an old generation's Searcher when it swaps to a new one."""
+    import gc
+    import weakref
+
+    rng = np.random.default_rng(24)
+    index = searcher(random_parts(rng, [500, 500]))
+    index.search_many(random_queries(rng, 3), 5, "hybrid")
+    index.search(random_queries(rng, 1)[0], 5, "sparse")
+    gone = weakref.ref(index)
+    gc.disable()
+    try:
+        del index
+        assert gone() is None
+    finally:
+        gc.enable()
 
 
 def test_sparse_candidates_hold_every_row_that_reaches_the_threshold():
@@ -761,9 +829,15 @@ def test_top_k_over_many_scores_looks_at_the_best_blocks_and_gives_the_same_rows
         assert np.array_equal(scoring.top_k(flat, k), np.arange(k)) and ranked[0] <= k * dense_prune.BLOCK_ROWS
         assert np.array_equal(real(flat, k), np.arange(k))
     with_nan = rng.random(max(1 << 16, k * 4 * 64)).astype(np.float32)
-    with_nan[77] = np.nan  # NaN: the plain path, whose order is the definition
+    with_nan[77] = np.nan  # NaN: the plain path; NaN rows are never ranked
     ranked.clear()
-    assert np.array_equal(scoring.top_k(with_nan, k), real(with_nan, k)) and ranked == [len(with_nan)]
+    assert np.array_equal(scoring.top_k(with_nan, k), _reference_top_k(with_nan, k)) and ranked == [len(with_nan)]
+    mostly_nan = np.full(len(with_nan), np.nan, dtype=np.float32)
+    mostly_nan[[5, 9000]] = [0.5, 2.0]  # fewer scores than k that are not NaN: all of them
+    assert np.array_equal(scoring.top_k(mostly_nan, k), _reference_top_k(mostly_nan, k))
+    assert np.array_equal(scoring.top_k(np.array([1, np.nan, np.nan], np.float32), 2), [0])
+    backwards = rng.random(max(1 << 16, k * 4 * 64)).astype(np.float32)[::-1]  # negative strides
+    assert np.array_equal(scoring.top_k(backwards, k), _reference_top_k(backwards, k))
 
 
 def test_the_sparse_bound_of_the_hybrid_covers_every_rows_score():

@@ -51,6 +51,7 @@ _INT8_CHUNK_ROWS = 65536  # rows per _int_mm call (bounds the kernel's own packi
 _SLACK = 2.0 ** -40  # relative slack on float64 evaluations of a bound (their rounding is below 2**-50)
 _OUTLIER = 4.0  # rows whose error bound is this many times the median get their own bound, always
 BLOCK_ROWS = 64  # rows per block whose largest product is kept: cuts skip whole blocks, seeds are block maxima
+_SLAB_PAIRS = 8192  # (query, block) pairs whose rows the hybrid cut tests at once: about 20 MB of temporaries
 _MISSING = np.iinfo(np.int32).min  # the product given to deleted rows, so they never rank among the best
 _int_mm_checked: bool | None = None
 _simsimd_checked = None  # the simsimd module once checked exact, False when not usable
@@ -487,24 +488,32 @@ class ShardPass:
             passing = a * self.block_max + extra_weight * extra_max.astype(np.float64) + c >= 0  # [blocks, Q]
         queries, blocks = np.nonzero(passing.T)  # query-major: each query's blocks ascending
         # The rows of each passing (query, block) pair, 64 at a time: [pairs, 64] slabs of the high digits and of
-        # `extra` (a shorter last block's missing rows read as deleted).
+        # `extra` (a shorter last block's missing rows read as deleted), at most _SLAB_PAIRS pairs at once (where
+        # little is pruned, all of them would take about 50 bytes per row and query).
         full = self.shard.rows // BLOCK_ROWS
-        high = _block_slabs(self.high, full, blocks, queries, _MISSING)
-        extras = _block_slabs(extra, full, blocks, queries, -np.inf)
-        with np.errstate(invalid="ignore"):  # deleted rows: extra -inf, never passing
-            keep = (a[queries, None] * high + extra_weight * extras.astype(np.float64) + c[queries, None] >= 0)
-        pairs, places = np.nonzero(keep)  # pair-major, rows ascending within a pair
-        rows, queries = blocks[pairs] * BLOCK_ROWS + places, queries[pairs]  # each query's rows ascending
-        ends = np.searchsorted(queries, np.arange(count + 1))
+        pieces: list[list[np.ndarray]] = [[] for _ in range(count)]  # per query, its rows ascending
+        for start in range(0, len(blocks), _SLAB_PAIRS):
+            some_blocks, some_queries = blocks[start:start + _SLAB_PAIRS], queries[start:start + _SLAB_PAIRS]
+            high = _block_slabs(self.high, full, some_blocks, some_queries, _MISSING)
+            extras = _block_slabs(extra, full, some_blocks, some_queries, -np.inf)
+            with np.errstate(invalid="ignore"):  # deleted rows: extra -inf, never passing
+                keep = (a[some_queries, None] * high + extra_weight * extras.astype(np.float64)
+                        + c[some_queries, None] >= 0)
+            pairs, places = np.nonzero(keep)  # pair-major, rows ascending within a pair
+            rows, owners = some_blocks[pairs] * BLOCK_ROWS + places, some_queries[pairs]
+            ends = np.searchsorted(owners, np.arange(count + 1))
+            for i in np.unique(owners):
+                pieces[i].append(rows[ends[i]:ends[i + 1]])
         out = []
         for i, bound in enumerate(self.bounds):
-            found = rows[ends[i]:ends[i + 1]]
+            found = np.concatenate(pieces[i]) if pieces[i] else np.zeros(0, dtype=np.int64)
             if len(bound.info.outliers):
                 found = np.union1d(found, bound.info.outliers)
             if self.shard.live is not None:
                 found = found[self.shard.live[found]]
-            out.append(found[weight * bound.upper(found) + extra_weight * extra[found, i].astype(np.float64)
-                             >= thresholds[i]])
+            with np.errstate(invalid="ignore"):  # (0 * -inf: NaN, never reaching)
+                reach = weight * bound.upper(found) + extra_weight * extra[found, i].astype(np.float64) >= thresholds[i]
+            out.append(found[reach])
         return out
 
 
@@ -607,8 +616,8 @@ def value_block_maxima(values: np.ndarray) -> np.ndarray:
     """The maxima of the blocks of BLOCK_ROWS rows of float32 values (a NaN makes its block's maximum NaN):
     [rows] -> [ceil(rows / BLOCK_ROWS)], or [rows, Q] (any strides) -> [ceil(rows / BLOCK_ROWS), Q]."""
     values = np.asarray(values)
-    if values.dtype != np.float32:
-        values = values.astype(np.float32)
+    if values.dtype != np.float32 or any(stride < 0 for stride in values.strides):
+        values = np.array(values, dtype=np.float32)  # (torch takes no negative strides)
     columns = values[:, None] if values.ndim == 1 else values
     out = torch.empty(-(-len(values) // BLOCK_ROWS), columns.shape[1], dtype=torch.float32)
     block_maxima(torch.from_numpy(columns), out)

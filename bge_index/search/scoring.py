@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import weakref
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -46,6 +47,8 @@ COLBERT_MIN_CANDIDATES = 100
 GATHER_ROWS = 4096
 GATHER_FRACTION = 16
 _BLOCK_TOP_K_ROWS = 1 << 16  # top_k over at least this many scores looks at the best blocks' rows only
+# Pruning wants finite float32 scores (3.4e38 at most): queries whose scores could come near that are scanned.
+_FAR_FROM_OVERFLOW = 2.0 ** 100
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -79,8 +82,11 @@ def _plain_top_k(scores: np.ndarray, k: int) -> np.ndarray:
         # Fewer than k rows score above the k-th score; of the rows tied with it, the first ones in row order fill
         # the rest (all of them would be sorted for nothing: a query sharing no token with any row ties them all).
         kth_score = scores[np.argpartition(-scores, k - 1)[k - 1]]
-        above = np.flatnonzero(scores > kth_score)
-        candidates = np.union1d(above, np.flatnonzero(scores == kth_score)[:k - len(above)])
+        if np.isnan(kth_score):  # fewer than k scores that are not NaN (NaN sorts last): all of them
+            candidates = np.flatnonzero(~np.isnan(scores))
+        else:
+            above = np.flatnonzero(scores > kth_score)
+            candidates = np.union1d(above, np.flatnonzero(scores == kth_score)[:k - len(above)])
     else:
         candidates = np.arange(n)
     candidates = candidates[scores[candidates] > -np.inf]
@@ -102,12 +108,16 @@ class Searcher:
         self._parent = _shared
         self._kernel = DenseKernel() if _shared is None else _shared._kernel
         self._buffers = ThreadBuffers() if _shared is None else _shared._buffers  # scratch arrays, per thread
-        self._pruned = PrunedSearch(self.shards, self._kernel, self.sparse_scores, self._buffers,
-                                    shared=None if _shared is None else _shared._pruned)
+        # A weak reference: a bound method would make a cycle that kept a dropped Searcher (and its threads'
+        # scratch arrays) alive until Python's cycle collector ran.
+        scan = weakref.WeakMethod(self.sparse_scores)
+        self._pruned = PrunedSearch(self.shards, self._kernel, lambda query, out: scan()(query, out=out),
+                                    self._buffers, shared=None if _shared is None else _shared._pruned)
         self.live_rows = sum(shard.rows if shard.live is None else int(shard.live.sum()) for shard in self.shards)
         # Rank-safe pruning where it applies (False: always full scans; the answers are the same).
         self.prune = True if _shared is None else _shared.prune
         self.last_rescored: list[int] = []  # rows scored exactly for each query of the last search (full scan: all)
+        self._largest_weight: float | None = None if _shared is None else _shared._largest_weight  # see _sparse_magnitude
         self.pack_request: int | None | bool = False  # pack_codes' budget when asked (None: its default)
 
     def pack_codes(self, budget: int | None = None) -> int:
@@ -368,20 +378,40 @@ class Searcher:
         depth = max(k * COLBERT_CANDIDATES_PER_HIT, COLBERT_MIN_CANDIDATES) if mode == "colbert" else k
         if depth >= self.live_rows or not exact_kernel_usable():
             return False
+        # The bounds assume finite float32 scores: a score that could overflow to inf is left to the scans.
+        pair = np.array([weights.dense, weights.sparse], dtype=np.float64)
+        if mode != "dense" and not all(np.all(np.isfinite(q.sparse_weights)) for q in queries):
+            return False
         if mode == "sparse":
             # Measured on 1M rows (BENCHMARKS.md): MaxScore 15.5 ms p50 against 7.9 ms for the full accumulation
             # over the same postings (its per-shard Python work outweighs the rows it skips), so sparse scans.
             # SPARSE_PRUNING turns it on again (the tests keep it exact).
-            return SPARSE_PRUNING and all(np.all(np.isfinite(q.sparse_weights)) for q in queries)
+            return SPARSE_PRUNING and all(self._sparse_magnitude(q) < _FAR_FROM_OVERFLOW for q in queries)
         if not any(shard.codes is not None for shard in self.shards):
             return False
-        if not all(np.all(np.isfinite(q.dense)) for q in queries):
+        # |dense score| <= |q| |x|, and a float16 row has |x| <= 65504 sqrt(D).
+        row_norm = 65504.0 * np.sqrt(self.shards[0].dense.shape[1])
+        dense_magnitude = max(float(np.linalg.norm(q.dense.astype(np.float64))) * row_norm for q in queries)
+        if not dense_magnitude < _FAR_FROM_OVERFLOW:  # (NaN or inf components: not below)
             return False
         if mode == "dense":
             return True
-        pair = np.array([weights.dense, weights.sparse], dtype=np.float32)
         return bool(np.all(np.isfinite(pair)) and np.all(pair >= 0)
-                    and all(np.all(np.isfinite(q.sparse_weights)) for q in queries))
+                    and pair[0] * dense_magnitude < _FAR_FROM_OVERFLOW
+                    and all(max(pair[1], 1.0) * self._sparse_magnitude(q) < _FAR_FROM_OVERFLOW for q in queries))
+
+    def _sparse_magnitude(self, query: QueryVectors) -> float:
+        """At least the |sparse score| of every row: sum |q_w| times the largest |weight| of any token in any
+        shard (the largest found once per shard, from its token-max file or its postings)."""
+        if self._largest_weight is None:
+            largest = 0.0
+            for shard in self.shards:
+                weights = shard.token_max if shard.token_max is not None else shard.posting_weights
+                if len(weights):
+                    largest = max(largest, float(np.abs(weights).max()))
+            self._largest_weight = largest
+        total = float(np.abs(np.asarray(query.sparse_weights, dtype=np.float64)).sum()) * self._largest_weight
+        return total * 2 if np.isfinite(total) else np.inf  # (twice: the float32 sum's rounding, many times over)
 
     def _pruned_search(self, queries: Sequence[QueryVectors], k: int, mode: str, weights: ScoreWeights,
                        fetch_colbert) -> list[list[Hit]]:
