@@ -373,10 +373,29 @@ class DenseShardBound:
         fewer are live). Any rows would be correct seeds: these make the first threshold tight."""
         return ShardPass(self.shard, [self], self._high[:, None]).best(count)[0]
 
+    def cut(self, threshold: float) -> float:
+        """The high digit below which a row that is not an outlier cannot reach `threshold`: it would need
+        t * I >= threshold - m - error_max, and |k . lo| <= |k| |lo|. -inf: every row may; +inf: none."""
+        return float(self.cuts(np.array([threshold], dtype=np.float64))[0])
+
+    def cuts(self, thresholds: np.ndarray) -> np.ndarray:
+        """`cut` of each of [n] float64 thresholds, clipped to what int32 digits can compare with."""
+        offset, step, low_max = self.cut_terms()
+        need = thresholds - offset
+        if not step > 0:
+            out = np.where(need <= 0, -np.inf, np.where(need > 0, np.inf, np.nan))  # NaN stays NaN: never passes
+        elif low_max is None:
+            with np.errstate(invalid="ignore"):
+                out = np.floor(need / step) - 1  # the division's rounding is far below 1
+        else:
+            with np.errstate(invalid="ignore"):
+                out = np.floor((need / step - low_max) / DIGIT) - 1
+        return np.clip(out, -float(np.iinfo(np.int32).max), 2.0 ** 40)  # int32 minimum (deleted) never passes
+
     def cut_terms(self) -> tuple[float, float, float | None]:
         """(m + error_max + slack: the most a row that is not an outlier scores above t * I; the step t; the most
         the low digit adds to I / t, None with one digit): a row's upper bound is at most
-        offset + t * (128 * hi + low_max), or offset + t * I with one digit, since |k . lo| <= |k| |lo|."""
+        offset + t * (128 * hi + low_max), or offset + t * I with one digit."""
         low_max = None if self._low is None else self.info.code_max * self.frame.low_norm * (1 + _SLACK) + 1
         return self.frame.center_dot + self.error_max + self.slack, self.frame.step, low_max
 
@@ -400,6 +419,11 @@ class ShardPass:
             block_maxima(torch.from_numpy(high), torch.from_numpy(block_max))
         self.block_max = block_max  # [blocks, Q]
 
+    def _rows_of(self, blocks: np.ndarray) -> np.ndarray:
+        """The local rows (ascending) of some blocks (ascending)."""
+        rows = (blocks[:, None] * BLOCK_ROWS + np.arange(BLOCK_ROWS)).reshape(-1)
+        return rows[rows < self.shard.rows]
+
     def best(self, count: int) -> list[np.ndarray]:
         """Per query, local rows of about the `count` highest estimates among live rows: the best row of each of
         the `count` blocks with the highest maxima (fewer when fewer rows are live)."""
@@ -422,23 +446,33 @@ class ShardPass:
         return [np.sort(column[self.high[column, i] > _MISSING]) for i, column in enumerate(best.T)]
 
     def reaching(self, thresholds: list[float]) -> list[np.ndarray]:
-        """Per query, the live local rows (ascending) whose upper bound reaches its threshold (reaching_with
-        without another part)."""
-        return self.reaching_with(np.asarray(thresholds, dtype=np.float64), 1.0, None, 0.0)
+        """Per query, the live local rows (ascending) whose upper bound reaches its threshold: the integer cut
+        (over the blocks whose maximum passes it), then each passing row (and every outlier) gets its own bound."""
+        outliers = self.bounds[0].info.outliers
+        out = []
+        for i, (bound, threshold) in enumerate(zip(self.bounds, thresholds)):
+            cut = bound.cut(threshold)
+            rows = self._rows_of(np.flatnonzero(self.block_max[:, i] >= cut))
+            rows = rows[self.high[rows, i] >= cut]  # deleted rows (int32 minimum) never pass
+            if len(outliers):
+                rows = np.union1d(rows, outliers)
+            if self.shard.live is not None:
+                rows = rows[self.shard.live[rows]]
+            out.append(rows[bound.upper(rows) >= threshold])
+        return out
 
-    def reaching_with(self, thresholds: np.ndarray, weight: float, extra: np.ndarray | None, extra_weight: float,
+    def reaching_with(self, thresholds: np.ndarray, weight: float, extra: np.ndarray, extra_weight: float,
                       extra_max: np.ndarray | None = None) -> list[np.ndarray]:
         """Per query i, the live local rows (ascending) where weight * (its dense upper bound) + extra_weight *
         extra[row, i] reaches thresholds[i] (weight > 0; `extra`: [rows, Q] float32, any strides, another
-        part's exact score or bound per row, e.g. sparse, -inf on deleted rows, or None: no other part;
-        `extra_max`: its [blocks, Q] block maxima (value_block_maxima) when already made; the arithmetic is
-        float64).
+        part's exact score or bound per row, e.g. sparse, -inf on deleted rows; `extra_max`: its [blocks, Q]
+        block maxima (value_block_maxima) when already made; the arithmetic is float64).
 
         A linear test in the high digit and `extra`, first on each block's maxima, then on the rows of the blocks
         that pass, then each passing row's own bound; every query at once."""
         count = len(self.bounds)
         thresholds = np.asarray(thresholds, dtype=np.float64)
-        if extra is not None and extra_max is None:
+        if extra_max is None:
             extra_max = value_block_maxima(extra)
         # A row that is not an outlier has dense upper bound <= offset + step * (digit * high + low_max) (see
         # cut_terms), so it can reach only if a * high + extra_weight * extra + c >= 0, a and c below (per
@@ -451,10 +485,7 @@ class ShardPass:
         c = weight * (offset + step * low_max) - thresholds
         with np.errstate(invalid="ignore"):  # (a threshold of -inf: every row passes but deleted ones, NaN)
             c = c + _SLACK * (np.abs(a) * 2.0 ** 31 + np.abs(c) + np.abs(thresholds))
-            passing = a * self.block_max + c  # [blocks, Q]
-            if extra is not None:
-                passing += extra_weight * extra_max.astype(np.float64)
-            passing = passing >= 0
+            passing = a * self.block_max + extra_weight * extra_max.astype(np.float64) + c >= 0  # [blocks, Q]
         queries, blocks = np.nonzero(passing.T)  # query-major: each query's blocks ascending
         # The rows of each passing (query, block) pair, 64 at a time: [pairs, 64] slabs of the high digits and of
         # `extra` (a shorter last block's missing rows read as deleted), at most _SLAB_PAIRS pairs at once (where
@@ -464,12 +495,10 @@ class ShardPass:
         for start in range(0, len(blocks), _SLAB_PAIRS):
             some_blocks, some_queries = blocks[start:start + _SLAB_PAIRS], queries[start:start + _SLAB_PAIRS]
             high = _block_slabs(self.high, full, some_blocks, some_queries, _MISSING)
+            extras = _block_slabs(extra, full, some_blocks, some_queries, -np.inf)
             with np.errstate(invalid="ignore"):  # deleted rows: extra -inf, never passing
-                value = a[some_queries, None] * high + c[some_queries, None]
-                if extra is not None:
-                    value += extra_weight * _block_slabs(extra, full, some_blocks, some_queries, -np.inf).astype(
-                        np.float64)
-                keep = (value >= 0) & (high > _MISSING)
+                keep = (a[some_queries, None] * high + extra_weight * extras.astype(np.float64)
+                        + c[some_queries, None] >= 0)
             pairs, places = np.nonzero(keep)  # pair-major, rows ascending within a pair
             rows, owners = some_blocks[pairs] * BLOCK_ROWS + places, some_queries[pairs]
             ends = np.searchsorted(owners, np.arange(count + 1))
@@ -483,10 +512,8 @@ class ShardPass:
             if self.shard.live is not None:
                 found = found[self.shard.live[found]]
             with np.errstate(invalid="ignore"):  # (0 * -inf: NaN, never reaching)
-                value = weight * bound.upper(found)
-                if extra is not None:
-                    value += extra_weight * extra[found, i].astype(np.float64)
-                out.append(found[value >= thresholds[i]])
+                reach = weight * bound.upper(found) + extra_weight * extra[found, i].astype(np.float64) >= thresholds[i]
+            out.append(found[reach])
         return out
 
 
