@@ -845,7 +845,7 @@ def test_the_sparse_bound_of_the_hybrid_covers_every_rows_score():
     index = searcher(random_parts(rng, [700, 900], deleted_share=0.2))
     for q in random_queries(rng, 10) + [query(unit(rng.standard_normal(DIM)), {0: -2.0, 3: 0.5, 399: -0.25})]:
         scores = index.sparse_scores(q)
-        bound = index._pruned._sparse_abs_bound(q)
+        bound = index._pruned.sparse_abs_bound(q)
         assert np.abs(scores[np.isfinite(scores)]).max() <= bound
 
 

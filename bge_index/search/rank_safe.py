@@ -223,7 +223,7 @@ class PrunedSearch:
         cache = self._token_max.setdefault(number, {})
         return SparseShardQuery(shard, query.sparse_ids, query.sparse_weights, token_max_of(shard, cache))
 
-    def _sparse_abs_bound(self, query: QueryVectors) -> float:
+    def sparse_abs_bound(self, query: QueryVectors) -> float:
         """At least |exact sparse score| of every row: the largest over shards of sum |q_w| * max |d_w| over the
         query's tokens, with the float32 sum's rounding (gamma_(n+1)) on top. Cheap: no pass over any row."""
         weights = np.abs(np.asarray(query.sparse_weights, dtype=np.float64))
@@ -339,7 +339,7 @@ class PrunedSearch:
         slacks = []
         for query, per_shard in zip(queries, bounds):
             dense_abs = max((b.abs_max() for b in per_shard), default=0.0)
-            sparse_abs = self._sparse_abs_bound(query)
+            sparse_abs = self.sparse_abs_bound(query)
             slacks.append(summation_gamma(2) * (wd * dense_abs + ws * sparse_abs) * (1 + _SLACK)
                           + _SLACK * (wd + ws + 1))
         # 1. seeds: per shard the best dense estimates and rows of the best sparse blocks; the k best of those by

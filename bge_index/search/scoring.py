@@ -117,7 +117,6 @@ class Searcher:
         # Rank-safe pruning where it applies (False: always full scans; the answers are the same).
         self.prune = True if _shared is None else _shared.prune
         self.last_rescored: list[int] = []  # rows scored exactly for each query of the last search (full scan: all)
-        self._largest_weight: float | None = None if _shared is None else _shared._largest_weight  # see _sparse_magnitude
         self.pack_request: int | None | bool = False  # pack_codes' budget when asked (None: its default)
 
     def pack_codes(self, budget: int | None = None) -> int:
@@ -386,7 +385,7 @@ class Searcher:
             # Measured on 1M rows (BENCHMARKS.md): MaxScore 15.5 ms p50 against 7.9 ms for the full accumulation
             # over the same postings (its per-shard Python work outweighs the rows it skips), so sparse scans.
             # SPARSE_PRUNING turns it on again (the tests keep it exact).
-            return SPARSE_PRUNING and all(self._sparse_magnitude(q) < _FAR_FROM_OVERFLOW for q in queries)
+            return SPARSE_PRUNING and all(self._pruned.sparse_abs_bound(q) < _FAR_FROM_OVERFLOW for q in queries)
         if not any(shard.codes is not None for shard in self.shards):
             return False
         # |dense score| <= |q| |x|, and a float16 row has |x| <= 65504 sqrt(D).
@@ -398,20 +397,8 @@ class Searcher:
             return True
         return bool(np.all(np.isfinite(pair)) and np.all(pair >= 0)
                     and pair[0] * dense_magnitude < _FAR_FROM_OVERFLOW
-                    and all(max(pair[1], 1.0) * self._sparse_magnitude(q) < _FAR_FROM_OVERFLOW for q in queries))
-
-    def _sparse_magnitude(self, query: QueryVectors) -> float:
-        """At least the |sparse score| of every row: sum |q_w| times the largest |weight| of any token in any
-        shard (the largest found once per shard, from its token-max file or its postings)."""
-        if self._largest_weight is None:
-            largest = 0.0
-            for shard in self.shards:
-                weights = shard.token_max if shard.token_max is not None else shard.posting_weights
-                if len(weights):
-                    largest = max(largest, float(np.abs(weights).max()))
-            self._largest_weight = largest
-        total = float(np.abs(np.asarray(query.sparse_weights, dtype=np.float64)).sum()) * self._largest_weight
-        return total * 2 if np.isfinite(total) else np.inf  # (twice: the float32 sum's rounding, many times over)
+                    and all(max(pair[1], 1.0) * self._pruned.sparse_abs_bound(q) < _FAR_FROM_OVERFLOW
+                            for q in queries))
 
     def _pruned_search(self, queries: Sequence[QueryVectors], k: int, mode: str, weights: ScoreWeights,
                        fetch_colbert) -> list[list[Hit]]:
