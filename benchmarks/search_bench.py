@@ -20,8 +20,10 @@ In a fresh process per index it measures, side by side:
 - rows scored exactly per query by the pruned search (median, 95th pct, max);
 - queries/s of batches of 16 (one int8 pass for the batch) against one at a time,
   on the int8 codes as mapped (the CLI's `--queries`, eval) and on packed codes
-  (`Searcher.pack_codes`, what `serve` does), the packed batches' answers
-  checked against each query searched alone, and the packing time;
+  (`Searcher.pack_codes`, what `serve` does; lone queries then read them too,
+  and their p50 is measured again), the packed answers (batches and lone)
+  checked against each query searched alone on the mapped codes, and the
+  packing time;
 - the copy-bandwidth bound: the float16 dense matrix's bytes / measured
   memcpy bandwidth, and each mode's p50 against it;
 - resident memory after the pruned searches (the packed copy included)
@@ -221,12 +223,20 @@ def measure(index_dir: Path, vectors_file: Path | None, count: int) -> dict:
         searcher.search_many(batches[0], 10, mode)  # warm
         answers: list = []
         batch_seconds = [_seconds(lambda b=b: answers.extend(searcher.search_many(b, 10, mode))) for b in batches]
+        # lone queries read the packed codes too: the batches' gain is measured against them
+        lone: list = []
+        latencies = [_seconds(lambda q=q: lone.append(searcher.search(q, 10, mode))) for q in queries]
         row = result["modes"][mode]
+        row["packed_p50_ms"] = percentile(latencies, 50) * 1e3
+        row["packed_single_qps"] = len(latencies) / sum(latencies)
         row["packed_batch16_qps"] = sum(len(b) for b in batches) / sum(batch_seconds)
-        row["packed_batch_over_single"] = row["packed_batch16_qps"] / row["single_qps"]
+        row["packed_batch_over_single"] = row["packed_batch16_qps"] / row["packed_single_qps"]
+        bits = [[(h.row, np.float32(h.score).tobytes()) for h in hits] for hits in pruned_hits[mode]]
+        # both the batches' answers and the packed lone ones against the lone answers on the mapped codes
         row["packed_equal_to_alone"] = sum(
-            [(h.row, np.float32(h.score).tobytes()) for h in got] == [(h.row, np.float32(h.score).tobytes()) for h in alone]
-            for got, alone in zip(answers, pruned_hits[mode]))
+            [(h.row, np.float32(h.score).tobytes()) for h in got] == want and
+            [(h.row, np.float32(h.score).tobytes()) for h in one] == want
+            for got, one, want in zip(answers, lone, bits))
     result["rss"], result["rss_peak"] = rss_bytes()
     result["rss_anon"], result["rss_file"] = rss_bytes("RssAnon")[0], rss_bytes("RssFile")[0]
     # 2. exhaustive: every row scored, the same answers
@@ -365,17 +375,19 @@ def report(label: str, m: dict, first_open: float, second_open: float) -> None:
           f"({m['dense_bytes'] / gib:.2f} GiB at {m['copy_bandwidth_gbps']:.1f} GB/s)")
     header = (f"{'mode':<7} {'p50 ms':>8} {'p95 ms':>8} {'p50/bound':>9} {'exhaustive p50':>15} {'speed-up':>8} "
               f"{'rescored med/p95/max':>22} {'single q/s':>10} {'batch16 q/s':>11} {'batch/single':>12} "
-              f"{'packed q/s':>10} {'packed/single':>13} {'= alone':>7} {'= exhaustive':>12} {'= brute force':>13}")
+              f"{'packed p50':>10} {'packed q/s':>10} {'packed batch/single':>19} {'= alone':>7} {'= exhaustive':>12} "
+              f"{'= brute force':>13}")
     print(header)
     for mode, row in m["modes"].items():
         rescored = f"{row['rescored_median']:.0f}/{row['rescored_p95']:.0f}/{row['rescored_max']:.0f}"
         print(f"{mode:<7} {row['p50_ms']:>8.2f} {row['p95_ms']:>8.2f} {row['p50_ms'] / bound:>9.2f} "
               f"{row['exhaustive_p50_ms']:>15.1f} {row['exhaustive_p50_ms'] / row['p50_ms']:>8.1f} {rescored:>22} "
               f"{row['single_qps']:>10.1f} {row['batch16_qps']:>11.1f} {row['batch_over_single']:>12.1f} "
-              f"{row['packed_batch16_qps']:>10.1f} {row['packed_batch_over_single']:>13.1f} "
+              f"{row['packed_p50_ms']:>10.2f} {row['packed_batch16_qps']:>10.1f} {row['packed_batch_over_single']:>19.1f} "
               f"{row['packed_equal_to_alone']:>7} {row['equal_to_exhaustive']:>12} "
               f"{m['brute_force']['top10_equal'][mode]:>13}")
-    print(f"packed int8 codes (serve's batches): {m['packed_bytes'] / gib:.2f} GiB packed in {m['pack_seconds']:.1f} s"
+    print(f"packed int8 codes (serve's passes, lone queries' and batches'; packed p50 and packed batch/single: "
+          f"both on them): {m['packed_bytes'] / gib:.2f} GiB packed in {m['pack_seconds']:.1f} s"
           if m["packed_bytes"] else "packed int8 codes: not packed (over a quarter of the memory, or no exact kernel)")
     print(f"brute force (numpy float64 dense, scipy CSR sparse), p50: dense {m['brute_force']['dense_p50_ms']:.1f} ms, "
           f"sparse {m['brute_force']['sparse_p50_ms']:.1f} ms; top-10s equal to it but for the order of rows whose "

@@ -5,6 +5,7 @@ the index format (built, checked, optional)."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 
 import numpy as np
@@ -23,7 +24,7 @@ from bge_index.store.names import BASE_SEARCH_KINDS, PRUNE_SEARCH_KINDS, SEARCH_
 from bge_index.store.shard_reader import verify_index
 from bge_index.store.shard_writer import IndexWriter, RowBatch
 from bge_index.store.vector_store import (OpenIndex, ShardVectors, heavy_columns, invert, quantize_dense,
-                                          token_abs_max)
+                                          release_pages, token_abs_max)
 
 DIM = 64
 VOCAB = 400
@@ -900,6 +901,67 @@ def test_batches_on_packed_codes_answer_as_the_scan_bit_for_bit(monkeypatch):
     info = index._pruned._infos[0]
     for bound in dense_prune.shard_pass(index.shards[0], info, unit(rng.standard_normal((3, DIM)))).bounds:
         assert len(bound.best(10)) == 10 and len(bound.reaching(-1.0)) == index.shards[0].live.sum()
+
+
+@needs_packing
+def test_lone_queries_read_the_packed_codes_too_with_two_digits_in_a_cone(monkeypatch):
+    """Once packed, the mapped codes are never read again (they may leave memory): a lone query's pass goes
+    through the packed copy, taking both digits in a cone, and answers as the scan."""
+    rng = np.random.default_rng(56)
+    center = unit(rng.standard_normal(DIM))
+    x = unit(center + 0.004 * rng.standard_normal((2600, DIM)))
+    queries = [query(unit(center + 0.004 * rng.standard_normal(DIM)), sparse_rows(rng, 1, tokens=5)[0])
+               for _ in range(12)]
+    index = searcher([(x[:1500], sparse_rows(rng, 1500), None), (x[1500:], sparse_rows(rng, 1100), None)])
+    assert index.pack_codes(budget=1 << 30) > 0
+    widths = []
+    real = dense_prune._qlinear
+    monkeypatch.setattr(dense_prune, "_qlinear", lambda p, rows, codes: widths.append(codes.shape[1]) or
+                        real(p, rows, codes))
+
+    def mapped_codes_read(*_args, **_kwargs):
+        raise AssertionError("the mapped codes were read after packing")
+
+    monkeypatch.setattr(dense_prune, "int8_products", mapped_codes_read)
+    for mode in ("dense", "hybrid"):
+        index.prune = False
+        expected = [index.search(q, 10, mode) for q in queries]
+        index.prune = True
+        widths.clear()
+        got = [index.search(q, 10, mode) for q in queries]
+        assert [hits_bits(h) for h in got] == [hits_bits(h) for h in expected], mode
+        assert widths and set(widths) == {2}, (mode, widths)  # one query, two digits, every shard
+
+
+def _resident_codes_kib(folder) -> int:
+    """This process's resident KiB of the int8 codes files mapped from `folder` (/proc/self/smaps)."""
+    total, current = 0, False
+    for line in open("/proc/self/smaps"):
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+            current = len(head) >= 6 and head[-1].startswith(str(folder)) and head[-1].endswith(".dense-codes.npy")
+        elif current and head[:1] == ["Rss:"]:
+            total += int(head[1])
+    return total
+
+
+@needs_packing
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux's /proc/self/smaps")
+def test_packing_releases_the_mapped_codes_pages_and_answers_stay_the_scans(tmp_path):
+    rng = _write_index(tmp_path / "ix", rows=6000, shard_rows=3000)
+    index = Searcher(OpenIndex.open(tmp_path / "ix").vectors, VOCAB)
+    queries = random_queries(rng, 8)
+    index.search_many(queries, 10, "dense")  # the int8 passes read the mapped codes
+    assert _resident_codes_kib(tmp_path) > 0
+    assert index.pack_codes(budget=1 << 30) == sum(s.codes.nbytes for s in index.shards)
+    assert _resident_codes_kib(tmp_path) == 0  # the packed copy replaces them, not doubles them
+    assert_same_as_scan(index, queries, 10, modes=("dense", "hybrid"))
+    assert _resident_codes_kib(tmp_path) == 0  # never read again
+    # Released pages read back from the file: the codes are unchanged.
+    codes = index.shards[0].codes
+    before = codes.copy()
+    assert release_pages(codes) >= codes.nbytes and np.array_equal(codes, before)
+    assert release_pages(before) == 0  # not a mapped search file: nothing done
 
 
 @needs_packing

@@ -60,7 +60,7 @@ _packed_lock = threading.Lock()
 # The packed kernel sums (q + 128) * k in int32 and hands the sum to float32 before taking 128 * sum(k) back off:
 # exact while 255 * sum |k| < 2**24, i.e. while no row's codes sum to PACK_MAX_L1 in absolute value or more.
 PACK_MAX_L1 = (2 ** 24 - 1) // 255
-PACK_CHECK_WIDTHS = (2, 4, 5, 16, 33, 2 * INT8_QUERY_BLOCK)  # batch widths (queries x digits) checked exact
+PACK_CHECK_WIDTHS = (1, 2, 4, 5, 16, 33, 2 * INT8_QUERY_BLOCK)  # pass widths (queries x digits) checked exact
 
 
 def _int_mm_is_exact() -> bool:
@@ -157,7 +157,9 @@ def _packed_exact(packed: torch.Tensor, codes: np.ndarray, rows: np.ndarray, see
     rng = np.random.default_rng(seed)
     for width in widths:
         query_codes = rng.integers(-CODE_LEVELS, CODE_LEVELS + 1, (codes.shape[1], width), dtype=np.int8)
-        query_codes[:, 0], query_codes[:, 1] = CODE_LEVELS, -CODE_LEVELS
+        query_codes[:, 0] = CODE_LEVELS  # the kernel's largest sum: 255 * sum |k|
+        if width > 1:
+            query_codes[:, 1] = -CODE_LEVELS
         got = _qlinear(packed, len(codes), query_codes).numpy()[:, rows].astype(np.float64)
         if not np.array_equal(got, (np.asarray(codes[rows], dtype=np.int64) @ query_codes.astype(np.int64)).T):
             return False
@@ -194,14 +196,14 @@ def _largest_l1(codes: np.ndarray) -> tuple[int, np.ndarray]:
 
 
 def pack_codes(codes: np.ndarray, code_norms: np.ndarray | None = None) -> torch.Tensor | None:
-    """oneDNN's packed copy of a shard's [rows, D] int8 codes, for batches (shard_pass): the batch pass then reads
+    """oneDNN's packed copy of a shard's [rows, D] int8 codes, for every pass (shard_pass): a pass then reads
     codes laid out for its int8 kernel (VNNI / AMX) instead of re-packing them on every call (_int_mm). It holds
-    a copy of the codes in memory (their size).
+    a copy of the codes in memory (their size; the mapped codes are no longer read).
 
     None (the shard keeps _int_mm) where oneDNN's int8 linear is missing or not exact here (checked once per
     process), where a row's codes sum to PACK_MAX_L1 or more in absolute value (the kernel's float32 sum would
     round; BGE-M3's codes sum to about a third of it), or where the packed copy fails its own check (this shard's
-    first and last rows and the rows of largest sum, the narrowest and widest batches) or oneDNN refuses it.
+    first and last rows and the rows of largest sum, the narrowest and widest passes) or oneDNN refuses it.
     `code_norms`: the rows' |k| rounded up (the dense-bounds file's first column): sum |k| <= sqrt(D) |k| spares
     a pass over the codes when that bound is below the limit.
     """
@@ -218,9 +220,9 @@ def pack_codes(codes: np.ndarray, code_norms: np.ndarray | None = None) -> torch
         packed = torch.ops.onednn.qlinear_prepack(torch.from_numpy(codes), [INT8_QUERY_BLOCK, codes.shape[1]])
         sample = np.unique(np.concatenate([np.arange(min(128, len(codes))),
                                            np.arange(max(0, len(codes) - 128), len(codes)), heavy_rows]))
-        # (each check is a pass over the whole shard: the narrowest and widest batches only, the kernel's
+        # (each check is a pass over the whole shard: the narrowest and widest passes only, the kernel's
         # exactness at every width and at the limit having been checked once per process)
-        if not _packed_exact(packed, codes, sample, 3, (2, 2 * INT8_QUERY_BLOCK)):
+        if not _packed_exact(packed, codes, sample, 3, (1, 2 * INT8_QUERY_BLOCK)):
             return None
     except (RuntimeError, ValueError, MemoryError):  # oneDNN refused this shard (or memory ran out): _int_mm
         return None
@@ -640,13 +642,16 @@ def best_of_blocks(values: np.ndarray, maxima: np.ndarray, count: int) -> np.nda
 def shard_pass(shard: ShardVectors, info: ShardPruneInfo, dense_queries: np.ndarray) -> ShardPass:
     """One int8 pass over a shard for a block of [Q, D] float32 queries.
 
-    A lone query takes one digit even in a cone: the one-column pass is the fastest there is, and costs the
-    looser bound a few more rows rescored; in a block, the second digit is almost free (_int_mm). Each chunk of
-    products gets its deleted rows marked and its block maxima taken as soon as it is made (in the cache).
+    Packed codes (info.packed), when the shard has them, serve every pass, a lone query's too: measured here,
+    a one- or two-column pass over them is faster than SimSIMD's over the mapped codes (BENCHMARKS.md), and the
+    mapped codes' pages can then leave memory (PrunedSearch). Over mapped codes a lone query takes one digit
+    even in a cone: the one-column pass is the fastest there is, and costs the looser bound a few more rows
+    rescored; in a block, or on packed codes, the second digit is almost free. Each chunk of products gets its
+    deleted rows marked and its block maxima taken as soon as it is made (in the cache).
     """
-    d = info.digits if len(dense_queries) > 1 else 1
+    packed = info.packed is not None
+    d = info.digits if packed or len(dense_queries) > 1 else 1
     frames = QueryFrame.many(dense_queries, shard.frame, d)
-    packed = info.packed is not None and len(frames) > 1
     block_max = torch.empty(-(-shard.rows // BLOCK_ROWS), len(frames) * d,  # [blocks, Q * d], the products' dtype
                             dtype=torch.float32 if packed else torch.int32)
     dead = None if shard.live is None else torch.from_numpy(~shard.live)

@@ -43,7 +43,7 @@ from bge_index.search.dense_prune import (ExactPass, ExactShardBound, ShardPrune
                                           shard_pass, value_block_maxima)
 from bge_index.search.query import QueryVectors, ScoreWeights
 from bge_index.search.sparse_prune import SparseShardQuery, token_max_of
-from bge_index.store.vector_store import ShardVectors
+from bge_index.store.vector_store import ShardVectors, release_pages
 
 # Sparse seeds: the rows holding a token with at most rows / N postings in a shard (the rarest ones, which the
 # best rows tend to hold) get lower bounds, and the k best are scored exactly for the first threshold; N = 256,
@@ -145,20 +145,21 @@ class PrunedSearch:
         self.buffers = buffers
         self._infos: dict[int, ShardPruneInfo] = {} if shared is None else shared._infos
         self._token_max: dict[int, dict[int, float]] = {} if shared is None else shared._token_max
-        # Batches read packed copies of the int8 codes (dense_prune.pack_codes: one copy in memory, made on a
-        # shard's first batch; worth it in long-lived processes); False: the codes as mapped.
+        # Passes read packed copies of the int8 codes (dense_prune.pack_codes: one copy in memory, made on a
+        # shard's first pass; worth it in long-lived processes); False: the codes as mapped.
         self.pack = False if shared is None else shared.pack
 
     def pack_all(self) -> int:
-        """Pack every shard's int8 codes now (dense_prune.pack_codes) and let batches read them: the bytes of
-        codes packed (a copy of each in memory)."""
+        """Pack every shard's int8 codes now (dense_prune.pack_codes) and let every pass read them: the bytes of
+        codes packed (a copy of each in memory; the mapped codes' pages leave it)."""
         self.pack = True
         return sum(shard.codes.nbytes for number, shard in enumerate(self.shards)
                    if shard.codes is not None and self._info(number, packed=True).packed is not None)
 
     def _info(self, number: int, packed: bool = False) -> ShardPruneInfo:
         """Shard `number`'s ShardPruneInfo (made once, shared with filtered views); with `packed`, its codes packed
-        too (tried once)."""
+        too (tried once). Packed codes serve every pass of the shard from then on, so the mapped codes' pages
+        are released (the packed copy replaces them in memory rather than doubling them)."""
         info = self._infos.get(number)
         if info is None:
             info = self._infos[number] = ShardPruneInfo.of(self.shards[number])
@@ -166,6 +167,8 @@ class PrunedSearch:
             shard = self.shards[number]
             norms = None if shard.row_bounds is None else shard.row_bounds[:, 0]  # |k| rounded up
             info.packed, info.pack_tried = pack_codes(shard.codes, norms), True
+            if info.packed is not None:
+                release_pages(shard.codes)
         return info
 
     # -- shared steps -----------------------------------------------------------------------------------------
@@ -176,7 +179,7 @@ class PrunedSearch:
         passes = []
         for number, shard in enumerate(self.shards):
             if shard.codes is not None:
-                passes.append(shard_pass(shard, self._info(number, packed=self.pack and count > 1), dense_queries))
+                passes.append(shard_pass(shard, self._info(number, packed=self.pack), dense_queries))
             else:
                 scores = np.empty((count, shard.rows), dtype=np.float32)
                 self.kernel.scan(shard.dense, blocks, count, scores)

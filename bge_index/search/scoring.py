@@ -120,8 +120,9 @@ class Searcher:
         self.pack_request: int | None | bool = False  # pack_codes' budget when asked (None: its default)
 
     def pack_codes(self, budget: int | None = None) -> int:
-        """Give batches packed copies of the int8 codes (oneDNN's layout: a batch of 16 queries then costs about
-        1.5 alone rather than 2.2, BENCHMARKS.md), when all of them fit in `budget` bytes (default: a quarter
+        """Give every int8 pass packed copies of the codes (oneDNN's layout, read without re-packing: a batch of 16
+        queries costs less than on the mapped codes, and so does a lone query, BENCHMARKS.md; the packed copy
+        replaces the mapped codes in memory), when all of them fit in `budget` bytes (default: a quarter
         of the memory this process may use: the machine's, its control group's limit less its use, or what is
         available now, the least); made now, once. Long-lived processes (serve) gain; a short search does not
         repay the packing (about 2.5 s per million rows here). Returns the bytes packed (0: none); the request
@@ -136,7 +137,7 @@ class Searcher:
 
     @property
     def packs_codes(self) -> bool:
-        """Whether batches read packed codes (pack_codes was asked for and its budget allowed it; a shard the
+        """Whether int8 passes read packed codes (pack_codes was asked for and its budget allowed it; a shard the
         kernel could not take exactly keeps its mapped codes)."""
         return self._pruned.pack
 

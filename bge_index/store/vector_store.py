@@ -459,6 +459,27 @@ def _map_search_file(index_dir: Path, record: dict) -> np.ndarray | None:
         raise IndexFormatError(f"{path}: damaged search file ({error}); {repair_advice(index_dir)}") from error
 
 
+def release_pages(array: np.ndarray) -> int:
+    """Drop this process's resident pages of the search file that `array` (or the array it is a view of) maps
+    (`_map_search_file`): they leave the process's memory at once, and are read again from the file (or the
+    page cache) only if something reads them again. For a search file the process has stopped reading, e.g.
+    int8 codes once a packed copy serves every pass. Returns the bytes of the mapping released (0: not a mapped
+    search file, or the system cannot: no madvise, no MADV_DONTNEED).
+
+    Safe only because nothing writes through these maps: a copy-on-write page written to would be lost.
+    """
+    base = array
+    while isinstance(base, (np.ndarray, memoryview)):
+        base = base.base if isinstance(base, np.ndarray) else base.obj
+    if not isinstance(base, mmap.mmap) or base.closed:
+        return 0
+    try:
+        base.madvise(mmap.MADV_DONTNEED)
+    except (AttributeError, OSError, ValueError):
+        return 0
+    return len(base)
+
+
 def _check_bounds(index_dir: Path, manifest: Manifest, shard: ShardInfo, arrays: dict) -> None:
     """Every invariant Searcher relies on, so a bad file is an error here and never a wrong score or a crash."""
     rows = shard.rows
