@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
 import torch
 from helpers import packing_works
 
-from bge_index.search import dense_prune, scoring
+from bge_index.search import dense_prune, rank_safe, scoring
 from bge_index.search.dense_kernel import DenseKernel
 from bge_index.search.dense_prune import ShardPruneInfo, int8_products, shard_bounds, shard_pass
 from bge_index.search.query import QueryVectors, ScoreWeights
@@ -891,9 +892,9 @@ def test_batches_on_packed_codes_answer_as_the_scan_bit_for_bit(monkeypatch):
     view = index.restricted(rng.random(index.rows) < 0.7)
     assert view.live_rows > max(scoring.GATHER_ROWS, view.rows // scoring.GATHER_FRACTION)
     for mode in ("dense", "hybrid"):
-        index.prune = False
+        view.prune = False  # (a view copies `prune` when made)
         expected = [view.search(q, 10, mode) for q in random_queries(np.random.default_rng(51), 20)]
-        index.prune = True
+        view.prune = True
         calls.clear()
         got = view.search_many(random_queries(np.random.default_rng(51), 20), 10, mode)
         assert calls and [hits_bits(h) for h in got] == [hits_bits(h) for h in expected], mode
@@ -931,6 +932,42 @@ def test_lone_queries_read_the_packed_codes_too_with_two_digits_in_a_cone(monkey
         got = [index.search(q, 10, mode) for q in queries]
         assert [hits_bits(h) for h in got] == [hits_bits(h) for h in expected], mode
         assert widths and set(widths) == {2}, (mode, widths)  # one query, two digits, every shard
+
+
+@needs_packing
+def test_threads_asking_to_pack_at_once_pack_each_shard_once(monkeypatch):
+    """Lone queries ask for packing too: threads arriving together pack (and release) a shard once, and a
+    later attempt never undoes a pack."""
+    rng = np.random.default_rng(57)
+    index = searcher(random_parts(rng, [700, 900, 500]))
+    packs = []
+    real = rank_safe.pack_codes
+
+    def slow_pack(codes, norms=None):
+        packs.append(len(codes))
+        time.sleep(0.05)  # every thread arrives while the first is still packing
+        return real(codes, norms)
+
+    monkeypatch.setattr(rank_safe, "pack_codes", slow_pack)
+    index._pruned.pack = True
+    barrier, errors = threading.Barrier(4), []
+    queries = random_queries(rng, 4)
+
+    def search(q):
+        try:
+            barrier.wait()
+            index.search(q, 10, "dense")
+        except Exception as error:  # noqa: BLE001 (reported below)
+            errors.append(error)
+
+    threads = [threading.Thread(target=search, args=(q,)) for q in queries]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and sorted(packs) == [500, 700, 900]  # one pack per shard
+    assert all(info.packed is not None and info.pack_tried for info in index._pruned._infos.values())
+    assert_same_as_scan(index, queries, 10, modes=("dense", "hybrid"))
 
 
 def _resident_codes_kib(folder) -> int:

@@ -194,9 +194,9 @@ def test_a_file_truncated_under_the_server_is_refused_never_a_sigbus(tmp_path, t
 
 
 def test_a_new_generation_packs_its_codes_as_the_first_one_did(tmp_path, tiny_model, monkeypatch):
-    """`serve` packs the int8 codes of the index it opens for its batches (when they fit in memory, or always
-    with --pack-codes); the generations it opens later do as they were asked to, so a commit never makes
-    batches slower."""
+    """`serve` packs the int8 codes of the index it opens (when they fit in memory, or always with
+    --pack-codes); the generations it opens later do as they were asked to, so a commit never makes queries
+    slower."""
     from bge_index.search import scoring
 
     monkeypatch.setattr(scoring, "_memory_bytes", lambda: 0)  # the default budget: nothing fits

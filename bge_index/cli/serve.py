@@ -83,9 +83,10 @@ def serve(
                                                                 "(413 beyond).")] = 32.0,
     access_log: Annotated[bool, typer.Option("--access-log/--no-access-log", help="Log each request (method, path, status).")] = True,
     pack_codes: Annotated[Optional[bool], typer.Option("--pack-codes/--no-pack-codes", show_default=False,
-                                                       help="Keep a packed copy of the int8 codes for batches of "
-                                                            "queries (the codes' size in memory, faster batches). "
-                                                            "Default: when they fit in a quarter of the memory.")] = None,
+                                                       help="Keep a packed copy of the int8 codes for every query "
+                                                            "(in place of the mapped codes in memory; faster lone "
+                                                            "queries and batches). Default: when they fit in a "
+                                                            "quarter of the memory.")] = None,
     model: QueryModel = None,
     device: Device = "auto",
     dtype: QueryDtype = Dtype("auto"),
@@ -157,13 +158,13 @@ def _serve(index_dir, listener, host, token, max_batch, limits, access_log, mode
     index = LocalIndex(index_dir, model=model, device=device, dtype=dtype)
     for message in index.notes:
         warning(message)
-    # Batches of queries read packed int8 codes (BENCHMARKS.md): by default when they fit in a quarter of the
-    # memory; --pack-codes whatever their size, --no-pack-codes never. Later generations do as this one.
+    # Queries, lone and batched, read packed int8 codes (BENCHMARKS.md): by default when they fit in a quarter of
+    # the memory; --pack-codes whatever their size, --no-pack-codes never. Later generations do as this one.
     if pack_codes is not False:
         started = time.monotonic()
         packed = index.searcher.pack_codes(budget=None if pack_codes is None else sys.maxsize)
         if packed:
-            log.info("packed %.1f MiB of int8 codes for batches in %.1f s", packed / (1 << 20),
+            log.info("packed %.1f MiB of int8 codes in %.1f s", packed / (1 << 20),
                      time.monotonic() - started)
     # One search before the first client: the first request should not pay for kernel selection.
     index.search([Query("warm-up", "warm up")], SearchRequest(k=1))

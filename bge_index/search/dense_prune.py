@@ -203,7 +203,7 @@ def pack_codes(codes: np.ndarray, code_norms: np.ndarray | None = None) -> torch
     None (the shard keeps _int_mm) where oneDNN's int8 linear is missing or not exact here (checked once per
     process), where a row's codes sum to PACK_MAX_L1 or more in absolute value (the kernel's float32 sum would
     round; BGE-M3's codes sum to about a third of it), or where the packed copy fails its own check (this shard's
-    first and last rows and the rows of largest sum, the narrowest and widest passes) or oneDNN refuses it.
+    first and last rows and the rows of largest sum, a lone query's widths and the widest) or oneDNN refuses it.
     `code_norms`: the rows' |k| rounded up (the dense-bounds file's first column): sum |k| <= sqrt(D) |k| spares
     a pass over the codes when that bound is below the limit.
     """
@@ -220,9 +220,9 @@ def pack_codes(codes: np.ndarray, code_norms: np.ndarray | None = None) -> torch
         packed = torch.ops.onednn.qlinear_prepack(torch.from_numpy(codes), [INT8_QUERY_BLOCK, codes.shape[1]])
         sample = np.unique(np.concatenate([np.arange(min(128, len(codes))),
                                            np.arange(max(0, len(codes) - 128), len(codes)), heavy_rows]))
-        # (each check is a pass over the whole shard: the narrowest and widest passes only, the kernel's
-        # exactness at every width and at the limit having been checked once per process)
-        if not _packed_exact(packed, codes, sample, 3, (1, 2 * INT8_QUERY_BLOCK)):
+        # (each check is a pass over the whole shard: a lone query's widths and the widest only, the kernel's
+        # exactness at PACK_CHECK_WIDTHS and at the limit having been checked once per process)
+        if not _packed_exact(packed, codes, sample, 3, (1, 2, 2 * INT8_QUERY_BLOCK)):
             return None
     except (RuntimeError, ValueError, MemoryError):  # oneDNN refused this shard (or memory ran out): _int_mm
         return None
@@ -242,7 +242,7 @@ class ShardPruneInfo:
     center_norm: float
     gamma: float
     digits: int
-    packed: torch.Tensor | None = None  # pack_codes' copy, made for batches when asked (PrunedSearch.pack)
+    packed: torch.Tensor | None = None  # pack_codes' copy, made when asked (PrunedSearch.pack), set once
     pack_tried: bool = False
 
     @classmethod
@@ -649,7 +649,8 @@ def shard_pass(shard: ShardVectors, info: ShardPruneInfo, dense_queries: np.ndar
     rescored; in a block, or on packed codes, the second digit is almost free. Each chunk of products gets its
     deleted rows marked and its block maxima taken as soon as it is made (in the cache).
     """
-    packed = info.packed is not None
+    packed_codes = info.packed  # (read once)
+    packed = packed_codes is not None
     d = info.digits if packed or len(dense_queries) > 1 else 1
     frames = QueryFrame.many(dense_queries, shard.frame, d)
     block_max = torch.empty(-(-shard.rows // BLOCK_ROWS), len(frames) * d,  # [blocks, Q * d], the products' dtype
@@ -664,7 +665,7 @@ def shard_pass(shard: ShardVectors, info: ShardPruneInfo, dense_queries: np.ndar
 
     query_codes = np.concatenate([f.digits for f in frames], axis=1)  # [D, Q * d]
     if packed:
-        by_query = _qlinear(info.packed, shard.rows, query_codes)  # [Q * d, rows] float32, exact integers
+        by_query = _qlinear(packed_codes, shard.rows, query_codes)  # [Q * d, rows] float32, exact integers
         finish(0, by_query.T)  # (one chunk: the whole shard)
         products = by_query.numpy().T  # [rows, Q * d], a view: each query's column is contiguous
     else:

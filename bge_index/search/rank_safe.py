@@ -32,6 +32,7 @@ alone.
 from __future__ import annotations
 
 from collections.abc import Sequence
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -144,6 +145,8 @@ class PrunedSearch:
         self.rows = sum(shard.rows for shard in self.shards)
         self.buffers = buffers
         self._infos: dict[int, ShardPruneInfo] = {} if shared is None else shared._infos
+        # Each shard's info is made, and its codes packed (the mapped ones released), once, by the first thread.
+        self._pack_lock = threading.Lock() if shared is None else shared._pack_lock
         self._token_max: dict[int, dict[int, float]] = {} if shared is None else shared._token_max
         # Passes read packed copies of the int8 codes (dense_prune.pack_codes: one copy in memory, made on a
         # shard's first pass; worth it in long-lived processes); False: the codes as mapped.
@@ -162,13 +165,19 @@ class PrunedSearch:
         are released (the packed copy replaces them in memory rather than doubling them)."""
         info = self._infos.get(number)
         if info is None:
-            info = self._infos[number] = ShardPruneInfo.of(self.shards[number])
+            with self._pack_lock:  # one ShardPruneInfo per shard, whichever thread comes first
+                info = self._infos.get(number)
+                if info is None:
+                    info = self._infos[number] = ShardPruneInfo.of(self.shards[number])
         if packed and not info.pack_tried:
-            shard = self.shards[number]
-            norms = None if shard.row_bounds is None else shard.row_bounds[:, 0]  # |k| rounded up
-            info.packed, info.pack_tried = pack_codes(shard.codes, norms), True
-            if info.packed is not None:
-                release_pages(shard.codes)
+            with self._pack_lock:  # (other threads search meanwhile, on the mapped codes, or wait here)
+                if not info.pack_tried:
+                    shard = self.shards[number]
+                    norms = None if shard.row_bounds is None else shard.row_bounds[:, 0]  # |k| rounded up
+                    info.packed = pack_codes(shard.codes, norms)
+                    info.pack_tried = True
+                    if info.packed is not None:
+                        release_pages(shard.codes)
         return info
 
     # -- shared steps -----------------------------------------------------------------------------------------

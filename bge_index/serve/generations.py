@@ -127,7 +127,7 @@ class Generation:
 def open_generation(index_dir: Path, manifest: Manifest, key: ManifestKey | None, encoder,
                     pack_request: int | None | bool = False) -> Generation:
     """Open `manifest`'s generation with `encoder`: its files leased first, then mapped and checked
-    (OpenIndex.open), then measured; its int8 codes packed for batches as the first generation's were asked to
+    (OpenIndex.open), then measured; its int8 codes packed as the first generation's were asked to
     be (`pack_request`: Searcher.pack_request, False: not asked). A BgeIndexError when it cannot be served."""
     files = WatchedFiles.open(index_dir, manifest)
     try:
