@@ -14,7 +14,9 @@ the queries are search_bench.py's synthetic ones, or pickled QueryVectors (searc
 - MaxScore as it runs (`PrunedSearch.sparse`: seeds, then the shards with a rising threshold).
 
 It prints each one's p50 and the postings MaxScore must read with the oracle threshold (the kept tokens': no row
-outside them can reach it) against all the query's postings outside the dense columns.
+outside them can reach it) against all the query's postings outside the dense columns. Then batches of 16: the
+full accumulation query by query (what a batch runs) against shard by shard (a shard's columns and postings read
+for all 16 queries while they are in the cache), alternately, in ms per query.
 """
 
 from __future__ import annotations
@@ -99,6 +101,55 @@ def main() -> None:
     print(f"{'variant':<45} {'p50 ms':>8} {'p95 ms':>8}")
     for name, values in seconds.items():
         print(f"{name:<45} {np.percentile(values, 50) * 1e3:>8.2f} {np.percentile(values, 95) * 1e3:>8.2f}")
+    batches(searcher, queries, args.rounds)
+
+
+def batches(searcher, queries, rounds: int) -> None:
+    """Batches of 16: the accumulation query by query against shard by shard (same bits, checked)."""
+    import torch
+
+    groups = [queries[i:i + 16] for i in range(0, len(queries) - 15, 16)]
+    out = np.empty((16, searcher.rows), dtype=np.float32)
+
+    def query_by_query(group):
+        for query, row in zip(group, out):
+            searcher.sparse_scores(query, out=row)
+
+    def shard_by_shard(group):
+        total = torch.from_numpy(out[:len(group)])
+        total.zero_()
+        weights = [[float(w) for w in np.asarray(q.sparse_weights, np.float32)] for q in group]
+        for shard in searcher.shards:
+            for i, query in enumerate(group):
+                view = total[i, shard.start:shard.start + shard.rows]
+                slots = shard.token_slots(query.sparse_ids).tolist()
+                heavy = shard.heavy_slots(query.sparse_ids).tolist()
+                for slot, at, weight in zip(slots, heavy, weights[i]):
+                    if at >= 0:
+                        view.add_(torch.from_numpy(shard.heavy_columns[at]) * weight)
+                    elif slot >= 0:
+                        start, end = shard.token_ptr[slot], shard.token_ptr[slot + 1]
+                        view.index_add_(0, torch.from_numpy(shard.posting_rows[start:end].view(np.int32)),
+                                        torch.from_numpy(shard.posting_weights[start:end]) * weight)
+
+    if not groups:
+        return
+    query_by_query(groups[0])
+    expected = out.copy()
+    shard_by_shard(groups[0])
+    assert np.array_equal(expected.view(np.int32), out.view(np.int32))
+    seconds: dict = {"query by query": [], "shard by shard": []}
+    variants = {"query by query": query_by_query, "shard by shard": shard_by_shard}
+    for round_ in range(rounds):
+        for i, group in enumerate(groups):
+            names = list(variants)[::1 if (i + round_) % 2 == 0 else -1]
+            for name in names:
+                started = time.perf_counter()
+                variants[name](group)
+                seconds[name].append((time.perf_counter() - started) / len(group))
+    print(f"batches of 16 ({len(groups)} x {rounds} rounds), ms per query: " +
+          ", ".join(f"{name} {np.median(v) * 1e3:.2f} (range {min(v) * 1e3:.2f}-{max(v) * 1e3:.2f})"
+                    for name, v in seconds.items()))
 
 
 if __name__ == "__main__":
