@@ -108,6 +108,8 @@ def batches(searcher, queries, rounds: int) -> None:
     """Batches of 16: the accumulation query by query against shard by shard (same bits, checked)."""
     import torch
 
+    from bge_index.search.scoring import accumulate_sparse
+
     groups = [queries[i:i + 16] for i in range(0, len(queries) - 15, 16)]
     out = np.empty((16, searcher.rows), dtype=np.float32)
 
@@ -122,15 +124,9 @@ def batches(searcher, queries, rounds: int) -> None:
         for shard in searcher.shards:
             for i, query in enumerate(group):
                 view = total[i, shard.start:shard.start + shard.rows]
-                slots = shard.token_slots(query.sparse_ids).tolist()
-                heavy = shard.heavy_slots(query.sparse_ids).tolist()
-                for slot, at, weight in zip(slots, heavy, weights[i]):
-                    if at >= 0:
-                        view.add_(torch.from_numpy(shard.heavy_columns[at]) * weight)
-                    elif slot >= 0:
-                        start, end = shard.token_ptr[slot], shard.token_ptr[slot + 1]
-                        view.index_add_(0, torch.from_numpy(shard.posting_rows[start:end].view(np.int32)),
-                                        torch.from_numpy(shard.posting_weights[start:end]) * weight)
+                accumulate_sparse(shard, query.sparse_ids, weights[i], view)
+                if shard.live is not None:
+                    view[torch.from_numpy(~shard.live)] = -np.inf
 
     if not groups:
         return

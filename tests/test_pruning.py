@@ -904,16 +904,22 @@ def test_batches_on_packed_codes_answer_as_the_scan_bit_for_bit(monkeypatch):
         assert len(bound.best(10)) == 10 and len(bound.reaching(-1.0)) == index.shards[0].live.sum()
 
 
+def _cone_index(rng, spread: float, sizes: list[int], count: int) -> tuple[Searcher, list[QueryVectors]]:
+    """Shards of `sizes` rows crowded in a narrow cone (rows and queries within `spread` of one direction, as a
+    random-weight model's), and `count` queries of 5 tokens."""
+    center = unit(rng.standard_normal(DIM))
+    x = unit(center + spread * rng.standard_normal((sum(sizes), DIM)))
+    queries = [query(unit(center + spread * rng.standard_normal(DIM)), sparse_rows(rng, 1, tokens=5)[0])
+               for _ in range(count)]
+    starts = np.cumsum([0] + sizes)
+    return searcher([(x[a:b], sparse_rows(rng, b - a), None) for a, b in zip(starts[:-1], starts[1:])]), queries
+
+
 @needs_packing
 def test_lone_queries_read_the_packed_codes_too_with_two_digits_in_a_cone(monkeypatch):
     """Once packed, the mapped codes are never read again (they may leave memory): a lone query's pass goes
     through the packed copy, taking both digits in a cone, and answers as the scan."""
-    rng = np.random.default_rng(56)
-    center = unit(rng.standard_normal(DIM))
-    x = unit(center + 0.004 * rng.standard_normal((2600, DIM)))
-    queries = [query(unit(center + 0.004 * rng.standard_normal(DIM)), sparse_rows(rng, 1, tokens=5)[0])
-               for _ in range(12)]
-    index = searcher([(x[:1500], sparse_rows(rng, 1500), None), (x[1500:], sparse_rows(rng, 1100), None)])
+    index, queries = _cone_index(np.random.default_rng(56), 0.004, [1500, 1100], 12)
     assert index.pack_codes(budget=1 << 30) > 0
     widths = []
     real = dense_prune._qlinear
@@ -1003,12 +1009,7 @@ def test_packing_releases_the_mapped_codes_pages_and_answers_stay_the_scans(tmp_
 
 @needs_packing
 def test_packed_codes_in_a_cone_take_two_digits_and_stay_exact():
-    rng = np.random.default_rng(52)
-    center = unit(rng.standard_normal(DIM))
-    x = unit(center + 0.003 * rng.standard_normal((3000, DIM)))
-    queries = [query(unit(center + 0.003 * rng.standard_normal(DIM)), sparse_rows(rng, 1, tokens=5)[0])
-               for _ in range(20)]
-    index = searcher([(x[:1700], sparse_rows(rng, 1700), None), (x[1700:], sparse_rows(rng, 1300), None)])
+    index, queries = _cone_index(np.random.default_rng(52), 0.003, [1700, 1300], 20)
     index.pack_codes(budget=1 << 30)
     assert all(info.digits == 2 for info in index._pruned._infos.values())
     assert_same_as_scan(index, queries, 10, modes=("dense", "hybrid"))

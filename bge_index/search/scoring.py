@@ -206,18 +206,7 @@ class Searcher:
         weights = [float(w) for w in np.asarray(query.sparse_weights, np.float32)]
         for shard in self.shards:
             view = total[shard.start:shard.start + shard.rows]
-            slots, heavy = shard.token_slots(query.sparse_ids).tolist(), shard.heavy_slots(query.sparse_ids).tolist()
-            for slot, at, weight in zip(slots, heavy, weights):
-                # Products first, then plain adds (never alpha=, which may fuse them): the bits of
-                # sparse_prune.SparseShardQuery.exact, which pruning scores candidates with.
-                if at >= 0:
-                    # A token in most rows: one streaming add of its dense column (zeros where absent).
-                    view.add_(torch.from_numpy(shard.heavy_columns[at]) * weight)
-                elif slot >= 0:
-                    start, end = shard.token_ptr[slot], shard.token_ptr[slot + 1]
-                    # Rows are uint32 below 2**31, so their bits read as int32 are the same numbers.
-                    view.index_add_(0, torch.from_numpy(shard.posting_rows[start:end].view(np.int32)),
-                                    torch.from_numpy(shard.posting_weights[start:end]) * weight)
+            accumulate_sparse(shard, query.sparse_ids, weights, view)
             if shard.live is not None:
                 view[torch.from_numpy(~shard.live)] = -np.inf
         return scores
@@ -546,6 +535,24 @@ def _check_mode(mode: str, fusion: str) -> None:
         raise ValueError(f"unknown mode {mode!r} (use {', '.join(MODES)})")
     if fusion not in FUSIONS:
         raise ValueError(f"unknown fusion {fusion!r} (use {', '.join(FUSIONS)})")
+
+
+def accumulate_sparse(shard: ShardVectors, ids: np.ndarray, weights: list[float], view: torch.Tensor) -> None:
+    """Add one query's products q_w * d_w to a shard's [rows] float32 scores (`view`, zeros to start with), token
+    by token in query order: `ids` the query's token ids, `weights` their float32 weights as Python floats. Only
+    those tokens' postings (or dense columns) are read; deleted rows are the caller's to mark."""
+    slots, heavy = shard.token_slots(ids).tolist(), shard.heavy_slots(ids).tolist()
+    for slot, at, weight in zip(slots, heavy, weights):
+        # Products first, then plain adds (never alpha=, which may fuse them): the bits of
+        # sparse_prune.SparseShardQuery.exact, which pruning scores candidates with.
+        if at >= 0:
+            # A token in most rows: one streaming add of its dense column (zeros where absent).
+            view.add_(torch.from_numpy(shard.heavy_columns[at]) * weight)
+        elif slot >= 0:
+            start, end = shard.token_ptr[slot], shard.token_ptr[slot + 1]
+            # Rows are uint32 below 2**31, so their bits read as int32 are the same numbers.
+            view.index_add_(0, torch.from_numpy(shard.posting_rows[start:end].view(np.int32)),
+                            torch.from_numpy(shard.posting_weights[start:end]) * weight)
 
 
 def fuse(dense: np.ndarray, sparse: np.ndarray, weights: ScoreWeights, fusion: str = "weighted",
