@@ -1007,6 +1007,21 @@ def test_packing_releases_the_mapped_codes_pages_and_answers_stay_the_scans(tmp_
     assert release_pages(before) == 0  # not a mapped search file: nothing done
 
 
+def test_the_two_digit_cut_uses_both_digits_so_few_rows_get_their_own_bound(monkeypatch):
+    """In a cone a batch takes two digits: the cut compares blocks' and rows' full integer products (128 * hi +
+    lo) with the threshold, not the high digit plus a Cauchy-Schwarz bound on the low one (which let about 37
+    rows through per row rescored here), and the answers stay the scan's."""
+    index, queries = _cone_index(np.random.default_rng(52), 0.003, [1700, 1300], 16)
+    tested = []
+    real = dense_prune.DenseShardBound.upper
+    monkeypatch.setattr(dense_prune.DenseShardBound, "upper", lambda self, rows: tested.append(len(rows)) or
+                        real(self, rows))
+    index.search_many(queries, 10, "dense")
+    assert all(info.digits == 2 for info in index._pruned._infos.values())
+    assert sum(tested) <= 6 * sum(index.last_rescored), (sum(tested), sum(index.last_rescored))
+    assert_same_as_scan(index, queries, 10, modes=("dense", "hybrid"))
+
+
 @needs_packing
 def test_packed_codes_in_a_cone_take_two_digits_and_stay_exact():
     index, queries = _cone_index(np.random.default_rng(52), 0.003, [1700, 1300], 20)

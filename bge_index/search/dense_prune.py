@@ -273,7 +273,6 @@ class QueryFrame:
     query_norm: float  # >= |q|
     across_norm: float  # >= |q_perp|
     along: float  # |alpha|
-    low_norm: float  # >= |lo| (0 with one digit)
 
     @classmethod
     def many(cls, queries: np.ndarray, frame: np.ndarray, digits: int) -> list["QueryFrame"]:
@@ -294,7 +293,6 @@ class QueryFrame:
             low = codes - DIGIT * high  # [Q, D] in [-64, 64]
             columns = np.stack([high, low], axis=2)  # [Q, D, 2]
         else:
-            low = np.zeros((len(q), 0))
             columns = codes[:, :, None]  # [Q, D, 1]
         direction = frame[2].astype(np.float64)
         length = float(direction @ direction)
@@ -304,10 +302,9 @@ class QueryFrame:
         across_norm = (np.linalg.norm(across, axis=1) * (1 + _SLACK)
                        + _SLACK * (query_norm + np.abs(alpha) * np.sqrt(length)))
         center_dot = q @ frame[0].astype(np.float64)
-        low_norm = np.linalg.norm(low, axis=1)
         return [cls(float(center_dot[i]), float(step[i]), columns[i].astype(np.int8), float(rest_norm[i]),
-                    float(query_norm[i]) * (1 + _SLACK), float(across_norm[i]), abs(float(alpha[i])),
-                    float(low_norm[i])) for i in range(len(q))]
+                    float(query_norm[i]) * (1 + _SLACK), float(across_norm[i]), abs(float(alpha[i])))
+                for i in range(len(q))]
 
 
 class DenseShardBound:
@@ -370,40 +367,34 @@ class DenseShardBound:
             bound[odd] = self.upper(rows[odd])
         return bound
 
+    def _pass(self) -> "ShardPass":
+        """A ShardPass over this query alone."""
+        return ShardPass(self.shard, [self], self._high[:, None], low=None if self._low is None else self._low[:, None])
+
     def best(self, count: int) -> np.ndarray:
         """Local rows of about the `count` highest estimates among live rows (by the high digit; fewer when
         fewer are live). Any rows would be correct seeds: these make the first threshold tight."""
-        return ShardPass(self.shard, [self], self._high[:, None]).best(count)[0]
+        return self._pass().best(count)[0]
 
     def cut(self, threshold: float) -> float:
-        """The high digit below which a row that is not an outlier cannot reach `threshold`: it would need
-        t * I >= threshold - m - error_max, and |k . lo| <= |k| |lo|. -inf: every row may; +inf: none."""
-        return float(self.cuts(np.array([threshold], dtype=np.float64))[0])
-
-    def cuts(self, thresholds: np.ndarray) -> np.ndarray:
-        """`cut` of each of [n] float64 thresholds, clipped to what int32 digits can compare with."""
-        offset, step, low_max = self.cut_terms()
-        need = thresholds - offset
+        """The integer I = k . wc (both digits: 128 * hi + lo) below which a row that is not an outlier cannot
+        reach `threshold`: it would need t * I >= threshold - m - error_max. -inf: every row may; +inf: none;
+        NaN (a NaN threshold): none."""
+        offset, step = self.cut_terms()
+        need = threshold - offset
         if not step > 0:
-            out = np.where(need <= 0, -np.inf, np.where(need > 0, np.inf, np.nan))  # NaN stays NaN: never passes
-        elif low_max is None:
-            with np.errstate(invalid="ignore"):
-                out = np.floor(need / step) - 1  # the division's rounding is far below 1
-        else:
-            with np.errstate(invalid="ignore"):
-                out = np.floor((need / step - low_max) / DIGIT) - 1
-        return np.clip(out, -float(np.iinfo(np.int32).max), 2.0 ** 40)  # int32 minimum (deleted) never passes
+            return -np.inf if need <= 0 else (np.inf if need > 0 else np.nan)
+        with np.errstate(invalid="ignore"):
+            return float(np.floor(need / step) - 1)  # the division's rounding is far below 1
 
-    def cut_terms(self) -> tuple[float, float, float | None]:
-        """(m + error_max + slack: the most a row that is not an outlier scores above t * I; the step t; the most
-        the low digit adds to I / t, None with one digit): a row's upper bound is at most
-        offset + t * (128 * hi + low_max), or offset + t * I with one digit."""
-        low_max = None if self._low is None else self.info.code_max * self.frame.low_norm * (1 + _SLACK) + 1
-        return self.frame.center_dot + self.error_max + self.slack, self.frame.step, low_max
+    def cut_terms(self) -> tuple[float, float]:
+        """(m + error_max + slack: the most a row that is not an outlier scores above t * I; the step t): a row's
+        upper bound is at most offset + t * I."""
+        return self.frame.center_dot + self.error_max + self.slack, self.frame.step
 
     def reaching(self, threshold: float) -> np.ndarray:
         """Live local rows (ascending) whose upper bound reaches `threshold`."""
-        return ShardPass(self.shard, [self], self._high[:, None]).reaching([threshold])[0]
+        return self._pass().reaching([threshold])[0]
 
 
 class ShardPass:
@@ -412,14 +403,26 @@ class ShardPass:
     are the best blocks' best rows, and the integer cut looks into a block only when its maximum passes."""
 
     def __init__(self, shard: ShardVectors, bounds: list[DenseShardBound], high: np.ndarray,
-                 block_max: np.ndarray | None = None):
+                 block_max: np.ndarray | None = None, low: np.ndarray | None = None,
+                 low_block_max: np.ndarray | None = None):
         """`high`: [rows, Q] int32, each query's high digit (deleted rows at the int32 minimum); `block_max`:
-        its [blocks, Q] maxima when already made (block_maxima), else computed here."""
-        self.shard, self.bounds, self.high = shard, bounds, high
-        if block_max is None:  # (int32 products, or float32 ones from packed codes)
-            block_max = np.empty((-(-high.shape[0] // BLOCK_ROWS), high.shape[1]), dtype=high.dtype)
-            block_maxima(torch.from_numpy(high), torch.from_numpy(block_max))
-        self.block_max = block_max  # [blocks, Q]
+        its [blocks, Q] maxima when already made (block_maxima), else computed here. With two digits, `low` and
+        `low_block_max` the same for the low digit (None with one)."""
+        self.shard, self.bounds, self.high, self.low = shard, bounds, high, low
+        self.block_max = _block_maxima_of(high) if block_max is None else block_max  # [blocks, Q]
+        self.low_block_max = None if low is None else (_block_maxima_of(low) if low_block_max is None
+                                                        else low_block_max)
+
+    def integers(self, rows: np.ndarray, query: int) -> np.ndarray:
+        """[n] float64 I = k . wc of some rows for one query (128 * hi + lo with two digits; exact)."""
+        high = self.high[rows, query].astype(np.float64)
+        return high if self.low is None else DIGIT * high + self.low[rows, query]
+
+    def block_integers(self) -> np.ndarray:
+        """[blocks, Q] float64, at least each block's largest I for each query (128 * its largest high digit +
+        its largest low digit, with two digits)."""
+        high = self.block_max.astype(np.float64)
+        return high if self.low is None else DIGIT * high + self.low_block_max
 
     def _rows_of(self, blocks: np.ndarray) -> np.ndarray:
         """The local rows (ascending) of some blocks (ascending)."""
@@ -451,11 +454,12 @@ class ShardPass:
         """Per query, the live local rows (ascending) whose upper bound reaches its threshold: the integer cut
         (over the blocks whose maximum passes it), then each passing row (and every outlier) gets its own bound."""
         outliers = self.bounds[0].info.outliers
+        block_integers = self.block_integers()  # [blocks, Q]
         out = []
         for i, (bound, threshold) in enumerate(zip(self.bounds, thresholds)):
             cut = bound.cut(threshold)
-            rows = self._rows_of(np.flatnonzero(self.block_max[:, i] >= cut))
-            rows = rows[self.high[rows, i] >= cut]  # deleted rows (int32 minimum) never pass
+            rows = self._rows_of(np.flatnonzero(block_integers[:, i] >= cut))
+            rows = rows[self.integers(rows, i) >= cut]
             if len(outliers):
                 rows = np.union1d(rows, outliers)
             if self.shard.live is not None:
@@ -470,36 +474,37 @@ class ShardPass:
         part's exact score or bound per row, e.g. sparse, -inf on deleted rows; `extra_max`: its [blocks, Q]
         block maxima (value_block_maxima) when already made; the arithmetic is float64).
 
-        A linear test in the high digit and `extra`, first on each block's maxima, then on the rows of the blocks
-        that pass, then each passing row's own bound; every query at once."""
+        A linear test in the integer I (both digits) and `extra`, first on each block's maxima, then on the rows
+        of the blocks that pass, then each passing row's own bound; every query at once."""
         count = len(self.bounds)
         thresholds = np.asarray(thresholds, dtype=np.float64)
         if extra_max is None:
             extra_max = value_block_maxima(extra)
-        # A row that is not an outlier has dense upper bound <= offset + step * (digit * high + low_max) (see
-        # cut_terms), so it can reach only if a * high + extra_weight * extra + c >= 0, a and c below (per
-        # query, float64; c holds room for that sum's rounding). The test rises with high and with extra, so a
-        # block whose maxima fail it holds no row that passes.
+        # A row that is not an outlier has dense upper bound <= offset + step * I (see cut_terms), so it can
+        # reach only if a * I + extra_weight * extra + c >= 0, a and c below (per query, float64; c holds room
+        # for that sum's rounding, |I| < 2**38). The test rises with I and with extra, so a block whose maxima
+        # (block_integers) fail it holds no row that passes.
         terms = [bound.cut_terms() for bound in self.bounds]
         offset, step = np.array([t[0] for t in terms]), np.array([t[1] for t in terms])  # [Q]
-        low_max = np.array([t[2] or 0.0 for t in terms])
-        a = weight * step * (1 if terms and terms[0][2] is None else DIGIT)  # [Q]
-        c = weight * (offset + step * low_max) - thresholds
+        a = weight * step  # [Q]
+        c = weight * offset - thresholds
         with np.errstate(invalid="ignore"):  # (a threshold of -inf: every row passes but deleted ones, NaN)
-            c = c + _SLACK * (np.abs(a) * 2.0 ** 31 + np.abs(c) + np.abs(thresholds))
-            passing = a * self.block_max + extra_weight * extra_max.astype(np.float64) + c >= 0  # [blocks, Q]
+            c = c + _SLACK * (np.abs(a) * 2.0 ** 38 + np.abs(c) + np.abs(thresholds))
+            passing = a * self.block_integers() + extra_weight * extra_max.astype(np.float64) + c >= 0  # [blocks, Q]
         queries, blocks = np.nonzero(passing.T)  # query-major: each query's blocks ascending
-        # The rows of each passing (query, block) pair, 64 at a time: [pairs, 64] slabs of the high digits and of
+        # The rows of each passing (query, block) pair, 64 at a time: [pairs, 64] slabs of the digits and of
         # `extra` (a shorter last block's missing rows read as deleted), at most _SLAB_PAIRS pairs at once (where
-        # little is pruned, all of them would take about 50 bytes per row and query).
+        # little is pruned, all of them would take about 60 bytes per row and query).
         full = self.shard.rows // BLOCK_ROWS
         pieces: list[list[np.ndarray]] = [[] for _ in range(count)]  # per query, its rows ascending
         for start in range(0, len(blocks), _SLAB_PAIRS):
             some_blocks, some_queries = blocks[start:start + _SLAB_PAIRS], queries[start:start + _SLAB_PAIRS]
-            high = _block_slabs(self.high, full, some_blocks, some_queries, _MISSING)
+            integers = _block_slabs(self.high, full, some_blocks, some_queries, _MISSING).astype(np.float64)
+            if self.low is not None:
+                integers = DIGIT * integers + _block_slabs(self.low, full, some_blocks, some_queries, 0)
             extras = _block_slabs(extra, full, some_blocks, some_queries, -np.inf)
             with np.errstate(invalid="ignore"):  # deleted rows: extra -inf, never passing
-                keep = (a[some_queries, None] * high + extra_weight * extras.astype(np.float64)
+                keep = (a[some_queries, None] * integers + extra_weight * extras.astype(np.float64)
                         + c[some_queries, None] >= 0)
             pairs, places = np.nonzero(keep)  # pair-major, rows ascending within a pair
             rows, owners = some_blocks[pairs] * BLOCK_ROWS + places, some_queries[pairs]
@@ -596,6 +601,13 @@ def _block_slabs(values: np.ndarray, full: int, blocks: np.ndarray, queries: np.
     return out
 
 
+def _block_maxima_of(values: np.ndarray) -> np.ndarray:
+    """[ceil(rows / BLOCK_ROWS), Q] maxima of a [rows, Q] array's blocks of rows, its dtype (block_maxima)."""
+    out = np.empty((-(-values.shape[0] // BLOCK_ROWS), values.shape[1]), dtype=values.dtype)
+    block_maxima(torch.from_numpy(values), torch.from_numpy(out))
+    return out
+
+
 def block_maxima(products: torch.Tensor, out: torch.Tensor) -> None:
     """out[b] = the maxima of products' rows b * BLOCK_ROWS ... (b + 1) * BLOCK_ROWS - 1 (the last block may be
     shorter): [rows, Q] -> [ceil(rows / BLOCK_ROWS), Q] of the same dtype, torch's amax (all cores). Any strides:
@@ -672,7 +684,11 @@ def shard_pass(shard: ShardVectors, info: ShardPruneInfo, dense_queries: np.ndar
         products = int8_products(shard.codes, query_codes, finish)
     bounds = [DenseShardBound(shard, info, f, products[:, i * d], products[:, i * d + 1] if d == 2 else None)
               for i, f in enumerate(frames)]
-    return ShardPass(shard, bounds, products[:, ::d], block_max.numpy()[:, ::d])
+    maxima = block_max.numpy()
+    if d == 1:
+        return ShardPass(shard, bounds, products, maxima)
+    return ShardPass(shard, bounds, products[:, ::2], maxima[:, ::2], low=products[:, 1::2],
+                     low_block_max=maxima[:, 1::2])
 
 
 def shard_bounds(shard: ShardVectors, info: ShardPruneInfo, dense_queries: np.ndarray) -> list[DenseShardBound]:

@@ -333,8 +333,9 @@ class PrunedSearch:
 
         The sparse scores come from the full scan (`sparse_scan`: exact, every row, a few milliseconds at a
         million rows), so a row's bound is w_d * (its dense upper bound) + w_s * (its exact sparse score) +
-        the float32 rounding of the weighted sum; the int8 cut is one linear test in the high digit and the
-        sparse score, on the blocks' maxima and then on their rows (dense_prune.ShardPass.reaching_with).
+        the float32 rounding of the weighted sum; the int8 cut is one linear test in the integer products
+        (both digits) and the sparse score, on the blocks' maxima and then on their rows
+        (dense_prune.ShardPass.reaching_with).
         """
         dense_queries = np.stack([q.dense for q in queries])
         blocks = DenseKernel.query_blocks(dense_queries)
