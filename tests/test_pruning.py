@@ -458,6 +458,24 @@ def test_negative_and_zero_query_weights_stay_exact():
     assert_same_as_scan(index, queries, 10)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_queries_below_float32s_normal_range_stay_exact(packed):
+    """Products and sums of a query of length 1e-40 underflow: they lose absolutely (or flush to zero), which
+    the bounds' relative gamma term alone does not cover (the answers differed from the scan's)."""
+    if packed and not packing_works():
+        pytest.skip("oneDNN's int8 linear is not exact on this machine")
+    rng = np.random.default_rng(59)
+    index, _ = _cone_index(rng, 0.003, [1000, 500], 0)
+    if packed:
+        index.pack_codes(budget=1 << 30)
+    center = index.shards[0].frame[0] / np.linalg.norm(index.shards[0].frame[0])
+    queries = [query((scale * unit(sign * center + 0.003 * rng.standard_normal(DIM))).astype(np.float32),
+                     sparse_rows(rng, 1, tokens=5)[0]) for scale in (1e-38, 1e-40, 1e-43) for sign in (1, -1)]
+    queries += [query((1e-41 * unit(rng.standard_normal(DIM))).astype(np.float32), sparse_rows(rng, 1, tokens=5)[0])]
+    for k in (1, 10):
+        assert_same_as_scan(index, queries, k, modes=("dense", "hybrid"))
+
+
 def test_shards_without_pruning_data_mix_with_shards_that_have_it():
     rng = np.random.default_rng(14)
     parts = random_parts(rng, [800, 800, 800], deleted_share=0.1)
@@ -1005,6 +1023,59 @@ def test_packing_releases_the_mapped_codes_pages_and_answers_stay_the_scans(tmp_
     before = codes.copy()
     assert release_pages(codes) >= codes.nbytes and np.array_equal(codes, before)
     assert release_pages(before) == 0  # not a mapped search file: nothing done
+
+
+@pytest.mark.parametrize("rows,spread", [(65, 0.01), (700, 0.01), (300, 0.0)])
+def test_the_two_digit_cuts_keep_exactly_the_rows_whose_bound_reaches(rows, spread):
+    """ShardPass.reaching and reaching_with, two digits, one query and several, codes as mapped and packed:
+    exactly the live rows whose upper bound reaches the threshold, at thresholds on rows' own bounds (those of
+    the rows with the largest error sit right at the cut; with every row the same, all do); deleted rows (a
+    whole block, the last row), a short last block, queries against the cone's direction."""
+    rng = np.random.default_rng(60)
+    center = unit(rng.standard_normal(DIM))
+    x = unit(center + spread * rng.standard_normal((rows, DIM)))
+    live = rng.random(rows) >= 0.3
+    live[-1] = False
+    if rows > 128:
+        live[64:128] = False
+    part = shard(x, sparse_rows(rng, rows), live=live)
+    queries = np.stack([unit(center + 0.01 * rng.standard_normal(DIM)), -center, x[3],
+                        unit(rng.standard_normal(DIM)), np.zeros(DIM, np.float32)])
+    everything = np.arange(rows)
+    for packed in (False, True) if packing_works() else (False,):
+        info = ShardPruneInfo.of(part)
+        assert info.digits == 2
+        info.packed = dense_prune.pack_codes(part.codes) if packed else None
+        for block in (queries[:1], queries):
+            one = shard_pass(part, info, block)
+            assert all((b._low is not None) == (packed or len(block) > 1) for b in one.bounds)  # (lone, mapped: one)
+            uppers = [b.upper(everything) for b in one.bounds]
+            ordinary = live.copy()
+            ordinary[info.outliers] = False
+            for i, upper in enumerate(uppers):
+                # The bounds of the rows with the largest error sit right at the cut (it assumes that error).
+                errors = one.bounds[i].error(everything)
+                widest = everything[ordinary][np.argsort(-errors[ordinary])[:8]]
+                for threshold in [*upper[widest], *np.unique(upper[live])[::7], -np.inf, np.inf, np.nan]:
+                    thresholds = [threshold if j == i else 0.0 for j in range(len(block))]
+                    with np.errstate(invalid="ignore"):
+                        expected = everything[live & (upper >= threshold)]
+                    assert np.array_equal(one.reaching(thresholds)[i], expected), (packed, len(block), i)
+            extra = rng.random((rows, len(block))).astype(np.float32)
+            extra[~live] = -np.inf
+            for weight, extra_weight in ((1.0, 0.3), (1e-3, 1.0), (1.0, 0.0)):
+                with np.errstate(invalid="ignore"):  # (0 * -inf on deleted rows: NaN, never reaching)
+                    combined = [weight * u + extra_weight * extra[:, i].astype(np.float64)
+                                for i, u in enumerate(uppers)]
+                at_rows = [everything[ordinary][np.argsort(-one.bounds[i].error(everything)[ordinary])[:4]]
+                           for i in range(len(block))]
+                for choice in (0.0, 0.5, 0.97, 0, 1, 2, 3):  # quantiles, then the widest rows' own bounds
+                    thresholds = np.array([np.quantile(c[live], choice) if isinstance(choice, float)
+                                           else c[at_rows[i][choice]] for i, c in enumerate(combined)])
+                    found = one.reaching_with(thresholds, weight, extra, extra_weight)
+                    for i, c in enumerate(combined):
+                        expected = everything[live & (c >= thresholds[i])]
+                        assert np.array_equal(found[i], expected), (packed, len(block), weight, choice, i)
 
 
 def test_the_two_digit_cut_uses_both_digits_so_few_rows_get_their_own_bound(monkeypatch):

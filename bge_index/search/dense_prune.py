@@ -19,11 +19,13 @@ q_perp is short, which is what makes the bound tight there. The exact
 kernel's float32 result is within gamma_D |x| |q| of x.q (dense_kernel.py).
 So a row's computed exact score lies within
 
-    m + t * I  +-  (|k| |f| + |alpha| |e.u| + |e| |q_perp| + gamma_D |x| |q| + slack)
+    m + t * I  +-  (|k| |f| + |alpha| |e.u| + |e| |q_perp| + gamma_D |x| |q| + tiny + slack)
 
-with m = c.q. Every quantity is evaluated in float64; `slack` (2**-40 of the
-terms' magnitude) covers that evaluation's rounding many times over, and
-|f|, |q_perp| are computed with slack too. A row whose upper bound is below
+with m = c.q, and `tiny` what float32 may lose below its normal range
+(2**-126 per product and sum, and per query component flushed to zero:
+nothing at real scores). Every quantity is evaluated in float64; `slack`
+(2**-40 of the terms' magnitude) covers that evaluation's rounding many
+times over, and |f|, |q_perp| are computed with slack too. A row whose upper bound is below
 the k-th best exact score found so far cannot be in the top-k nor tie with
 it: it is never rescored.
 
@@ -49,6 +51,7 @@ DIGIT = 128  # the high digit's weight when a query takes two int8 digits
 CONE = 0.5  # a shard whose center is at least this long (rows in a cone) gives queries two digits
 _INT8_CHUNK_ROWS = 65536  # rows per _int_mm call (bounds the kernel's own packing buffers; a multiple of BLOCK_ROWS)
 _SLACK = 2.0 ** -40  # relative slack on float64 evaluations of a bound (their rounding is below 2**-50)
+_FLOAT32_TINY = 2.0 ** -126  # float32's smallest normal number: what an underflow may lose, at most
 _OUTLIER = 4.0  # rows whose error bound is this many times the median get their own bound, always
 BLOCK_ROWS = 64  # rows per block whose largest product is kept: cuts skip whole blocks, seeds are block maxima
 _SLAB_PAIRS = 8192  # (query, block) pairs whose rows the hybrid cut tests at once: about 20 MB of temporaries
@@ -318,6 +321,10 @@ class DenseShardBound:
         self._high, self._low = high, low
         dim = shard.frame.shape[1]
         self.gamma = info.gamma
+        # Below float32's normal range the kernel's products and sums lose absolutely, not relatively (or are
+        # flushed to zero, inputs too): at most 2**-126 for each of its D products and D sums, and for each
+        # query component read as 0 (|x_i| 2**-126 each, sqrt(D) |x| 2**-126 in all). Nothing, at real scores.
+        self._tiny_terms, self._tiny_norm = (2 * dim + 2) * _FLOAT32_TINY, np.sqrt(dim) * _FLOAT32_TINY
         # The largest error term of a row that is not an outlier, and the float64 evaluation slack.
         self.error_max = self._error(info.code_max, info.error_max, info.norm_max, info.along_max)
         integers = dim * CODE_LEVELS * CODE_LEVELS * (DIGIT + 1)
@@ -327,7 +334,8 @@ class DenseShardBound:
 
     def _error(self, code, error, norm, along):
         f = self.frame
-        return code * f.rest_norm + f.along * along + error * f.across_norm + self.gamma * norm * f.query_norm
+        return (code * f.rest_norm + f.along * along + error * f.across_norm + self.gamma * norm * f.query_norm
+                + self._tiny_terms + self._tiny_norm * norm)
 
     def _integers(self, rows: np.ndarray) -> np.ndarray:
         """[n] float64 exact I = k . wc of some rows (below 2**53: exact in float64)."""
@@ -459,6 +467,8 @@ class ShardPass:
         for i, (bound, threshold) in enumerate(zip(self.bounds, thresholds)):
             cut = bound.cut(threshold)
             rows = self._rows_of(np.flatnonzero(block_integers[:, i] >= cut))
+            # (a deleted row's high digit is the int32 minimum, but with two digits a cut far below every live
+            # row may still let it through: the live mask below is what keeps deleted rows out)
             rows = rows[self.integers(rows, i) >= cut]
             if len(outliers):
                 rows = np.union1d(rows, outliers)
@@ -482,14 +492,15 @@ class ShardPass:
             extra_max = value_block_maxima(extra)
         # A row that is not an outlier has dense upper bound <= offset + step * I (see cut_terms), so it can
         # reach only if a * I + extra_weight * extra + c >= 0, a and c below (per query, float64; c holds room
-        # for that sum's rounding, |I| < 2**38). The test rises with I and with extra, so a block whose maxima
-        # (block_integers) fail it holds no row that passes.
+        # for that sum's rounding, |I| <= D * 127 * (127 * 128 + 64) < 2**39 as int32 products bound D). The
+        # test rises with I and with extra, so a block whose maxima (block_integers) fail it holds no row that
+        # passes; deleted rows fail it by their extra, -inf.
         terms = [bound.cut_terms() for bound in self.bounds]
         offset, step = np.array([t[0] for t in terms]), np.array([t[1] for t in terms])  # [Q]
         a = weight * step  # [Q]
         c = weight * offset - thresholds
         with np.errstate(invalid="ignore"):  # (a threshold of -inf: every row passes but deleted ones, NaN)
-            c = c + _SLACK * (np.abs(a) * 2.0 ** 38 + np.abs(c) + np.abs(thresholds))
+            c = c + _SLACK * (np.abs(a) * 2.0 ** 39 + np.abs(c) + np.abs(thresholds))
             passing = a * self.block_integers() + extra_weight * extra_max.astype(np.float64) + c >= 0  # [blocks, Q]
         queries, blocks = np.nonzero(passing.T)  # query-major: each query's blocks ascending
         # The rows of each passing (query, block) pair, 64 at a time: [pairs, 64] slabs of the digits and of

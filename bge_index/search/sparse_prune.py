@@ -86,8 +86,10 @@ class SparseShardQuery:
                 self.tokens.append(ShardToken(len(self.tokens), np.float32(weight), at, count, bound,
                                               shard.heavy_column(token)))
         # What float32 rounding of the exact sum (and float64 rounding of ours) may add to any row's real score:
-        # gamma_(n+1) over every query token (tokens the shard lacks add exact zeros).
-        self.slack = summation_gamma(len(ids) + 1) * total * (1 + _SLACK) + _SLACK * total
+        # gamma_(n+1) over every query token (tokens the shard lacks add exact zeros), and below float32's normal
+        # range (2**-126) what each of its n products and n sums may lose absolutely.
+        self.slack = (summation_gamma(len(ids) + 1) * total * (1 + _SLACK) + _SLACK * total
+                      + (2 * len(ids) + 2) * 2.0 ** -126)
 
     def postings(self, token: ShardToken) -> tuple[np.ndarray, np.ndarray]:
         """(rows ascending uint32, weights float32) of a token."""
