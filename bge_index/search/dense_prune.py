@@ -25,9 +25,9 @@ with m = c.q, and `tiny` what float32 may lose below its normal range
 (2**-126 per product and sum, and per query component flushed to zero:
 nothing at real scores). Every quantity is evaluated in float64; `slack`
 (2**-40 of the terms' magnitude) covers that evaluation's rounding many
-times over, and |f|, |q_perp| are computed with slack too. A row whose upper bound is below
-the k-th best exact score found so far cannot be in the top-k nor tie with
-it: it is never rescored.
+times over, and |f|, |q_perp| are computed with slack too. A row whose
+upper bound is below the k-th best exact score found so far cannot be in the
+top-k nor tie with it: it is never rescored.
 
 The pass reads half the bytes of the float16 matrix and serves a block of
 queries at once (one `_int_mm` per shard); its integer results are exact, so
@@ -337,8 +337,8 @@ class DenseShardBound:
         return (code * f.rest_norm + f.along * along + error * f.across_norm + self.gamma * norm * f.query_norm
                 + self._tiny_terms + self._tiny_norm * norm)
 
-    def _integers(self, rows: np.ndarray) -> np.ndarray:
-        """[n] float64 exact I = k . wc of some rows (below 2**53: exact in float64)."""
+    def integers(self, rows: np.ndarray) -> np.ndarray:
+        """[n] float64 exact I = k . wc of some rows (128 * hi + lo with two digits; below 2**53: exact)."""
         high = self._high[rows].astype(np.float64)
         return high if self._low is None else DIGIT * high + self._low[rows]
 
@@ -350,7 +350,7 @@ class DenseShardBound:
 
     def approx(self, rows: np.ndarray) -> np.ndarray:
         """[n] float64 estimates m + t * I of some rows' scores."""
-        return self.frame.center_dot + self.frame.step * self._integers(rows)
+        return self.frame.center_dot + self.frame.step * self.integers(rows)
 
     def error(self, rows: np.ndarray) -> np.ndarray:
         """[n] float64: how far each row's exact score may be from `approx`, at most."""
@@ -364,16 +364,6 @@ class DenseShardBound:
     def lower(self, rows: np.ndarray) -> np.ndarray:
         """[n] float64 lower bounds of some rows' exact scores."""
         return self.approx(rows) - self.error(rows)
-
-    def upper_fast(self, rows: np.ndarray) -> np.ndarray:
-        """[n] float64, at least `upper` of each row and cheaper: the estimate plus the largest error of a row
-        that is not an outlier (outliers get their own bound)."""
-        bound = self.approx(rows) + self.error_max + self.slack
-        if len(self.info.outliers):
-            at = np.minimum(np.searchsorted(self.info.outliers, rows), len(self.info.outliers) - 1)
-            odd = self.info.outliers[at] == rows
-            bound[odd] = self.upper(rows[odd])
-        return bound
 
     def _pass(self) -> "ShardPass":
         """A ShardPass over this query alone."""
@@ -421,11 +411,6 @@ class ShardPass:
         self.low_block_max = None if low is None else (_block_maxima_of(low) if low_block_max is None
                                                         else low_block_max)
 
-    def integers(self, rows: np.ndarray, query: int) -> np.ndarray:
-        """[n] float64 I = k . wc of some rows for one query (128 * hi + lo with two digits; exact)."""
-        high = self.high[rows, query].astype(np.float64)
-        return high if self.low is None else DIGIT * high + self.low[rows, query]
-
     def block_integers(self) -> np.ndarray:
         """[blocks, Q] float64, at least each block's largest I for each query (128 * its largest high digit +
         its largest low digit, with two digits)."""
@@ -469,7 +454,7 @@ class ShardPass:
             rows = self._rows_of(np.flatnonzero(block_integers[:, i] >= cut))
             # (a deleted row's high digit is the int32 minimum, but with two digits a cut far below every live
             # row may still let it through: the live mask below is what keeps deleted rows out)
-            rows = rows[self.integers(rows, i) >= cut]
+            rows = rows[bound.integers(rows) >= cut]
             if len(outliers):
                 rows = np.union1d(rows, outliers)
             if self.shard.live is not None:
@@ -546,7 +531,7 @@ class ExactShardBound:
         """[n] float64 exact scores."""
         return self.scores[rows].astype(np.float64)
 
-    upper = lower = upper_fast = approx
+    upper = lower = approx
 
     def abs_max(self) -> float:
         """The largest |exact score| of a live row (0 when none is live)."""

@@ -31,8 +31,8 @@ alone.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -164,20 +164,19 @@ class PrunedSearch:
         too (tried once). Packed codes serve every pass of the shard from then on, so the mapped codes' pages
         are released (the packed copy replaces them in memory rather than doubling them)."""
         info = self._infos.get(number)
-        if info is None:
-            with self._pack_lock:  # one ShardPruneInfo per shard, whichever thread comes first
-                info = self._infos.get(number)
-                if info is None:
-                    info = self._infos[number] = ShardPruneInfo.of(self.shards[number])
-        if packed and not info.pack_tried:
-            with self._pack_lock:  # (other threads search meanwhile, on the mapped codes, or wait here)
-                if not info.pack_tried:
-                    shard = self.shards[number]
-                    norms = None if shard.row_bounds is None else shard.row_bounds[:, 0]  # |k| rounded up
-                    info.packed = pack_codes(shard.codes, norms)
-                    info.pack_tried = True
-                    if info.packed is not None:
-                        release_pages(shard.codes)
+        if info is not None and (info.pack_tried or not packed):
+            return info
+        with self._pack_lock:  # the first thread makes it (and packs); others wait, then find it made
+            info = self._infos.get(number)
+            if info is None:
+                info = self._infos[number] = ShardPruneInfo.of(self.shards[number])
+            if packed and not info.pack_tried:
+                shard = self.shards[number]
+                norms = None if shard.row_bounds is None else shard.row_bounds[:, 0]  # |k| rounded up
+                info.packed = pack_codes(shard.codes, norms)
+                info.pack_tried = True
+                if info.packed is not None:
+                    release_pages(shard.codes)
         return info
 
     # -- shared steps -----------------------------------------------------------------------------------------
